@@ -99,6 +99,9 @@ class LowRank:
 class SkippedKey:
     key: str
     reason: str
+    # "ignored": harmless and reported (e.g. an embedded token); "unknown_layer": a LoRA layer the target
+    # model does not have; "unknown_key": a tensor name no reader understands (load_lora refuses both).
+    kind: str = "ignored"
 
 
 @dataclass
@@ -118,6 +121,9 @@ class LoRA:
     base: str = "unknown"
     skipped: list[SkippedKey] = field(default_factory=list)
     dtype: torch.dtype | None = None
+    # The alpha each layer had in its file (None: no alpha key), for reporting; ``up`` already carries
+    # alpha/rank, so nothing numeric depends on this.
+    alphas: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -147,6 +153,7 @@ class LoRA:
             base=self.base,
             skipped=list(self.skipped),
             dtype=self.dtype,
+            alphas=dict(self.alphas),
         )
 
     def validate_finite(self) -> list[str]:

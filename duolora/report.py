@@ -1,0 +1,288 @@
+"""What a merge kept: ranks per layer after pruning, summaries per block and per prior group, a figure.
+
+The figure follows the spirit of the paper's Fig. 4/5 (histograms of the rank each LoRA keeps, split by
+layer group): four panels drawn with Pillow only — kept-rank histograms of the content and of the
+style LoRA (bars per prior group), mean kept rank per block, and the loss curves.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageDraw, ImageFont
+
+from .lora import TEXT_ENCODER_PREFIXES
+from .mergers import Merger
+from .sdxl import CONTENT, STYLE, block_of, prior_role
+
+GROUPS: tuple[str, ...] = (CONTENT, STYLE, "none")
+_GROUP_COLOURS = {CONTENT: (52, 101, 164), STYLE: (214, 110, 38), "none": (150, 150, 150)}
+_LORA_COLOURS = {"content": (52, 101, 164), "style": (214, 110, 38)}
+_CURVE_COLOURS = [(52, 101, 164), (214, 110, 38), (60, 150, 60), (190, 50, 50), (130, 90, 170),
+                  (120, 80, 60), (40, 40, 40)]
+
+
+@dataclass
+class LayerRank:
+    """Ranks of one layer: as loaded (rank_c, rank_s; 0 when the file lacks the layer) and kept."""
+
+    name: str
+    block: str
+    group: str
+    learned: bool
+    rank_c: int
+    rank_s: int
+    kept_c: int
+    kept_s: int
+
+
+@dataclass
+class RankSummary:
+    """Totals over a set of layers (a block or a prior group)."""
+
+    key: str
+    layers: int
+    rank_c: int
+    rank_s: int
+    kept_c: int
+    kept_s: int
+
+    @property
+    def mean_kept_c(self) -> float:
+        return self.kept_c / self.layers if self.layers else 0.0
+
+    @property
+    def mean_kept_s(self) -> float:
+        return self.kept_s / self.layers if self.layers else 0.0
+
+
+def _block(name: str) -> str:
+    if name.startswith(TEXT_ENCODER_PREFIXES):
+        return name.split(".", 1)[0]
+    return block_of(name)
+
+
+def short_block(block: str) -> str:
+    """Compact label: input_blocks.4.1 -> in4, middle_block.1 -> mid, output_blocks.3.1 -> out3."""
+    parts = block.split(".")
+    if parts[0] == "input_blocks" and len(parts) > 1:
+        return "in" + parts[1]
+    if parts[0] == "output_blocks" and len(parts) > 1:
+        return "out" + parts[1]
+    if parts[0] == "middle_block":
+        return "mid"
+    return parts[0][:5]
+
+
+def _block_order(block: str) -> tuple[int, int, str]:
+    parts = block.split(".")
+    rank = {"input_blocks": 0, "middle_block": 1, "output_blocks": 2}.get(parts[0], 3)
+    num = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() and rank != 1 else 0
+    return rank, num, block
+
+
+@dataclass
+class MergeReport:
+    """Per-layer kept ranks of a merge plus its loss history."""
+
+    method: str
+    prune_threshold: float
+    trainable: int
+    layers: list[LayerRank]
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+    def _summarise(self, key_of, keys: list[str], learned_only: bool) -> list[RankSummary]:
+        out = []
+        for key in keys:
+            rows = [r for r in self.layers if key_of(r) == key and (r.learned or not learned_only)]
+            if rows:
+                out.append(RankSummary(key, len(rows), sum(r.rank_c for r in rows), sum(r.rank_s for r in rows),
+                                       sum(r.kept_c for r in rows), sum(r.kept_s for r in rows)))
+        return out
+
+    @property
+    def has_learned(self) -> bool:
+        return any(r.learned for r in self.layers)
+
+    def by_block(self, learned_only: bool | None = None) -> list[RankSummary]:
+        """Summaries per block in UNet order (default: learned layers only, if the merger learned any)."""
+        lo = self.has_learned if learned_only is None else learned_only
+        blocks = sorted({r.block for r in self.layers}, key=_block_order)
+        return self._summarise(lambda r: r.block, blocks, lo)
+
+    def by_group(self, learned_only: bool | None = None) -> list[RankSummary]:
+        """Summaries per prior group: "content", "style", "none" (layers without a prior)."""
+        lo = self.has_learned if learned_only is None else learned_only
+        return self._summarise(lambda r: r.group, list(GROUPS), lo)
+
+    def text(self) -> str:
+        """A plain-text summary: totals, per prior group, per block, and the last loss values."""
+        scope = "learned layers" if self.has_learned else "all layers"
+        head = (f"DuoLoRA merge report - method {self.method}, {self.trainable:,} trainable mask values, "
+                f"prune threshold {self.prune_threshold:g}")
+        lines = [head]
+        rows = [r for r in self.layers if r.learned or not self.has_learned]
+        kc, ks = sum(r.kept_c for r in rows), sum(r.kept_s for r in rows)
+        rc, rs = sum(r.rank_c for r in rows), sum(r.rank_s for r in rows)
+        lines.append(f"{len(rows)} {scope}: content kept {kc}/{rc} components, style kept {ks}/{rs}")
+        lines.append("per prior group (mean kept rank content / style):")
+        for s in self.by_group():
+            lines.append(f"  {s.key:<8} {s.layers:>4} layers  {s.mean_kept_c:7.2f} / {s.mean_kept_s:7.2f}"
+                         f"   (kept {s.kept_c}/{s.rank_c} and {s.kept_s}/{s.rank_s})")
+        lines.append("per block (mean kept rank content / style):")
+        for s in self.by_block():
+            lines.append(f"  {s.key:<20} {s.layers:>4} layers  {s.mean_kept_c:7.2f} / {s.mean_kept_s:7.2f}")
+        if self.history:
+            steps = max(len(v) for v in self.history.values())
+            last = ", ".join(f"{k} {v[-1]:.4g}" for k, v in self.history.items() if v)
+            lines.append(f"loss after {steps} steps: {last}")
+        return "\n".join(lines)
+
+    def figure_png(self, width: int = 1200, height: int = 860) -> bytes:
+        """The report figure as PNG bytes (RGB, ``width``×``height``)."""
+        img = Image.new("RGB", (width, height), "white")
+        d = ImageDraw.Draw(img)
+        font = _font(14)
+        small = _font(11)
+        d.text((20, 10), f"DuoLoRA merge - {self.method}: kept rank after pruning (|m| < {self.prune_threshold:g})",
+               fill="black", font=_font(18))
+        top, mid = 50, 50 + (height - 50) // 2
+        half = width // 2
+        rows = [r for r in self.layers if r.learned or not self.has_learned]
+        max_rank = max([r.rank_c for r in rows] + [r.rank_s for r in rows] + [1])
+        for i, (lora, attr) in enumerate((("Content LoRA", "kept_c"), ("Style LoRA", "kept_s"))):
+            box = (i * half + 60, top + 30, (i + 1) * half - 20, mid - 50)
+            _histogram(d, box, rows, attr, max_rank, f"{lora}: layers per kept rank", font, small)
+        _block_bars(d, (60, mid + 30, half - 20, height - 60), self.by_block(), font, small)
+        _curves(d, (half + 60, mid + 30, width - 20, height - 60), self.history, font, small)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return buf.getvalue()
+
+
+def build_report(merger: Merger, history: dict[str, list[float]] | None = None,
+                 roles: dict[str, str] | None = None, prune_threshold: float | None = None) -> MergeReport:
+    """Kept ranks of every layer of ``merger`` (as its export would keep them) and the loss history.
+
+    ``roles``: block -> "content"/"style" (default: the "paper" preset) to group layers by prior.
+    """
+    from .sdxl import preset_roles
+
+    roles = preset_roles("paper") if roles is None else roles
+    threshold = merger.prune_threshold if prune_threshold is None else float(prune_threshold)
+    kept = merger.kept_ranks(threshold)
+    layers = []
+    for name, layer in merger.items():
+        role = None if name.startswith(TEXT_ENCODER_PREFIXES) else prior_role(name, roles)
+        layers.append(LayerRank(name, _block(name), role or "none", layer.learned,
+                                layer.rank("c"), layer.rank("s"), *kept[name]))
+    return MergeReport(merger.method, threshold, merger.trainable_parameters(), layers,
+                       {k: list(v) for k, v in (history or {}).items()})
+
+
+# -- drawing (Pillow only) --------------------------------------------------------------------------------
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        return ImageFont.load_default()
+
+
+def _axes(d: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, font: ImageFont.ImageFont) -> None:
+    x0, y0, x1, y1 = box
+    d.text((x0, y0 - 24), title, fill="black", font=font)
+    d.line([(x0, y0), (x0, y1), (x1, y1)], fill="black", width=1)
+
+
+def _nice_max(v: float) -> float:
+    if v <= 0:
+        return 1.0
+    e = 10 ** math.floor(math.log10(v))
+    for m in (1, 2, 2.5, 5, 10):
+        if v <= m * e:
+            return m * e
+    return 10 * e
+
+
+def _histogram(d: ImageDraw.ImageDraw, box: tuple[int, int, int, int], rows: list[LayerRank], attr: str,
+               max_rank: int, title: str, font: ImageFont.ImageFont, small: ImageFont.ImageFont) -> None:
+    """Bars: number of layers per kept-rank bin, one bar per prior group side by side in each bin."""
+    _axes(d, box, title, font)
+    x0, y0, x1, y1 = box
+    n_bins = min(max_rank + 1, 16)
+    width = (max_rank + 1) / n_bins
+    counts = {g: [0] * n_bins for g in GROUPS}
+    for r in rows:
+        counts[r.group][min(int(getattr(r, attr) / width), n_bins - 1)] += 1
+    groups = [g for g in GROUPS if any(counts[g])]
+    top = _nice_max(max([max(c) for c in counts.values()] + [1]))
+    bin_w = (x1 - x0) / n_bins
+    bar_w = max(bin_w * 0.8 / max(len(groups), 1), 1)
+    for b in range(n_bins):
+        for j, g in enumerate(groups):
+            c = counts[g][b]
+            if c:
+                left = x0 + b * bin_w + bin_w * 0.1 + j * bar_w
+                d.rectangle([left, y1 - (y1 - y0) * c / top, left + bar_w - 1, y1], fill=_GROUP_COLOURS[g])
+        if n_bins <= 16:
+            lo = math.ceil(b * width)
+            d.text((x0 + b * bin_w + 2, y1 + 4), str(lo), fill="black", font=small)
+    d.text((x0 - 40, y0 - 6), f"{top:g}", fill="black", font=small)
+    d.text((x1 - 110, y1 + 18), "kept rank (bin start)", fill="black", font=small)
+    for j, g in enumerate(groups):
+        d.rectangle([x1 - 150, y0 + 4 + 16 * j, x1 - 140, y0 + 14 + 16 * j], fill=_GROUP_COLOURS[g])
+        d.text((x1 - 135, y0 + 2 + 16 * j), f"{g} prior" if g != "none" else "no prior", fill="black", font=small)
+
+
+def _block_bars(d: ImageDraw.ImageDraw, box: tuple[int, int, int, int], blocks: list, font: ImageFont.ImageFont,
+                small: ImageFont.ImageFont) -> None:
+    """Mean kept rank per block: content and style bars side by side."""
+    _axes(d, box, "Mean kept rank per block (content | style)", font)
+    x0, y0, x1, y1 = box
+    if not blocks:
+        return
+    top = _nice_max(max([max(s.mean_kept_c, s.mean_kept_s) for s in blocks] + [1]))
+    slot = (x1 - x0) / len(blocks)
+    bar = max(slot * 0.38, 1)
+    for i, s in enumerate(blocks):
+        left = x0 + i * slot + slot * 0.1
+        for j, (value, colour) in enumerate(((s.mean_kept_c, _LORA_COLOURS["content"]),
+                                             (s.mean_kept_s, _LORA_COLOURS["style"]))):
+            if value > 0:
+                d.rectangle([left + j * bar, y1 - (y1 - y0) * value / top, left + (j + 1) * bar - 1, y1], fill=colour)
+        d.text((left, y1 + 4), short_block(s.key), fill="black", font=small)
+    d.text((x0 - 40, y0 - 6), f"{top:g}", fill="black", font=small)
+    for j, lora in enumerate(("content", "style")):
+        d.rectangle([x1 - 150, y0 + 4 + 16 * j, x1 - 140, y0 + 14 + 16 * j], fill=_LORA_COLOURS[lora])
+        d.text((x1 - 135, y0 + 2 + 16 * j), f"{lora} LoRA", fill="black", font=small)
+
+
+def _curves(d: ImageDraw.ImageDraw, box: tuple[int, int, int, int], history: dict[str, list[float]],
+            font: ImageFont.ImageFont, small: ImageFont.ImageFont) -> None:
+    """log10 of every loss term per step, one polyline each."""
+    _axes(d, box, "Loss terms per step (log10)", font)
+    x0, y0, x1, y1 = box
+    series = {k: [math.log10(v) for v in vals if v > 0] for k, vals in history.items()}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        d.text((x0 + 10, y0 + 10), "no optimisation history", fill="gray", font=small)
+        return
+    lo = min(min(v) for v in series.values())
+    hi = max(max(v) for v in series.values())
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
+    steps = max(len(v) for v in series.values())
+    for i, (k, vals) in enumerate(series.items()):
+        colour = _CURVE_COLOURS[i % len(_CURVE_COLOURS)]
+        pts = [(x0 + (x1 - x0) * j / max(steps - 1, 1), y1 - (y1 - y0) * (v - lo) / (hi - lo))
+               for j, v in enumerate(vals)]
+        if len(pts) > 1:
+            d.line(pts, fill=colour, width=2)
+        else:
+            d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=colour)
+        d.text((x1 - 120, y0 + 2 + 14 * i), k, fill=colour, font=small)
+    d.text((x0 - 44, y0 - 6), f"{hi:.1f}", fill="black", font=small)
+    d.text((x0 - 44, y1 - 10), f"{lo:.1f}", fill="black", font=small)
+    d.text((x1 - 60, y1 + 4), f"{steps} steps", fill="black", font=small)

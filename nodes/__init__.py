@@ -1,0 +1,20 @@
+"""ComfyUI adapters of the DuoLoRA pack: thin V3 nodes over the ``duolora`` engine."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .apply import ApplyMergedLoRA
+from .loaders import LoadContentLoRA, LoadStyleLoRA
+from .merge import ZipRankMerge
+from .report import MergeReport
+from .save import SaveMergedLoRA
+
+NODES: list[type[io.ComfyNode]] = [
+    LoadContentLoRA, LoadStyleLoRA, ZipRankMerge, ApplyMergedLoRA, SaveMergedLoRA, MergeReport,
+]
+
+
+class DuoLoRAExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)

@@ -1,0 +1,327 @@
+"""The one module of the pack that touches ComfyUI internals (``comfy.*``, ``folder_paths``, ``server``).
+
+Everything here goes through the most public entry point that does the job. Each internal was read in
+ComfyUI 0.3.75 (the version the tests run) and in upstream master as of 2026-11 (comfyanonymous/ComfyUI):
+
+* ``folder_paths.get_filename_list / get_full_path_or_raise / get_folder_paths / get_save_image_path``
+* ``comfy.sd.load_lora_for_models`` — the stock LoRA path (LoraLoader uses it), so ApplyMergedLoRA patches
+  exactly like a saved file loaded by LoraLoader.
+* ``comfy.model_management.load_models_gpu`` (as ``comfy.sampler_helpers.prepare_sampling`` does),
+  ``throw_exception_if_processing_interrupted`` / ``InterruptProcessingException`` (Cancel).
+* ``comfy.sampler_helpers.convert_cond`` + ``comfy.samplers.encode_model_conds`` with the model's
+  ``extra_conds`` — how the samplers turn a CONDITIONING into ``c_crossattn`` / ``y`` (SDXL's ADM vector).
+* ``BaseModel.apply_model`` (returns the denoised x̂0), ``process_latent_in``, the model's
+  ``model_sampling`` (``sigmas``; EPS / V_PREDICTION noise scaling x_t = x0 + σ·ε).
+* ``comfy.utils.ProgressBar``; ``server.PromptServer.instance.send_sync`` (only when a server exists).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+import comfy.model_management
+import comfy.model_sampling
+import comfy.sampler_helpers
+import comfy.samplers
+import comfy.sd
+import comfy.utils
+import folder_paths
+
+from ..duolora import sdxl
+from ..duolora.adapter import Adapter, Branch, attach
+from ..duolora.mergers import Merger
+from ..duolora.objective import DiscreteSchedule
+
+Interrupted = comfy.model_management.InterruptProcessingException
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------
+
+def lora_names() -> list[str]:
+    return folder_paths.get_filename_list("loras")
+
+
+def lora_path(name: str) -> str:
+    return folder_paths.get_full_path_or_raise("loras", name)
+
+
+def loras_dir() -> str:
+    return folder_paths.get_folder_paths("loras")[0]
+
+
+def next_lora_path(filename_prefix: str) -> tuple[str, str]:
+    """(absolute path, path relative to the loras folder) for the next free ``<prefix>_NNNNN_.safetensors``.
+
+    ComfyUI's own counter naming (SaveImage, SaveLoRA, CheckpointSave use ``get_save_image_path``); the
+    caller still refuses to overwrite, since another process may have written the same name meanwhile.
+    """
+    base = loras_dir()
+    full_folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, base)
+    while True:
+        name = f"{filename}_{counter:05}_.safetensors"
+        path = os.path.join(full_folder, name)
+        if not os.path.exists(path):
+            break
+        counter += 1
+    os.makedirs(full_folder, exist_ok=True)
+    return path, os.path.join(subfolder, name) if subfolder else name
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model's layout and the stock LoRA path
+# ----------------------------------------------------------------------------------------------------
+
+def model_layout(model) -> sdxl.Layout:
+    """The UNet layout of a MODEL (a ModelPatcher): SDXL's own, or the same layout at other widths."""
+    unet_config = model.model.model_config.unet_config
+    return sdxl.layout_for(sdxl.UNetConfig.from_comfy(unet_config))
+
+
+def apply_lora_state_dict(model, clip, state_dict: dict[str, torch.Tensor], strength_model: float,
+                          strength_clip: float):
+    """ComfyUI's stock LoRA patching (what LoraLoader does with a file's state dict)."""
+    return comfy.sd.load_lora_for_models(model, clip, state_dict, strength_model, strength_clip)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Progress, cancel, messages
+# ----------------------------------------------------------------------------------------------------
+
+class Progress:
+    """One ComfyUI progress-bar update and one ``duolora.progress`` message per optimisation step."""
+
+    def __init__(self, total: int, node_id: str | None) -> None:
+        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        self.node_id = node_id
+
+    def __call__(self, step: int, total: int, losses: dict[str, float]) -> None:
+        self.bar.update_absolute(step, total)
+        send_message("duolora.progress", {"node": self.node_id, "step": step, "total": total,
+                                          "losses": {k: float(v) for k, v in losses.items()}})
+
+
+def send_message(event: str, data: dict) -> None:
+    """Send a message to the browser when a ComfyUI server is running (headless runs have none)."""
+    try:
+        import server
+    except ImportError:
+        return
+    instance = getattr(server.PromptServer, "instance", None)
+    if instance is None:
+        return
+    client_id = getattr(instance, "client_id", None)
+    instance.send_sync(event, data, client_id)
+
+
+def interrupted() -> bool:
+    """True once the user pressed Cancel; ComfyUI's flag is left set so the executor stops the prompt."""
+    return comfy.model_management.processing_interrupted()
+
+
+def raise_if_interrupted() -> None:
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory
+# ----------------------------------------------------------------------------------------------------
+
+class PeakMemory:
+    """Peak memory during a block: device memory on CUDA, the process's peak RSS otherwise."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_bytes = 0
+        self.kind = "cuda" if device.type == "cuda" else "process_rss"
+
+    def __enter__(self) -> PeakMemory:
+        if self.kind == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.kind == "cuda":
+            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+        else:
+            self.peak_bytes = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+# ----------------------------------------------------------------------------------------------------
+# The Denoiser over a ModelPatcher
+# ----------------------------------------------------------------------------------------------------
+
+def _materialise_inference_tensors(module: torch.nn.Module) -> int:
+    """Replace inference-mode parameters/buffers by ordinary tensors with the same values.
+
+    ComfyUI builds and loads models under ``torch.inference_mode()``; autograd refuses to save such
+    tensors for backward (and to take views of them), even though our masks, not the weights, are what
+    is learned. Each tensor is replaced by an ordinary clone under the same name (``.data =`` is not
+    enough: the tensor keeps its inference-mode version counter), one at a time, so every value stays
+    bit-identical and the extra memory stays near one layer.
+    """
+    swapped = 0
+    with torch.inference_mode(False), torch.no_grad():
+        for sub in module.modules():
+            for name, p in list(sub._parameters.items()):
+                if p is not None and p.is_inference():
+                    sub._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=p.requires_grad)
+                    swapped += 1
+            for name, b in list(sub._buffers.items()):
+                if b is not None and b.is_inference():
+                    sub._buffers[name] = b.clone()
+                    swapped += 1
+    return swapped
+
+
+class _CheckpointedBlocks:
+    """Gradient checkpointing of the UNet's top-level blocks (input/middle/output), removable.
+
+    Forward hooks of the adapter run again during recomputation, so each checkpointed call records the
+    adapter's branches and restores them while recomputing.
+    """
+
+    def __init__(self, unet: torch.nn.Module, adapter: Adapter) -> None:
+        self.blocks = list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks)
+        self.adapter = adapter
+
+    def __enter__(self) -> _CheckpointedBlocks:
+        for block in self.blocks:
+            original = block.forward
+            adapter = self.adapter
+
+            def checkpointed(*args: Any, _orig=original, **kwargs: Any) -> Any:
+                if not torch.is_grad_enabled():
+                    return _orig(*args, **kwargs)
+                branches = adapter.branches
+
+                def run(*a: Any, **k: Any) -> Any:
+                    previous = adapter.branches
+                    adapter.set_branches(branches)
+                    try:
+                        return _orig(*a, **k)
+                    finally:
+                        adapter.set_branches(previous)
+
+                return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+            block.forward = checkpointed
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for block in self.blocks:
+            # The instance attribute shadows the class's forward; deleting it restores the module exactly.
+            if "forward" in block.__dict__:
+                del block.__dict__["forward"]
+
+
+class ComfyDenoiser(DiscreteSchedule):
+    """``duolora.objective.Denoiser`` over a ComfyUI MODEL with a merger attached.
+
+    Use as a context manager: entering loads the model through ComfyUI's model management, attaches the
+    merger's low-rank paths with forward hooks (no dense ΔW), and optionally checkpoints the UNet's
+    blocks; leaving removes every hook, so the MODEL is exactly as it was.
+    ``cond`` items are ComfyUI CONDITIONINGs; latents are in the model's internal space
+    (``process_latent_in`` already applied, see ``prepare_latents``).
+    """
+
+    def __init__(self, model, merger: Merger, compute_dtype: torch.dtype | None = None,
+                 gradient_checkpointing: bool = True) -> None:
+        sampling = model.get_model_object("model_sampling")
+        if not isinstance(sampling, comfy.model_sampling.EPS):
+            raise ValueError(
+                f"DuoLoRA's paper mode needs an ε- or v-prediction model (SDXL); this model samples with "
+                f"{type(sampling).__name__}. Use mode 'weights' instead."
+            )
+        super().__init__(sampling.sigmas.detach().float().cpu())
+        self.patcher = model
+        self.merger = merger
+        self.compute_dtype = compute_dtype
+        self.gradient_checkpointing = gradient_checkpointing
+        self.device = model.load_device
+        self._cond_cache: dict[tuple[int, tuple[int, ...]], dict[str, Any]] = {}
+        self._stack = contextlib.ExitStack()
+        self.adapter: Adapter | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def __enter__(self) -> ComfyDenoiser:
+        comfy.model_management.load_models_gpu([self.patcher])
+        base = self.patcher.model
+        _materialise_inference_tensors(base)
+        unet = base.diffusion_model
+        modules = {name: module for name, module in _named_lora_modules(unet) if name in self.merger}
+        dtype = self.compute_dtype or base.get_dtype()
+        self.merger.to(self.device)
+        try:
+            self.adapter = self._stack.enter_context(attach(self.merger, modules, compute_dtype=dtype))
+            if self.gradient_checkpointing:
+                self._stack.enter_context(_CheckpointedBlocks(unet, self.adapter))
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+        self.adapter = None
+
+    # -- inputs ----------------------------------------------------------------------------------------
+    def prepare_latents(self, samples: torch.Tensor) -> list[torch.Tensor]:
+        """A LATENT's samples (B, C, H, W) in the model's internal space, one (1, C, H, W) per image."""
+        x = self.patcher.model.process_latent_in(samples.detach().float())
+        return [x[i:i + 1].clone() for i in range(x.shape[0])]
+
+    def _encode(self, cond: list, x_t: torch.Tensor) -> dict[str, Any]:
+        """The model inputs of one CONDITIONING (its first entry) as ComfyUI COND objects, batch 1."""
+        key = (id(cond), tuple(x_t.shape[1:]))
+        cached = self._cond_cache.get(key)
+        if cached is not None:
+            return cached
+        converted = comfy.sampler_helpers.convert_cond(cond[:1])
+        encoded = comfy.samplers.encode_model_conds(
+            self.patcher.model.extra_conds, converted, x_t[:1], self.device, "positive",
+            latent_image=x_t[:1], seed=0,
+        )
+        out = {}
+        for name, c in encoded[0]["model_conds"].items():
+            out[name] = c.process_cond(batch_size=1, device=self.device, area=None)
+        self._cond_cache[key] = out
+        return out
+
+    # -- the protocol --------------------------------------------------------------------------------
+    def predict(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Sequence[Any],
+                branches: Sequence[Branch]) -> torch.Tensor:
+        assert self.adapter is not None, "use ComfyDenoiser as a context manager"
+        raise_if_interrupted()
+        n = x_t.shape[0]
+        per_sample = [self._encode(c, x_t) for c in cond]
+        # ComfyUI's own batching of conds (cross-attention contexts of different lengths are repeated
+        # up to a common length, which leaves attention unchanged).
+        kwargs = {name: per_sample[0][name].concat([p[name] for p in per_sample[1:]])
+                  for name in per_sample[0]}
+        sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).expand(n).to(self.device)
+        x = x_t.to(self.device)
+        self.adapter.set_branches(list(branches))
+        autocast = (torch.autocast(self.device.type, dtype=self.compute_dtype)
+                    if self.compute_dtype not in (None, torch.float32) else contextlib.nullcontext())
+        with autocast:
+            denoised = self.patcher.model.apply_model(x, sigma, **kwargs)
+        s = sigma.reshape(-1, *([1] * (x.dim() - 1)))
+        return ((x - denoised.float()) / s).to(x_t.device)
+
+
+def _named_lora_modules(unet: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+    for name, module in unet.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            yield name, module
+
+
+def execution_device(model) -> torch.device:
+    return model.load_device

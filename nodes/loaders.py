@@ -1,0 +1,112 @@
+"""LoadContentLoRA and LoadStyleLoRA: read a LoRA file (any common key style) for the merge."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+from comfy_api.latest import io
+
+from ..duolora import formats
+from ..duolora.lora import LoRA
+from ..duolora.sdxl import SDXL_LAYOUT
+from . import comfy_bridge as bridge
+from .types import LoraModelType, SourceLoRA, SourceLoRAType
+
+# Module-level cache (V3 nodes keep no instance state): (path, mtime_ns, size) -> (LoRA, sha256).
+_CACHE: dict[tuple[str, int, int], tuple[LoRA, str]] = {}
+_CACHE_LOCK = threading.Lock()
+_CACHE_SIZE = 4
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_cached(path: str) -> tuple[LoRA, str]:
+    """The parsed LoRA and its file hash, re-read only when the file's mtime or size changed."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+    if hit is not None:
+        return hit
+    lora = formats.read_lora(path)
+    if lora.base in ("sd1", "sd2"):
+        # DuoLoRA merges SDXL LoRAs; say so at the loader, before a long merge starts.
+        formats.validate_lora(lora, SDXL_LAYOUT)
+    value = (lora, _sha256(path))
+    with _CACHE_LOCK:
+        for old in [k for k in _CACHE if k[0] == key[0]]:
+            del _CACHE[old]
+        while len(_CACHE) >= _CACHE_SIZE:
+            del _CACHE[next(iter(_CACHE))]
+        _CACHE[key] = value
+    return value
+
+
+def _load(lora_name: str, strength: float, lora_model: dict | None) -> io.NodeOutput:
+    if lora_model is not None:
+        lora = formats.state_dict_to_lora(dict(lora_model), {}, "LORA_MODEL from an upstream node")
+        name, digest = "LORA_MODEL (upstream node)", None
+    else:
+        if not lora_name:
+            raise ValueError("no LoRA file chosen: put .safetensors LoRAs in ComfyUI's models/loras folder, "
+                             "refresh, and pick one")
+        lora, digest = read_cached(bridge.lora_path(lora_name))
+        name = lora_name
+    summary = formats.one_line_summary(lora)
+    if strength != 1.0:
+        lora = lora.scaled(strength)
+        summary += f" · strength {strength:g}"
+    return io.NodeOutput(SourceLoRA(lora=lora, name=name, sha256=digest, summary=summary, strength=strength),
+                         summary)
+
+
+def _schema(node_id: str, display: str, what: str) -> io.Schema:
+    return io.Schema(
+        node_id=node_id,
+        display_name=display,
+        category="DuoLoRA",
+        description=f"Reads the {what} LoRA for a DuoLoRA merge (kohya, diffusers/PEFT or ComfyUI keys).",
+        inputs=[
+            io.Combo.Input("lora_name", options=bridge.lora_names(),
+                           tooltip=f"The {what} LoRA file, from ComfyUI's models/loras folder (.safetensors)."),
+            io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                           tooltip=f"Scales the {what} LoRA before merging (1.0 = as trained)."),
+            LoraModelType.Input("lora_model", optional=True,
+                                tooltip="Optional: a LoRA from an upstream node (e.g. ComfyUI's Train LoRA); "
+                                        "when connected it is used instead of the file."),
+        ],
+        outputs=[
+            SourceLoRAType.Output(f"{what}_lora", display_name=f"{what}_lora",
+                                  tooltip=f"The {what} LoRA, for ZipRank Merge."),
+            io.String.Output("summary", display_name="summary",
+                             tooltip="Key style, base model, layer count and rank of the file."),
+        ],
+    )
+
+
+class LoadContentLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return _schema("DuoLoRA_LoadContentLoRA", "Load Content LoRA", "content")
+
+    @classmethod
+    def execute(cls, lora_name: str, strength: float = 1.0, lora_model: dict | None = None) -> io.NodeOutput:
+        return _load(lora_name, strength, lora_model)
+
+
+class LoadStyleLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return _schema("DuoLoRA_LoadStyleLoRA", "Load Style LoRA", "style")
+
+    @classmethod
+    def execute(cls, lora_name: str, strength: float = 1.0, lora_model: dict | None = None) -> io.NodeOutput:
+        return _load(lora_name, strength, lora_model)

@@ -1,0 +1,36 @@
+"""SaveMergedLoRA: write the merged LoRA into the loras folder, atomically and never over a file."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..duolora import formats
+from . import comfy_bridge as bridge
+from .types import MergedLoRA, MergedLoRAType
+
+
+class SaveMergedLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DuoLoRA_SaveMergedLoRA",
+            display_name="Save Merged LoRA",
+            category="DuoLoRA",
+            description="Saves the merged LoRA to models/loras in kohya keys with alpha, which ComfyUI, "
+                        "A1111/Forge and kohya tools load. The metadata records how it was made.",
+            is_output_node=True,
+            inputs=[
+                MergedLoRAType.Input("merged_lora", tooltip="From ZipRank Merge."),
+                io.String.Input("filename_prefix", default="duolora/merged",
+                                tooltip="File name inside models/loras; a sub-folder is allowed. A counter "
+                                        "is added, so no file is ever overwritten."),
+            ],
+            outputs=[io.String.Output("path", display_name="path",
+                                      tooltip="The saved file, relative to models/loras.")],
+        )
+
+    @classmethod
+    def execute(cls, merged_lora: MergedLoRA, filename_prefix: str = "duolora/merged") -> io.NodeOutput:
+        path, relative = bridge.next_lora_path(filename_prefix)
+        formats.save_state_dict(merged_lora.state_dict, path, metadata=merged_lora.metadata)
+        return io.NodeOutput(relative, ui={"text": [relative]})

@@ -1,0 +1,67 @@
+"""Shared fixtures. Only ``<repo>/devtools`` goes on sys.path — never the repository root, whose
+``nodes/`` folder would shadow ComfyUI's top-level ``nodes`` module (shared/docs/HOST.md).
+
+Host fixtures boot the real ComfyUI 0.3.75 once per session; engine-only tests never request them and
+never pay for it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEVTOOLS_DIR = REPO_ROOT / "devtools"
+# CI clones the repository with shared/ beside it.
+SHARED_DIR = REPO_ROOT.parent / "shared"
+
+if str(DEVTOOLS_DIR) not in sys.path:
+    sys.path.insert(0, str(DEVTOOLS_DIR))
+
+import comfyhost
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The shared/ folder beside the repository (fixtures, docs)."""
+    return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def host(tmp_path_factory: pytest.TempPathFactory) -> comfyhost.Host:
+    """The real in-process ComfyUI, booted once; its base directory lives in pytest's temp area."""
+    return comfyhost.boot(tmp_path_factory.mktemp("comfyui_base"))
+
+
+@pytest.fixture
+def tiny_model(host: comfyhost.Host):
+    """A fresh seeded tiny SDXL ``ModelPatcher`` (seed 0); fresh per test, so patches never leak."""
+    return comfyhost.build_tiny_model(seed=0)
+
+
+@pytest.fixture
+def tiny_clip(host: comfyhost.Host):
+    """A fresh seeded tiny SDXL ``comfy.sd.CLIP`` (clip_l + clip_g, seed 0)."""
+    return comfyhost.build_tiny_clip(seed=0)
+
+
+@pytest.fixture
+def tiny_vae(host: comfyhost.Host):
+    """A fresh seeded tiny TAESD ``comfy.sd.VAE`` (seed 0)."""
+    return comfyhost.build_tiny_vae(seed=0)
+
+
+@pytest.fixture(scope="session")
+def sdxl_meta(host: comfyhost.Host):
+    """The full-size SDXL ``comfy.model_base.SDXL`` on the meta device (shapes only, no memory)."""
+    return comfyhost.full_sdxl_meta()
+
+
+@pytest.fixture(scope="session")
+def tiny_layout():
+    """The duolora Layout of the tiny SDXL model and its two tiny text encoders (no ComfyUI needed)."""
+    from duolora import sdxl
+
+    return sdxl.layout_for(sdxl.UNetConfig.from_comfy(comfyhost.TINY_UNET_CONFIG), te_dims=comfyhost.TINY_TE_DIMS)

@@ -1,0 +1,240 @@
+"""Engine tests of duolora.adapter: exactness per batch element, batching, dtype boundary, clean removal.
+
+LoRAs are synthetic (engine_toys.py); the modules are plain torch modules and a tiny real denoiser.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from engine_toys import (
+    CONV,
+    K2,
+    O_B1,
+    ONLY_C,
+    ONLY_S,
+    ONLY_SHAPES,
+    SHAPES,
+    TE,
+    V_B0,
+    Q,
+    randomise_masks,
+    single_thread,  # noqa: F401 - autouse fixture
+    small_loras,
+    toy_setup,
+)
+from torch import nn
+
+from duolora.adapter import AdapterError, attach
+from duolora.mergers import build_merger
+from duolora.optimize import MergeConfig
+
+VARIANTS = [("ziprank", "svd"), ("ziprank", "raw"), ("ziplora_out", "svd"), ("ziplora_in", "svd"),
+            ("direct", "svd"), ("b_lora", "svd")]
+BRANCHES = ["merged", "content", "style", "base", (0.5, 2.0)]
+
+
+class CastLinear(nn.Linear):
+    """A host-style Linear subclass (like ComfyUI's manual-cast ops): weight cast to the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+CONV_VARIANTS = [
+    {"stride": 2, "padding": 1},
+    {"stride": 1, "padding": 2, "dilation": 2},
+    {"padding": 1, "padding_mode": "reflect"},
+]
+
+
+def make_modules(conv_kwargs: dict) -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    mods: dict[str, nn.Module] = {}
+    for name, shape in {**SHAPES, **ONLY_SHAPES}.items():
+        if len(shape) == 4:
+            mods[name] = nn.Conv2d(shape[1], shape[0], shape[2:], **conv_kwargs)
+        elif name == V_B0:
+            mods[name] = CastLinear(shape[1], shape[0])
+        else:
+            mods[name] = nn.Linear(shape[1], shape[0], bias=name != Q)
+    for m in mods.values():
+        m.requires_grad_(False)
+    return mods
+
+
+def branch_delta(merger, content, style, name: str, branch) -> torch.Tensor:
+    """The dense ΔW one batch element should see (reference formula)."""
+    zero = torch.zeros(merger.layer(name).weight_shape)
+    dc = content.layers[name].delta() if name in content.layers else zero
+    ds = style.layers[name].delta() if name in style.layers else zero
+    if branch == "merged":
+        return merger.delta(name).detach()
+    a, b = {"content": (1.0, 0.0), "style": (0.0, 1.0), "base": (0.0, 0.0)}.get(branch, branch)
+    return a * dc + b * ds
+
+
+def dense_apply(module: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The same module with weight ΔW and no bias: the dense formula the low-rank path must match."""
+    ref = copy.deepcopy(module)
+    ref.weight = nn.Parameter(weight.reshape(ref.weight.shape))
+    ref.bias = None
+    return nn.Module.__call__(ref, x) if not isinstance(ref, CastLinear) else F.linear(x, ref.weight)
+
+
+@pytest.mark.parametrize("conv_kwargs", CONV_VARIANTS)
+@pytest.mark.parametrize(("method", "basis"), VARIANTS)
+def test_each_batch_element_matches_the_dense_formula(method: str, basis: str, conv_kwargs: dict) -> None:
+    content, style = small_loras()
+    merger = build_merger(method, content, style, MergeConfig(method=method, basis=basis, scope="all"))
+    randomise_masks(merger)
+    mods = make_modules(conv_kwargs)
+    g = torch.Generator().manual_seed(1)
+    n = len(BRANCHES)
+    inputs = {}
+    for name, mod in mods.items():
+        if isinstance(mod, nn.Conv2d):
+            inputs[name] = torch.randn(n, mod.in_channels, 9, 9, generator=g)
+        else:
+            inputs[name] = torch.randn(n, 5, mod.in_features, generator=g)
+    base = {name: mods[name](x) for name, x in inputs.items()}
+    with attach(merger, mods) as adapter:
+        assert sorted(adapter.attached) == sorted(mods) and adapter.missing == [] and adapter.unused == []
+        adapter.set_branches(BRANCHES)
+        adapted = {name: mods[name](x) for name, x in inputs.items()}
+    worst = 0.0
+    with torch.no_grad():  # the reference side needs no graph
+        for name, x in inputs.items():
+            for i, branch in enumerate(BRANCHES):
+                want = dense_apply(mods[name], branch_delta(merger, content, style, name, branch), x[i : i + 1])
+                got = adapted[name][i : i + 1] - base[name][i : i + 1]
+                if branch == "base" or float(want.norm()) == 0.0:
+                    assert float(got.abs().max()) <= 1e-6, (name, branch)
+                else:
+                    worst = max(worst, float((got - want).norm() / want.norm()))
+    assert worst <= 1e-5
+
+
+def test_batched_branches_equal_separate_forwards_on_a_real_model() -> None:
+    model, content, style = toy_setup()
+    merger = build_merger("ziprank", content, style)
+    randomise_masks(merger)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 8, 8, generator=g)
+    sigma = torch.tensor([0.5, 2.0, 7.0])
+    ctx = torch.randn(3, 5, 16, generator=g)
+    branches = ["merged", "content", "style"]
+    with torch.no_grad(), attach(merger, model.lora_modules()) as adapter:
+        adapter.set_branches(branches)
+        together = model(x, sigma, ctx)
+        separate = []
+        for i, b in enumerate(branches):
+            adapter.set_branches([b])
+            separate.append(model(x[i : i + 1], sigma[i : i + 1], ctx[i : i + 1]))
+        # A host that concatenates two copies of the batch gets the branches tiled.
+        adapter.set_branches(branches)
+        tiled = model(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([ctx, ctx]))
+    base = model(x, sigma, ctx)
+    separate = torch.cat(separate)
+    assert float((together - separate).abs().max()) <= 1e-5 * float(separate.abs().max())
+    assert float((tiled[:3] - together).abs().max()) <= 1e-5 and float((tiled[3:] - together).abs().max()) <= 1e-5
+    for i in range(3):  # every branch really changes the prediction, and differently
+        assert float((together[i] - base[i]).abs().max()) > 1e-3
+    assert float((together[1] - together[2]).abs().max()) > 1e-3
+
+
+def test_only_merged_elements_carry_gradient() -> None:
+    content, style = small_loras()
+    merger = build_merger("ziprank", content, style)
+    mods = make_modules(CONV_VARIANTS[0])
+    x = torch.randn(2, 5, 12)
+    with attach(merger, mods) as adapter:
+        adapter.set_branches(["content", "style"])
+        assert not mods[Q](x).requires_grad  # constant masks: no path to the merger's parameters
+        adapter.set_branches(["merged", "content"])
+        mods[Q](x).sum().backward()
+    assert float(merger.layer(Q).m_c.grad.abs().sum()) > 0 and float(merger.layer(Q).m_s.grad.abs().sum()) > 0
+
+
+def _snapshot(mod: nn.Module) -> dict:
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+             "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks")
+    return {
+        "attrs": sorted(vars(mod)),
+        "hooks": {h: dict(getattr(mod, h, {})) for h in hooks},
+        "params": [(n, id(p), p.detach().clone()) for n, p in mod.named_parameters()],
+        "buffers": [(n, id(b)) for n, b in mod.named_buffers()],
+        "forward": type(mod).forward,
+    }
+
+
+def _same(a: dict, b: dict) -> bool:
+    return (a["attrs"] == b["attrs"] and a["hooks"] == b["hooks"] and a["buffers"] == b["buffers"]
+            and a["forward"] is b["forward"]
+            and all(n1 == n2 and i1 == i2 and torch.equal(t1, t2)
+                    for (n1, i1, t1), (n2, i2, t2) in zip(a["params"], b["params"], strict=True)))
+
+
+def test_removal_leaves_no_trace_even_after_an_error() -> None:
+    model, content, style = toy_setup()
+    merger = build_merger("ziplora_out", content, style)
+    randomise_masks(merger)
+    mods = model.lora_modules()
+    x, sigma, ctx = torch.randn(2, 4, 8, 8), torch.tensor([1.0, 3.0]), torch.randn(2, 5, 16)
+    before = {n: _snapshot(m) for n, m in model.named_modules()}
+    y0 = model(x, sigma, ctx)
+    with attach(merger, mods) as adapter:
+        assert adapter.attached_now
+        y1 = model(x, sigma, ctx)
+        assert sum(len(m._forward_hooks) for m in mods.values()) == len(mods)
+    assert not adapter.attached_now
+    with pytest.raises(RuntimeError, match="boom"), attach(merger, mods):
+        raise RuntimeError("boom")
+    after = {n: _snapshot(m) for n, m in model.named_modules()}
+    assert before.keys() == after.keys() and all(_same(before[n], after[n]) for n in before)
+    y2 = model(x, sigma, ctx)
+    assert torch.equal(y0, y2)
+    assert float((y1 - y0).detach().abs().max()) > 1e-3  # the adapter did change the output while attached
+
+
+def test_low_precision_module_casts_at_the_boundary() -> None:
+    content, style = small_loras()
+    merger = build_merger("ziprank", content, style)
+    randomise_masks(merger)
+    lin = nn.Linear(12, 12).requires_grad_(False)
+    lin16 = copy.deepcopy(lin).to(torch.bfloat16)
+    x = torch.randn(3, 7, 12)
+    with attach(merger, {Q: lin}) as adapter:
+        adapter.set_branches(["merged", "content", "style"])
+        ref = lin(x)
+    with attach(merger, {Q: lin16}) as adapter:
+        adapter.set_branches(["merged", "content", "style"])
+        out = lin16(x.to(torch.bfloat16))
+        out.float().pow(2).sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert float((out.float() - ref).detach().norm() / ref.detach().norm()) <= 2e-2  # bf16 rounding only
+    m_c = merger.layer(Q).m_c
+    assert m_c.dtype == torch.float32 and m_c.grad is not None and m_c.grad.dtype == torch.float32
+    assert float(m_c.grad.abs().sum()) > 0
+
+
+def test_adapter_errors_name_the_layer() -> None:
+    content, style = small_loras()
+    merger = build_merger("ziprank", content, style)
+    with pytest.raises(AdapterError, match=r"layer input_blocks.4.1.transformer_blocks.0.attn1.to_q: the LoRA "
+                                           r"patches a weight of shape \(12, 12\) but the module's is \(12, 11\)"):
+        attach(merger, {Q: nn.Linear(11, 12)})
+    with pytest.raises(AdapterError, match="neither nn.Linear nor nn.Conv2d"):
+        attach(merger, {Q: nn.Conv1d(12, 12, 1)})
+    mods = make_modules(CONV_VARIANTS[0])
+    with attach(merger, {Q: mods[Q], "not.a.layer": mods[K2]}) as adapter:
+        assert adapter.unused == ["not.a.layer"] and len(adapter.missing) == len(merger.names) - 1
+        with pytest.raises(AdapterError, match="unknown branch 'mixed'"):
+            adapter.set_branches(["mixed"])
+        adapter.set_branches(["merged", "content"])
+        with pytest.raises(AdapterError, match="batch of 3 does not fit the 2 branches"):
+            mods[Q](torch.randn(3, 12))
+    assert {CONV, K2, O_B1, ONLY_C, ONLY_S, TE} <= set(merger.names)
