@@ -300,7 +300,8 @@ class Host:
         interruption check (the progress hook checks first, as the real server's hook does).
 
         Returns ``{"ui": {node_id: ui dict}, "outputs": {node_id: list of output values},
-        "progress": [ProgressUpdate], "messages": [(event, data)], "prompt_id": str}``.
+        "progress": [ProgressUpdate], "messages": [(event, data)] (the executor's status messages),
+        "events": [(event, data, sid)] (websocket messages), "prompt_id": str}``.
         Raises :class:`PromptInvalid`, :class:`NodeExecutionError` or :class:`ExecutionInterrupted`.
         """
         import comfy.model_management
@@ -355,6 +356,8 @@ class Host:
             "outputs": outputs,
             "progress": progress,
             "messages": list(executor.status_messages),
+            # What a browser connected as client_id would have received (only sent when client_id is set).
+            "events": list(server.messages),
         }
         for event, data in executor.status_messages:
             if event == "execution_error":
@@ -526,7 +529,7 @@ def boot(base_dir: Path | None = None, *, quiet: bool = True) -> Host:
         root_logger.handlers[:] = saved_handlers
 
     packs = {
-        name: _pack_status(name, base_dir / "custom_nodes" / name, capture.records, nodes.LOADED_MODULE_DIRS)
+        name: _pack_status(name, base_dir / "custom_nodes" / name, capture.records, nodes.NODE_CLASS_MAPPINGS)
         for name in (PACK_DIR_NAME, TINY_PACK_DIR_NAME)
     }
     for p in packs.values():
@@ -543,12 +546,12 @@ def boot(base_dir: Path | None = None, *, quiet: bool = True) -> Host:
     return _HOST
 
 
-def _pack_status(name: str, path: Path, records: list[logging.LogRecord], loaded_dirs: dict) -> PackLoad:
-    needle = str(path)
-    log = [r.getMessage() for r in records if needle in r.getMessage() or name in r.getMessage()]
-    # load_custom_node records a pack in LOADED_MODULE_DIRS once its __init__ ran without raising; it
-    # then still refuses a module without NODE_CLASS_MAPPINGS / comfy_entrypoint (logged as "Skip").
-    loaded = name in loaded_dirs and not any(("Skip" in m or "Cannot import" in m) for m in log)
+def _pack_status(name: str, path: Path, records: list[logging.LogRecord], mappings: dict) -> PackLoad:
+    log = [r.getMessage() for r in records if str(path) in r.getMessage() or name in r.getMessage()]
+    # load_custom_node stamps every class it registers with RELATIVE_PYTHON_MODULE; a pack that raised,
+    # exported neither NODE_CLASS_MAPPINGS nor comfy_entrypoint, or whose entrypoint failed registers none.
+    module = f"custom_nodes.{name}"
+    loaded = any(getattr(cls, "RELATIVE_PYTHON_MODULE", None) == module for cls in mappings.values())
     return PackLoad(name=name, path=path, loaded=loaded, log=log)
 
 

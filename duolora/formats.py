@@ -36,7 +36,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .lora import LoRA, LowRank, SkippedKey, fold_alpha
+from .lora import TEXT_ENCODER_PREFIXES, LoRA, LowRank, SkippedKey, fold_alpha
 from .sdxl import (
     ALIAS_ATTN_PROCS,
     ALIAS_COMFYUI,
@@ -744,8 +744,11 @@ def load_lora(path: str | os.PathLike[str], layout: Layout = SDXL_LAYOUT) -> LoR
     return lora
 
 
-def validate_lora(lora: LoRA, layout: Layout = SDXL_LAYOUT) -> None:
-    """Check a parsed LoRA against ``layout``; raises the first problem as a typed LoRAError."""
+def validate_lora(lora: LoRA, layout: Layout = SDXL_LAYOUT, *, text_encoders: bool = True) -> None:
+    """Check a parsed LoRA against ``layout``; raises the first problem as a typed LoRAError.
+
+    ``text_encoders=False`` checks only the UNet part (for a model whose text encoders are not known).
+    """
     name, src = lora.name, lora.source
     if lora.base != layout.base and lora.base != "unknown":
         raise WrongBaseModelError(
@@ -777,6 +780,8 @@ def validate_lora(lora: LoRA, layout: Layout = SDXL_LAYOUT) -> None:
             problems.append(f"'{m}' does not exist in {layout.label}")
     order = {n: i for i, n in enumerate(layout.layers)}
     for lname, lr in sorted(lora.layers.items(), key=lambda kv: order.get(kv[0], len(order))):
+        if not text_encoders and lname.startswith(TEXT_ENCODER_PREFIXES):
+            continue
         target = layout.get(lname)
         if target is None:
             bad.append(lname)

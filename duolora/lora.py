@@ -83,7 +83,7 @@ class LowRank:
         d = self.B.to(dtype) @ self.A.to(dtype)
         return d.reshape(self.weight_shape)
 
-    def with_factors(self, B: torch.Tensor, A: torch.Tensor) -> "LowRank":
+    def with_factors(self, B: torch.Tensor, A: torch.Tensor) -> LowRank:
         """A layer of the same kind (linear/conv, kernel) from 2-D factors B (out, r), A (r, in·k·k)."""
         r = A.shape[0]
         if self.is_conv:
@@ -91,7 +91,7 @@ class LowRank:
             return LowRank(B.reshape(B.shape[0], r, 1, 1), A.reshape(r, self.in_features, kh, kw))
         return LowRank(B, A)
 
-    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "LowRank":
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LowRank:
         return LowRank(self.up.to(device=device, dtype=dtype), self.down.to(device=device, dtype=dtype))
 
 
@@ -143,7 +143,7 @@ class LoRA:
     def num_parameters(self) -> int:
         return sum(lr.up.numel() + lr.down.numel() for lr in self.layers.values())
 
-    def scaled(self, factor: float) -> "LoRA":
+    def scaled(self, factor: float) -> LoRA:
         """The same LoRA with every ΔW multiplied by ``factor`` (folded into up)."""
         return LoRA(
             layers={k: LowRank(v.up * factor, v.down) for k, v in self.layers.items()},

@@ -34,6 +34,8 @@ class ApplyMergedLoRA(io.ComfyNode):
                 clip=None) -> io.NodeOutput:
         if strength_model == 0 and strength_clip == 0:
             return io.NodeOutput(model, clip)
+        # ComfyUI skips a LoRA weight whose shape does not match with only a log line; say it here instead.
+        bridge.validate_for_model(merged_lora.lora, model)
         new_model, new_clip = bridge.apply_lora_state_dict(model, clip, merged_lora.state_dict,
                                                            strength_model, strength_clip)
         return io.NodeOutput(new_model, new_clip)

@@ -21,9 +21,7 @@ import contextlib
 import os
 import resource
 from collections.abc import Iterator, Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 import comfy.model_management
 import comfy.model_sampling
@@ -32,11 +30,15 @@ import comfy.samplers
 import comfy.sd
 import comfy.utils
 import folder_paths
+import torch
 
-from ..duolora import sdxl
+from ..duolora import formats, sdxl
 from ..duolora.adapter import Adapter, Branch, attach
 from ..duolora.mergers import Merger
 from ..duolora.objective import DiscreteSchedule
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 Interrupted = comfy.model_management.InterruptProcessingException
 
@@ -83,6 +85,15 @@ def model_layout(model) -> sdxl.Layout:
     """The UNet layout of a MODEL (a ModelPatcher): SDXL's own, or the same layout at other widths."""
     unet_config = model.model.model_config.unet_config
     return sdxl.layout_for(sdxl.UNetConfig.from_comfy(unet_config))
+
+
+def validate_for_model(lora, model) -> None:
+    """Raise the engine's LoRAError when ``lora`` does not fit ``model`` (ComfyUI itself would only log
+    "lora key not loaded" or a shape error and leave the weight unchanged). Text-encoder layers are
+    checked when the UNet is a standard SDXL one, whose text encoders are known."""
+    layout = model_layout(model)
+    standard = layout.config == sdxl.SDXL
+    formats.validate_lora(lora, sdxl.SDXL_LAYOUT if standard else layout, text_encoders=standard)
 
 
 def apply_lora_state_dict(model, clip, state_dict: dict[str, torch.Tensor], strength_model: float,
@@ -142,7 +153,7 @@ class PeakMemory:
         self.peak_bytes = 0
         self.kind = "cuda" if device.type == "cuda" else "process_rss"
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self) -> Self:
         if self.kind == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         return self
@@ -182,27 +193,28 @@ def _materialise_inference_tensors(module: torch.nn.Module) -> int:
 
 
 class _CheckpointedBlocks:
-    """Gradient checkpointing of the UNet's top-level blocks (input/middle/output), removable.
+    """Gradient checkpointing of the layers of the UNet's input/middle/output blocks, removable.
 
     Forward hooks of the adapter run again during recomputation, so each checkpointed call records the
     adapter's branches and restores them while recomputing.
     """
 
     def __init__(self, unet: torch.nn.Module, adapter: Adapter) -> None:
-        self.blocks = list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks)
+        # The UNet runs its input/middle/output blocks through ``forward_timestep_embed``, which calls each
+        # layer inside a block (ResBlock, SpatialTransformer, Down/Upsample), never the block's own forward:
+        # so the layers are what gets checkpointed (as ComfyUI's TrainLoraNode does).
+        blocks = list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks)
+        self.blocks = [layer for block in blocks for layer in block]
         self.adapter = adapter
 
-    def __enter__(self) -> _CheckpointedBlocks:
+    def __enter__(self) -> Self:
         for block in self.blocks:
-            original = block.forward
-            adapter = self.adapter
-
-            def checkpointed(*args: Any, _orig=original, **kwargs: Any) -> Any:
+            def checkpointed(*args: Any, _orig=block.forward, adapter=self.adapter, **kwargs: Any) -> Any:
                 if not torch.is_grad_enabled():
                     return _orig(*args, **kwargs)
                 branches = adapter.branches
 
-                def run(*a: Any, **k: Any) -> Any:
+                def run(*a: Any, adapter=adapter, branches=branches, **k: Any) -> Any:
                     previous = adapter.branches
                     adapter.set_branches(branches)
                     try:
@@ -236,7 +248,7 @@ class ComfyDenoiser(DiscreteSchedule):
                  gradient_checkpointing: bool = True) -> None:
         sampling = model.get_model_object("model_sampling")
         if not isinstance(sampling, comfy.model_sampling.EPS):
-            raise ValueError(
+            raise TypeError(
                 f"DuoLoRA's paper mode needs an ε- or v-prediction model (SDXL); this model samples with "
                 f"{type(sampling).__name__}. Use mode 'weights' instead."
             )
@@ -251,7 +263,7 @@ class ComfyDenoiser(DiscreteSchedule):
         self.adapter: Adapter | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------
-    def __enter__(self) -> ComfyDenoiser:
+    def __enter__(self) -> Self:
         comfy.model_management.load_models_gpu([self.patcher])
         base = self.patcher.model
         _materialise_inference_tensors(base)

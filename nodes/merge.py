@@ -15,7 +15,15 @@ from ..duolora.objective import References
 from ..duolora.optimize import MergeConfig, MergeResult, optimize
 from ..duolora.sdxl import PRESET_NAMES
 from . import comfy_bridge as bridge
-from .types import LoraModelType, MergedLoRA, MergedLoRAType, MergeStats, MergeStatsType, SourceLoRA, SourceLoRAType
+from .types import (
+    LoraModelType,
+    MergedLoRA,
+    MergedLoRAType,
+    MergeStats,
+    MergeStatsType,
+    SourceLoRA,
+    SourceLoRAType,
+)
 
 MODES = ("paper",)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -135,7 +143,7 @@ class ZipRankMerge(io.ComfyNode):
         layout = bridge.model_layout(model)
         content, style = content_lora.lora, style_lora.lora
         for src in (content_lora, style_lora):
-            formats.validate_lora(src.lora, layout)
+            bridge.validate_for_model(src.lora, model)
         merger = build_merger(method, content, style, config)
         needs_references = bool(merger.mask_parameters()) and config.steps > 0
         peak = bridge.PeakMemory(bridge.execution_device(model))

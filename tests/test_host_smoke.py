@@ -55,6 +55,12 @@ def test_booted_host_layout(host: comfyhost.Host) -> None:
     assert comfyhost.boot() is host
 
 
+def test_missing_nodes_fail_loudly(host: comfyhost.Host) -> None:
+    assert host.packs[comfyhost.TINY_PACK_DIR_NAME].loaded
+    with pytest.raises(comfyhost.PackImportError, match="node ids not registered in ComfyUI: NoSuchNode\n"):
+        host.require_nodes(comfyhost.TINY_CHECKPOINT_NODE, "NoSuchNode")
+
+
 def test_tiny_model_size_and_names(tiny_model) -> None:
     assert comfyhost.num_parameters(tiny_model.model) == 23_909_252
     keys = tiny_model.model.state_dict()
@@ -86,6 +92,15 @@ def test_txt2img_writes_png_with_progress(host: comfyhost.Host) -> None:
     assert sampler_updates == [(1, STEPS), (2, STEPS), (3, STEPS)]
     latent = result["outputs"]["5"][0]["samples"]
     assert tuple(latent.shape) == (1, 4, 6, 8)
+
+
+def test_client_receives_websocket_events(host: comfyhost.Host) -> None:
+    result = host.execute(txt2img_prompt("events", steps=1), client_id="browser-1")
+    executed = [data for event, data, sid in result["events"] if event == "executed" and sid == "browser-1"]
+    assert [d["node"] for d in executed] == ["7"]
+    assert executed[0]["output"] == result["ui"]["7"]
+    executing = [data["node"] for event, data, _ in result["events"] if event == "executing"]
+    assert set(executing) == {"1", "2", "3", "4", "5", "6", "7"}
 
 
 def test_same_seed_same_pixels(host: comfyhost.Host) -> None:
