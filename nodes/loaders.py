@@ -18,6 +18,9 @@ from .types import LoraModelType, SourceLoRA, SourceLoRAType
 _CACHE: dict[tuple[str, int, int], tuple[LoRA, str]] = {}
 _CACHE_LOCK = threading.Lock()
 _CACHE_SIZE = 4
+# The combo entry for "no file" (ComfyUI's Train LoRA node spells it the same way): with an upstream
+# LORA_MODEL connected, or an empty loras folder, the combo must still hold a valid value.
+NO_FILE = "[None]"
 
 
 def _sha256(path: str) -> str:
@@ -55,9 +58,9 @@ def _load(lora_name: str, strength: float, lora_model: dict | None) -> io.NodeOu
         lora = formats.state_dict_to_lora(dict(lora_model), {}, "LORA_MODEL from an upstream node")
         name, digest = "LORA_MODEL (upstream node)", None
     else:
-        if not lora_name:
+        if not lora_name or lora_name == NO_FILE:
             raise ValueError("no LoRA file chosen: put .safetensors LoRAs in ComfyUI's models/loras folder, "
-                             "refresh, and pick one")
+                             "refresh, and pick one (or connect a LORA_MODEL to lora_model)")
         lora, digest = read_cached(bridge.lora_path(lora_name))
         name = lora_name
     summary = formats.one_line_summary(lora)
@@ -75,8 +78,9 @@ def _schema(node_id: str, display: str, what: str) -> io.Schema:
         category="DuoLoRA",
         description=f"Reads the {what} LoRA for a DuoLoRA merge (kohya, diffusers/PEFT or ComfyUI keys).",
         inputs=[
-            io.Combo.Input("lora_name", options=bridge.lora_names(),
-                           tooltip=f"The {what} LoRA file, from ComfyUI's models/loras folder (.safetensors)."),
+            io.Combo.Input("lora_name", options=[*bridge.lora_names(), NO_FILE],
+                           tooltip=f"The {what} LoRA file, from ComfyUI's models/loras folder (.safetensors); "
+                                   f"{NO_FILE} when a LoRA comes in through lora_model."),
             io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                            tooltip=f"Scales the {what} LoRA before merging (1.0 = as trained)."),
             LoraModelType.Input("lora_model", optional=True,

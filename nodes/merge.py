@@ -17,6 +17,7 @@ from ..duolora.sdxl import PRESET_NAMES
 from . import comfy_bridge as bridge
 from .types import (
     LoraModelType,
+    LoraStateDict,
     MergedLoRA,
     MergedLoRAType,
     MergeStats,
@@ -161,13 +162,17 @@ class ZipRankMerge(io.ComfyNode):
                 for s in rep.by_block()}
         dtype = DTYPES.get(lora_dtype) or content.dtype or torch.float16
         metadata = _provenance(config, content_lora, style_lora, merger.trainable_parameters(), result, kept)
-        state_dict = formats.lora_to_state_dict(merged_lora, "kohya_ldm", dtype=dtype, layout=layout)
+        state_dict = LoraStateDict(
+            formats.lora_to_state_dict(merged_lora, "kohya_ldm", dtype=dtype, layout=layout))
         merged = MergedLoRA(lora=merged_lora, state_dict=state_dict, metadata=metadata, method=method)
         stats = MergeStats(
             method=method, mode=mode, config=config.to_dict(), history=result.history,
             steps_done=result.steps_done, trainable_parameters=merger.trainable_parameters(),
             kept_rank_by_block=kept, wall_seconds=time.perf_counter() - start,
             peak_memory_bytes=peak.peak_bytes, peak_memory_kind=peak.kind, report=rep,
+            # The learned and fixed masks (the merger's state_dict holds only masks, r_c + r_s values per
+            # layer): with the two source files they reproduce the merge exactly.
+            extra={"masks": {k: v.detach().cpu().clone() for k, v in merger.state_dict().items()}},
         )
         bridge.send_message("duolora.done", {"node": cls.hidden.unique_id, "kept_rank": kept})
         return io.NodeOutput(merged, stats, state_dict)

@@ -18,8 +18,23 @@ MergeStatsType = io.Custom("DUOLORA_STATS")
 # ComfyUI's own LoRA state-dict type (TrainLoraNode, LoraModelLoader, SaveLoRA use it).
 LoraModelType = io.Custom("LORA_MODEL")
 
+# Why every value below has a short __repr__: when a node raises, ComfyUI's executor formats each of its
+# inputs with str() for the error report it sends to the browser (execution.format_value, 0.3.75). A
+# dataclass's default repr prints every tensor of both LoRAs: on the tiny test model a ZipRank Merge that
+# refused a file took ~11 s instead of ~0.6 s, and the error message grew to megabytes.
 
-@dataclass
+
+class LoraStateDict(dict):
+    """A LORA_MODEL value: a plain ``dict`` of tensors (what ComfyUI's core nodes take) with a short repr."""
+
+    def __repr__(self) -> str:
+        n = sum(1 for k in self if k.endswith(("lora_down.weight", "lora_A.weight")))
+        return f"LORA_MODEL({n} layers, {len(self)} tensors)"
+
+    __str__ = __repr__
+
+
+@dataclass(repr=False)
 class SourceLoRA:
     """A loaded LoRA with where it came from."""
 
@@ -29,8 +44,11 @@ class SourceLoRA:
     summary: str
     strength: float = 1.0
 
+    def __repr__(self) -> str:
+        return f"SourceLoRA({self.name!r}: {self.summary})"
 
-@dataclass
+
+@dataclass(repr=False)
 class MergedLoRA:
     """An exact standard LoRA (rank r_c + r_s minus pruned components) ready to apply or save.
 
@@ -44,8 +62,13 @@ class MergedLoRA:
     metadata: dict[str, str]
     method: str
 
+    def __repr__(self) -> str:
+        ranks = self.lora.ranks()
+        rank = f"rank {ranks[0]}–{ranks[-1]}" if ranks else "empty"
+        return f"MergedLoRA({self.method}: {len(self.lora.layers)} layers, {rank})"
 
-@dataclass
+
+@dataclass(repr=False)
 class MergeStats:
     method: str
     mode: str
@@ -59,3 +82,7 @@ class MergeStats:
     peak_memory_kind: str
     report: Any = None  # duolora.report.MergeReport
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return (f"MergeStats({self.method}, {self.mode}: {self.steps_done} steps, "
+                f"{self.trainable_parameters} trainable, {self.wall_seconds:.1f} s)")

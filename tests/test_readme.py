@@ -37,3 +37,15 @@ def test_readme_documents_every_merge_option_with_its_default() -> None:
     assert set(rows) == set(defaults), (sorted(set(defaults) - set(rows)), sorted(set(rows) - set(defaults)))
     for name, value in defaults.items():
         assert rows[name] == _as_text(value), f"{name}: README says {rows[name]!r}, MergeConfig has {value!r}"
+
+
+def test_readme_node_reference_matches_the_registered_nodes(host) -> None:
+    """The README's node section is exactly what devtools/nodedocs.py renders from the live node definitions
+    (run `.venv/bin/python devtools/nodedocs.py --write` after changing a node)."""
+    import nodedocs
+    import nodes
+
+    rendered = nodedocs.render(nodes.NODE_CLASS_MAPPINGS, nodes.NODE_DISPLAY_NAME_MAPPINGS)
+    text = README.read_text(encoding="utf-8")
+    current = text[text.index(nodedocs.BEGIN):text.index(nodedocs.END) + len(nodedocs.END)]
+    assert current == rendered
