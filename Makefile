@@ -8,8 +8,9 @@ export PYTHONDONTWRITEBYTECODE := 1
 setup:
 	@VENV=$(VENV) bash scripts/setup_venv.sh
 
+# The demo's own output folder: --force replaces the previous run's four files (scripts/demo.py --help).
 demo: setup
-	$(PY) -m duolora demo --out demo_output
+	$(PY) scripts/demo.py --out demo_output --force
 
 test: setup
 	$(PY) -m pytest -q
@@ -19,3 +20,9 @@ lint: setup
 
 bench: setup
 	$(PY) -m bench
+
+# MiniBench (bench/minibench/README.md): the paper's evaluation in miniature on CPU. Uses the base model in
+# bench/minibench/checkpoints/ if present (else trains it), then classifiers, LoRAs, the comparison table.
+.PHONY: minibench
+minibench: setup
+	OMP_NUM_THREADS=1 $(PY) bench/minibench/minibench.py
