@@ -303,8 +303,9 @@ export function drawLoss(canvas, state) {
   ctx.fillText(header, 2, 1);
   ctx.globalAlpha = 1;
 
-  // Legend on the second line: colour, name, latest value.
+  // Legend from the second line on, wrapped to the canvas width: colour, name, latest value.
   let x = 2;
+  let y = 13;
   let extra = 0;
   const colours = {};
   for (const name of names) {
@@ -312,11 +313,16 @@ export function drawLoss(canvas, state) {
     colours[name] = colour;
     const values = state.series[name];
     const label = `${name} ${formatLoss(values[values.length - 1])}`;
+    const width = 11 + ctx.measureText(label).width + 8;
+    if (x > 2 && x + width > cssW) {
+      x = 2;
+      y += 12;
+    }
     ctx.fillStyle = colour;
-    ctx.fillRect(x, 16, 8, 3);
+    ctx.fillRect(x, y + 3, 8, 3);
     ctx.fillStyle = fg;
-    ctx.fillText(label, x + 11, 13);
-    x += 11 + ctx.measureText(label).width + 8;
+    ctx.fillText(label, x + 11, y);
+    x += width;
   }
   // What is on the canvas, for tests and for anyone inspecting the page (a canvas has no text to read).
   canvas.dataset.points = "0";
@@ -324,7 +330,7 @@ export function drawLoss(canvas, state) {
   canvas.dataset.done = state.done ? "true" : "false";
   if (!n) return true;
 
-  const plot = { left: 38, top: 28, right: cssW - 4, bottom: cssH - 12 };
+  const plot = { left: 38, top: y + 15, right: cssW - 4, bottom: cssH - 12 };
   if (plot.right - plot.left < 10 || plot.bottom - plot.top < 10) return true;
   let lo = Infinity;
   let hi = -Infinity;

@@ -1,0 +1,488 @@
+"""Example workflow 1 run end to end by a user in a real browser against a real ComfyUI server.
+
+What a user does, step by step, on ComfyUI 0.3.75 + frontend 1.32.9 in Debian's headless Chromium:
+the two LoRAs and three reference pictures the workflow names are put in the server's models/loras and
+input/ folders (tiny synthetic LoRAs for the tiny SDXL-layout test model, procedural PNGs), then ComfyUI is
+opened in a new tab; workflow 1 is opened from the template browser; its Load Checkpoint node is replaced by
+the test-only Tiny SDXL checkpoint (nothing else changes: its MODEL, CLIP and VAE go to the same inputs);
+image size and step counts are lowered through the widgets, by name; the Run button queues it. The server
+runs the real nodes; the page shows the loss curve from the real "duolora.progress" messages and the Merge
+Report's preview. The finished graph is saved as test_artifacts/browser/20_end_to_end.png and as
+docs/screenshot.png (the README's picture; the same bytes on every run here).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pytest
+import workflows
+from PIL import Image
+
+from duolora import formats
+from duolora.sdxl import ATTENTION_BLOCKS
+
+if TYPE_CHECKING:
+    from conftest import BrowserSession
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "example_workflows"
+SCREENSHOT = REPO / "docs" / "screenshot.png"
+ARTIFACTS = REPO / "test_artifacts" / "browser"
+PACK = "comfyui-duolora"
+FIRST = workflows.WORKFLOW_NAMES[0]
+MERGE, REPORT, SAVE_LORA = "DuoLoRA_ZipRankMerge", "DuoLoRA_MergeReport", "DuoLoRA_SaveMergedLoRA"
+MERGE_STEPS = 3
+SAMPLER_STEPS = 2
+SIZE = 64  # pixels: the empty latent and the reference pictures
+RANK = 8
+RUN_TIMEOUT_S = 150
+SCREENSHOT_WIDTH = 1400
+# Rendered larger than the README's picture and scaled down, so node text stays sharp.
+SCREENSHOT_VIEWPORT = {"width": 2100, "height": 1400}
+
+
+def _get_json(url: str) -> dict:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _put_input_files(base: Path) -> dict[str, Path]:
+    """The files workflow 1 names, made for the tiny model: LoRAs in models/loras, pictures in input/."""
+    loras = base / "models" / "loras"
+    files = workflows.make_tiny_loras(loras, {workflows.CONTENT_LORA: (RANK, 1)}, text_encoder=True)
+    files |= workflows.make_tiny_loras(loras, {workflows.STYLE_LORA: (RANK, 2)})
+    files |= workflows.make_reference_images(base / "input", size=SIZE)
+    return files
+
+
+_READY = """() => {
+    const app = window.comfyAPI?.app?.app;
+    return !!(app && app.vueAppReady && app.graph && app.canvas
+              && window.LiteGraph?.registered_node_types?.DuoLoRA_ZipRankMerge);
+}"""
+
+
+@dataclass
+class UserPage:
+    """A second tab of the session's browser, opened after the input files exist, with its own log of
+    console messages and page errors (the session's shared page keeps its log for the other tests)."""
+
+    page: Any
+    console: list[tuple[str, str, str]] = field(default_factory=list)  # (type, text, source url)
+    page_errors: list[str] = field(default_factory=list)
+
+    def problems_of_ours(self) -> list[str]:
+        """Console errors/warnings whose source is our extension, and page errors naming it.
+        (ComfyUI's front end also tries to look nodes up on api.comfy.org; the server's CSP blocks that,
+        and those messages come from its own bundle, not from us.)"""
+        ours = f"/extensions/{PACK}/"
+        found = [f"console {k}: {text} ({src})" for k, text, src in self.console
+                 if k in ("error", "warning") and (ours in src or text.startswith("[DuoLoRA]"))]
+        return found + [e for e in self.page_errors if "duolora" in e.lower()]
+
+
+@pytest.fixture
+def user_page(browser_session: BrowserSession) -> Iterator[UserPage]:
+    """Put the files workflow 1 names into the server's folders, then open ComfyUI in a new tab."""
+    _put_input_files(browser_session.base_directory)
+    page = browser_session.page.context.new_page()
+    page.set_default_timeout(30_000)
+    user = UserPage(page)
+    page.on("console", lambda m: user.console.append((m.type, m.text, (m.location or {}).get("url", ""))))
+    page.on("pageerror", lambda e: user.page_errors.append(f"{e}\n{getattr(e, 'stack', '')}"))
+    try:
+        page.goto(browser_session.url, wait_until="domcontentloaded", timeout=90_000)
+        page.wait_for_function(_READY, timeout=90_000)
+        yield user
+    finally:
+        page.close()
+
+
+def _combo_options(page: Any, node_type: str, name: str) -> list:
+    """The options the front end offers in a node type's combo widget (from the server's /object_info)."""
+    return page.evaluate(
+        """([type, name]) => {
+            const spec = window.LiteGraph.registered_node_types[type]?.nodeData?.input?.required?.[name];
+            return Array.isArray(spec?.[0]) ? spec[0] : (spec?.[1]?.options ?? []);
+        }""",
+        [node_type, name],
+    )
+
+
+def _open_template(page: Any) -> None:
+    """Templates → comfyui-duolora → the first card, as a user clicks through it."""
+    page.evaluate("() => { window.comfyAPI.app.app.graph.clear(); }")
+    page.locator(".templates-tab-button").first.click()
+    dialog = page.locator(".workflow-template-selector-dialog")
+    dialog.wait_for(state="visible")
+    dialog.get_by_role("button", name=PACK).click()
+    dialog.get_by_text(FIRST, exact=True).first.click()
+    page.wait_for_function(f"() => window.comfyAPI.app.app.graph._nodes.some(n => n.type === '{MERGE}')")
+    dialog.wait_for(state="hidden")
+    page.wait_for_timeout(500)
+
+
+_JS_STATE = """() => {
+    const app = window.comfyAPI.app.app;
+    return {
+        types: app.graph._nodes.map(n => n.type),
+        unknown: app.graph._nodes.filter(n => !window.LiteGraph.registered_node_types[n.type]).map(n => n.type),
+        dialogs: [...document.querySelectorAll('[role=dialog]')].filter(d => d.offsetParent !== null)
+            .map(d => d.innerText.slice(0, 200)),
+    };
+}"""
+
+# Swap one node for another of a different type: same place, every output link re-made from the output of
+# the same type on the new node to the same target input, then the old node removed. Returns the new id and
+# the links before/after as [output type, target id, target slot].
+_JS_REPLACE = """([oldType, newType]) => {
+    const app = window.comfyAPI.app.app, graph = app.graph, LiteGraph = window.LiteGraph;
+    const olds = graph._nodes.filter(n => n.type === oldType);
+    if (olds.length !== 1) return {error: `${olds.length} nodes of type ${oldType}`};
+    const old = olds[0];
+    const link = (id) => graph.getLink?.(id) ?? graph.links?.get?.(id) ?? graph.links?.[id];
+    const outgoing = (node) => node.outputs.flatMap(o => (o.links ?? []).map(id => {
+        const l = link(id);
+        return [o.type, l.target_id, l.target_slot];
+    }));
+    const before = outgoing(old);
+    const fresh = LiteGraph.createNode(newType);
+    if (!fresh) return {error: `no node type ${newType}`};
+    fresh.pos = [old.pos[0], old.pos[1]];
+    graph.add(fresh);
+    for (const [type, targetId, targetSlot] of before) {
+        const slot = fresh.outputs.findIndex(o => o.type === type);
+        if (slot < 0) return {error: `${newType} has no ${type} output`};
+        fresh.connect(slot, graph.getNodeById(targetId), targetSlot);
+    }
+    graph.remove(old);
+    app.canvas.setDirty(true, true);
+    return {id: fresh.id, before, after: outgoing(fresh), outputs: fresh.outputs.map(o => o.type)};
+}"""
+
+_JS_SET_WIDGET = """([id, name, value]) => {
+    const app = window.comfyAPI.app.app;
+    const node = app.graph.getNodeById(id);
+    const w = node?.widgets?.find(w => w.name === name);
+    if (!w) return false;
+    w.value = value;
+    w.callback?.(w.value, app.canvas, node);
+    app.canvas.setDirty(true, true);
+    return true;
+}"""
+
+# What the server sends to this page, recorded next to (not instead of) the extension's own listeners.
+_JS_LISTEN = """() => {
+    const api = window.comfyAPI.api.api;
+    const log = {progress: [], done: [], success: [], errors: [], executed: []};
+    api.addEventListener('duolora.progress', e => log.progress.push(e.detail));
+    api.addEventListener('duolora.done', e => log.done.push(e.detail));
+    api.addEventListener('execution_success', e => log.success.push(e.detail));
+    api.addEventListener('execution_error', e => log.errors.push(e.detail));
+    api.addEventListener('executed', e => log.executed.push(e.detail));
+    window.__duoloraE2E = log;
+    return window.__duolora?.progressEvents ?? null;
+}"""
+
+_JS_LOSS = """(id) => {
+    const node = window.comfyAPI.app.app.graph.getNodeById(id);
+    const loss = node?.__duolora?.loss;
+    if (!loss) return null;
+    const canvas = loss.canvas;
+    const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+    let blue = 0;  // the content series' colour (#3b82f6): the drawn curve, not the text
+    for (let i = 0; i < data.length; i += 4) {
+        if (Math.abs(data[i] - 0x3b) < 40 && Math.abs(data[i + 1] - 0x82) < 40
+            && Math.abs(data[i + 2] - 0xf6) < 40 && data[i + 3] > 128) blue++;
+    }
+    return {steps: [...loss.state.steps], total: loss.state.total, done: loss.state.done,
+            series: Object.fromEntries(Object.entries(loss.state.series).map(([k, v]) => [k, [...v]])),
+            points: Number(canvas.dataset.points), label: canvas.getAttribute('aria-label'), blue,
+            visible: canvas.offsetParent !== null && canvas.clientWidth > 0,
+            progressEvents: window.__duolora?.progressEvents ?? null};
+}"""
+
+_JS_FIT_NODES = """([ids, margin]) => {
+    const app = window.comfyAPI.app.app;
+    const nodes = ids.map(id => app.graph.getNodeById(id));
+    const groups = app.graph._groups.filter(g => nodes.some(n => {
+        const b = g._bounding ? [...g._bounding] : [...g.bounding];
+        return n.pos[0] >= b[0] && n.pos[0] < b[0] + b[2] && n.pos[1] >= b[1] && n.pos[1] < b[1] + b[3];
+    }));
+    const boxes = [...nodes.map(n => [n.pos[0], n.pos[1] - 30, n.size[0], n.size[1] + 30]),
+                   ...groups.map(g => g._bounding ? [...g._bounding] : [...g.bounding])];
+    const x0 = Math.min(...boxes.map(b => b[0])), y0 = Math.min(...boxes.map(b => b[1]));
+    const x1 = Math.max(...boxes.map(b => b[0] + b[2])), y1 = Math.max(...boxes.map(b => b[1] + b[3]));
+    // Fit into the part of the canvas that ComfyUI's own panels leave free: right of the side bar, below
+    // the tabs, the breadcrumb and the Run bar, above the zoom buttons.
+    const el = app.canvas.canvas, rect = el.getBoundingClientRect();
+    const edge = (selector, side) => [...document.querySelectorAll(selector)]
+        .map(e => e.getBoundingClientRect()).filter(r => r.width > 0 && r.height > 0).map(r => r[side]);
+    const left = Math.max(rect.left, ...edge('.side-tool-bar-container', 'right')) - rect.left;
+    const top = Math.max(rect.top, ...edge('.workflow-tabs-container, .subgraph-breadcrumb, .actionbar',
+                                           'bottom')) - rect.top;
+    const W = el.clientWidth - left, H = el.clientHeight - top - 50;
+    const scale = Math.min((W - 2 * margin) / (x1 - x0), (H - 2 * margin) / (y1 - y0));
+    app.canvas.ds.scale = scale;
+    app.canvas.ds.offset = [left / scale + (W / scale - (x1 - x0)) / 2 - x0,
+                            top / scale + (H / scale - (y1 - y0)) / 2 - y0];
+    app.canvas.setDirty(true, true);
+    return {box: [x0, y0, x1, y1], scale, groups: groups.map(g => g.title)};
+}"""
+
+
+# Where the loss curve and a node are on the page (CSS pixels of the viewport).
+_JS_REGIONS = """(reportId) => {
+    const app = window.comfyAPI.app.app;
+    const canvas = [...document.querySelectorAll('.duolora-loss canvas')].find(c => c.offsetParent !== null);
+    const c = canvas.getBoundingClientRect();
+    const r = app.canvas.canvas.getBoundingClientRect();
+    const n = app.graph.getNodeById(reportId);
+    const [x, y] = app.canvas.ds.convertOffsetToCanvas([n.pos[0], n.pos[1]]);
+    const s = app.canvas.ds.scale;
+    return {loss: [c.left, c.top, c.right, c.bottom],
+            report: [r.left + x, r.top + y, r.left + x + n.size[0] * s, r.top + y + n.size[1] * s]};
+}"""
+
+
+def _node_ids(page: Any, node_type: str) -> list[int]:
+    return page.evaluate("(t) => window.comfyAPI.app.app.graph._nodes.filter(n => n.type === t).map(n => n.id)",
+                           node_type)
+
+
+def _set_widget(page: Any, node_id: int, name: str, value: object) -> None:
+    assert page.evaluate(_JS_SET_WIDGET, [node_id, name, value]), f"node {node_id} has no widget {name!r}"
+
+
+def _wait_for_history(url: str, prompt_id: str, timeout: float) -> dict:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        entry = _get_json(f"{url}/history/{prompt_id}").get(prompt_id)
+        if entry and entry.get("status", {}).get("completed") is not None and (
+                entry["status"]["completed"] or entry["status"].get("status_str") == "error"):
+            return entry
+        time.sleep(0.5)
+    raise AssertionError(f"prompt {prompt_id} did not finish within {timeout:.0f} s; queue: "
+                         f"{_get_json(url + '/queue')}")
+
+
+def _expected_prompt(shipped_api: dict, tiny_id: str) -> dict:
+    """The shipped workflow's API prompt after the user's edits: the checkpoint loader replaced by the tiny
+    one (id ``tiny_id``, links to it renamed), lowered steps and image size, and nothing else."""
+    (ckpt_id,) = workflows.nodes_of_type(shipped_api, workflows.CHECKPOINT_LOADER)
+    expected = {}
+    for node_id, entry in workflows.use_tiny_checkpoint(shipped_api).items():
+        inputs = {name: ([tiny_id, value[1]] if isinstance(value, list) and value[0] == ckpt_id else value)
+                  for name, value in entry["inputs"].items()}
+        if entry["class_type"] == MERGE:
+            inputs["steps"] = MERGE_STEPS
+        elif entry["class_type"] == "KSampler":
+            inputs["steps"] = SAMPLER_STEPS
+        elif entry["class_type"] == "EmptyLatentImage":
+            inputs["width"] = inputs["height"] = SIZE
+        expected[tiny_id if node_id == ckpt_id else node_id] = {**entry, "inputs": inputs}
+    return expected
+
+
+def _save_screenshot(page: Any, node_ids: list[int], report_id: int) -> tuple[Path, dict]:
+    """The finished graph around ``node_ids`` (their groups included), rendered large and scaled to
+    SCREENSHOT_WIDTH; saved to test_artifacts/browser/20_end_to_end.png and docs/screenshot.png.
+    Returns the path and the boxes (in the saved picture's pixels) of the loss curve and the report node."""
+    old_viewport = page.viewport_size
+    setting = "async ([k, v]) => await window.comfyAPI.app.app.extensionManager.setting.set(k, v)"
+    lod = page.evaluate("(k) => window.comfyAPI.app.app.extensionManager.setting.get(k)",
+                        "LiteGraph.Canvas.MinFontSizeForLOD")
+    info = page.evaluate("(k) => window.comfyAPI.app.app.extensionManager.setting.get(k)", "Comfy.Graph.CanvasInfo")
+    try:
+        # Full detail at any zoom (no level-of-detail boxes instead of text and widgets).
+        page.evaluate(setting, ["LiteGraph.Canvas.MinFontSizeForLOD", 0])
+        page.evaluate(setting, ["Comfy.Graph.CanvasInfo", False])
+        page.set_viewport_size(SCREENSHOT_VIEWPORT)
+        page.wait_for_timeout(300)
+        page.evaluate(_JS_FIT_NODES, [node_ids, 20])
+        # Keep the canvas drawing until the report's preview image and our DOM widgets are in place.
+        page.wait_for_function("""() => {
+            const app = window.comfyAPI.app.app;
+            app.canvas.setDirty(true, true);
+            return [...document.querySelectorAll('.duolora-loss canvas')].some(c => c.offsetParent !== null);
+        }""")
+        page.wait_for_timeout(800)
+        png = page.screenshot()
+        regions = page.evaluate(_JS_REGIONS, report_id)
+    finally:
+        page.set_viewport_size(old_viewport)
+        page.evaluate(setting, ["LiteGraph.Canvas.MinFontSizeForLOD", lod])
+        page.evaluate(setting, ["Comfy.Graph.CanvasInfo", info])
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    img = img.resize((SCREENSHOT_WIDTH, round(img.height * SCREENSHOT_WIDTH / img.width)), Image.Resampling.LANCZOS)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    out = ARTIFACTS / "20_end_to_end.png"
+    img.save(out, format="PNG", optimize=True)
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    img.save(SCREENSHOT, format="PNG", optimize=True)
+    k = SCREENSHOT_WIDTH / SCREENSHOT_VIEWPORT["width"]
+    return out, {name: [round(v * k) for v in box] for name, box in regions.items()}
+
+
+def test_workflow_1_runs_end_to_end_from_the_ui(browser_session: BrowserSession, user_page: UserPage,
+                                                tiny_layout) -> None:
+    s = browser_session
+    page = user_page.page
+    base = s.base_directory
+    timings: dict[str, float] = {}
+    t0 = time.monotonic()
+
+    # 1. The LoRAs and pictures were put in place before the page loaded: the loaders list them.
+    for node_type in ("DuoLoRA_LoadContentLoRA", "DuoLoRA_LoadStyleLoRA"):
+        options = _combo_options(page, node_type, "lora_name")
+        assert {workflows.CONTENT_LORA, workflows.STYLE_LORA} <= set(options), options
+    images = set(_combo_options(page, "LoadImage", "image"))
+    assert {*workflows.CONTENT_IMAGES, workflows.STYLE_IMAGE} <= images, images
+
+    # 2. Workflow 1 from the template browser: every node known, no missing-nodes dialog.
+    _open_template(page)
+    state = page.evaluate(_JS_STATE)
+    shipped = workflows.load(EXAMPLES / f"{FIRST}.json")
+    assert sorted(state["types"]) == sorted(n["type"] for n in shipped["nodes"])
+    assert state["unknown"] == [] and state["dialogs"] == [], state
+    object_info = _get_json(s.url + "/object_info")
+    shipped_api = workflows.ui_to_api(shipped, object_info)
+    assert workflows.page_graph_to_prompt(page) == shipped_api
+    timings["opened_s"] = time.monotonic() - t0
+
+    # 3. Load Checkpoint -> Tiny SDXL checkpoint, with its MODEL, CLIP and VAE going where they went before.
+    replaced = page.evaluate(_JS_REPLACE, [workflows.CHECKPOINT_LOADER, workflows.TINY_CHECKPOINT])
+    assert "error" not in replaced, replaced
+    assert replaced["outputs"] == ["MODEL", "CLIP", "VAE"]
+    (ckpt,) = workflows.nodes_of_type(shipped, workflows.CHECKPOINT_LOADER)
+    shipped_links = sorted([kind, target, slot] for _, origin, _, target, slot, kind in shipped["links"]
+                           if origin == int(ckpt))
+    assert sorted(replaced["before"]) == shipped_links and len(shipped_links) == 9, replaced
+    assert sorted(replaced["after"]) == shipped_links, replaced
+
+    # 4. Small image and few steps, set through the widgets by name.
+    (merge_id,) = _node_ids(page, MERGE)
+    (report_id,) = _node_ids(page, REPORT)
+    _set_widget(page, merge_id, "steps", MERGE_STEPS)
+    for node_id in _node_ids(page, "KSampler"):
+        _set_widget(page, node_id, "steps", SAMPLER_STEPS)
+    for node_id in _node_ids(page, "EmptyLatentImage"):
+        _set_widget(page, node_id, "width", SIZE)
+        _set_widget(page, node_id, "height", SIZE)
+    front_end = workflows.page_graph_to_prompt(page)
+    assert front_end == _expected_prompt(shipped_api, str(replaced["id"]))
+
+    # 5. Look at the merge node (zoomed in far enough for ComfyUI to show its DOM widgets), then Run, as a
+    #    user: the Run button. The page's websocket carries everything back.
+    page.evaluate(_JS_FIT_NODES, [[merge_id, report_id], 20])
+    page.wait_for_function("""() => {
+        window.comfyAPI.app.app.canvas.setDirty(true, true);
+        return [...document.querySelectorAll('.duolora-loss canvas')].some(c => c.offsetParent !== null
+                                                                             && c.clientWidth > 0);
+    }""")
+    events_before = page.evaluate(_JS_LISTEN)
+    assert events_before is not None, "duolora.js is not loaded (window.__duolora is unset)"
+    run = page.locator('[data-testid="queue-button"]').get_by_role("button", name=re.compile(r"^\s*Run\s*$"))
+    with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as posted:
+        run.first.click()
+    assert posted.value.status == 200, posted.value.text()
+    prompt_id = posted.value.json()["prompt_id"]
+    assert posted.value.request.post_data_json["prompt"] == front_end
+    t_run = time.monotonic()
+    history = _wait_for_history(s.url, prompt_id, RUN_TIMEOUT_S)
+    timings["run_s"] = time.monotonic() - t_run
+    page.wait_for_function("() => window.__duoloraE2E.success.length + window.__duoloraE2E.errors.length > 0")
+    log = page.evaluate("() => window.__duoloraE2E")
+
+    # The prompt finished without an error.
+    status = history["status"]
+    assert log["errors"] == [] and status["status_str"] == "success" and status["completed"] is True, status
+    assert [m[0] for m in status["messages"]].count("execution_error") == 0
+    assert [e["prompt_id"] for e in log["success"]] == [prompt_id]
+
+    # 6. The loss curve was drawn from the server's own duolora.progress messages: one point per step.
+    progress = [p for p in log["progress"] if p["node"] == str(merge_id)]
+    assert [(p["step"], p["total"]) for p in progress] == [(i, MERGE_STEPS) for i in range(1, MERGE_STEPS + 1)]
+    assert all(math.isfinite(v) for p in progress for v in p["losses"].values())
+    assert {"total", "content", "style", "cycle"} <= set(progress[0]["losses"])
+    page.evaluate("() => window.comfyAPI.app.app.canvas.setDirty(true, true)")
+    curve = page.evaluate(_JS_LOSS, merge_id)
+    assert curve is not None, "the merge node has no loss curve"
+    assert curve["steps"] == list(range(1, MERGE_STEPS + 1)) and curve["total"] == MERGE_STEPS, curve
+    assert curve["series"] == {k: [p["losses"][k] for p in progress] for k in progress[0]["losses"]}
+    assert curve["points"] == MERGE_STEPS * len(progress[0]["losses"]), curve
+    assert curve["progressEvents"] - events_before == MERGE_STEPS
+    assert curve["blue"] > 20, f"no content curve on the canvas: {curve}"
+    (done,) = [d for d in log["done"] if d["node"] == str(merge_id)]
+    assert curve["done"] is True and curve["label"].startswith(f"loss · step {MERGE_STEPS} / {MERGE_STEPS} · done")
+    assert done["kept_rank"] and set(done["kept_rank"]) <= set(ATTENTION_BLOCKS), done
+    assert all(0 <= kept[role] <= RANK for kept in done["kept_rank"].values() for role in ("content", "style"))
+
+    # 7. The Merge Report shows its preview: ComfyUI loaded the node's ui image into the node.
+    outputs = history["outputs"]
+    (preview,) = outputs[str(report_id)]["images"]
+    preview_path = base / preview["type"] / preview["subfolder"] / preview["filename"]
+    with Image.open(preview_path) as img:
+        preview_size = img.size
+    page.wait_for_function(
+        """(id) => {
+            const app = window.comfyAPI.app.app;
+            app.canvas.setDirty(true, true);
+            return (app.graph.getNodeById(id)?.imgs?.[0]?.naturalWidth ?? 0) > 0;
+        }""",
+        arg=report_id,
+    )
+    shown = page.evaluate(
+        "(id) => { const i = window.comfyAPI.app.app.graph.getNodeById(id).imgs[0];"
+        " return {w: i.naturalWidth, h: i.naturalHeight, src: i.src}; }", report_id)
+    assert (shown["w"], shown["h"]) == preview_size and preview["filename"] in shown["src"], (shown, preview)
+
+    # 8. Files: the merged LoRA in models/loras (at most rank r_c + r_s per layer, 3 steps done), the image
+    #    in output/ at the size set above.
+    (save_lora_id,) = _node_ids(page, SAVE_LORA)
+    (relative,) = outputs[str(save_lora_id)]["text"]
+    merged = base / "models" / "loras" / relative
+    assert merged.is_file() and merged.suffix == ".safetensors", merged
+    lora = formats.read_lora(merged, layouts=(tiny_layout,))
+    assert lora.metadata["duolora.steps_done"] == str(MERGE_STEPS)
+    assert lora.metadata["duolora.content"] == workflows.CONTENT_LORA
+    assert lora.metadata["duolora.style"] == workflows.STYLE_LORA
+    assert 0 < max(layer.rank for layer in lora.layers.values()) <= 2 * RANK
+    (save_image_id,) = _node_ids(page, "SaveImage")
+    (image,) = outputs[str(save_image_id)]["images"]
+    with Image.open(base / "output" / image["subfolder"] / image["filename"]) as img:
+        assert img.size == (SIZE, SIZE) and image["type"] == "output"
+
+    # 9. The picture of the finished graph: the merge, its report and the generated image.
+    (sampler_id,) = _node_ids(page, "KSampler")
+    shot, regions = _save_screenshot(page, [merge_id, report_id, save_lora_id, sampler_id, save_image_id], report_id)
+    with Image.open(shot) as img:
+        assert img.width == SCREENSHOT_WIDTH and 700 <= img.height <= 1100, img.size
+        assert 0 <= min(regions["loss"] + regions["report"]) and max(regions["loss"][2], regions["report"][2]) <= img.width
+        assert max(regions["loss"][3], regions["report"][3]) <= img.height, regions
+        curve_px = np.asarray(img.convert("RGB").crop(regions["loss"]), dtype=np.int16)
+        report_px = np.asarray(img.convert("RGB").crop(regions["report"]), dtype=np.int16)
+    # In the picture: the loss curve's coloured series (the empty curve is grey on dark grey), and the
+    # report's light image in its node.
+    coloured = (curve_px.max(axis=-1) - curve_px.min(axis=-1) > 60).sum()
+    assert coloured > 200, f"the loss curve is not on the screenshot ({coloured} coloured pixels in {regions['loss']})"
+    light = (report_px.min(axis=-1) > 230).sum()
+    assert light > 0.25 * report_px.shape[0] * report_px.shape[1], (
+        f"the report preview is not on the screenshot ({light} light pixels in {regions['report']})")
+    assert user_page.problems_of_ours() == []
+    timings["total_s"] = time.monotonic() - t0
+    (ARTIFACTS / "end_to_end_timings.json").write_text(json.dumps(timings, indent=1), encoding="utf-8")
