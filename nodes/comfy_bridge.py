@@ -261,6 +261,8 @@ class ComfyDenoiser(DiscreteSchedule):
         self._cond_cache: dict[tuple[int, tuple[int, ...]], dict[str, Any]] = {}
         self._stack = contextlib.ExitStack()
         self.adapter: Adapter | None = None
+        # Canonical layer name -> the UNet module the adapter patches (set on entering).
+        self.modules: dict[str, torch.nn.Module] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def __enter__(self) -> Self:
@@ -269,6 +271,7 @@ class ComfyDenoiser(DiscreteSchedule):
         _materialise_inference_tensors(base)
         unet = base.diffusion_model
         modules = {name: module for name, module in _named_lora_modules(unet) if name in self.merger}
+        self.modules = modules
         dtype = self.compute_dtype or base.get_dtype()
         self.merger.to(self.device)
         try:

@@ -9,7 +9,7 @@ import torch
 from comfy_api.latest import io
 
 from .. import duolora
-from ..duolora import formats, report
+from ..duolora import fast, formats, report
 from ..duolora.mergers import METHODS, build_merger
 from ..duolora.objective import References
 from ..duolora.optimize import MergeConfig, MergeResult, optimize
@@ -26,7 +26,9 @@ from .types import (
     SourceLoRAType,
 )
 
-MODES = ("paper",)
+MODES = ("paper", "layerwise", "weights")
+# The node's mode names -> MergeConfig.objective.
+_OBJECTIVES = {"paper": "paper", "layerwise": "layerwise", "weights": "weights_only"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DEFAULTS = MergeConfig()
 
@@ -66,8 +68,11 @@ class ZipRankMerge(io.ComfyNode):
                                       tooltip="Subject in the style, e.g. 'a sks dog in zwz style' (p_cs); "
                                               "used by the Constyle cycle loss."),
                 io.Combo.Input("mode", options=list(MODES), default="paper",
-                               tooltip="paper: the paper's objective through the diffusion model (needs the "
-                                       "reference latents and prompts)."),
+                               tooltip="paper: the paper's objective through the diffusion model, 100 steps "
+                                       "(needs the reference latents and prompts). layerwise: one forward "
+                                       "pass per reference, then a per-layer solve (needs the content/style "
+                                       "latents and prompts; seconds). weights: from the two LoRAs alone "
+                                       "(no latents or prompts needed)."),
                 io.Combo.Input("method", options=list(METHODS), default=d.method,
                                tooltip="ziprank: DuoLoRA's rank masks. ziplora_out / ziplora_in: ZipLoRA's "
                                        "per-column masks. direct: plain sum. b_lora: B-LoRA's two blocks."),
@@ -135,7 +140,8 @@ class ZipRankMerge(io.ComfyNode):
                 lora_dtype: str = "auto") -> io.NodeOutput:
         start = time.perf_counter()
         config = MergeConfig(
-            method=method, basis=basis, scope=scope, objective=mode, steps=int(steps), lr=float(learning_rate),
+            method=method, basis=basis, scope=scope, objective=_OBJECTIVES.get(mode, mode), steps=int(steps),
+            lr=float(learning_rate),
             seed=int(seed), prior_preset=prior_preset, custom_prior=custom_prior, prior_init=bool(prior_init),
             prior_loss=bool(prior_loss), constyle_iterations=int(constyle_iterations),
             lambda_cyc=float(lambda_cyc), lambda_rev=float(lambda_rev), lambda_prior=float(lambda_prior),
@@ -145,11 +151,18 @@ class ZipRankMerge(io.ComfyNode):
         content, style = content_lora.lora, style_lora.lora
         for src in (content_lora, style_lora):
             bridge.validate_for_model(src.lora, model)
+        if mode != "paper":
+            fast.check_method(method, mode)
         merger = build_merger(method, content, style, config)
         needs_references = bool(merger.mask_parameters()) and config.steps > 0
         peak = bridge.PeakMemory(bridge.execution_device(model))
         with peak:
-            if needs_references:
+            if mode == "weights" and merger.mask_parameters():
+                result = fast.solve_weights(merger, config)
+            elif mode == "layerwise" and merger.mask_parameters():
+                result = _run_layerwise(model, merger, config, content_latents, style_latents, content_prompt,
+                                        style_prompt, compute_dtype, cls.hidden.unique_id)
+            elif mode == "paper" and needs_references:
                 result = _run_paper(model, merger, config, content_latents, style_latents, content_prompt,
                                     style_prompt, combined_prompt, gradient_checkpointing, compute_dtype,
                                     cls.hidden.unique_id)
@@ -207,6 +220,32 @@ def _run_paper(model, merger, config: MergeConfig, content_latents, style_latent
     if result.cancelled:
         bridge.raise_if_interrupted()
     return result
+
+
+def _run_layerwise(model, merger, config: MergeConfig, content_latents, style_latents, content_prompt,
+                   style_prompt, compute_dtype: str, node_id: str | None) -> MergeResult:
+    """Layer-wise mode: one no-grad forward per reference records each layer's input statistics, then the
+    engine solves every layer's masks (duolora.fast)."""
+    missing = [name for name, value in (
+        ("content_latents", content_latents), ("style_latents", style_latents),
+        ("content_prompt", content_prompt), ("style_prompt", style_prompt)) if value is None]
+    if missing:
+        raise ValueError(
+            f"ZipRank Merge in 'layerwise' mode records the model's activations on your references; connect "
+            f"{', '.join(missing)} (VAE Encode of your content and style images, CLIP Text Encode of the "
+            f"prompts), or choose mode 'weights' to merge from the LoRAs alone."
+        )
+    dtype = DTYPES.get(compute_dtype)
+    with bridge.ComfyDenoiser(model, merger, compute_dtype=dtype, gradient_checkpointing=False) as denoiser:
+        refs = References(
+            content=denoiser.prepare_latents(content_latents["samples"]),
+            style=denoiser.prepare_latents(style_latents["samples"]),
+            p_c=content_prompt, p_s=style_prompt, p_cs=content_prompt,
+        )
+        bar = bridge.Progress(len(refs.content) + len(refs.style), node_id)
+        stats = fast.record_activations(merger, denoiser, denoiser.modules, refs, config,
+                                        progress=lambda done, total: bar(done, total, {}))
+    return fast.solve_layerwise(merger, stats, config)
 
 
 def _provenance(config: MergeConfig, content: SourceLoRA, style: SourceLoRA, trainable: int,

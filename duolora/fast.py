@@ -1,0 +1,881 @@
+"""Fast merge modes (METHOD.md §5): ZipRank masks without the paper's 100 steps through the UNet.
+
+Both modes choose, layer by layer, the rank masks m = [m_c; m_s] (n = r_c + r_s entries) of the merged update
+ΔW_m = B_c·diag(m_c)·A_c + B_s·diag(m_s)·A_s by minimising the per-layer version of the paper's two
+reconstruction terms,
+
+    L_c(m) = ‖(ΔW_m − ΔW_c)·X_c‖²,    L_s(m) = ‖(ΔW_m − ΔW_s)·X_s‖²,
+
+where X_c, X_s are the layer's inputs on the content and on the style side:
+
+* ``weights`` (no model, no images): X_c = A'_cᵀ, the content LoRA's own input subspace, weighted by its
+  singular values (A'_c = Σ_c^½·V_cᵀ is the SVD-basis down factor, so X_c·X_cᵀ = (ΔW_cᵀΔW_c)^½ does not
+  depend on how a file happens to factor ΔW_c); likewise X_s = A'_sᵀ.
+* ``layerwise`` (activation-aware): X_c holds the inputs the layer really sees when the content-only model
+  denoises the content references at a few noise levels, X_s the inputs under the style-only model on the
+  style references — exactly the target branches of L_c and L_s in paper mode, so to first order in ΔW the
+  paper's ε-space reconstruction error is a positive combination of these per-layer terms. One forward pass
+  (no backward) per reference records, per layer, only the r×r projections K = A·E[x xᵀ]·Aᵀ with
+  A = [A_c; A_s].
+
+**Gram form (exact, no dense ΔW).** ΔW_m − ΔW_c = B·diag(m − e_c)·A with B = [B_c | B_s], A = [A_c; A_s] and
+e_c = [1…1; 0…0], so L_c(m) = (m − e_c)ᵀ·(H ∘ K_c)·(m − e_c) with H = BᵀB and K_c = A·X_c·X_cᵀ·Aᵀ, both n×n
+(``∘``: element-wise product). In the SVD basis the diagonal blocks of H and of A·Aᵀ are diag(σ), so a layer
+costs two thin (out·r_c·r_s and in·r_c·r_s) products. The tests check the Gram form against the dense loss.
+
+**Why this objective is not trivial [decided].** A pure self-reconstruction ‖ΔW_m − ΔW_c‖_F² + ‖ΔW_m − ΔW_s‖_F²
+is minimised at ΔW_m = (ΔW_c + ΔW_s)/2: it halves both LoRAs even where they never meet. Restricted to each
+LoRA's own inputs, L_c + L_s is zero at the direct merge (all masks 1) exactly when the two LoRAs do not
+interfere (A_c·A_sᵀ = 0 in ``weights``; each LoRA silent on the other's inputs in ``layerwise``); so the
+self terms alone would keep every mask at 1, and it is the CROSS terms — the style LoRA's action on the
+content inputs (B_s·diag(m_s)·A_s·X_c) and vice versa — that move the masks. The minimiser trades exactly
+those off, per singular direction.
+
+**Scale and priors [decided].** Per layer the reconstruction is divided by N = ‖ΔW_c·X_c‖² + ‖ΔW_s·X_s‖² (what
+is lost when both masks are 0), so it reads "fraction of the two LoRAs' own effect lost" and needs no unit.
+The layer priors (METHOD.md §3, ``duolora.priors``) enter in the same units with weight λ_prior/r_dom per
+layer: κ·‖m_dom‖₁ + ν·max(0, ‖m_other‖₁ − ‖m_dom‖₁ + margin) (or the ``code_compat`` form), so λ_prior = 0.1
+means "keeping the whole dominant LoRA at mask 1 is worth 10 % of this layer's reconstruction". The
+similarity term λ_sim·mean(m_c ⊙ m_s) is included as in paper mode (0 for ZipRank).
+
+**Solver [decided].** Masks are kept in the box [0, 1] (a mask attenuates; it also keeps the problem well
+posed when H ∘ K is singular). On the box ‖m‖₁ = Σm is linear and the hinge of two linear functions is
+convex, so with the default ``hinge`` prior each layer is a small convex problem. It starts from the
+closed-form minimiser of the quadratic part (one (r_c + r_s)-sized linear solve, clipped into the box) and
+runs accelerated projected (sub)gradient steps (FISTA with restart, Jacobi-preconditioned, all layers of
+equal ranks batched). The prior initialisation of paper mode (``prior_init``) is NOT used as a start: the
+minimiser of a convex problem does not depend on it, so both fast modes are deterministic (the seed only
+draws the layer-wise mode's noise levels and noise).
+
+**Scope.** Rank masks only (``ziprank``; ``direct`` and ``b_lora`` learn nothing and pass through). ZipLoRA's
+feature masks couple every input feature through X·Xᵀ (an in×in problem), so ``ziplora_in``/``ziplora_out``
+are refused with a message pointing to paper mode. The Constyle cycle terms are not modelled by either fast
+mode: their targets come from two chained predictions, not from one layer's inputs.
+
+``merge_files`` runs the weights-only mode on two files, streaming a chunk of layers at a time, so peak
+memory stays near the size of the output (about the two input files) instead of holding both LoRAs in
+float32 plus their SVD factors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from . import formats
+from .adapter import CONTENT as CONTENT_BRANCH
+from .adapter import STYLE as STYLE_BRANCH
+from .adapter import Adapter
+from .lora import LoRA
+from .mergers import RANK, DirectMerger, MergedLayer, Merger, MergerError, build_merger, svd_refactor
+from .optimize import MergeConfig, MergeResult
+from .sdxl import CONTENT, SDXL_LAYOUT, STANDARD_LAYOUTS, STYLE, Layout, prior_role
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    from .objective import Denoiser, References
+
+FAST_MODES: tuple[str, ...] = ("layerwise", "weights")
+FAST_METHODS: tuple[str, ...] = ("ziprank", "direct", "b_lora")
+# Noise levels per reference in the layer-wise recording pass (one batched forward per reference).
+LAYERWISE_TIMESTEPS = 4
+# Projected-gradient iterations of the per-layer solve (it stops earlier once the masks stop moving).
+SOLVER_ITERATIONS = 300
+SOLVER_TOLERANCE = 1e-6
+# Layers read, solved and exported together by merge_files (bounds the extra memory of the stream).
+CHUNK_LAYERS = 32
+
+ProgressFn = Callable[[int, int], None]
+
+
+class FastModeError(MergerError):
+    """A merge the fast modes cannot do; the message says what to use instead."""
+
+
+def check_method(method: str, mode: str = "weights") -> None:
+    """Raise FastModeError unless ``method`` works in the fast ``mode``."""
+    if method in FAST_METHODS:
+        return
+    raise FastModeError(
+        f"the {mode!r} mode solves ZipRank's rank masks; method {method!r} learns per-feature masks, whose "
+        f"per-layer problem couples every input feature. Use method 'ziprank' (or 'direct'/'b_lora'), or "
+        f"mode 'paper' for {method}."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The per-layer quadratic
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class LayerQuadratic:
+    """One learned layer's reconstruction terms as quadratics in m = [m_c; m_s] (n = r_c + r_s).
+
+    L_c(m) = (m − e_c)ᵀ·P_c·(m − e_c) and L_s(m) = (m − e_s)ᵀ·P_s·(m − e_s), P = H ∘ K (n×n, float64, PSD).
+    """
+
+    name: str
+    r_c: int
+    r_s: int
+    P_c: torch.Tensor
+    P_s: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return self.r_c + self.r_s
+
+    def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(e_c, e_s): the content-only and style-only masks, each (n,) float64."""
+        e_c = torch.zeros(self.n, dtype=torch.float64)
+        e_c[: self.r_c] = 1.0
+        return e_c, 1.0 - e_c
+
+    def losses(self, m_c: torch.Tensor, m_s: torch.Tensor) -> tuple[float, float]:
+        """(L_c, L_s) at the masks (m_c (r_c,), m_s (r_s,)), unnormalised."""
+        m = torch.cat([m_c.detach().double().cpu(), m_s.detach().double().cpu()])
+        e_c, e_s = self.targets()
+        dc, ds = m - e_c, m - e_s
+        return float(dc @ self.P_c @ dc), float(ds @ self.P_s @ ds)
+
+    def scale(self) -> float:
+        """N = L_c + L_s at m = 0: the two LoRAs' own effect on their own inputs (the normaliser)."""
+        e_c, e_s = self.targets()
+        return float(e_c @ self.P_c @ e_c + e_s @ self.P_s @ e_s)
+
+
+def _rank_layer(layer: MergedLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if layer.kind != RANK or layer.factors("c") is None or layer.factors("s") is None:
+        raise FastModeError(f"layer {layer.name}: the fast modes need rank masks of both LoRAs")
+    (B_c, A_c), (B_s, A_s) = layer.factors("c"), layer.factors("s")
+    return B_c.float(), A_c.float(), B_s.float(), A_s.float()
+
+
+def _block_gram(x_c: torch.Tensor, x_s: torch.Tensor, diagonal_blocks: bool) -> torch.Tensor:
+    """[x_c | x_s]ᵀ·[x_c | x_s] as float64 (n, n); x_c (d, r_c), x_s (d, r_s).
+
+    ``diagonal_blocks``: the columns of each part are orthogonal (SVD basis), so its own block is the
+    diagonal of squared column norms and only the cross block needs a product (a quarter of the work).
+    """
+    r_c = x_c.shape[1]
+    n = r_c + x_s.shape[1]
+    g = torch.zeros(n, n, dtype=torch.float64, device=x_c.device)
+    cross = (x_c.T @ x_s).double()
+    g[:r_c, r_c:] = cross
+    g[r_c:, :r_c] = cross.T
+    if diagonal_blocks:
+        g[:r_c, :r_c] = torch.diag(x_c.square().sum(0).double())
+        g[r_c:, r_c:] = torch.diag(x_s.square().sum(0).double())
+    else:
+        g[:r_c, :r_c] = (x_c.T @ x_c).double()
+        g[r_c:, r_c:] = (x_s.T @ x_s).double()
+    return g
+
+
+def weights_quadratic(layer: MergedLayer, svd_basis: bool = True) -> LayerQuadratic:
+    """The weights-only problem of one rank-mask layer (module docstring): K_c = g_c·g_cᵀ, g_c = A·A'_cᵀ.
+
+    ``svd_basis``: the layer's factors are already in the SVD basis (``ZipRankMerger(basis="svd")``), so
+    A'_c = A_c and the self Grams are diagonal. Otherwise A'_c, A'_s are computed with ``svd_refactor``.
+    """
+    B_c, A_c, B_s, A_s = _rank_layer(layer)
+    r_c = A_c.shape[0]
+    H = _block_gram(B_c, B_s, svd_basis)
+    if svd_basis:
+        G = _block_gram(A_c.T, A_s.T, True)  # A·Aᵀ
+        g_c, g_s = G[:, :r_c], G[:, r_c:]
+    else:
+        A = torch.cat([A_c, A_s])
+        g_c = (A @ svd_refactor(B_c, A_c)[1].to(A).T).double()
+        g_s = (A @ svd_refactor(B_s, A_s)[1].to(A).T).double()
+    return LayerQuadratic(layer.name, r_c, A_s.shape[0], (H * (g_c @ g_c.T)).cpu(), (H * (g_s @ g_s.T)).cpu())
+
+
+@dataclass
+class LayerActivations:
+    """Recorded input statistics of one layer: K = A·E[x xᵀ]·Aᵀ (n×n, float64, A = [A_c; A_s]) per side."""
+
+    K_c: torch.Tensor
+    K_s: torch.Tensor
+    tokens_c: int = 0
+    tokens_s: int = 0
+
+
+def activation_quadratic(layer: MergedLayer, stats: LayerActivations) -> LayerQuadratic:
+    """The layer-wise problem of one rank-mask layer from its recorded statistics: P = H ∘ K."""
+    B_c, _, B_s, _ = _rank_layer(layer)
+    svd_like = False  # the recorder's K is exact in any basis; H's blocks are only diagonal in the SVD one
+    H = _block_gram(B_c, B_s, svd_like).cpu()
+    return LayerQuadratic(layer.name, layer.rank("c"), layer.rank("s"), H * stats.K_c.cpu(), H * stats.K_s.cpu())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Priors in the per-layer units
+# ---------------------------------------------------------------------------------------------------------
+
+def layer_prior(m_dom: torch.Tensor, m_other: torch.Tensor, kind: str = "hinge", kappa: float = 1.0,
+                nu: float = 1.0, margin: float = 0.0) -> torch.Tensor:
+    """One prior layer's term of ``duolora.priors.layer_prior_loss`` (METHOD.md §3), unweighted, 0-d."""
+    l1_dom = m_dom.abs().sum()
+    if kind == "hinge":
+        return kappa * l1_dom + nu * torch.relu(m_other.abs().sum() - l1_dom + margin)
+    if kind == "code_compat":
+        return kappa * l1_dom + nu * (m_other.norm() - m_dom.norm())
+    raise ValueError(f"prior loss kind {kind!r} is not one of hinge, code_compat")
+
+
+@dataclass
+class _Terms:
+    """Per-layer weights of the fast objective (see the module docstring)."""
+
+    lam_c: float
+    lam_s: float
+    lam_prior: float
+    lam_sim: float
+    kind: str
+    kappa: float
+    nu: float
+    margin: float
+
+    @classmethod
+    def from_config(cls, config: MergeConfig) -> _Terms:
+        return cls(float(config.lambda_content), float(config.lambda_style),
+                   float(config.lambda_prior) if config.prior_loss else 0.0, float(config.effective_lambda_sim),
+                   config.prior_loss_kind, float(config.kappa), float(config.nu), float(config.margin))
+
+
+def _split(m: torch.Tensor, r_c: int, role: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dominant, other) parts of m (…, n) for a layer of ``role``."""
+    mc, ms = m[..., :r_c], m[..., r_c:]
+    return (mc, ms) if role == CONTENT else (ms, mc)
+
+
+def layer_objective(q: LayerQuadratic, role: str | None, m_c: torch.Tensor, m_s: torch.Tensor,
+                    terms: _Terms) -> dict[str, float]:
+    """The fast objective of one layer at given masks: normalised reconstruction, prior and similarity."""
+    L_c, L_s = q.losses(m_c, m_s)
+    scale = q.scale() or 1.0
+    out = {"content": L_c / scale, "style": L_s / scale}
+    recon = (terms.lam_c * L_c + terms.lam_s * L_s) / scale
+    prior = 0.0
+    if role in (CONTENT, STYLE) and terms.lam_prior:
+        m = torch.cat([m_c.detach().double().cpu(), m_s.detach().double().cpu()])
+        dom, other = _split(m, q.r_c, role)
+        prior = float(layer_prior(dom, other, terms.kind, terms.kappa, terms.nu, terms.margin)) / dom.numel()
+    k = min(q.r_c, q.r_s)
+    sim = float((m_c.detach()[:k].double() * m_s.detach()[:k].double()).abs().mean()) if k else 0.0
+    out["prior"] = prior
+    out["similarity"] = sim
+    out["total"] = recon + terms.lam_prior * prior + terms.lam_sim * sim
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The batched solver
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Group:
+    """L layers of equal (r_c, r_s) as one batch: f(m) = mᵀ·P·m − 2·qᵀ·m + lin·m (+ hinge / L2 prior)."""
+
+    P: torch.Tensor  # (L, n, n) float64, symmetric
+    q: torch.Tensor  # (L, n)
+    const: torch.Tensor  # (L,): f(m) + const is the normalised reconstruction (+ similarity) term
+    dom: torch.Tensor  # (L, n) 1 on the dominant mask's entries (prior layers only)
+    other: torch.Tensor  # (L, n) 1 on the other mask's entries
+    w: torch.Tensor  # (L,) λ_prior / r_dom on prior layers, else 0
+    s: torch.Tensor  # (L, n) Jacobi scaling √diag(P)
+    step: torch.Tensor  # (L, 1) 1 / Lipschitz constant of the preconditioned gradient
+    P32: torch.Tensor | None = None  # float32 copy of P for the iterations
+
+
+def _group(problems: list[LayerQuadratic], roles: list[str | None], terms: _Terms) -> _Group:
+    r_c, n, L = problems[0].r_c, problems[0].n, len(problems)
+    P_c = torch.stack([p.P_c for p in problems])
+    P_s = torch.stack([p.P_s for p in problems])
+    # e_cᵀ·P·e_c is the sum of P's content-content block; P·e_c the row sums of its content columns.
+    pe_c, pe_s = P_c[:, :, :r_c].sum(2), P_s[:, :, r_c:].sum(2)
+    own_c, own_s = pe_c[:, :r_c].sum(1), pe_s[:, r_c:].sum(1)
+    scale = own_c + own_s
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    P = (terms.lam_c * P_c + terms.lam_s * P_s) / scale[:, None, None]
+    q = (terms.lam_c * pe_c + terms.lam_s * pe_s) / scale[:, None]
+    const = (terms.lam_c * own_c + terms.lam_s * own_s) / scale
+    del P_c, P_s
+    k = min(r_c, n - r_c)
+    if terms.lam_sim and k:
+        # λ_sim·mean_i(m_c,i·m_s,i) = mᵀ·S·m, S[i, r_c + i] = S[r_c + i, i] = λ_sim / (2k) (masks are ≥ 0).
+        idx = torch.arange(k)
+        P[:, idx, r_c + idx] += terms.lam_sim / (2 * k)
+        P[:, r_c + idx, idx] += terms.lam_sim / (2 * k)
+    P = 0.5 * (P + P.transpose(1, 2))
+    dom = torch.zeros(L, n, dtype=torch.float64)
+    other = torch.zeros(L, n, dtype=torch.float64)
+    w = torch.zeros(L, dtype=torch.float64)
+    for i, role in enumerate(roles):
+        if role in (CONTENT, STYLE) and terms.lam_prior:
+            (dom if role == CONTENT else other)[i, :r_c] = 1.0
+            (other if role == CONTENT else dom)[i, r_c:] = 1.0
+            w[i] = terms.lam_prior / (r_c if role == CONTENT else n - r_c)
+    # Jacobi preconditioning: u = s ⊙ m, s = √diag(P), so the Hessian in u has a unit diagonal (the
+    # two LoRAs interfere weakly, so it is close to the identity and a few steps converge).
+    diag = torch.diagonal(P, dim1=1, dim2=2).clamp_min(0)
+    floor = diag.amax(dim=1, keepdim=True).clamp_min(1e-300) * 1e-12
+    s = diag.clamp_min(floor).sqrt()
+    return _Group(P, q, const, dom, other, w, s, (1.0 / _lipschitz(P, s))[:, None])
+
+
+def _lipschitz(P: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """An upper bound (L,) of 2·λ_max(D^-½·P·D^-½) with D = diag(s²): a power-iteration estimate with a
+    20 % margin, never above Gershgorin's bound (which is always safe)."""
+    Pt = P / s[:, :, None] / s[:, None, :]
+    gershgorin = Pt.abs().sum(2).amax(1)
+    v = torch.ones(Pt.shape[:2], dtype=Pt.dtype)
+    for _ in range(10):
+        v = _matvec(Pt, v)
+        v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    estimate = (v * _matvec(Pt, v)).sum(1)
+    return 2.0 * torch.minimum(1.2 * estimate, gershgorin).clamp_min(1e-12)
+
+
+def _matvec(P: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    # (P·m[:, None, :]).sum(-1) is ~2.5× faster than a batched matrix-vector product on the CPU.
+    return (P * m[:, None, :]).sum(-1)
+
+
+def _box_qp(g: _Group, lin: torch.Tensor, m: torch.Tensor, iterations: int, tolerance: float,
+            extra: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """min mᵀPm − 2qᵀm + linᵀm (+ a term with gradient ``extra``) over the box [0, 1]ⁿ, from ``m``.
+
+    Jacobi-preconditioned FISTA with O'Donoghue–Candès gradient restarts; stops when no mask entry moves
+    more than ``tolerance`` in one step. The iterations run in float32 (masks are float32 parameters; the
+    preconditioned problem is well scaled), the problem is set up and checked in float64.
+    """
+    if g.P32 is None:
+        g.P32 = g.P.float()
+    P, q, s, step = g.P32, g.q.float(), g.s.float(), g.step.float()
+    lin = lin.float()
+    u = m.float() * s
+    y = u.clone()
+    t = 1.0
+    zero = torch.zeros_like(u)
+    for _ in range(int(iterations)):
+        my = y / s
+        grad = 2.0 * (_matvec(P, my) - q) + lin
+        if extra is not None:
+            grad = grad + extra(my.double()).float()
+        u_new = torch.minimum(torch.maximum(y - step * grad / s, zero), s)
+        moved = float(((u_new - u) / s).abs().amax())
+        t_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
+        uphill = ((y - u_new) * (u_new - u)).sum(1, keepdim=True) > 0
+        beta = torch.where(uphill, torch.zeros_like(step), torch.full_like(step, (t - 1.0) / t_new))
+        y = u_new + beta * (u_new - u)
+        u, t = u_new, t_new
+        if moved < tolerance:
+            break
+    return (u / s).clamp(0.0, 1.0).double()
+
+
+def _solve_group(g: _Group, terms: _Terms, iterations: int, tolerance: float) -> torch.Tensor:
+    """Masks (L, n) minimising the group's fast objective on the box [0, 1] (module docstring).
+
+    ``hinge`` prior (convex): on the box it is w·κ·Σm_dom + w·ν·max(0, h(m)), h = Σm_other − Σm_dom + margin,
+    handled exactly through its multiplier θ ∈ [0, w·ν]: m(θ) minimises the box QP with the linear term
+    w·κ·dom + θ·(other − dom), and h(m(θ)) falls as θ grows; θ = 0 if h(m(0)) ≤ 0, θ = w·ν if h(m(w·ν)) ≥ 0,
+    else the root of h(m(θ)) = 0 (regula falsi, Illinois variant). ``code_compat`` (not convex): projected
+    gradient from the same start, with the gradient of its L2 terms.
+    """
+    L, n = g.q.shape
+    ridge = 1e-10 * torch.diagonal(g.P, dim1=1, dim2=2).sum(1).clamp_min(1e-300) / n
+    try:
+        m0 = torch.linalg.solve(g.P + ridge[:, None, None] * torch.eye(n, dtype=torch.float64), g.q)
+    except RuntimeError:  # singular even with the ridge (an all-zero layer): start at the direct merge
+        m0 = torch.ones(L, n, dtype=torch.float64)
+    m0 = torch.nan_to_num(m0, nan=1.0).clamp(0.0, 1.0)
+    w = g.w[:, None]
+    if terms.kind == "code_compat":
+        def l2_grad(m: torch.Tensor) -> torch.Tensor:
+            def unit(part: torch.Tensor) -> torch.Tensor:
+                v = m * part
+                return v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            return w * terms.nu * (unit(g.other) - unit(g.dom))
+
+        return _box_qp(g, w * terms.kappa * g.dom, m0, iterations, tolerance, l2_grad)
+
+    lin0 = w * terms.kappa * g.dom
+    a = g.other - g.dom
+    wnu = (g.w * terms.nu)[:, None]
+
+    def hinge(m: torch.Tensor) -> torch.Tensor:
+        return (m * a).sum(1, keepdim=True) + terms.margin
+
+    m_lo = _box_qp(g, lin0, m0, iterations, tolerance)
+    h_lo = hinge(m_lo)
+    need = (wnu > 0) & (h_lo > 0)
+    if not bool(need.any()):
+        return m_lo
+    m_hi = _box_qp(g, lin0 + wnu * a, m_lo, iterations, tolerance)
+    h_hi = hinge(m_hi)
+    kink = need & (h_hi < 0)
+    result = torch.where(need, m_hi, m_lo)
+    if not bool(kink.any()):
+        return result
+    # Regula falsi on θ for the layers whose optimum sits on the hinge's kink (others keep their θ).
+    th_a, th_b = torch.zeros_like(wnu), wnu.clone()
+    f_a, f_b = h_lo.clone(), h_hi.clone()
+    m = torch.where(kink, m_hi, result)
+    theta = torch.where(kink, th_b, torch.where(need, wnu, torch.zeros_like(wnu)))
+    h_tol = 1e-5 * n  # in mask-sum units: float32 iterations resolve about 1e-6 per entry
+    for _ in range(30):
+        denom = f_b - f_a
+        cand = th_b - f_b * (th_b - th_a) / torch.where(denom != 0, denom, torch.ones_like(denom))
+        cand = torch.where(denom != 0, cand, 0.5 * (th_a + th_b)).clamp(torch.minimum(th_a, th_b),
+                                                                           torch.maximum(th_a, th_b))
+        theta = torch.where(kink, cand, theta)
+        m = _box_qp(g, lin0 + theta * a, m, iterations, tolerance)
+        f = hinge(m)
+        done = ~kink | (f.abs() <= h_tol)
+        if bool(done.all()):
+            break
+        crossed = f * f_b < 0
+        # Illinois: keep the bracket; halve the stale end's value when the same end is kept twice.
+        th_a = torch.where(kink & crossed, th_b, th_a)
+        f_a = torch.where(kink & crossed, f_b, torch.where(kink & ~crossed, 0.5 * f_a, f_a))
+        th_b = torch.where(kink, theta, th_b)
+        f_b = torch.where(kink, f, f_b)
+    return torch.where(kink, m, result)
+
+
+def _group_objective(g: _Group, terms: _Terms, m: torch.Tensor, r_c: int) -> dict[str, torch.Tensor]:
+    """Per-layer objective terms (L,) at masks m (L, n): total, prior (unweighted, per entry)."""
+    quad = (m * _matvec(g.P, m)).sum(1) - 2.0 * (g.q * m).sum(1) + g.const
+    if terms.kind == "hinge":
+        raw = terms.kappa * (m * g.dom).sum(1) + terms.nu * torch.relu(
+            (m * (g.other - g.dom)).sum(1) + terms.margin)
+    else:
+        raw = terms.kappa * (m * g.dom).sum(1) + terms.nu * ((m * g.other).norm(dim=1) - (m * g.dom).norm(dim=1))
+    prior = torch.where(g.w > 0, raw * g.w / max(terms.lam_prior, 1e-300), torch.zeros_like(raw))
+    return {"total": quad + terms.lam_prior * prior, "prior": prior}
+
+
+def solve_quadratics(problems: Sequence[LayerQuadratic], roles: Sequence[str | None], config: MergeConfig,
+                     iterations: int = SOLVER_ITERATIONS,
+                     tolerance: float = SOLVER_TOLERANCE) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Masks (m_c (r_c,), m_s (r_s,)) float32 minimising each layer's fast objective; layers of equal ranks
+    are solved as one batch."""
+    terms = _Terms.from_config(config)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, p in enumerate(problems):
+        groups.setdefault((p.r_c, p.r_s), []).append(i)
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(problems)
+    for (r_c, _), idx in groups.items():
+        g = _group([problems[i] for i in idx], [roles[i] for i in idx], terms)
+        m = _solve_group(g, terms, iterations, tolerance)
+        for j, i in enumerate(idx):
+            out[i] = (m[j, :r_c].float(), m[j, r_c:].float())
+    return out  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Solving a merger in place
+# ---------------------------------------------------------------------------------------------------------
+
+def _learned_rank_layers(merger: Merger, mode: str) -> list[MergedLayer]:
+    check_method(merger.method, mode)
+    return merger.learned_layers()
+
+
+def _apply(merger: Merger, problems: list[LayerQuadratic], config: MergeConfig, start: float,
+           iterations: int) -> MergeResult:
+    """Solve, write the masks into the merger, and return a MergeResult with the objective at the direct
+    merge (all masks 1) and after the solve as a two-point history."""
+    roles_map = config.roles()
+    roles = [prior_role(p.name, roles_map) for p in problems]
+    masks = solve_quadratics(problems, roles, config, iterations)
+    terms = _Terms.from_config(config)
+    before: dict[str, list[float]] = {}
+    after: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for p, role, (m_c, m_s) in zip(problems, roles, masks):
+            ones_c, ones_s = torch.ones(p.r_c), torch.ones(p.r_s)
+            for acc, (a, b) in ((before, (ones_c, ones_s)), (after, (m_c, m_s))):
+                for k, v in layer_objective(p, role, a, b, terms).items():
+                    acc.setdefault(k, []).append(v)
+            layer = merger.layer(p.name)
+            layer.m_c.copy_(m_c.to(layer.m_c.device))
+            layer.m_s.copy_(m_s.to(layer.m_s.device))
+    history = {k: [sum(before[k]) / len(before[k]), sum(after[k]) / len(after[k])] for k in after}
+    return MergeResult(merger=merger, history=history, steps_done=0, cancelled=False,
+                       wall_seconds=time.perf_counter() - start)
+
+
+def solve_weights(merger: Merger, config: MergeConfig, iterations: int = SOLVER_ITERATIONS) -> MergeResult:
+    """Weights-only mode on a built merger: set every learned mask from the two LoRAs alone.
+
+    ``history`` holds each term of the fast objective (mean over learned layers) at the direct merge and
+    after the solve. A merger with nothing to learn (direct, B-LoRA) is returned unchanged.
+    """
+    start = time.perf_counter()
+    layers = _learned_rank_layers(merger, "weights")
+    svd_basis = getattr(merger, "basis", "svd") == "svd"
+    with torch.no_grad():
+        problems = [weights_quadratic(layer, svd_basis) for layer in layers]
+    return _apply(merger, problems, config, start, iterations)
+
+
+def merge_weights_only(content: LoRA, style: LoRA, config: MergeConfig | None = None) -> MergeResult:
+    """build_merger + solve_weights: the weights-only merge of two in-memory LoRAs."""
+    config = config or MergeConfig()
+    check_method(config.method, "weights")
+    merger = build_merger(config.method, content, style, config)
+    return solve_weights(merger, config)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layer-wise mode: recording and solving
+# ---------------------------------------------------------------------------------------------------------
+
+class ActivationRecorder:
+    """Forward pre-hooks that accumulate, per learned rank-mask layer, K = Σ_tokens h·hᵀ with h = [A_c; A_s]·x.
+
+    ``modules``: canonical layer name -> module (nn.Linear or nn.Conv2d), the same mapping an ``Adapter``
+    takes. Every forward pass counts toward the side set with ``set_side("content" | "style")``. Only r×r
+    projections are kept (never the in×in second moment). Hooks are removed on exit; the modules are left
+    exactly as they were.
+    """
+
+    def __init__(self, merger: Merger, modules: Mapping[str, nn.Module]) -> None:
+        self.merger = merger
+        self.modules = {name: mod for name, mod in modules.items()
+                        if name in merger and merger.layer(name).learned}
+        self.side: str | None = None
+        self.sums: dict[str, dict[str, torch.Tensor]] = {}
+        self.tokens: dict[str, dict[str, int]] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._A: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def set_side(self, side: str) -> None:
+        if side not in ("content", "style"):
+            raise ValueError(f"side must be 'content' or 'style', not {side!r}")
+        self.side = side
+
+    def __enter__(self) -> Self:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._A.clear()
+
+    def _down(self, name: str, device: torch.device) -> torch.Tensor:
+        key = (name, device)
+        if key not in self._A:
+            layer = self.merger.layer(name)
+            self._A[key] = torch.cat([layer.factors("c")[1], layer.factors("s")[1]]).detach().float().to(device)
+        return self._A[key]
+
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if self.side is None:
+                return
+            x = args[0].detach().float()
+            A = self._down(name, x.device)
+            if isinstance(module, nn.Conv2d):
+                layer = self.merger.layer(name)
+                kernel = A.reshape(A.shape[0], layer.in_channels, *layer.kernel_size)
+                h = Adapter._conv_down(module, x, kernel)  # (N, n, H', W'): one row per output position
+                h = h.permute(0, 2, 3, 1).reshape(-1, A.shape[0])
+            else:
+                h = F.linear(x, A).reshape(-1, A.shape[0])
+            k = (h.T @ h).double().cpu()
+            acc = self.sums.setdefault(name, {})
+            acc[self.side] = acc[self.side] + k if self.side in acc else k
+            cnt = self.tokens.setdefault(name, {})
+            cnt[self.side] = cnt.get(self.side, 0) + h.shape[0]
+
+        return hook
+
+    def statistics(self) -> dict[str, LayerActivations]:
+        """Per recorded layer: K_c, K_s as means over tokens (E[x xᵀ] projected), and the token counts."""
+        out = {}
+        for name, acc in self.sums.items():
+            if "content" not in acc or "style" not in acc:
+                continue
+            cnt = self.tokens[name]
+            out[name] = LayerActivations(acc["content"] / cnt["content"], acc["style"] / cnt["style"],
+                                         cnt["content"], cnt["style"])
+        return out
+
+
+def reference_sigmas(denoiser: Denoiser, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` noise levels for the recording pass: one per equal stratum of the training timesteps when
+    the denoiser exposes its ``sigmas`` (ascending), else ``sample_sigma`` draws. (count,) float32."""
+    sigmas = getattr(denoiser, "sigmas", None)
+    if isinstance(sigmas, torch.Tensor) and sigmas.numel() >= count:
+        T = sigmas.numel()
+        u = torch.rand(count, generator=generator, dtype=torch.float64)
+        idx = ((torch.arange(count, dtype=torch.float64) + u) * T / count).long().clamp(0, T - 1)
+        return sigmas[idx].float()
+    return torch.stack([torch.as_tensor(denoiser.sample_sigma(generator), dtype=torch.float32).reshape(())
+                        for _ in range(count)])
+
+
+def record_activations(merger: Merger, denoiser: Denoiser, modules: Mapping[str, nn.Module],
+                       references: References, config: MergeConfig, timesteps: int = LAYERWISE_TIMESTEPS,
+                       progress: ProgressFn | None = None) -> dict[str, LayerActivations]:
+    """One no-grad forward pass per reference image, batched over ``timesteps`` noise levels.
+
+    Content references are denoised by the content-only branch under the content prompt, style references
+    by the style-only branch under the style prompt (the target branches of L_c and L_s). σ and ε are drawn
+    from ``config.seed``. ``modules`` must be the modules the denoiser's adapter patches (same names).
+    """
+    check_method(merger.method, "layerwise")
+    generator = torch.Generator().manual_seed(int(config.seed))
+    total = len(references.content) + len(references.style)
+    done = 0
+    with torch.no_grad(), ActivationRecorder(merger, modules) as rec:
+        for side, latents, cond, branch in (("content", references.content, references.p_c, CONTENT_BRANCH),
+                                            ("style", references.style, references.p_s, STYLE_BRANCH)):
+            rec.set_side(side)
+            for x0 in latents:
+                sig = reference_sigmas(denoiser, timesteps, generator)
+                eps = torch.randn((timesteps, *x0.shape[1:]), generator=generator).to(x0)
+                x_t = denoiser.add_noise(x0.expand(timesteps, *x0.shape[1:]), eps, sig.to(x0.device))
+                denoiser.predict(x_t, sig.to(x0.device), [cond] * timesteps, [branch] * timesteps)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+    stats = rec.statistics()
+    missing = [layer.name for layer in merger.learned_layers() if layer.name not in stats]
+    if missing:
+        raise FastModeError(
+            f"the layer-wise recording saw no input for {len(missing)} learned layer(s) (e.g. {missing[0]}); "
+            "the model's modules do not match the LoRA layers. Use mode 'weights' or 'paper'."
+        )
+    return stats
+
+
+def solve_layerwise(merger: Merger, stats: Mapping[str, LayerActivations], config: MergeConfig,
+                    iterations: int = SOLVER_ITERATIONS) -> MergeResult:
+    """Layer-wise mode on a built merger from recorded statistics; same result shape as ``solve_weights``."""
+    start = time.perf_counter()
+    layers = _learned_rank_layers(merger, "layerwise")
+    with torch.no_grad():
+        problems = [activation_quadratic(layer, stats[layer.name]) for layer in layers]
+    return _apply(merger, problems, config, start, iterations)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Streaming weights-only merge of two files
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class FileMerge:
+    """What ``merge_files`` wrote and measured."""
+
+    path: Path
+    layers: int
+    learned_layers: int
+    kept_components: int
+    total_components: int
+    history: dict[str, list[float]] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+
+
+class _LayerReader:
+    """Reads one file's layers on demand: canonical name -> canonical LowRank, a few at a time.
+
+    Each layer's tensors go through ``formats.state_dict_to_lora`` (the same parsing, alpha folding and
+    float32 conversion as a full read), so a streamed layer equals the same layer of ``load_lora``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], meta: LoRA, layout: Layout) -> None:
+        self.path = os.fspath(path)
+        self.meta = meta
+        self.layout = layout
+        try:
+            # pread copies each tensor into ordinary memory that is freed with it; the default mmap keeps
+            # every page it touched resident (and counted in the process's RSS) until the file is closed.
+            self._file = safe_open(self.path, framework="pt", device="cpu", backend="pread")
+        except TypeError:  # safetensors < 0.8 has no backend argument
+            self._file = safe_open(self.path, framework="pt", device="cpu")
+        self.groups: dict[str, list[str]] = {}
+        for key in self._file.keys():  # noqa: SIM118 (safe_open is not iterable)
+            split = formats._split_key(key)  # the key grammar lives in formats
+            if split is None:
+                continue
+            hit = layout.resolve(split[0])
+            if hit is not None and hit[0].name in meta.layers:
+                self.groups.setdefault(hit[0].name, []).append(key)
+
+    def read(self, names: Sequence[str]) -> LoRA:
+        """The named layers as a LoRA with this file's name, key style, base and dtype."""
+        sd = {}
+        for name in names:
+            for key in self.groups.get(name, ()):
+                sd[key] = self._file.get_tensor(key)
+        part = formats.state_dict_to_lora(sd, {}, self.path, layouts=(self.layout,)) if sd else LoRA()
+        # One float64 sum per factor is finite exactly when every entry is (much cheaper than isfinite).
+        bad = [k for k, lr in part.layers.items()
+               if not all(bool(torch.isfinite(t.sum(dtype=torch.float64))) for t in (lr.up, lr.down))]
+        if bad:
+            raise formats.NonFiniteError(
+                f"{self.meta.name}: layer '{bad[0]}' contains NaN or Inf values. The file is damaged (often a "
+                "training run that diverged); use another epoch or export.", self.path, layers=bad)
+        return LoRA(layers=part.layers, metadata={}, source=self.path, key_style=self.meta.key_style,
+                    base=self.meta.base, dtype=self.meta.dtype)
+
+    def close(self) -> None:
+        self._file = None
+
+
+def _read_header(path: str | os.PathLike[str], layout: Layout) -> LoRA:
+    """Header-only read (meta tensors) validated against ``layout``: names, shapes, base model."""
+    candidates = (layout, *(x for x in STANDARD_LAYOUTS if x is not layout))
+    meta = formats.read_lora(path, load_tensors=False, layouts=candidates)
+    formats.validate_lora(meta, layout)
+    meta.base = layout.base
+    return meta
+
+
+def _plan(config: MergeConfig, meta_c: LoRA, meta_s: LoRA) -> tuple[list[str], set[str]]:
+    """(every layer name in merge order, the learned ones) from the headers, with the merger's own checks.
+
+    A merger over the header-only LoRAs would work too, but operations on ``meta`` tensors import
+    torch's compiler stack on first use (seconds); an empty merger gives the same rules for free.
+    """
+    probe = build_merger("direct", LoRA(source=meta_c.source), LoRA(source=meta_s.source), config)
+    names = sorted(set(meta_c.layers) | set(meta_s.layers))
+    learned = set()
+    for name in names:
+        c, s = meta_c.layers.get(name), meta_s.layers.get(name)
+        if c is None or s is None:
+            continue
+        probe._check_compatible(name, c, s)
+        if config.method == "ziprank" and probe.in_scope(name):
+            learned.add(name)
+    if config.method == "ziprank" and not learned:
+        # No shared layer in scope: build_merger raises its own message for exactly this case.
+        build_merger(config.method, LoRA(source=meta_c.source), LoRA(source=meta_s.source), config)
+    return names, learned
+
+
+def _chunk_merger(method: str, content: LoRA, style: LoRA, config: MergeConfig, learns: bool) -> Merger:
+    if learns or method in ("direct", "b_lora"):
+        return build_merger(method, content, style, config)
+    # A chunk without a learned layer: every layer is fixed, exactly as the full merger fixes it.
+    return DirectMerger(content, style, scope=config.scope, w_c=config.w_c, w_s=config.w_s,
+                        prune_threshold=config.prune_threshold)
+
+
+def merge_files(
+    content_path: str | os.PathLike[str],
+    style_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    config: MergeConfig | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    key_style: str = "kohya_ldm",
+    overwrite: bool = False,
+    layout: Layout = SDXL_LAYOUT,
+    progress: ProgressFn | None = None,
+    chunk_layers: int = CHUNK_LAYERS,
+    iterations: int = SOLVER_ITERATIONS,
+    extra_metadata: Mapping[str, str] | None = None,
+) -> FileMerge:
+    """Weights-only merge of two LoRA files into a standard LoRA file (``duolora merge``).
+
+    Streams ``chunk_layers`` layers at a time: read both files' layers, build the merger of that chunk
+    (``build_merger``: same layers, same SVD basis, same fixed layers as a merger over the whole files),
+    solve its masks, export it with ``Merger.export`` and keep only the exported factors in the output
+    dtype (default: the content file's). The file is written with ``formats.save_lora`` (atomic; refuses to
+    overwrite unless ``overwrite``), in ``key_style`` (kohya_ldm or comfyui: what ComfyUI's LoraLoader maps).
+    ``progress(layers_done, layers_total)`` is called after every chunk. Raises the engine's typed errors
+    (``formats.LoRAError``, ``MergerError``, ``FastModeError``, ValueError for a bad config).
+    """
+    start = time.perf_counter()
+    config = config or MergeConfig()
+    check_method(config.method, "weights")
+    out = Path(out_path)
+    if out.exists() and not overwrite:
+        raise formats.OutputExistsError(
+            f"{out.name} already exists in {out.parent}; choose another file name or allow overwriting.", out)
+    meta_c, meta_s = _read_header(content_path, layout), _read_header(style_path, layout)
+    names, learned = _plan(config, meta_c, meta_s)
+    out_dtype = dtype or meta_c.dtype or torch.float16
+    readers = (_LayerReader(content_path, meta_c, layout), _LayerReader(style_path, meta_s, layout))
+    layers: dict = {}
+    history_acc: dict[str, list[float]] = {}
+    metadata: dict[str, str] = {}
+    metadata_from_method = False
+    kept = total = 0
+    try:
+        for lo in range(0, len(names), max(1, int(chunk_layers))):
+            chunk = names[lo: lo + max(1, int(chunk_layers))]
+            c, s = readers[0].read(chunk), readers[1].read(chunk)
+            learns = any(n in learned for n in chunk)
+            merger = _chunk_merger(config.method, c, s, config, learns)
+            del c, s
+            if merger.learned_layers():
+                res = solve_weights(merger, config, iterations)
+                n_learned = len(merger.learned_layers())
+                for k, (before, after) in res.history.items():
+                    acc = history_acc.setdefault(k, [0.0, 0.0])
+                    acc[0] += before * n_learned
+                    acc[1] += after * n_learned
+            exported = merger.export(config.prune_threshold)
+            if not metadata or (learns and not metadata_from_method):
+                # Merger.export's provenance, from a chunk built by the requested method when there is one.
+                metadata, metadata_from_method = dict(exported.metadata), learns
+            for name, layer in merger.items():
+                total += layer.rank("c") + layer.rank("s")
+            for name, lr in exported.layers.items():
+                kept += lr.rank
+                # Keep only the output-dtype copy: the float32 factors of the chunk are freed with it.
+                layers[name] = lr.to(dtype=out_dtype)
+            del merger, exported
+            if progress is not None:
+                progress(min(lo + len(chunk), len(names)), len(names))
+    finally:
+        for r in readers:
+            r.close()
+    history = {k: [v[0] / max(1, len(learned)), v[1] / max(1, len(learned))] for k, v in history_acc.items()}
+    metadata.update({
+        "duolora_mode": "weights",
+        "duolora_config": json.dumps(config.to_dict(), sort_keys=True),
+    })
+    if "total" in history:
+        metadata["duolora_fast_objective"] = f"{history['total'][0]:.6g} -> {history['total'][1]:.6g}"
+    metadata.update(dict(extra_metadata or {}))
+    merged = LoRA(layers=layers, metadata=metadata, source=None, key_style=key_style, base=layout.base,
+                  dtype=out_dtype)
+    path = formats.save_lora(merged, out, key_style=key_style, dtype=out_dtype, overwrite=overwrite, layout=layout)
+    return FileMerge(path=path, layers=len(layers), learned_layers=len(learned), kept_components=kept,
+                     total_components=total, history=history, wall_seconds=time.perf_counter() - start)
+
+
+def describe(result: MergeResult | FileMerge) -> str:
+    """One line: the fast objective (mean over learned layers) at the direct merge and after the solve."""
+    h = result.history
+    if "total" not in h:
+        return "nothing to learn (the method fixes every mask)"
+    parts = [f"objective {h['total'][0]:.4g} -> {h['total'][1]:.4g}"]
+    for k in ("content", "style", "prior"):
+        if k in h:
+            parts.append(f"{k} {h[k][0]:.4g} -> {h[k][1]:.4g}")
+    return " · ".join(parts)
+

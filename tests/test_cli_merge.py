@@ -1,0 +1,182 @@
+"""``duolora merge`` on two generated full-size SDXL LoRAs (synthetic: seeded noise with SDXL's 560 real
+attention names and shapes, fp16, rank 4 to keep the test fast): the file it writes is what ``duolora
+inspect`` and ComfyUI's stock LoRA loading accept, its options and errors are the documented ones."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pty
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from duolora import cli, fast, formats
+from duolora.optimize import MergeConfig
+from duolora.sdxl import SD15_LAYOUT
+from duolora.synthetic import synthetic_lora
+
+REPO = Path(__file__).resolve().parents[1]
+RANK_C, RANK_S = 4, 3
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("cli_merge")
+    content = synthetic_lora(rank=RANK_C, seed=1, dtype=torch.float16, decay=0.9)
+    style = synthetic_lora(rank=RANK_S, seed=2, dtype=torch.float16, decay=0.9)
+    return (formats.save_lora(content, folder / "content.safetensors"),
+            formats.save_lora(style, folder / "style.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def merged(pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("cli_out") / "merged.safetensors"
+    code, stdout, stderr = run_main("merge", str(pair[0]), str(pair[1]), "-o", str(out), "--prune-threshold", "0.05")
+    assert code == 0, stderr
+    return out, stdout
+
+
+def run_main(*argv: str) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(argv))
+        except SystemExit as e:  # argparse errors
+            code = int(e.code or 0)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_merge_writes_what_inspect_accepts(merged: tuple[Path, str]) -> None:
+    out, stdout = merged
+    assert re.fullmatch(rf"wrote {re.escape(str(out))}: 560 layers, kept [\d,]+ of 3,920 rank components "
+                        r"\([\d.]+ %\) in [\d.]+ s; objective [\d.e-]+ -> [\d.e-]+ · .*\n", stdout), stdout
+    code, text, err = run_main("inspect", str(out))
+    assert code == 0, err
+    lines = text.splitlines()
+    assert lines[1:8] == ["key style:           kohya_ldm", "base model:          SDXL", "layers:              560",
+                          "  UNet attention:    560", "  other UNet:        0", "  text encoder 1:    0",
+                          "  text encoder 2:    0"]
+    assert "dtype:               float16" in lines and "NaN/Inf tensors:     0" in lines
+    lora = formats.load_lora(out)
+    ranks = [lr.rank for lr in lora.layers.values()]
+    assert max(ranks) <= RANK_C + RANK_S and min(ranks) >= 1
+
+
+def test_merge_equals_the_engine_merge(pair: tuple[Path, Path], merged: tuple[Path, str], tmp_path: Path) -> None:
+    expected = fast.merge_files(pair[0], pair[1], tmp_path / "engine.safetensors", MergeConfig(prune_threshold=0.05))
+    a, b = formats.load_lora(merged[0]), formats.load_lora(expected.path)
+    assert a.layers.keys() == b.layers.keys()
+    assert all(torch.equal(a.layers[n].up, b.layers[n].up) and torch.equal(a.layers[n].down, b.layers[n].down)
+               for n in a.layers)
+    assert formats.read_lora(merged[0]).metadata["duolora_mode"] == "weights"
+
+
+def test_stock_comfyui_loading_maps_every_layer(merged: tuple[Path, str], sdxl_meta, caplog) -> None:
+    import comfy.lora
+    import comfy.utils
+
+    state = comfy.utils.load_torch_file(str(merged[0]), safe_load=True)  # what LoraLoader reads
+    key_map = comfy.lora.model_lora_keys_unet(sdxl_meta, {})
+    with caplog.at_level(logging.WARNING):
+        patches = comfy.lora.load_lora(state, key_map)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    ours = formats.load_lora(merged[0])
+    assert set(patches) == {f"diffusion_model.{n}.weight" for n in ours.layers}
+    for name, lr in ours.layers.items():
+        up, down, alpha = patches[f"diffusion_model.{name}.weight"].weights[:3]
+        assert float(alpha) == down.shape[0] == lr.rank  # alpha = rank: ComfyUI scales by 1
+        assert torch.equal(down.float(), lr.down) and torch.equal(up.float(), lr.up)
+
+
+def test_merge_refuses_to_overwrite_without_force(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "exists.safetensors"
+    out.write_bytes(b"keep me")
+    code, _, err = run_main("merge", str(pair[0]), str(pair[1]), "-o", str(out), "--quiet")
+    assert code == cli.EXIT_MERGE_FAILED
+    assert err == (f"error: exists.safetensors already exists in {tmp_path}; choose another file name or allow "
+                   "overwriting. Pass --force to overwrite it.\n")
+    assert out.read_bytes() == b"keep me"
+    code, stdout, err = run_main("merge", str(pair[0]), str(pair[1]), "-o", str(out), "--quiet", "--force",
+                                 "--method", "direct", "--dtype", "fp32")
+    assert (code, stdout, err) == (0, "", "")
+    direct = formats.load_lora(out)
+    assert {lr.rank for lr in direct.layers.values()} == {RANK_C + RANK_S}
+    assert direct.dtype == torch.float32
+
+
+def test_engine_errors_reach_the_user_unchanged(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    code, _, err = run_main("merge", str(tmp_path / "missing.safetensors"), str(pair[1]), "-o",
+                            str(tmp_path / "o.safetensors"))
+    assert code == 2
+    assert err == f"error: missing.safetensors: file not found ({tmp_path / 'missing.safetensors'}). Check the path " \
+                  "or the file name.\n"
+    sd15 = formats.save_lora(synthetic_lora(SD15_LAYOUT, rank=2, seed=3), tmp_path / "sd15.safetensors")
+    code, _, err = run_main("merge", str(pair[0]), str(sd15), "-o", str(tmp_path / "o.safetensors"))
+    assert code == 2
+    assert err.startswith("error: sd15.safetensors: this LoRA is for SD1.x, not SDXL")
+    code, _, err = run_main("merge", str(pair[0]), str(pair[1]), "-o", str(tmp_path / "o.safetensors"),
+                            "--priors", "custom", "--custom-prior", "content: output_blocks.9.1")
+    assert code == 2
+    assert err.startswith("error: custom prior block 'output_blocks.9.1' is not an SDXL attention block")
+    code, _, err = run_main("merge", str(pair[0]), str(pair[1]), "-o", str(tmp_path / "o.safetensors"),
+                            "--method", "ziplora_out")
+    assert code == 2 and "invalid choice: 'ziplora_out'" in err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_help_documents_every_option_with_its_default() -> None:
+    code, text, _ = run_main("merge", "--help")
+    assert code == 0
+    subparsers = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    options = [a for a in subparsers.choices["merge"]._actions if a.option_strings and a.dest != "help"]
+    assert len(options) == 24
+    # One help paragraph per option: from its "  -…" line to the next one.
+    paragraphs = {p.split()[0].rstrip(","): " ".join(p.split())
+                  for p in re.split(r"\n  (?=-)", text.split("options:", 1)[1])[1:]}
+    for action in options:
+        paragraph = paragraphs[action.option_strings[0]]
+        if action.required:
+            assert "default" not in paragraph, paragraph
+        else:
+            assert "(default: " in paragraph, paragraph
+    flat = " ".join(text.split())
+    for default in ("ziprank", "svd", "attention", "paper", "hinge", "0.1", "0.001", "300", "auto", "kohya_ldm",
+                    "False", "empty", "the method's, 0 for ziprank"):
+        assert f"(default: {default})" in flat, default
+
+
+def test_progress_bar_only_on_a_terminal(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "duolora", "merge", str(pair[0]), str(pair[1]), "--method", "direct"]
+    piped = subprocess.run([*args, "-o", str(tmp_path / "a.safetensors")], capture_output=True, text=True,
+                           cwd=REPO, env=env, timeout=300, check=False)
+    assert piped.returncode == 0 and piped.stderr == ""
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run([*args, "-o", str(tmp_path / "b.safetensors")], stdout=subprocess.PIPE,
+                              stderr=follower, cwd=REPO, env=env, timeout=300, check=False)
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # EIO once the terminal's other end is closed and drained
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(leader)
+    tty_err = b"".join(chunks).decode()
+    assert proc.returncode == 0
+    assert "\rmerging " in tty_err and "560/560 layers" in tty_err and "█" * 30 in tty_err

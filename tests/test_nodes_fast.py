@@ -1,0 +1,108 @@
+"""The fast modes of ZipRank Merge in the real ComfyUI executor: ``weights`` needs no references and equals
+the engine's weights-only merge; ``layerwise`` records the real tiny SDXL model's activations and lowers the
+paper's reconstruction terms on held-out noise (synthetic LoRAs; see nodehelpers)."""
+
+from __future__ import annotations
+
+import comfyhost
+import pytest
+import torch
+from nodehelpers import MERGE_ID, TEST_SUBDIR, merge_prompt, node, pack_module, read_tiny, tiny_pair
+
+from duolora import fast
+from duolora.mergers import build_merger
+from duolora.objective import DuoLoRAObjective, References
+from duolora.optimize import MergeConfig
+
+SAVE_PREFIX = f"{TEST_SUBDIR}/fast/weights"
+
+
+def test_weights_mode_needs_no_references_and_equals_the_engine(host: comfyhost.Host, tiny_layout) -> None:
+    content, style = tiny_pair(host, tiny_layout, "fast_w")
+    prompt = merge_prompt(host, content.name, style.name, references=False, mode="weights", lora_dtype="fp32")
+    prompt["13"] = node(host, "DuoLoRA_SaveMergedLoRA", merged_lora=[MERGE_ID, 0], filename_prefix=SAVE_PREFIX)
+    result = host.execute(prompt)
+    stats = result["outputs"][MERGE_ID][1]
+    assert stats.mode == "weights" and stats.config["objective"] == "weights_only"
+    assert stats.steps_done == 0 and set(stats.history) >= {"total", "content", "style", "prior"}
+    before, after = stats.history["total"]
+    assert after < before
+
+    config = MergeConfig.from_dict(stats.config)
+    engine = fast.merge_weights_only(read_tiny(content.path, tiny_layout), read_tiny(style.path, tiny_layout), config)
+    node_masks = stats.extra["masks"]
+    engine_masks = engine.merger.state_dict()
+    assert node_masks.keys() == engine_masks.keys()
+    assert max(float((node_masks[k] - engine_masks[k]).abs().max()) for k in node_masks) <= 1e-6
+
+    (saved_name,) = result["ui"]["13"]["text"]
+    saved = read_tiny(host.loras_dir / saved_name, tiny_layout)
+    expected = engine.merger.export()
+    assert set(saved.layers) == set(expected.layers)
+    worst = max(float((saved.layers[n].delta() - expected.layers[n].delta()).abs().max()
+                      / expected.layers[n].delta().abs().max()) for n in expected.layers)
+    assert worst <= 1e-6
+
+
+def test_layerwise_mode_names_the_missing_references(host: comfyhost.Host, tiny_layout) -> None:
+    content, style = tiny_pair(host, tiny_layout, "fast_missing")
+    prompt = merge_prompt(host, content.name, style.name, references=False, mode="layerwise")
+    prompt["13"] = node(host, "PreviewAny", source=[MERGE_ID, 0])
+    with pytest.raises(comfyhost.NodeExecutionError) as info:
+        host.execute(prompt)
+    assert ("ZipRank Merge in 'layerwise' mode records the model's activations on your references; connect "
+            "content_latents, style_latents, content_prompt, style_prompt") in str(info.value)
+
+
+def test_fast_modes_refuse_feature_masks(host: comfyhost.Host, tiny_layout) -> None:
+    content, style = tiny_pair(host, tiny_layout, "fast_zip")
+    prompt = merge_prompt(host, content.name, style.name, references=False, mode="weights", method="ziplora_in")
+    prompt["13"] = node(host, "PreviewAny", source=[MERGE_ID, 0])
+    with pytest.raises(comfyhost.NodeExecutionError) as info:
+        host.execute(prompt)
+    assert "method 'ziplora_in' learns per-feature masks" in str(info.value)
+
+
+def held_out_reconstruction(model, merger, latents: tuple[torch.Tensor, torch.Tensor], prompts: tuple,
+                            draws: int = 6) -> float:
+    """Mean L_c + L_s of the paper objective over fixed (σ, ε) draws, through the pack's ComfyDenoiser."""
+    bridge = pack_module("nodes.comfy_bridge")
+    cfg = MergeConfig(constyle_iterations=0, prior_loss=False)
+    total = 0.0
+    with torch.inference_mode(False), torch.no_grad(), \
+            bridge.ComfyDenoiser(model, merger, gradient_checkpointing=False) as den:
+        refs = References(content=den.prepare_latents(latents[0]), style=den.prepare_latents(latents[1]),
+                          p_c=prompts[0], p_s=prompts[1], p_cs=prompts[0])
+        objective = DuoLoRAObjective(merger, den, refs, cfg)
+        g = torch.Generator().manual_seed(4321)  # not the node's seed: held-out σ and ε
+        for i in range(draws):
+            terms = objective(i, g)[1]
+            total += terms["content"] + terms["style"]
+    return total / draws
+
+
+def test_layerwise_mode_lowers_the_held_out_reconstruction(host: comfyhost.Host, tiny_layout) -> None:
+    content, style = tiny_pair(host, tiny_layout, "fast_lw")
+    prompt = merge_prompt(host, content.name, style.name, mode="layerwise", lora_dtype="fp32")
+    for extra in (MERGE_ID, "2", "3", "7", "8"):  # and the prompts and latents, to evaluate on them
+        prompt[f"9{extra}"] = node(host, "PreviewAny", source=[extra, 0])
+    result = host.execute(prompt)
+    stats = result["outputs"][MERGE_ID][1]
+    assert stats.mode == "layerwise" and stats.config["objective"] == "layerwise"
+    before, after = stats.history["total"]
+    assert after < before
+
+    out = result["outputs"]
+    model = out["1"][0]
+    latents, prompts = (out["7"][0]["samples"], out["8"][0]["samples"]), (out["2"][0], out["3"][0])
+    config = MergeConfig.from_dict(stats.config)
+    lc, ls = read_tiny(content.path, tiny_layout), read_tiny(style.path, tiny_layout)
+    direct = build_merger(config.method, lc, ls, config)  # masks 1: the direct merge
+    learned = build_merger(config.method, lc, ls, config)
+    learned.load_state_dict(stats.extra["masks"])
+    masks = torch.cat([p.detach().flatten() for p in learned.mask_parameters()])
+    assert 0.0 <= float(masks.min()) and float(masks.max()) <= 1.0 and float(masks.mean()) < 0.99
+    r_direct = held_out_reconstruction(model, direct, latents, prompts)
+    r_learned = held_out_reconstruction(model, learned, latents, prompts)
+    # Measured (these seeds, 6 held-out draws): direct 0.0551 -> layer-wise 0.0272, 2.03×. Demand 1.5×.
+    assert r_direct / r_learned >= 1.5, (r_direct, r_learned)
