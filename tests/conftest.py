@@ -71,3 +71,13 @@ def tiny_layout():
     from duolora import sdxl
 
     return sdxl.layout_for(sdxl.UNetConfig.from_comfy(comfyhost.TINY_UNET_CONFIG), te_dims=comfyhost.TINY_TE_DIMS)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the real-browser tests last.
+
+    Playwright's sync API keeps an asyncio loop running in this thread for the whole browser session, and
+    ComfyUI's in-process executor calls ``asyncio.run`` — which refuses to start inside a running loop. So
+    every in-process ComfyUI test must run before the browser session opens.
+    """
+    items.sort(key=lambda item: "browser" in item.keywords)

@@ -43,6 +43,7 @@ def test_readme_node_reference_matches_the_registered_nodes(host) -> None:
     """The README's node section is exactly what devtools/nodedocs.py renders from the live node definitions
     (run `.venv/bin/python devtools/nodedocs.py --write` after changing a node)."""
     import nodedocs
+
     import nodes
 
     rendered = nodedocs.render(nodes.NODE_CLASS_MAPPINGS, nodes.NODE_DISPLAY_NAME_MAPPINGS)
