@@ -256,6 +256,9 @@ def comfy_server(
         log_path = base / LOG_NAME
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
+        # One intra-op thread, like the in-process harness (tests/conftest.py): the tiny model gains nothing
+        # from more, and OpenMP spin-waiting beside the test process (and Chromium) slowed runs 10x or more.
+        env.setdefault("OMP_NUM_THREADS", os.environ.get("DUOLORA_TEST_THREADS", "1"))
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
                 server_command(comfy_dir, base, port, extra_args),
