@@ -430,15 +430,18 @@ def install_torchvision_shim() -> None:
         sys.modules.setdefault(name, types.ModuleType(name))
 
 
-def prepare_base_dir(base_dir: Path) -> Path:
+def prepare_base_dir(base_dir: Path, extra_packs: dict[str, Path] | None = None) -> Path:
     """Create ComfyUI's folder layout under ``base_dir`` with the two packs linked into ``custom_nodes``.
 
+    ``extra_packs`` (name -> folder) links further node packs beside them (e.g. the MiniBench pack).
     Usable for a real ``main.py --base-directory`` server too. Returns ``base_dir``.
     """
     base_dir = Path(base_dir).resolve()
     for sub in ("custom_nodes", "input", "output", "temp", "user", "models/loras", "models/checkpoints"):
         (base_dir / sub).mkdir(parents=True, exist_ok=True)
-    for name, target in ((PACK_DIR_NAME, REPO_ROOT), (TINY_PACK_DIR_NAME, TINY_NODES_DIR)):
+    packs = [(PACK_DIR_NAME, REPO_ROOT), (TINY_PACK_DIR_NAME, TINY_NODES_DIR)]
+    packs += [(n, Path(t).resolve()) for n, t in (extra_packs or {}).items()]
+    for name, target in packs:
         link = base_dir / "custom_nodes" / name
         if link.is_symlink() and Path(os.readlink(link)) == target:
             continue
@@ -458,11 +461,12 @@ def _scrub_sys_path() -> None:
         raise RuntimeError("the repository's nodes/ was imported as top-level `nodes`; keep the root off sys.path")
 
 
-def boot(base_dir: Path | None = None, *, quiet: bool = True) -> Host:
+def boot(base_dir: Path | None = None, *, quiet: bool = True, extra_packs: dict[str, Path] | None = None) -> Host:
     """Start ComfyUI in this process once and return the :class:`Host` (a second call returns it again).
 
     ``base_dir`` becomes ComfyUI's ``--base-directory`` (models/, custom_nodes/, input/, output/, temp/);
     a temporary folder, removed at exit, when None. ``quiet`` keeps ComfyUI's INFO logging off the console.
+    ``extra_packs`` (name -> folder) are linked into custom_nodes/ and loaded too (first boot only).
     """
     global _HOST
     if _HOST is not None:
@@ -475,8 +479,8 @@ def boot(base_dir: Path | None = None, *, quiet: bool = True) -> Host:
         sys.path.insert(0, str(DEVTOOLS_DIR))
     if base_dir is None:
         base_dir = Path(tempfile.mkdtemp(prefix="duolora-comfy-"))
-        atexit.register(_remove_base_dir, base_dir)
-    base_dir = prepare_base_dir(Path(base_dir))
+        atexit.register(_remove_base_dir, base_dir, tuple(extra_packs or ()))
+    base_dir = prepare_base_dir(Path(base_dir), extra_packs)
 
     install_torchvision_shim()
     cdir = comfyui_dir()
@@ -530,7 +534,7 @@ def boot(base_dir: Path | None = None, *, quiet: bool = True) -> Host:
 
     packs = {
         name: _pack_status(name, base_dir / "custom_nodes" / name, capture.records, nodes.NODE_CLASS_MAPPINGS)
-        for name in (PACK_DIR_NAME, TINY_PACK_DIR_NAME)
+        for name in (PACK_DIR_NAME, TINY_PACK_DIR_NAME, *(extra_packs or {}))
     }
     for p in packs.values():
         if not p.loaded:
@@ -555,9 +559,9 @@ def _pack_status(name: str, path: Path, records: list[logging.LogRecord], mappin
     return PackLoad(name=name, path=path, loaded=loaded, log=log)
 
 
-def _remove_base_dir(base_dir: Path) -> None:
+def _remove_base_dir(base_dir: Path, extra: tuple[str, ...] = ()) -> None:
     links = base_dir / "custom_nodes"
-    for name in (PACK_DIR_NAME, TINY_PACK_DIR_NAME):
+    for name in (PACK_DIR_NAME, TINY_PACK_DIR_NAME, *extra):
         link = links / name
         if link.is_symlink():
             link.unlink()

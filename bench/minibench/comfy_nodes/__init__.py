@@ -1,0 +1,165 @@
+"""BENCH-ONLY ComfyUI node pack: the MiniBench model, its text encoder and its images as ComfyUI types.
+
+So that the merges of the benchmark run through the real ``DuoLoRA_ZipRankMerge`` node and images are
+sampled by ComfyUI's own ``KSampler`` inside the real executor. ComfyUI loads this folder as
+``custom_nodes/duolora_minibench_nodes`` (a symlink made by ``comfyhost.boot(extra_packs=...)``).
+V3 API only. The "latent" of the MiniBench model is the RGB image in [-1, 1], (B, 3, 32, 32).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from comfy_api.latest import ComfyExtension, io
+
+# Loaded through a symlink: find bench/minibench (our modules) from the real path.
+_MINIBENCH = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+if _MINIBENCH not in sys.path:
+    sys.path.insert(0, _MINIBENCH)
+
+import mb_model
+import mb_world
+
+MiniText = io.Custom("MINIBENCH_TEXT")
+_CACHE: dict[str, tuple] = {}
+
+
+def _load(path: str):
+    # A fresh model per execution: ComfyUI patches LoRA weights into the module in place, and a model
+    # shared between prompts could carry one prompt's patches into the next. Only the text encoder
+    # (never patched) is cached.
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
+    model, text = mb_model.load_checkpoint(path)
+    if path not in _CACHE:
+        _CACHE[path] = (text,)
+    return mb_model.build_patcher(model), _CACHE[path][0]
+
+
+class MiniBenchCheckpoint(io.ComfyNode):
+    """MODEL (ComfyUI SDXL classes, tiny widths, pixel space) and the learned text encoder."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MiniBenchCheckpoint",
+            display_name="MiniBench checkpoint (bench)",
+            category="duolora/bench",
+            inputs=[io.String.Input("ckpt_path", default="", tooltip="Path of a MiniBench base_ema.safetensors")],
+            outputs=[io.Model.Output(display_name="MODEL"), MiniText.Output(display_name="TEXT")],
+        )
+
+    @classmethod
+    def execute(cls, ckpt_path: str) -> io.NodeOutput:
+        patcher, text = _load(ckpt_path)
+        return io.NodeOutput(patcher, text)
+
+
+class MiniBenchTextEncode(io.ComfyNode):
+    """CONDITIONING of a MiniBench prompt: context (1, 5, 64) and pooled_output (1, 32)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MiniBenchTextEncode",
+            display_name="MiniBench text encode (bench)",
+            category="duolora/bench",
+            inputs=[MiniText.Input("text_encoder"), io.String.Input("prompt", default="")],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, text_encoder, prompt: str) -> io.NodeOutput:
+        with torch.inference_mode(False), torch.no_grad():
+            ctx, pooled = text_encoder.encode([prompt])
+        return io.NodeOutput([[ctx.clone(), {"pooled_output": pooled.clone()}]])
+
+
+class MiniBenchImages(io.ComfyNode):
+    """LATENT of procedural world images, e.g. ``"star:solid*5"`` or ``"circle:diagonal;square:diagonal"``."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MiniBenchImages",
+            display_name="MiniBench images (bench)",
+            category="duolora/bench",
+            inputs=[io.String.Input("spec", default="star:solid*5"), io.Int.Input("seed", default=0, min=0)],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, spec: str, seed: int) -> io.NodeOutput:
+        shapes, textures = parse_spec(spec)
+        x = mb_world.render(shapes, textures, torch.Generator().manual_seed(int(seed)))
+        return io.NodeOutput({"samples": x})
+
+
+class MiniBenchEmpty(io.ComfyNode):
+    """An all-zero LATENT (B, 3, 32, 32) for KSampler."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MiniBenchEmpty",
+            display_name="MiniBench empty image (bench)",
+            category="duolora/bench",
+            inputs=[io.Int.Input("batch_size", default=1, min=1, max=4096)],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, batch_size: int) -> io.NodeOutput:
+        return io.NodeOutput({"samples": torch.zeros(batch_size, 3, mb_world.SIZE, mb_world.SIZE)})
+
+
+class MiniBenchToImage(io.ComfyNode):
+    """LATENT (B, 3, 32, 32) in [-1, 1] → IMAGE (B, 32, 32, 3) in [0, 1] (the model works on pixels)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MiniBenchToImage",
+            display_name="MiniBench latent to image (bench)",
+            category="duolora/bench",
+            inputs=[io.Latent.Input("samples")],
+            outputs=[io.Image.Output()],
+        )
+
+    @classmethod
+    def execute(cls, samples: dict) -> io.NodeOutput:
+        x = samples["samples"].float().clamp(-1, 1)
+        return io.NodeOutput(((x + 1) / 2).permute(0, 2, 3, 1).contiguous())
+
+
+def parse_spec(spec: str) -> tuple[list[str], list[str]]:
+    """``"star:solid*5; circle:diagonal"`` → (shapes, textures); raises ValueError on unknown words."""
+    shapes: list[str] = []
+    textures: list[str] = []
+    for part in spec.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        pair, _, count = part.partition("*")
+        shape, _, texture = pair.partition(":")
+        shape, texture = shape.strip(), texture.strip()
+        if shape not in mb_world.SHAPES or texture not in mb_world.TEXTURES:
+            raise ValueError(f"unknown shape/texture in {part!r}")
+        n = int(count) if count.strip() else 1
+        shapes += [shape] * n
+        textures += [texture] * n
+    if not shapes:
+        raise ValueError("empty image spec")
+    return shapes, textures
+
+
+class MiniBenchExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [MiniBenchCheckpoint, MiniBenchTextEncode, MiniBenchImages, MiniBenchEmpty, MiniBenchToImage]
+
+
+async def comfy_entrypoint() -> MiniBenchExtension:
+    return MiniBenchExtension()

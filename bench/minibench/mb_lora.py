@@ -1,0 +1,172 @@
+"""Train the MiniBench content and style LoRAs (our own small LoRA trainer) and save them as kohya files.
+
+Content LoRA: the held-out glyph (``star``) in one known style, 5 fixed images, caption
+"a star in solid style". Style LoRA: the held-out texture (``diagonal``) on known shapes, 2 fixed images,
+captions "a circle in diagonal style" / "a square in diagonal style". Both adapt the UNet's attention
+projections only (the layers ZipRank merges), rank 8, alpha = rank; the base and text encoder stay frozen.
+
+    OMP_NUM_THREADS=1 python bench/minibench/mb_lora.py --steps 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mb_common
+import mb_model
+import mb_world
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """What one LoRA learns: ``images`` in the MiniBench image-spec syntax, rendered with ``seed``."""
+
+    name: str
+    images: str
+    seed: int
+
+
+CONTENT = LoRASpec("minibench_content_star", "star:solid*5", 1)
+STYLE = LoRASpec("minibench_style_diagonal", "circle:diagonal;square:diagonal", 2)
+
+
+def parse_spec(spec: str) -> tuple[list[str], list[str]]:
+    """``"star:solid*5; circle:diagonal"`` → (shapes, textures) (same syntax as the bench node pack)."""
+    shapes: list[str] = []
+    textures: list[str] = []
+    for part in spec.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        pair, _, count = part.partition("*")
+        shape, _, texture = (s.strip() for s in pair.partition(":"))
+        if shape not in mb_world.SHAPES or texture not in mb_world.TEXTURES:
+            raise ValueError(f"unknown shape/texture in {part!r}")
+        n = int(count) if count.strip() else 1
+        shapes += [shape] * n
+        textures += [texture] * n
+    return shapes, textures
+
+
+def reference_images(spec: LoRASpec) -> tuple[torch.Tensor, list[str]]:
+    """The fixed training images (N, 3, 32, 32) and their captions."""
+    shapes, textures = parse_spec(spec.images)
+    x = mb_world.render(shapes, textures, torch.Generator().manual_seed(spec.seed))
+    return x, [mb_world.caption(s, t) for s, t in zip(shapes, textures, strict=True)]
+
+
+class LoRAHooks:
+    """Rank-r adapters on named Linear modules via forward hooks: y = W x + B (A x) (alpha = rank, scale 1)."""
+
+    def __init__(self, unet: torch.nn.Module, names: list[str], rank: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        modules = dict(unet.named_modules())
+        self.A: dict[str, torch.nn.Parameter] = {}
+        self.B: dict[str, torch.nn.Parameter] = {}
+        self.handles = []
+        for n in names:
+            m = modules[n]
+            # A ~ N(0, 1/in), B = 0: the adapter starts as the identity, as in the LoRA paper.
+            self.A[n] = torch.nn.Parameter(torch.randn(rank, m.in_features, generator=g) / m.in_features ** 0.5)
+            self.B[n] = torch.nn.Parameter(torch.zeros(m.out_features, rank))
+            self.handles.append(m.register_forward_hook(self._hook(n)))
+
+    def _hook(self, n: str):
+        def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            return output + F.linear(F.linear(inputs[0], self.A[n]), self.B[n])
+        return hook
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [*self.A.values(), *self.B.values()]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def train_lora(model, text: mb_model.MiniTextEncoder, spec: LoRASpec, steps: int, rank: int = 8,
+               lr: float = 1e-3, batch: int = 8, seed: int = 0, log=print) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Train one LoRA; returns {layer name: (up (out, r), down (r, in))}."""
+    from duolora import sdxl
+
+    unet = model.diffusion_model
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    layout = sdxl.layout_for(sdxl.UNetConfig.from_comfy(model.model_config.unet_config))
+    names = list(layout.attention_layers())
+    hooks = LoRAHooks(unet, names, rank, seed)
+    x_ref, caps = reference_images(spec)
+    with torch.no_grad():
+        ctx_all, pooled_all = text.encode(caps)
+    ab = mb_common.alphas_cumprod(model)
+    opt = torch.optim.Adam(hooks.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed + 99)
+    try:
+        for step in range(steps):
+            idx = torch.randint(len(caps), (batch,), generator=g)
+            x0 = x_ref[idx]
+            t = torch.randint(0, 1000, (batch,), generator=g)
+            eps = torch.randn(x0.shape, generator=g)
+            a = ab[t].view(-1, 1, 1, 1)
+            xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+            pred = unet(xt, timesteps=t.float(), context=ctx_all[idx], y=mb_common.adm(model, pooled_all[idx]))
+            loss = F.mse_loss(pred, eps)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if (step + 1) % 50 == 0:
+                log(f"{spec.name} step {step + 1} loss {float(loss):.4f}")
+    finally:
+        hooks.remove()
+    return {n: (hooks.B[n].detach().clone(), hooks.A[n].detach().clone()) for n in names}
+
+
+def save(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], model, path: Path, meta: dict[str, str]) -> Path:
+    """Save as an ordinary kohya_ldm LoRA file (alpha = rank) with duolora.formats.save_lora."""
+    from duolora import formats, sdxl
+    from duolora.lora import LoRA, LowRank
+
+    layout = sdxl.layout_for(sdxl.UNetConfig.from_comfy(model.model_config.unet_config))
+    lora = LoRA(layers={n: LowRank(up=b, down=a) for n, (b, a) in layers.items()}, metadata=dict(meta),
+                source=str(path), key_style="kohya_ldm", dtype=torch.float32)
+    return formats.save_lora(lora, path, key_style="kohya_ldm", dtype=torch.float32, overwrite=True, layout=layout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Train the MiniBench content and style LoRAs.")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--ckpt", type=Path, default=mb_common.CHECKPOINTS / "base_ema.safetensors")
+    ap.add_argument("--out", type=Path, default=mb_common.CHECKPOINTS)
+    ap.add_argument("--force", action="store_true", help="retrain even if the files exist")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    mb_common.boot()
+    model, text = mb_model.load_checkpoint(str(args.ckpt))
+    report = {}
+    for spec in (CONTENT, STYLE):
+        path = args.out / f"{spec.name}.safetensors"
+        if path.exists() and not args.force:
+            print(f"{path.name} exists; skipping (use --force to retrain)")
+            continue
+        t0 = time.time()
+        layers = train_lora(model, text, spec, args.steps, args.rank, args.lr)
+        wall = time.time() - t0
+        save(layers, model, path, {"minibench_images": spec.images, "minibench_seed": str(spec.seed),
+                                   "minibench_steps": str(args.steps), "minibench_rank": str(args.rank)})
+        report[spec.name] = {"steps": args.steps, "rank": args.rank, "wall_time_s": round(wall, 1)}
+        print(json.dumps({spec.name: report[spec.name]}), flush=True)
+    if report:
+        (args.out / "loras.json").write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

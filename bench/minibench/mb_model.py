@@ -1,0 +1,174 @@
+"""The MiniBench text-to-image model: ComfyUI's own SDXL UNet classes, tiny widths, on 32×32 pixels.
+
+The UNet keeps SDXL's block layout and module names (input_blocks.4.1 … output_blocks.5.1, one transformer
+block each), so SDXL LoRA keys, ``duolora.sdxl.layout_for`` and the ``paper`` prior preset apply verbatim:
+at 32×32 input its attention runs at 16×16 (SDXL's 64×64 "style" blocks) and 8×8 (SDXL's 32×32 "content"
+blocks and the middle). It predicts ε like SDXL base and uses SDXL's discrete noise schedule; the "latent"
+is the RGB image itself in [-1, 1] (a pixel latent format with scale 1).
+
+The text encoder is learned from scratch: a 5-token context ("a <shape> in <texture> style") of learned
+word + position embeddings, and a pooled vector. ComfyUI modules are imported inside functions, after
+``comfyhost.boot()`` has prepared the process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mb_world
+import torch
+
+CONTEXT_DIM = 64
+POOLED_DIM = 32
+N_TOKENS = 5
+SIZE_EMBED_DIM = 6 * 256  # SDXL appends six 256-wide Fourier embeddings of the image size/crop.
+
+MINI_UNET_CONFIG: dict[str, Any] = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "in_channels": 3,
+    "out_channels": 3,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "num_classes": "sequential",
+    "adm_in_channels": POOLED_DIM + SIZE_EMBED_DIM,
+    "model_channels": 32,
+    "num_res_blocks": [2, 2, 2],
+    "channel_mult": [1, 1, 2],
+    # SDXL's layout with transformer depth 1 everywhere it has attention.
+    "transformer_depth": [0, 0, 1, 1, 1, 1],
+    "transformer_depth_middle": 1,
+    "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1],
+    "use_linear_in_transformer": True,
+    "context_dim": CONTEXT_DIM,
+    "num_head_channels": 32,
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+
+VOCAB: tuple[str, ...] = ("<pad>", "a", "in", "style", *mb_world.SHAPES, *mb_world.TEXTURES)
+
+
+def tokenize(prompt: str) -> list[int]:
+    """Word ids of ``prompt``, padded/truncated to N_TOKENS; unknown words raise ValueError."""
+    ids = []
+    for word in prompt.lower().split():
+        if word not in VOCAB:
+            raise ValueError(f"word {word!r} is not in the MiniBench vocabulary ({', '.join(VOCAB[1:])})")
+        ids.append(VOCAB.index(word))
+    ids = ids[:N_TOKENS]
+    return ids + [0] * (N_TOKENS - len(ids))
+
+
+class MiniTextEncoder(torch.nn.Module):
+    """Learned word embeddings → context (B, 5, CONTEXT_DIM) and pooled (B, POOLED_DIM).
+
+    Words never seen in training (the held-out shape/texture) keep their seeded initial embedding: Adam
+    without weight decay leaves rows with zero gradient untouched.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.words = torch.nn.Embedding(len(VOCAB), CONTEXT_DIM)
+        self.position = torch.nn.Parameter(torch.zeros(N_TOKENS, CONTEXT_DIM))
+        self.norm = torch.nn.LayerNorm(CONTEXT_DIM)
+        self.pool = torch.nn.Linear(CONTEXT_DIM, POOLED_DIM)
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (B, 5) long → (context (B, 5, 64), pooled (B, 32))."""
+        e = self.words(ids)
+        ctx = self.norm(e + self.position)
+        pooled = self.pool(e.mean(dim=1))
+        return ctx, pooled
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode a list of prompts (the empty string is the unconditional prompt)."""
+        ids = torch.tensor([tokenize(p) for p in prompts], dtype=torch.long)
+        return self(ids)
+
+
+def _model_config():
+    import comfy.latent_formats
+    import comfy.supported_models
+
+    class PixelFormat(comfy.latent_formats.LatentFormat):
+        """The model's "latent" is the image itself in [-1, 1]."""
+
+        latent_channels = 3
+        scale_factor = 1.0
+
+    cfg = comfy.supported_models.SDXL(dict(MINI_UNET_CONFIG))
+    # BASE.__init__ forces SDXL's 64-wide heads from unet_extra_config; keep ours.
+    cfg.unet_config["num_head_channels"] = MINI_UNET_CONFIG["num_head_channels"]
+    cfg.set_inference_dtype(torch.float32, None)
+    cfg.latent_format = PixelFormat()
+    return cfg
+
+
+def build_model_base(seed: int = 0):
+    """A ``comfy.model_base.SDXL`` (ε-prediction) with MINI_UNET_CONFIG and seeded initial weights."""
+    cfg = _model_config()
+    model = cfg.get_model({}, "model.diffusion_model.", device=torch.device("cpu"))
+    init_weights_(model.diffusion_model, seed)
+    return model
+
+
+def init_weights_(unet: torch.nn.Module, seed: int) -> None:
+    """Seeded initialisation (ComfyUI's ops skip it): fan-in scaled normal weights, zero biases, unit norms.
+
+    The final output conv is zeroed, a standard diffusion trick: the untrained model predicts ε = 0.
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / (p[0].numel() ** 0.5))
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1.0)
+        # Only the last conv: zeroing the GroupNorm before it too would cut every gradient path.
+        for p in unet.out[-1].parameters():
+            p.zero_()
+
+
+def size_embedding(model) -> torch.Tensor:
+    """The constant SDXL size/crop part of ``y`` as ComfyUI computes it for a 32×32 input (1, 1536).
+
+    ComfyUI's sampler passes width/height = 8 × the latent side (comfy.samplers.encode_model_conds).
+    """
+    pooled = torch.zeros(1, POOLED_DIM)
+    y = model.encode_adm(pooled_output=pooled, width=32 * 8, height=32 * 8)
+    return y[:, POOLED_DIM:].detach()
+
+
+def build_patcher(model):
+    """Wrap a model_base in ComfyUI's ModelPatcher (what a MODEL socket carries)."""
+    import comfy.model_management
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(
+        model,
+        load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device(),
+    )
+
+
+def load_checkpoint(path: str) -> tuple[Any, MiniTextEncoder]:
+    """Build the model_base and text encoder and load a MiniBench checkpoint (safetensors) into them.
+
+    Keys: ``unet.<diffusion_model key>`` and ``text.<encoder key>``.
+    """
+    import safetensors.torch
+
+    sd = safetensors.torch.load_file(path)
+    model = build_model_base(0)
+    text = MiniTextEncoder()
+    unet_sd = {k[5:]: v for k, v in sd.items() if k.startswith("unet.")}
+    text_sd = {k[5:]: v for k, v in sd.items() if k.startswith("text.")}
+    missing, unexpected = model.diffusion_model.load_state_dict(unet_sd, strict=True), None
+    del missing, unexpected
+    text.load_state_dict(text_sd, strict=True)
+    model.eval()
+    text.eval()
+    return model, text

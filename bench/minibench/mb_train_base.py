@@ -1,0 +1,151 @@
+"""Train the MiniBench base model from scratch (seeded, resumable, EMA).
+
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/minibench/mb_train_base.py --steps 3000
+
+Writes ``<out>/base_state.pt`` (full training state, for resuming; not meant for git) every
+``--save-every`` steps, and ``<out>/base_ema.safetensors`` (EMA weights: ``unet.*`` + ``text.*``) with a
+``MANIFEST.json`` (command, seed, steps, wall time, loss). Re-running the same command resumes.
+The batch for step k is generated from seed (seed, k), so a resumed run sees the same data as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import mb_common
+import mb_model
+import mb_world
+import torch
+
+
+def make_batch(step: int, seed: int, batch: int, text: mb_model.MiniTextEncoder, p_uncond: float = 0.1
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images (B,3,32,32) and caption ids (B,5) of step ``step``; ~10 % empty captions for CFG."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    shapes, textures = mb_world.sample_pairs(batch, g)
+    x0 = mb_world.render(shapes, textures, g)
+    caps = [mb_world.caption(s, t) for s, t in zip(shapes, textures, strict=True)]
+    drop = torch.rand(batch, generator=g) < p_uncond
+    caps = ["" if d else c for c, d in zip(caps, drop.tolist(), strict=True)]
+    ids = torch.tensor([mb_model.tokenize(c) for c in caps], dtype=torch.long)
+    return x0, ids, g
+
+
+def diffusion_loss(unet: torch.nn.Module, model, text: mb_model.MiniTextEncoder, x0: torch.Tensor,
+                   ids: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """ε-prediction MSE at a uniform timestep: x_t = √ᾱ x0 + √(1−ᾱ) ε (ComfyUI's EPS, same schedule)."""
+    ab = mb_common.alphas_cumprod(model)
+    b = x0.shape[0]
+    t = torch.randint(0, 1000, (b,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    a = ab[t].view(b, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    ctx, pooled = text(ids)
+    pred = unet(xt, timesteps=t.float(), context=ctx, y=mb_common.adm(model, pooled))
+    return torch.nn.functional.mse_loss(pred, eps)
+
+
+def export_ema(ema: dict[str, torch.Tensor], path: Path) -> None:
+    """Write EMA weights as safetensors (keys ``unet.*`` and ``text.*``, float32)."""
+    import safetensors.torch
+
+    safetensors.torch.save_file({k: v.contiguous() for k, v in ema.items()}, str(path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--save-every", type=int, default=100)
+    ap.add_argument("--out", type=Path, default=mb_common.CHECKPOINTS)
+    ap.add_argument("--time-limit", type=float, default=0.0, help="stop (with a checkpoint) after this many s")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    state_path = args.out / "base_state.pt"
+
+    mb_common.boot()
+    torch.manual_seed(args.seed)
+    model = mb_model.build_model_base(args.seed)
+    unet = model.diffusion_model
+    unet.train()
+    text = mb_model.MiniTextEncoder()
+    with torch.no_grad():
+        g0 = torch.Generator().manual_seed(args.seed + 17)
+        text.words.weight.copy_(torch.randn(text.words.weight.shape, generator=g0))
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.Adam(params, lr=args.lr)
+    named = {**{f"unet.{k}": p for k, p in unet.named_parameters()},
+             **{f"text.{k}": p for k, p in text.named_parameters()}}
+    ema = {k: p.detach().clone() for k, p in named.items()}
+    step, wall, losses = 0, 0.0, []
+    if state_path.exists():
+        st = torch.load(state_path, weights_only=False)
+        unet.load_state_dict(st["unet"])
+        text.load_state_dict(st["text"])
+        opt.load_state_dict(st["opt"])
+        ema = st["ema"]
+        step, wall, losses = st["step"], st["wall"], st["losses"]
+        print(f"resumed at step {step} ({wall:.0f} s so far)", flush=True)
+
+    def save() -> None:
+        torch.save({"unet": unet.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(), "ema": ema,
+                    "step": step, "wall": wall, "losses": losses, "args": vars(args)}, str(state_path) + ".tmp")
+        Path(str(state_path) + ".tmp").replace(state_path)
+        export_ema(ema, args.out / "base_ema.safetensors")
+        recent = losses[-50:]
+        manifest = {
+            "command": "OMP_NUM_THREADS=1 python bench/minibench/mb_train_base.py " + " ".join(
+                a for a in (sys.argv[1:] if argv is None else argv)),
+            "seed": args.seed, "steps_done": step, "steps_target": args.steps, "batch": args.batch,
+            "lr": args.lr, "ema_decay": args.ema, "wall_time_s": round(wall, 1),
+            "loss_last50_mean": round(sum(recent) / max(len(recent), 1), 5),
+            "unet_config": mb_model.MINI_UNET_CONFIG,
+            "unet_parameters": sum(p.numel() for p in unet.parameters()),
+            "text_parameters": sum(p.numel() for p in text.parameters()),
+        }
+        (args.out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
+
+    t_start = time.time()
+    while step < args.steps:
+        t0 = time.time()
+        lr = args.lr * min(1.0, (step + 1) / 100) * (0.5 * (1 + math.cos(math.pi * step / args.steps)) * 0.9 + 0.1)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x0, ids, g = make_batch(step, args.seed, args.batch, text)
+        loss = diffusion_loss(unet, model, text, x0, ids, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, p in named.items():
+                ema[k].mul_(decay).add_(p.detach(), alpha=1 - decay)
+        losses.append(float(loss.detach()))
+        wall += time.time() - t0
+        if step % 20 == 0:
+            print(f"step {step} loss {sum(losses[-20:]) / 20:.4f} lr {lr:.2e} {wall:.0f}s", flush=True)
+        if step % args.save_every == 0 or step == args.steps:
+            save()
+        if args.time_limit and time.time() - t_start > args.time_limit:
+            save()
+            print(f"time limit reached at step {step}", flush=True)
+            break
+    if step >= args.steps and step % args.save_every:
+        save()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
