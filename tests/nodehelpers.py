@@ -39,20 +39,9 @@ MERGE_ID = "12"  # the ZipRankMerge node in every prompt built here
 # API prompts
 # ---------------------------------------------------------------------------------------------------
 
-def widget_defaults(host: comfyhost.Host, class_type: str) -> dict[str, Any]:
-    """Every widget default of a registered node, from its ``INPUT_TYPES()`` (API prompts give every widget)."""
-    spec = host.node_class_mappings[class_type].INPUT_TYPES()
-    out: dict[str, Any] = {}
-    for section in ("required", "optional"):
-        for name, entry in spec.get(section, {}).items():
-            if len(entry) > 1 and isinstance(entry[1], dict) and "default" in entry[1]:
-                out[name] = entry[1]["default"]
-    return out
-
-
 def node(host: comfyhost.Host, class_type: str, **inputs: Any) -> dict[str, Any]:
     """One API-prompt entry: the node's widget defaults overridden by ``inputs`` (links are [id, slot])."""
-    return {"class_type": class_type, "inputs": {**widget_defaults(host, class_type), **inputs}}
+    return {"class_type": class_type, "inputs": {**comfyhost.widget_defaults(host, class_type), **inputs}}
 
 
 def reference_nodes(host: comfyhost.Host) -> dict[str, dict]:

@@ -58,20 +58,11 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
 
-def widget_defaults(host, class_type: str) -> dict[str, Any]:
-    """Every widget default of a registered node (API prompts must give every widget)."""
-    spec = host.node_class_mappings[class_type].INPUT_TYPES()
-    out: dict[str, Any] = {}
-    for section in ("required", "optional"):
-        for name, entry in spec.get(section, {}).items():
-            if len(entry) > 1 and isinstance(entry[1], dict) and "default" in entry[1]:
-                out[name] = entry[1]["default"]
-    return out
-
-
 def build_prompt(host, method: str, seed: int, samples: int, ckpt: str, merge_steps: int,
                  sampler_steps: int, cfg: float, content_file: str, style_file: str) -> tuple[dict, dict]:
     """The API prompt of one (method, seed) run and the ids of its image / merge nodes."""
+    from comfyhost import widget_defaults  # devtools/ is on sys.path once mb_common is imported
+
     p: dict[str, dict] = {}
 
     def add(nid: str, cls: str, **inputs: Any) -> list:

@@ -21,6 +21,7 @@ if _MINIBENCH not in sys.path:
 
 import mb_model
 import mb_world
+from mb_lora import parse_spec
 
 MiniText = io.Custom("MINIBENCH_TEXT")
 _CACHE: dict[str, tuple] = {}
@@ -133,27 +134,6 @@ class MiniBenchToImage(io.ComfyNode):
     def execute(cls, samples: dict) -> io.NodeOutput:
         x = samples["samples"].float().clamp(-1, 1)
         return io.NodeOutput(((x + 1) / 2).permute(0, 2, 3, 1).contiguous())
-
-
-def parse_spec(spec: str) -> tuple[list[str], list[str]]:
-    """``"star:solid*5; circle:diagonal"`` → (shapes, textures); raises ValueError on unknown words."""
-    shapes: list[str] = []
-    textures: list[str] = []
-    for part in spec.split(";"):
-        part = part.strip()
-        if not part:
-            continue
-        pair, _, count = part.partition("*")
-        shape, _, texture = pair.partition(":")
-        shape, texture = shape.strip(), texture.strip()
-        if shape not in mb_world.SHAPES or texture not in mb_world.TEXTURES:
-            raise ValueError(f"unknown shape/texture in {part!r}")
-        n = int(count) if count.strip() else 1
-        shapes += [shape] * n
-        textures += [texture] * n
-    if not shapes:
-        raise ValueError("empty image spec")
-    return shapes, textures
 
 
 class MiniBenchExtension(ComfyExtension):
