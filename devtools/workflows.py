@@ -790,6 +790,32 @@ def _merge_inputs(b: WorkflowBuilder, merge: int, model: int, content: int, styl
             b.connect(src, "CONDITIONING", merge, name)
 
 
+def _save_and_report(b: WorkflowBuilder, merge: int, col: Column) -> tuple[int, int]:
+    """Save Merged LoRA and Merge Report on the merge's outputs."""
+    save_lora = b.add("DuoLoRA_SaveMergedLoRA", col, {"filename_prefix": "duolora/merged"}, width=320)
+    b.connect(merge, "merged_lora", save_lora, "merged_lora")
+    report = b.add("DuoLoRA_MergeReport", col, width=400, height=340)
+    b.connect(merge, "stats", report, "stats")
+    return save_lora, report
+
+
+def _apply_and_generate(b: WorkflowBuilder, merge: int, ckpt: int, cols: tuple[Column, Column],
+                        negative_title: str) -> list[int]:
+    """Apply Merged LoRA (MODEL + CLIP) -> prompts encoded by the patched CLIP -> sampler and SaveImage.
+
+    Returns the nodes of the "Generate with the merged LoRA" group."""
+    apply = b.add("DuoLoRA_ApplyMergedLoRA", cols[0], width=320)
+    b.connect(ckpt, "MODEL", apply, "model")
+    b.connect(ckpt, "CLIP", apply, "clip")
+    b.connect(merge, "merged_lora", apply, "merged_lora")
+    pos = _prompt(b, cols[0], P_CS, "Prompt (merged LoRA)")
+    b.connect(apply, "CLIP", pos, "clip")
+    neg = _prompt(b, cols[0], NEGATIVE, negative_title, negative=True)
+    b.connect(apply, "CLIP", neg, "clip")
+    latent, ks, save = _generate(b, apply, pos, neg, ckpt, cols, "duolora/merged")
+    return [apply, pos, neg, latent, ks, save]
+
+
 def workflow_with_reference_images(info: dict) -> dict:
     """Workflow 1: the paper's setting — reference images and prompts of both LoRAs."""
     b = WorkflowBuilder(info)
@@ -812,24 +838,13 @@ def workflow_with_reference_images(info: dict) -> dict:
     content, style = _loras(b, c3)
     merge = _merge(b, c4, "ZipRank Merge (DuoLoRA)")
     _merge_inputs(b, merge, ckpt, content, style, (enc_c, "LATENT", enc_s, "LATENT"), (p_c, p_s, p_cs))
-    save_lora = b.add("DuoLoRA_SaveMergedLoRA", c3, {"filename_prefix": "duolora/merged"}, width=320)
-    b.connect(merge, "merged_lora", save_lora, "merged_lora")
-    report = b.add("DuoLoRA_MergeReport", c3, width=400, height=340)
-    b.connect(merge, "stats", report, "stats")
-    apply = b.add("DuoLoRA_ApplyMergedLoRA", c5, width=320)
-    b.connect(ckpt, "MODEL", apply, "model")
-    b.connect(ckpt, "CLIP", apply, "clip")
-    b.connect(merge, "merged_lora", apply, "merged_lora")
-    pos = _prompt(b, c5, P_CS, "Prompt (merged LoRA)")
-    b.connect(apply, "CLIP", pos, "clip")
-    neg = _prompt(b, c5, NEGATIVE, "Negative prompt", negative=True)
-    b.connect(apply, "CLIP", neg, "clip")
-    latent, ks, save = _generate(b, apply, pos, neg, ckpt, (c5, c6), "duolora/merged")
+    save_lora, report = _save_and_report(b, merge, c3)
+    generate = _apply_and_generate(b, merge, ckpt, (c5, c6), "Negative prompt")
     b.group("Base model", [ckpt], GROUP_COLOURS["model"])
     b.group("Reference images", ref_nodes, GROUP_COLOURS["refs"])
     b.group("Prompts of the two LoRAs", [p_c, p_s, p_cs], GROUP_COLOURS["prompts"])
     b.group("DuoLoRA merge", [content, style, merge, save_lora, report], GROUP_COLOURS["merge"])
-    b.group("Generate with the merged LoRA", [apply, pos, neg, latent, ks, save], GROUP_COLOURS["out"])
+    b.group("Generate with the merged LoRA", generate, GROUP_COLOURS["out"])
     return b.build(WORKFLOW_NAMES[0])
 
 
@@ -880,22 +895,11 @@ def workflow_without_training_images(info: dict) -> dict:
     _merge_inputs(b, merge, ckpt, content, style,
                   (rows["content"][3], "LATENT", rows["style"][3], "LATENT"),
                   (rows["content"][1], rows["style"][1], p_cs))
-    save_lora = b.add("DuoLoRA_SaveMergedLoRA", c5, {"filename_prefix": "duolora/merged"}, width=320)
-    b.connect(merge, "merged_lora", save_lora, "merged_lora")
-    report = b.add("DuoLoRA_MergeReport", c5, width=400, height=340)
-    b.connect(merge, "stats", report, "stats")
-    apply = b.add("DuoLoRA_ApplyMergedLoRA", c6, width=320)
-    b.connect(ckpt, "MODEL", apply, "model")
-    b.connect(ckpt, "CLIP", apply, "clip")
-    b.connect(merge, "merged_lora", apply, "merged_lora")
-    pos = _prompt(b, c6, P_CS, "Prompt (merged LoRA)")
-    b.connect(apply, "CLIP", pos, "clip")
-    neg2 = _prompt(b, c6, NEGATIVE, "Negative prompt (merged LoRA)", negative=True)
-    b.connect(apply, "CLIP", neg2, "clip")
-    latent, ks, save = _generate(b, apply, pos, neg2, ckpt, (c6, c7), "duolora/merged")
+    save_lora, report = _save_and_report(b, merge, c5)
+    generate = _apply_and_generate(b, merge, ckpt, (c6, c7), "Negative prompt (merged LoRA)")
     b.group("Base model and shared prompts", [ckpt, neg, p_cs], GROUP_COLOURS["model"])
     b.group("DuoLoRA merge", [merge, save_lora, report], GROUP_COLOURS["merge"])
-    b.group("Generate with the merged LoRA", [apply, pos, neg2, latent, ks, save], GROUP_COLOURS["out"])
+    b.group("Generate with the merged LoRA", generate, GROUP_COLOURS["out"])
     return b.build(WORKFLOW_NAMES[1])
 
 
