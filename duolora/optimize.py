@@ -21,7 +21,8 @@ from .objective import Denoiser, DuoLoRAObjective, References
 from .priors import PRIOR_LOSS_KINDS, prior_init
 from .sdxl import PRESET_NAMES, preset_roles
 
-OBJECTIVES: tuple[str, ...] = ("paper", "layerwise", "weights_only")
+# "layerwise_paper": the layer-wise solve (duolora.fast) as the starting point of ``steps`` paper steps.
+OBJECTIVES: tuple[str, ...] = ("paper", "layerwise", "weights_only", "layerwise_paper")
 
 ProgressCallback = Callable[[int, int, dict[str, float]], None]
 

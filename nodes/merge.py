@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -26,9 +27,10 @@ from .types import (
     SourceLoRAType,
 )
 
-MODES = ("paper", "layerwise", "weights")
+MODES = ("paper", "layerwise", "weights", "layerwise+paper")
 # The node's mode names -> MergeConfig.objective.
-_OBJECTIVES = {"paper": "paper", "layerwise": "layerwise", "weights": "weights_only"}
+_OBJECTIVES = {"paper": "paper", "layerwise": "layerwise", "weights": "weights_only",
+               "layerwise+paper": "layerwise_paper"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DEFAULTS = MergeConfig()
 
@@ -72,7 +74,9 @@ class ZipRankMerge(io.ComfyNode):
                                        "(needs the reference latents and prompts). layerwise: one forward "
                                        "pass per reference, then a per-layer solve (needs the content/style "
                                        "latents and prompts; seconds). weights: from the two LoRAs alone "
-                                       "(no latents or prompts needed)."),
+                                       "(no latents or prompts needed). layerwise+paper: the layer-wise "
+                                       "solve replaces the prior initialisation, then `steps` paper steps "
+                                       "(5–10 recover most of paper mode's gain; needs what paper needs)."),
                 io.Combo.Input("method", options=list(METHODS), default=d.method,
                                tooltip="ziprank: DuoLoRA's rank masks. ziplora_out / ziplora_in: ZipLoRA's "
                                        "per-column masks. direct: plain sum. b_lora: B-LoRA's two blocks."),
@@ -147,12 +151,15 @@ class ZipRankMerge(io.ComfyNode):
             lambda_cyc=float(lambda_cyc), lambda_rev=float(lambda_rev), lambda_prior=float(lambda_prior),
             lambda_sim=None if lambda_sim < 0 else float(lambda_sim), prune_threshold=float(prune_threshold),
         )
+        if mode == "layerwise+paper":
+            # The layer-wise solve is the starting point: the prior initialisation would overwrite it.
+            config = dataclasses.replace(config, prior_init=False)
         layout = bridge.model_layout(model)
         content, style = content_lora.lora, style_lora.lora
         for src in (content_lora, style_lora):
             bridge.validate_for_model(src.lora, model)
         if mode != "paper":
-            fast.check_method(method, mode)
+            fast.check_method(method, mode.split("+")[0])
         merger = build_merger(method, content, style, config)
         needs_references = bool(merger.mask_parameters()) and config.steps > 0
         peak = bridge.PeakMemory(bridge.execution_device(model))
@@ -166,6 +173,20 @@ class ZipRankMerge(io.ComfyNode):
                 result = _run_paper(model, merger, config, content_latents, style_latents, content_prompt,
                                     style_prompt, combined_prompt, gradient_checkpointing, compute_dtype,
                                     cls.hidden.unique_id)
+            elif mode == "layerwise+paper" and merger.mask_parameters():
+                if config.steps > 0 and config.constyle_iterations > 0 and combined_prompt is None:
+                    raise ValueError(
+                        "ZipRank Merge in 'layerwise+paper' mode runs paper steps with the Constyle cycle loss; "
+                        "connect combined_prompt (CLIP Text Encode of e.g. 'a sks dog in zwz style'), or set "
+                        "constyle_iterations to 0."
+                    )
+                result = _run_layerwise(model, merger, config, content_latents, style_latents, content_prompt,
+                                        style_prompt, compute_dtype, cls.hidden.unique_id, mode)
+                if config.steps > 0:
+                    result = _run_paper(model, merger, dataclasses.replace(config, objective="paper"),
+                                        content_latents, style_latents, content_prompt, style_prompt,
+                                        combined_prompt, gradient_checkpointing, compute_dtype,
+                                        cls.hidden.unique_id)
             else:
                 result = MergeResult(merger=merger)
         merged_lora = merger.export(config.prune_threshold)
@@ -223,7 +244,7 @@ def _run_paper(model, merger, config: MergeConfig, content_latents, style_latent
 
 
 def _run_layerwise(model, merger, config: MergeConfig, content_latents, style_latents, content_prompt,
-                   style_prompt, compute_dtype: str, node_id: str | None) -> MergeResult:
+                   style_prompt, compute_dtype: str, node_id: str | None, mode: str = "layerwise") -> MergeResult:
     """Layer-wise mode: one no-grad forward per reference records each layer's input statistics, then the
     engine solves every layer's masks (duolora.fast)."""
     missing = [name for name, value in (
@@ -231,7 +252,7 @@ def _run_layerwise(model, merger, config: MergeConfig, content_latents, style_la
         ("content_prompt", content_prompt), ("style_prompt", style_prompt)) if value is None]
     if missing:
         raise ValueError(
-            f"ZipRank Merge in 'layerwise' mode records the model's activations on your references; connect "
+            f"ZipRank Merge in {mode!r} mode records the model's activations on your references; connect "
             f"{', '.join(missing)} (VAE Encode of your content and style images, CLIP Text Encode of the "
             f"prompts), or choose mode 'weights' to merge from the LoRAs alone."
         )
