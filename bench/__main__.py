@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="B2: timed steps per median (after one warm-up)")
     parser.add_argument("--paper-steps", type=int, default=100, help="B3: paper mode and ZipLoRA steps")
     parser.add_argument("--draws", type=int, default=16, help="B3: held-out (σ, ε) draws")
+    parser.add_argument("--no-sdxl-shapes", dest="sdxl_shapes", action="store_false",
+                        help="B2: skip the full-size SDXL projection and transformer-block timings (~8 min)")
     parser.add_argument("--json", default=None, help="also write the raw results to this JSON file")
     args = parser.parse_args(argv)
     which = list(dict.fromkeys(args.which or ["b1", "b2", "b3"]))
@@ -51,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
 
             results["b2"] = b2_step.run(setup, steps=args.steps)
             print(b2_step.report(results["b2"]), flush=True)
+            if args.sdxl_shapes:
+                from . import b2_sdxl
+
+                results["b2_sdxl_projections"] = b2_sdxl.run()
+                print(b2_sdxl.report(results["b2_sdxl_projections"]), flush=True)
+                results["b2_sdxl_blocks"] = b2_sdxl.run_blocks()
+                print(b2_sdxl.report_blocks(results["b2_sdxl_blocks"]), flush=True)
         if "b3" in which:
             from . import b3_fidelity
 
