@@ -33,9 +33,12 @@ def smoke_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_base_training_resumes_and_writes_manifest(smoke_dir: Path) -> None:
     manifest = json.loads((smoke_dir / "MANIFEST.json").read_text())
-    # Two steps, then the same command with --steps 3 resumed from the checkpoint.
-    assert manifest["steps_done"] == 3
+    # Two steps, the same command with --steps 3 resumed from the checkpoint, then (resume state deleted)
+    # a fourth step continued from the exported EMA weights, which the manifest's history records.
+    assert manifest["steps_done"] == 4
     assert manifest["seed"] == 0
+    assert manifest["history"][-1].startswith("step 3: continued from these steps' EMA weights")
+    assert "--init-from" in manifest["command"]
     assert (smoke_dir / "base_ema.safetensors").stat().st_size < 20 * 2**20
 
 
@@ -64,9 +67,17 @@ def test_loras_are_ordinary_kohya_files(smoke_dir: Path) -> None:
 @pytest.mark.slow
 def test_comparison_table_through_the_executor(smoke_dir: Path) -> None:
     summary = json.loads((smoke_dir / "results" / "summary.json").read_text())
-    assert set(summary) == {"base (no LoRA)", "direct merge", "DuoLoRA (+ Constyle)", "fast: weights-only"}
+    assert set(summary) == {"base (no LoRA)", "direct merge", "DuoLoRA (+ Constyle)", "DuoLoRA, prior roles swapped",
+                            "fast: weights-only", "layer-wise + 10 % paper steps"}
+    # 10 % of the smoke run's single paper step rounds up to one step after the layer-wise solve.
+    assert summary["layer-wise + 10 % paper steps"]["merge_steps_done"] == [1]
     # ZipRank learns one mask entry per rank component and LoRA: 88 layers × (8 + 8).
     assert summary["DuoLoRA (+ Constyle)"]["trainable_parameters"] == [88 * 16]
+    # The diagnostic row runs the paper preset with content and style exchanged, block for block.
+    swapped = sdxl.parse_custom_preset(summary["DuoLoRA, prior roles swapped"]["merge_widgets"][0]["custom_prior"])
+    paper = sdxl.PRESETS["paper"]
+    assert set(swapped) == set(paper) and len(paper) == 11
+    assert all(swapped[b] != paper[b] for b in paper)
     assert summary["direct merge"]["trainable_parameters"] == [0]
     for rec in summary.values():
         for key in ("target_content_hit", "target_style_hit", "target_both_hit"):
@@ -75,5 +86,20 @@ def test_comparison_table_through_the_executor(smoke_dir: Path) -> None:
     table = (smoke_dir / "results" / "table.md").read_text()
     rows = table.strip().splitlines()[2:]  # after the header and the separator
     assert [r.split(" | ")[0] for r in rows] == [
-        "| base (no LoRA)", "| direct merge", "| DuoLoRA (+ Constyle)", "| fast: weights-only"]
+        "| base (no LoRA)", "| direct merge", "| DuoLoRA (+ Constyle)", "| DuoLoRA, prior roles swapped",
+        "| fast: weights-only", "| layer-wise + 10 % paper steps"]
     assert (smoke_dir / "results" / "grid.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_classifiers_are_a_plain_safetensors_file(smoke_dir: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(smoke_dir / "classifiers.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+        assert f.metadata() == {"format": "minibench-classifiers"}
+    kinds = {k.split(".", 1)[0] for k in keys}
+    assert kinds == {"shape", "texture"}
+    # The same network twice (7 classes each): equal key sets under each prefix.
+    assert sorted(k[len("shape."):] for k in keys if k.startswith("shape.")) == sorted(
+        k[len("texture."):] for k in keys if k.startswith("texture."))

@@ -125,11 +125,34 @@ def accuracy(net: SmallCNN, kind: str, n: int = 700, seed: int = 123, corrupt: b
     return float((net(x).argmax(1) == y).float().mean())
 
 
-class Scorer:
-    """Both classifiers, loaded from ``classifiers.pt``: labels, hit tests and reference cosines."""
+CLASSIFIERS = mb_common.CHECKPOINTS / "classifiers.safetensors"
 
-    def __init__(self, path: Path = mb_common.CHECKPOINTS / "classifiers.pt") -> None:
-        st = torch.load(path, weights_only=True)
+
+def save_classifiers(nets: dict[str, torch.nn.Module], path: Path) -> None:
+    """Both state dicts in one safetensors file (keys ``shape.*`` / ``texture.*``): plain tensors, no pickle,
+    small enough (< 1 MB) to commit so every clone scores with the same validated classifiers."""
+    import safetensors.torch
+
+    flat = {f"{k}.{name}": t.detach().contiguous() for k, net in nets.items() for name, t in net.state_dict().items()}
+    safetensors.torch.save_file(flat, str(path), metadata={"format": "minibench-classifiers"})
+
+
+def load_classifiers(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """{"shape": state_dict, "texture": state_dict} from :func:`save_classifiers`' file."""
+    import safetensors.torch
+
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in safetensors.torch.load_file(str(path)).items():
+        kind, name = key.split(".", 1)
+        out.setdefault(kind, {})[name] = t
+    return out
+
+
+class Scorer:
+    """Both classifiers, loaded from ``classifiers.safetensors``: labels, hit tests and reference cosines."""
+
+    def __init__(self, path: Path = CLASSIFIERS) -> None:
+        st = load_classifiers(path)
         self.shape = SmallCNN(len(mb_world.SHAPES))
         self.texture = SmallCNN(len(mb_world.TEXTURES))
         self.shape.load_state_dict(st["shape"])
@@ -157,13 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Train the MiniBench shape/texture classifiers.")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=mb_common.CHECKPOINTS / "classifiers.pt")
+    ap.add_argument("--out", type=Path, default=CLASSIFIERS)
     ap.add_argument("--kinds", nargs="+", default=["shape", "texture"], help="which classifiers to (re)train")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.time()
     nets = {}
-    previous = torch.load(args.out, weights_only=True) if args.out.exists() else {}
+    previous = load_classifiers(args.out) if args.out.exists() else {}
     for k in ("shape", "texture"):
         if k in args.kinds or k not in previous:
             nets[k] = train(k, args.steps, args.seed)
@@ -179,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     report["wall_time_s"] = round(time.time() - t0, 1)
     report["steps"] = args.steps
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: n.state_dict() for k, n in nets.items()}, args.out)
+    save_classifiers(nets, args.out)
     (args.out.with_suffix(".json")).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report))
     return 0

@@ -35,6 +35,17 @@ EVAL_PROMPTS: dict[str, tuple[str, str, str]] = {
 CONTENT_PROMPT = mb_world.caption(GLYPH, "solid")
 STYLE_PROMPT = mb_world.caption("circle", TEXTURE)
 
+def _swapped_paper_prior() -> str:
+    """The ``paper`` preset with the roles exchanged (content = 16×16 blocks, style = 8×8 blocks), as a
+    ``custom_prior`` spec: a diagnostic row for where this world keeps its textures."""
+    from duolora.sdxl import CONTENT, PRESETS, STYLE
+
+    paper = PRESETS["paper"]
+    parts = [f"{role}: " + ", ".join(b for b, r in paper.items() if r == other)
+             for role, other in ((CONTENT, STYLE), (STYLE, CONTENT))]
+    return "; ".join(parts)
+
+
 _PRIORS_OFF = {"prior_preset": "none", "prior_init": False, "prior_loss": False, "constyle_iterations": 0}
 _PRIORS_ON = {"prior_preset": "paper", "prior_init": True, "prior_loss": True}
 # Method name → ZipRankMerge widgets (None: no merge node; "content_only"/"style_only" apply one LoRA).
@@ -49,8 +60,12 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "ZipRank": {"mode": "paper", "method": "ziprank", **_PRIORS_OFF},
     "ZipRank + priors": {"mode": "paper", "method": "ziprank", **_PRIORS_ON, "constyle_iterations": 0},
     "DuoLoRA (+ Constyle)": {"mode": "paper", "method": "ziprank", **_PRIORS_ON, "constyle_iterations": 1},
+    "DuoLoRA, prior roles swapped": {"mode": "paper", "method": "ziprank", **_PRIORS_ON, "prior_preset": "custom",
+                                     "custom_prior": _swapped_paper_prior(), "constyle_iterations": 1},
     "fast: weights-only": {"mode": "weights", "method": "ziprank", **_PRIORS_ON, "constyle_iterations": 0},
     "fast: layer-wise": {"mode": "layerwise", "method": "ziprank", **_PRIORS_ON, "constyle_iterations": 0},
+    "layer-wise + 10 % paper steps": {"mode": "layerwise+paper", "method": "ziprank", **_PRIORS_ON,
+                                      "constyle_iterations": 1, "steps_fraction": 0.1},
 }
 
 
@@ -82,9 +97,13 @@ def build_prompt(host, method: str, seed: int, samples: int, ckpt: str, merge_st
         add("pc", "MiniBenchTextEncode", text_encoder=text, prompt=CONTENT_PROMPT)
         add("ps", "MiniBenchTextEncode", text_encoder=text, prompt=STYLE_PROMPT)
         add("pcs", "MiniBenchTextEncode", text_encoder=text, prompt=EVAL_PROMPTS["target"][0])
+        widgets = dict(widgets)
+        # A row may run a fraction of the paper's steps (the layer-wise start + 10 % of them).
+        steps = max(1, round(merge_steps * widgets.pop("steps_fraction"))) if "steps_fraction" in widgets \
+            else merge_steps
         add("merge", "DuoLoRA_ZipRankMerge", model=model, content_lora=["lc", 0], style_lora=["ls", 0],
             content_latents=["xc", 0], style_latents=["xs", 0], content_prompt=["pc", 0],
-            style_prompt=["ps", 0], combined_prompt=["pcs", 0], steps=merge_steps, seed=seed,
+            style_prompt=["ps", 0], combined_prompt=["pcs", 0], steps=steps, seed=seed,
             compute_dtype="fp32", lora_dtype="fp32", gradient_checkpointing=False, **widgets)
         add("apply", "DuoLoRA_ApplyMergedLoRA", model=model, merged_lora=["merge", 0], strength_model=1.0,
             strength_clip=0.0)
@@ -161,6 +180,7 @@ def run(args: argparse.Namespace) -> dict:
                 rec["trainable_parameters"] = int(stats.trainable_parameters)
                 rec["merge_wall_s"] = round(float(stats.wall_seconds), 2)
                 rec["merge_steps_done"] = int(stats.steps_done)
+                rec["merge_widgets"] = METHODS[method]
             torch.save({k: v[:8].clone() for k, v in images.items()}, runs_dir / f"{slug(method)}_s{seed}.pt")
             path.write_text(json.dumps(rec, indent=1) + "\n")
             print(f"{method} seed {seed}: target both {rec['target_both_hit']:.2f} "
@@ -224,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="*", default=[], help="subset (names or slugs); default all")
     ap.add_argument("--ckpt", type=Path, default=mb_common.CHECKPOINTS / "base_ema.safetensors")
     ap.add_argument("--loras", type=Path, default=mb_common.CHECKPOINTS)
-    ap.add_argument("--classifiers", type=Path, default=mb_common.CHECKPOINTS / "classifiers.pt")
+    ap.add_argument("--classifiers", type=Path, default=mb_common.CHECKPOINTS / "classifiers.safetensors")
     ap.add_argument("--out", type=Path, default=mb_common.RESULTS)
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args(argv)

@@ -58,6 +58,20 @@ def export_ema(ema: dict[str, torch.Tensor], path: Path) -> None:
     safetensors.torch.save_file({k: v.contiguous() for k, v in ema.items()}, str(path))
 
 
+def init_from_ema(path: Path, unet: torch.nn.Module, text: torch.nn.Module) -> tuple[int, float, list[str]]:
+    """Load EMA weights written by :func:`export_ema`; return (step, wall time, history) from its MANIFEST."""
+    import safetensors.torch
+
+    sd = safetensors.torch.load_file(str(path))
+    unet.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("unet.")})
+    text.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("text.")})
+    manifest = json.loads((path.parent / "MANIFEST.json").read_text())
+    history = list(manifest.get("history", []))
+    history.append(f"step {manifest['steps_done']}: continued from these steps' EMA weights (fresh Adam state, "
+                   "100-step re-warm-up) by the command above")
+    return int(manifest["steps_done"]), float(manifest["wall_time_s"]), history
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3000)
@@ -68,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--out", type=Path, default=mb_common.CHECKPOINTS)
     ap.add_argument("--time-limit", type=float, default=0.0, help="stop (with a checkpoint) after this many s")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="when no base_state.pt exists: continue from these EMA weights (base_ema.safetensors) at "
+                         "the step recorded in MANIFEST.json, with a fresh optimiser and a 100-step re-warm-up")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -88,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
              **{f"text.{k}": p for k, p in text.named_parameters()}}
     ema = {k: p.detach().clone() for k, p in named.items()}
     step, wall, losses = 0, 0.0, []
+    warm_start, history = 0, []
     if state_path.exists():
         st = torch.load(state_path, weights_only=False)
         unet.load_state_dict(st["unet"])
@@ -95,11 +113,18 @@ def main(argv: list[str] | None = None) -> int:
         opt.load_state_dict(st["opt"])
         ema = st["ema"]
         step, wall, losses = st["step"], st["wall"], st["losses"]
+        warm_start, history = st.get("warm_start", 0), st.get("history", [])
         print(f"resumed at step {step} ({wall:.0f} s so far)", flush=True)
+    elif args.init_from is not None:
+        step, wall, history = init_from_ema(args.init_from, unet, text)
+        ema = {k: p.detach().clone() for k, p in named.items()}
+        warm_start = step
+        print(f"continuing from the EMA weights of step {step} in {args.init_from}", flush=True)
 
     def save() -> None:
         torch.save({"unet": unet.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(), "ema": ema,
-                    "step": step, "wall": wall, "losses": losses, "args": vars(args)}, str(state_path) + ".tmp")
+                    "step": step, "wall": wall, "losses": losses, "args": vars(args),
+                    "warm_start": warm_start, "history": history}, str(state_path) + ".tmp")
         Path(str(state_path) + ".tmp").replace(state_path)
         export_ema(ema, args.out / "base_ema.safetensors")
         recent = losses[-50:]
@@ -113,12 +138,15 @@ def main(argv: list[str] | None = None) -> int:
             "unet_parameters": sum(p.numel() for p in unet.parameters()),
             "text_parameters": sum(p.numel() for p in text.parameters()),
         }
+        if history:
+            manifest["history"] = history
         (args.out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
     t_start = time.time()
     while step < args.steps:
         t0 = time.time()
-        lr = args.lr * min(1.0, (step + 1) / 100) * (0.5 * (1 + math.cos(math.pi * step / args.steps)) * 0.9 + 0.1)
+        warm = min(1.0, (step - warm_start + 1) / 100)
+        lr = args.lr * warm * (0.5 * (1 + math.cos(math.pi * step / args.steps)) * 0.9 + 0.1)
         for group in opt.param_groups:
             group["lr"] = lr
         x0, ids, g = make_batch(step, args.seed, args.batch, text)

@@ -7,7 +7,8 @@ The first call samples ``--per`` images for each of the 36 (shape, texture) pair
 DDIM + CFG and writes results/validation/grid.png (row = prompted shape, columns = prompted textures,
 ``--per`` images each, in the order of mb_world.BASE_TEXTURES) and predictions.json. A person then looks at
 the grid and writes hand_labels.json: {"shape": [...], "texture": [...]} in the same order, with "?" for
-unreadable images; the second call reports classifier-vs-hand agreement on the readable ones.
+unreadable images; the second call re-scores the stored samples (samples.safetensors) with ``--classifiers``
+and reports classifier-vs-hand agreement on the readable ones.
 """
 
 from __future__ import annotations
@@ -21,11 +22,26 @@ import mb_model
 import mb_world
 import torch
 
+SAMPLES = "samples.safetensors"
+
+
+def save_samples(x: torch.Tensor, path: Path) -> None:
+    """The validation images (float32, [-1, 1]) so later classifiers can be re-checked on the same hand labels."""
+    import safetensors.torch
+
+    safetensors.torch.save_file({"samples": x.float().contiguous()}, str(path))
+
+
+def load_samples(path: Path) -> torch.Tensor:
+    import safetensors.torch
+
+    return safetensors.torch.load_file(str(path))["samples"]
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Validate base model and classifiers on generated samples.")
     ap.add_argument("--ckpt", type=Path, default=mb_common.CHECKPOINTS / "base_ema.safetensors")
-    ap.add_argument("--classifiers", type=Path, default=mb_common.CHECKPOINTS / "classifiers.pt")
+    ap.add_argument("--classifiers", type=Path, default=mb_common.CHECKPOINTS / "classifiers.safetensors")
     ap.add_argument("--out", type=Path, default=mb_common.RESULTS / "validation")
     ap.add_argument("--per", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
@@ -38,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     pred_path = args.out / "predictions.json"
     if args.labels is not None:
         pred = json.loads(pred_path.read_text())
+        if (args.out / SAMPLES).exists():
+            # Score the stored samples with the classifiers given now (the hand labels stay valid).
+            import mb_classify
+
+            pred["shape"], pred["texture"] = mb_classify.Scorer(args.classifiers).predict(
+                load_samples(args.out / SAMPLES))
+            pred_path.write_text(json.dumps(pred, indent=1) + "\n")
         hand = json.loads(args.labels.read_text())
         report = {}
         for kind in ("shape", "texture"):
@@ -70,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                 "shape": sum(a == b for a, b in zip(ps, shapes, strict=True)) / len(ps),
                 "texture": sum(a == b for a, b in zip(pt, textures, strict=True)) / len(pt)}}
     pred_path.write_text(json.dumps(pred, indent=1) + "\n")
-    torch.save(x, args.out / "samples.pt")
+    save_samples(x, args.out / SAMPLES)
     print(json.dumps(pred["classifier_prompt_following"]))
     return 0
 

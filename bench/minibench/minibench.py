@@ -5,7 +5,7 @@
 
 Stages (each skipped when its output exists, so an interrupted run continues where it stopped):
 1. base model (checkpoints/base_ema.safetensors; mb_train_base.py, resumable),
-2. classifiers (checkpoints/classifiers.pt; mb_classify.py),
+2. classifiers (checkpoints/classifiers.safetensors; mb_classify.py),
 3. content and style LoRAs (checkpoints/minibench_*.safetensors; mb_lora.py),
 4. the comparison through the real ComfyUI executor (results/; mb_compare.py, cached per method and seed).
 """
@@ -32,12 +32,12 @@ def full(args: argparse.Namespace) -> int:
         mb_train_base.main(["--steps", str(args.base_steps), "--lr", "8e-4", "--out", str(ck)])
     manifest = json.loads((ck / "MANIFEST.json").read_text()) if (ck / "MANIFEST.json").exists() else {}
     print(f"base model: {base} ({manifest.get('steps_done', '?')} steps, seed {manifest.get('seed', '?')})")
-    if not (ck / "classifiers.pt").exists():
-        mb_classify.main(["--steps", "800", "--out", str(ck / "classifiers.pt")])
+    if not (ck / "classifiers.safetensors").exists():
+        mb_classify.main(["--steps", "1000", "--out", str(ck / "classifiers.safetensors")])
     mb_lora.main(["--steps", str(args.lora_steps), "--ckpt", str(base), "--out", str(ck)])
     cmp_args = ["--seeds", *map(str, args.seeds), "--samples", str(args.samples), "--merge-steps",
                 str(args.merge_steps), "--sampler-steps", str(args.sampler_steps), "--ckpt", str(base),
-                "--loras", str(ck), "--classifiers", str(ck / "classifiers.pt"), "--out", str(args.results)]
+                "--loras", str(ck), "--classifiers", str(ck / "classifiers.safetensors"), "--out", str(args.results)]
     if args.methods:
         cmp_args += ["--methods", *args.methods]
     return mb_compare.main(cmp_args)
@@ -54,13 +54,17 @@ def smoke(out: Path) -> int:
     # Two steps, then resume for a third: exercises the checkpoint/resume path.
     mb_train_base.main(["--steps", "2", "--batch", "4", "--save-every", "1", "--out", str(out)])
     mb_train_base.main(["--steps", "3", "--batch", "4", "--save-every", "1", "--out", str(out)])
-    mb_classify.main(["--steps", "3", "--out", str(out / "classifiers.pt")])
+    # Without the resume state: continue from the exported EMA weights (how a fresh clone trains on).
+    (out / "base_state.pt").unlink()
+    mb_train_base.main(["--steps", "4", "--batch", "4", "--save-every", "1", "--out", str(out),
+                        "--init-from", str(out / "base_ema.safetensors")])
+    mb_classify.main(["--steps", "3", "--out", str(out / "classifiers.safetensors")])
     mb_lora.main(["--steps", "2", "--ckpt", str(out / "base_ema.safetensors"), "--out", str(out)])
     return mb_compare.main(["--seeds", "0", "--samples", "2", "--merge-steps", "1", "--sampler-steps", "2",
                             "--ckpt", str(out / "base_ema.safetensors"), "--loras", str(out),
-                            "--classifiers", str(out / "classifiers.pt"), "--out", str(out / "results"),
+                            "--classifiers", str(out / "classifiers.safetensors"), "--out", str(out / "results"),
                             "--methods", "base (no LoRA)", "direct merge", "DuoLoRA (+ Constyle)",
-                            "fast: weights-only"])
+                            "DuoLoRA, prior roles swapped", "fast: weights-only", "layer-wise + 10 % paper steps"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--results", type=Path, default=mb_common.RESULTS)
         p.add_argument("--train-base", action="store_true", help="(continue) training the base model")
         p.add_argument("--base-steps", type=int, default=3000)
-        p.add_argument("--lora-steps", type=int, default=400)
+        p.add_argument("--lora-steps", type=int, default=800)
         p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-        p.add_argument("--samples", type=int, default=16)
+        p.add_argument("--samples", type=int, default=32)
         p.add_argument("--merge-steps", type=int, default=100)
         p.add_argument("--sampler-steps", type=int, default=20)
         p.add_argument("--methods", nargs="*", default=[])

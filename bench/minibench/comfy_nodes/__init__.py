@@ -49,14 +49,25 @@ class MiniBenchCheckpoint(io.ComfyNode):
             node_id="MiniBenchCheckpoint",
             display_name="MiniBench checkpoint (bench)",
             category="duolora/bench",
-            inputs=[io.String.Input("ckpt_path", default="", tooltip="Path of a MiniBench base_ema.safetensors")],
+            inputs=[io.String.Input("ckpt_path", default="", tooltip="Path of a MiniBench base_ema.safetensors"),
+                    io.Boolean.Input("clip_denoised", default=True,
+                                     tooltip="Clamp each step's denoised image to [-1, 1] (x0 clipping, as the "
+                                             "DDIM sampler that validated the classifiers does)")],
             outputs=[io.Model.Output(display_name="MODEL"), MiniText.Output(display_name="TEXT")],
         )
 
     @classmethod
-    def execute(cls, ckpt_path: str) -> io.NodeOutput:
+    def execute(cls, ckpt_path: str, clip_denoised: bool = True) -> io.NodeOutput:
         patcher, text = _load(ckpt_path)
+        if clip_denoised:
+            # A pixel-space model: the denoised estimate is an image in [-1, 1]; samplers get it clamped
+            # (ComfyUI's post-CFG hook, applied identically for every method of the comparison).
+            patcher.set_model_sampler_post_cfg_function(_clip_denoised)
         return io.NodeOutput(patcher, text)
+
+
+def _clip_denoised(args: dict) -> torch.Tensor:
+    return args["denoised"].clamp(-1.0, 1.0)
 
 
 class MiniBenchTextEncode(io.ComfyNode):
