@@ -73,6 +73,20 @@ def _step(module: nn.Linear, x: dict[int, torch.Tensor], adapter: Any) -> None:
         out.backward(torch.ones_like(out))
 
 
+def _merger(wanted: set[str], rank: int) -> Any:
+    """The ZipRank merger of a seeded synthetic rank-``rank`` pair, restricted to the ``wanted`` layers."""
+    from duolora.lora import LoRA
+    from duolora.mergers import build_merger
+    from duolora.synthetic import synthetic_lora
+
+    pair = []
+    for seed in (1, 2):
+        full = synthetic_lora(rank=rank, seed=seed, decay=0.97)
+        pair.append(LoRA(layers={n: lr for n, lr in full.layers.items() if n in wanted}, source=f"synthetic-{seed}"))
+        del full
+    return build_merger("ziprank", *pair)
+
+
 def _paired(step: Any, make_adapter: Any, merger: Any, repeats: int) -> dict[str, float]:
     """Median seconds of ``step(None)`` (static) and ``step(adapter)``, interleaved run by run so that slow
     drifts of a shared machine hit both alike; one warm-up of each first."""
@@ -95,19 +109,11 @@ def _paired(step: Any, make_adapter: Any, merger: Any, repeats: int) -> dict[str
 
 def run(image: int = 1024, rank: int = 64, repeats: int = 5) -> dict[str, Any]:
     from duolora.adapter import Adapter
-    from duolora.lora import LoRA
-    from duolora.mergers import build_merger
-    from duolora.synthetic import synthetic_lora
 
     torch.manual_seed(0)
     counts, names = _classes(image)
     wanted = set(names.values())
-    pair = []
-    for seed in (1, 2):
-        full = synthetic_lora(rank=rank, seed=seed, decay=0.97)
-        pair.append(LoRA(layers={n: lr for n, lr in full.layers.items() if n in wanted}, source=f"synthetic-{seed}"))
-        del full
-    merger = build_merger("ziprank", *pair)
+    merger = _merger(wanted, rank)
     rows = []
     for key, count in sorted(counts.items()):
         in_f, out_f, tokens = key
@@ -138,22 +144,14 @@ def run_blocks(image: int = 1024, rank: int = 64, repeats: int = 3) -> dict[str,
     from comfy.ldm.modules.attention import BasicTransformerBlock
 
     from duolora.adapter import Adapter
-    from duolora.lora import LoRA
-    from duolora.mergers import build_merger
     from duolora.sdxl import ATTENTION_PROJECTIONS
-    from duolora.synthetic import synthetic_lora
 
     latent = image // 8
     # (width, tokens, how many of SDXL's 70 transformer blocks): 2 × 5 at 640, 10 × 6 at 1280.
     levels = ((640, (latent // 2) ** 2, 10), (1280, (latent // 4) ** 2, 60))
     prefixes = {w: _block_prefix(w) for w, _, _ in levels}
     wanted = {f"{prefixes[w]}.attn{i}.{proj}" for w, _, _ in levels for i in (1, 2) for proj in ATTENTION_PROJECTIONS}
-    pair = []
-    for seed in (1, 2):
-        full = synthetic_lora(rank=rank, seed=seed, decay=0.97)
-        pair.append(LoRA(layers={n: lr for n, lr in full.layers.items() if n in wanted}, source=f"synthetic-{seed}"))
-        del full
-    merger = build_merger("ziprank", *pair)
+    merger = _merger(wanted, rank)
     g = torch.Generator().manual_seed(0)
     rows = []
     for width, tokens, count in levels:
