@@ -59,6 +59,11 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "ZipLoRA (in)": {"mode": "paper", "method": "ziplora_in", **_PRIORS_OFF},
     "ZipRank": {"mode": "paper", "method": "ziprank", **_PRIORS_OFF},
     "ZipRank + priors": {"mode": "paper", "method": "ziprank", **_PRIORS_ON, "constyle_iterations": 0},
+    # The two halves of the layer priors (METHOD.md §3), one at a time.
+    "ZipRank + prior init only": {"mode": "paper", "method": "ziprank", **_PRIORS_ON, "prior_loss": False,
+                                  "constyle_iterations": 0},
+    "ZipRank + prior loss only": {"mode": "paper", "method": "ziprank", **_PRIORS_ON, "prior_init": False,
+                                  "constyle_iterations": 0},
     "DuoLoRA (+ Constyle)": {"mode": "paper", "method": "ziprank", **_PRIORS_ON, "constyle_iterations": 1},
     "DuoLoRA, prior roles swapped": {"mode": "paper", "method": "ziprank", **_PRIORS_ON, "prior_preset": "custom",
                                      "custom_prior": _swapped_paper_prior(), "constyle_iterations": 1},
