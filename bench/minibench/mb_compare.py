@@ -71,6 +71,11 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "fast: layer-wise": {"mode": "layerwise", "method": "ziprank", **_PRIORS_ON, "constyle_iterations": 0},
     "layer-wise + 10 % paper steps": {"mode": "layerwise+paper", "method": "ziprank", **_PRIORS_ON,
                                       "constyle_iterations": 1, "steps_fraction": 0.1},
+    # The fast modes without the layer priors (what the solvers themselves do in this world).
+    "fast: weights-only, no priors": {"mode": "weights", "method": "ziprank", **_PRIORS_OFF},
+    "fast: layer-wise, no priors": {"mode": "layerwise", "method": "ziprank", **_PRIORS_OFF},
+    "layer-wise + 10 % paper steps, no priors": {"mode": "layerwise+paper", "method": "ziprank", **_PRIORS_OFF,
+                                                 "steps_fraction": 0.1},
 }
 
 
