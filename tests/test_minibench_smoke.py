@@ -103,3 +103,15 @@ def test_classifiers_are_a_plain_safetensors_file(smoke_dir: Path) -> None:
     # The same network twice (7 classes each): equal key sets under each prefix.
     assert sorted(k[len("shape."):] for k in keys if k.startswith("shape.")) == sorted(
         k[len("texture."):] for k in keys if k.startswith("texture."))
+
+
+@pytest.mark.slow
+def test_mask_statistics_of_a_merge_row(smoke_dir: Path) -> None:
+    (rec,) = json.loads((smoke_dir / "masks.json").read_text())
+    assert rec["method"] == "ZipRank + priors" and rec["seed"] == 0
+    for which in ("m_c", "m_s"):
+        assert 0.0 <= rec[f"{which}_mean"] <= 1.0
+        assert 0.0 <= rec[f"{which}_pruned"] <= rec[f"{which}_pruned"] + rec[f"{which}_above_half"] <= 1.0
+    # One entry per attention block (11), each with the mean kept rank of both rank-8 LoRAs.
+    assert len(rec["kept_rank_by_block"]) == 11
+    assert all(0.0 <= c <= 8.0 and 0.0 <= s <= 8.0 for c, s in rec["kept_rank_by_block"].values())

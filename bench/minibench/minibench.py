@@ -60,6 +60,10 @@ def smoke(out: Path) -> int:
                         "--init-from", str(out / "base_ema.safetensors")])
     mb_classify.main(["--steps", "3", "--out", str(out / "classifiers.safetensors")])
     mb_lora.main(["--steps", "2", "--ckpt", str(out / "base_ema.safetensors"), "--out", str(out)])
+    import mb_masks
+
+    mb_masks.main(["--merge-steps", "1", "--checkpoints", str(out), "--json", str(out / "masks.json"),
+                   "--methods", "ZipRank + priors"])
     return mb_compare.main(["--seeds", "0", "--samples", "2", "--merge-steps", "1", "--sampler-steps", "2",
                             "--ckpt", str(out / "base_ema.safetensors"), "--loras", str(out),
                             "--classifiers", str(out / "classifiers.safetensors"), "--out", str(out / "results"),
