@@ -60,16 +60,19 @@ def _classes(image: int) -> tuple[Counter, dict[tuple[int, int, int], str]]:
     return counts, names
 
 
-def _step(module: nn.Linear, x: dict[int, torch.Tensor], adapter: Any) -> None:
+def _step(module: nn.Module, x: dict[int, torch.Tensor], adapter: Any,
+          context: dict[int, torch.Tensor] | None = None) -> None:
+    """One step's calls (STEP_CALLS) through ``module``: inputs ``x[batch]`` (and ``context=context[batch]``
+    for a transformer block), the branches set on ``adapter`` when there is one."""
     for batch, branches, grad in STEP_CALLS:
         if adapter is not None:
             adapter.set_branches(list(branches))
+        kwargs = {} if context is None else {"context": context[batch]}
         if not grad:
             with torch.no_grad():
-                module(x[batch])
+                module(x[batch], **kwargs)
             continue
-        inp = x[batch].detach().requires_grad_(True)
-        out = module(inp)
+        out = module(x[batch].detach().requires_grad_(True), **kwargs)
         out.backward(torch.ones_like(out))
 
 
@@ -164,19 +167,8 @@ def run_blocks(image: int = 1024, rank: int = 64, repeats: int = 3) -> dict[str,
                    for i in (1, 2) for proj in ATTENTION_PROJECTIONS}
         x = {b: torch.randn(b, tokens, width, generator=g) for b in (2, 4)}
         ctx = {b: torch.randn(b, CONTEXT_TOKENS, 2048, generator=g) for b in (2, 4)}
-
-        def step(adapter: Adapter | None, block=block, x=x, ctx=ctx) -> None:
-            for batch, branches, grad in STEP_CALLS:
-                if adapter is not None:
-                    adapter.set_branches(list(branches))
-                if not grad:
-                    with torch.no_grad():
-                        block(x[batch], context=ctx[batch])
-                    continue
-                out = block(x[batch].detach().requires_grad_(True), context=ctx[batch])
-                out.backward(torch.ones_like(out))
-
-        times = _paired(step, lambda modules=modules: Adapter(merger, modules), merger, repeats)
+        times = _paired(lambda adapter, block=block, x=x, ctx=ctx: _step(block, x, adapter, ctx),
+                        lambda modules=modules: Adapter(merger, modules), merger, repeats)
         rows.append({"width": width, "tokens": tokens, "count": count, **times,
                      "ratio": times["adapter"] / times["static"]})
     static = sum(r["count"] * r["static"] for r in rows)

@@ -125,9 +125,6 @@ def accuracy(net: SmallCNN, kind: str, n: int = 700, seed: int = 123, corrupt: b
     return float((net(x).argmax(1) == y).float().mean())
 
 
-CLASSIFIERS = mb_common.CHECKPOINTS / "classifiers.safetensors"
-
-
 def save_classifiers(nets: dict[str, torch.nn.Module], path: Path) -> None:
     """Both state dicts in one safetensors file (keys ``shape.*`` / ``texture.*``): plain tensors, no pickle,
     small enough (< 1 MB) to commit so every clone scores with the same validated classifiers."""
@@ -151,7 +148,7 @@ def load_classifiers(path: Path) -> dict[str, dict[str, torch.Tensor]]:
 class Scorer:
     """Both classifiers, loaded from ``classifiers.safetensors``: labels, hit tests and reference cosines."""
 
-    def __init__(self, path: Path = CLASSIFIERS) -> None:
+    def __init__(self, path: Path = mb_common.CLASSIFIERS) -> None:
         st = load_classifiers(path)
         self.shape = SmallCNN(len(mb_world.SHAPES))
         self.texture = SmallCNN(len(mb_world.TEXTURES))
@@ -180,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Train the MiniBench shape/texture classifiers.")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=CLASSIFIERS)
+    ap.add_argument("--out", type=Path, default=mb_common.CLASSIFIERS)
     ap.add_argument("--kinds", nargs="+", default=["shape", "texture"], help="which classifiers to (re)train")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)

@@ -15,6 +15,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 CHECKPOINTS = HERE / "checkpoints"
 RESULTS = HERE / "results"
+# The shape/texture classifiers (mb_classify.save_classifiers).
+CLASSIFIERS = CHECKPOINTS / "classifiers.safetensors"
 BENCH_PACK_DIR = HERE / "comfy_nodes"
 BENCH_PACK_NAME = "duolora_minibench_nodes"
 

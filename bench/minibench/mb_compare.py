@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="*", default=[], help="subset (names or slugs); default all")
     ap.add_argument("--ckpt", type=Path, default=mb_common.CHECKPOINTS / "base_ema.safetensors")
     ap.add_argument("--loras", type=Path, default=mb_common.CHECKPOINTS)
-    ap.add_argument("--classifiers", type=Path, default=mb_common.CHECKPOINTS / "classifiers.safetensors")
+    ap.add_argument("--classifiers", type=Path, default=mb_common.CLASSIFIERS)
     ap.add_argument("--out", type=Path, default=mb_common.RESULTS)
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args(argv)

@@ -4,7 +4,7 @@ their mask statistics (mean, share above 0.5, share pruned) and the kept rank pe
     OMP_NUM_THREADS=1 python bench/minibench/mb_masks.py --seed 0 --methods "ZipRank" "ZipRank + priors"
 
 The merges are the comparison's own prompts (mb_compare.build_prompt, same seed, 100 paper steps) with one
-sample per evaluation prompt; nothing is written. A mask entry scales one singular direction of one LoRA in one
+sample per evaluation prompt; nothing is written unless ``--json`` names a file. A mask entry scales one singular direction of one LoRA in one
 layer: 1 keeps it whole, 0 removes it.
 """
 

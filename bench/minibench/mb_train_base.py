@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.Adam(params, lr=args.lr)
     named = {**{f"unet.{k}": p for k, p in unet.named_parameters()},
              **{f"text.{k}": p for k, p in text.named_parameters()}}
-    ema = {k: p.detach().clone() for k, p in named.items()}
+    ema: dict[str, torch.Tensor] | None = None
     step, wall, losses = 0, 0.0, []
     warm_start, history = 0, []
     if state_path.exists():
@@ -117,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resumed at step {step} ({wall:.0f} s so far)", flush=True)
     elif args.init_from is not None:
         step, wall, history = init_from_ema(args.init_from, unet, text)
-        ema = {k: p.detach().clone() for k, p in named.items()}
         warm_start = step
         print(f"continuing from the EMA weights of step {step} in {args.init_from}", flush=True)
+    if ema is None:  # a fresh start, or the loaded EMA weights as the new EMA's start
+        ema = {k: p.detach().clone() for k, p in named.items()}
 
     def save() -> None:
         torch.save({"unet": unet.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(), "ema": ema,

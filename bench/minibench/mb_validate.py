@@ -41,7 +41,7 @@ def load_samples(path: Path) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Validate base model and classifiers on generated samples.")
     ap.add_argument("--ckpt", type=Path, default=mb_common.CHECKPOINTS / "base_ema.safetensors")
-    ap.add_argument("--classifiers", type=Path, default=mb_common.CHECKPOINTS / "classifiers.safetensors")
+    ap.add_argument("--classifiers", type=Path, default=mb_common.CLASSIFIERS)
     ap.add_argument("--out", type=Path, default=mb_common.RESULTS / "validation")
     ap.add_argument("--per", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)

@@ -32,12 +32,13 @@ def full(args: argparse.Namespace) -> int:
         mb_train_base.main(["--steps", str(args.base_steps), "--lr", "8e-4", "--out", str(ck)])
     manifest = json.loads((ck / "MANIFEST.json").read_text()) if (ck / "MANIFEST.json").exists() else {}
     print(f"base model: {base} ({manifest.get('steps_done', '?')} steps, seed {manifest.get('seed', '?')})")
-    if not (ck / "classifiers.safetensors").exists():
-        mb_classify.main(["--steps", "1000", "--out", str(ck / "classifiers.safetensors")])
+    classifiers = ck / mb_common.CLASSIFIERS.name
+    if not classifiers.exists():
+        mb_classify.main(["--steps", "1000", "--out", str(classifiers)])
     mb_lora.main(["--steps", str(args.lora_steps), "--ckpt", str(base), "--out", str(ck)])
     cmp_args = ["--seeds", *map(str, args.seeds), "--samples", str(args.samples), "--merge-steps",
                 str(args.merge_steps), "--sampler-steps", str(args.sampler_steps), "--ckpt", str(base),
-                "--loras", str(ck), "--classifiers", str(ck / "classifiers.safetensors"), "--out", str(args.results)]
+                "--loras", str(ck), "--classifiers", str(classifiers), "--out", str(args.results)]
     if args.methods:
         cmp_args += ["--methods", *args.methods]
     return mb_compare.main(cmp_args)
@@ -58,7 +59,8 @@ def smoke(out: Path) -> int:
     (out / "base_state.pt").unlink()
     mb_train_base.main(["--steps", "4", "--batch", "4", "--save-every", "1", "--out", str(out),
                         "--init-from", str(out / "base_ema.safetensors")])
-    mb_classify.main(["--steps", "3", "--out", str(out / "classifiers.safetensors")])
+    classifiers = out / mb_common.CLASSIFIERS.name
+    mb_classify.main(["--steps", "3", "--out", str(classifiers)])
     mb_lora.main(["--steps", "2", "--ckpt", str(out / "base_ema.safetensors"), "--out", str(out)])
     import mb_masks
 
@@ -66,7 +68,7 @@ def smoke(out: Path) -> int:
                    "--methods", "ZipRank + priors"])
     return mb_compare.main(["--seeds", "0", "--samples", "2", "--merge-steps", "1", "--sampler-steps", "2",
                             "--ckpt", str(out / "base_ema.safetensors"), "--loras", str(out),
-                            "--classifiers", str(out / "classifiers.safetensors"), "--out", str(out / "results"),
+                            "--classifiers", str(classifiers), "--out", str(out / "results"),
                             "--methods", "base (no LoRA)", "direct merge", "DuoLoRA (+ Constyle)",
                             "DuoLoRA, prior roles swapped", "fast: weights-only", "layer-wise + 10 % paper steps"])
 
