@@ -192,6 +192,32 @@ def _materialise_inference_tensors(module: torch.nn.Module) -> int:
     return swapped
 
 
+@contextlib.contextmanager
+def _frozen(module: torch.nn.Module) -> Iterator[None]:
+    """``requires_grad=False`` on every parameter of ``module`` for the block; flags restored on exit.
+
+    Gradients still flow through the frozen weights to the masks; no ``.grad`` is ever allocated for them.
+    """
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _check_ordinary(module: torch.nn.Module) -> None:
+    """Raise if a tensor of ``module`` is an inference tensor (autograd could not use it)."""
+    bad = [name for name, t in (*module.named_parameters(), *module.named_buffers()) if t.is_inference()]
+    if bad:
+        raise RuntimeError(
+            f"DuoLoRA internal error: {len(bad)} merger tensor(s) became inference tensors (first: {bad[0]}); "
+            f"please report this with your ComfyUI version."
+        )
+
+
 class _CheckpointedBlocks:
     """Gradient checkpointing of the layers of the UNet's input/middle/output blocks, removable.
 
@@ -266,15 +292,26 @@ class ComfyDenoiser(DiscreteSchedule):
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def __enter__(self) -> Self:
-        comfy.model_management.load_models_gpu([self.patcher])
-        base = self.patcher.model
-        _materialise_inference_tensors(base)
-        unet = base.diffusion_model
-        modules = {name: module for name, module in _named_lora_modules(unet) if name in self.merger}
-        self.modules = modules
-        dtype = self.compute_dtype or base.get_dtype()
-        self.merger.to(self.device)
+        # ComfyUI runs nodes under torch.inference_mode(). Every tensor the merge creates, moves or casts
+        # while this context is open (the merger's masks and factors, latents, conditionings, noise, Adam's
+        # state) must be an ordinary tensor, or autograd refuses it (on CUDA the merger's move below made
+        # its masks inference tensors: "abs(): functions with out=... arguments don't support automatic
+        # differentiation"). So inference mode is off for the whole life of the denoiser, not per call.
+        self._stack.enter_context(torch.inference_mode(False))
         try:
+            comfy.model_management.load_models_gpu([self.patcher])
+            base = self.patcher.model
+            _materialise_inference_tensors(base)
+            unet = base.diffusion_model
+            # Only the masks learn: no UNet weight may take a gradient (ComfyUI creates its parameters with
+            # requires_grad=True; a full SDXL would otherwise hold 2.6 B gradients after the merge).
+            self._stack.enter_context(_frozen(base))
+            modules = {name: module for name, module in _named_lora_modules(unet) if name in self.merger}
+            self.modules = modules
+            dtype = self.compute_dtype or base.get_dtype()
+            # Masks and factors stay float32 whatever the model's dtype (METHOD.md §2; the adapter casts).
+            self.merger.to(device=self.device, dtype=torch.float32)
+            _check_ordinary(self.merger)
             self.adapter = self._stack.enter_context(attach(self.merger, modules, compute_dtype=dtype))
             if self.gradient_checkpointing:
                 self._stack.enter_context(_CheckpointedBlocks(unet, self.adapter))
@@ -306,7 +343,12 @@ class ComfyDenoiser(DiscreteSchedule):
         )
         out = {}
         for name, c in encoded[0]["model_conds"].items():
-            out[name] = c.process_cond(batch_size=1, device=self.device, area=None)
+            c = c.process_cond(batch_size=1, device=self.device, area=None)
+            if isinstance(c.cond, torch.Tensor) and c.cond.is_inference():
+                # The host's encoder output (made under inference mode): an ordinary copy for autograd.
+                # ``_copy_with`` is how every COND class re-wraps a tensor (0.3.75 and 0.8.0).
+                c = c._copy_with(c.cond.clone())
+            out[name] = c
         self._cond_cache[key] = out
         return out
 
