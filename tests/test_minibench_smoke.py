@@ -57,38 +57,74 @@ def test_mini_unet_keeps_sdxl_block_layout(smoke_dir: Path) -> None:
 def test_loras_are_ordinary_kohya_files(smoke_dir: Path) -> None:
     cfg = json.loads((smoke_dir / "MANIFEST.json").read_text())["unet_config"]
     layout = sdxl.layout_for(sdxl.UNetConfig.from_comfy(cfg))
-    for name in ("minibench_content_star", "minibench_style_diagonal"):
-        lora = formats.load_lora(smoke_dir / f"{name}.safetensors", layout)
+    names = ["minibench_content_star", "minibench_style_diagonal", "minibench_content_heart", "minibench_style_zigzag",
+             "minibench_content_byo_glyph", "minibench_style_byo_a_circle_in_wavy_style"]
+    paths = [smoke_dir / f"{n}.safetensors" for n in names[:4]]
+    paths += sorted((smoke_dir / "results" / "byo").glob("*/loras/*.safetensors"))
+    assert [p.stem for p in paths] == names
+    for path in paths:
+        lora = formats.load_lora(path, layout)
         assert lora.key_style == "kohya_ldm"
         assert len(lora.layers) == 88
         assert set(lora.ranks()) == {8}
 
 
+SMOKE_ROWS = ["base (no LoRA)", "direct merge", "ZipRank", "DuoLoRA (+ Constyle)", "DuoLoRA, prior roles swapped",
+              "fast: weights-only", "layer-wise + 10 % paper steps"]
+
+
 @pytest.mark.slow
-def test_comparison_table_through_the_executor(smoke_dir: Path) -> None:
-    summary = json.loads((smoke_dir / "results" / "summary.json").read_text())
-    assert set(summary) == {"base (no LoRA)", "direct merge", "DuoLoRA (+ Constyle)", "DuoLoRA, prior roles swapped",
-                            "fast: weights-only", "layer-wise + 10 % paper steps"}
-    # 10 % of the smoke run's single paper step rounds up to one step after the layer-wise solve.
-    assert summary["layer-wise + 10 % paper steps"]["merge_steps_done"] == [1]
-    # ZipRank learns one mask entry per rank component and LoRA: 88 layers × (8 + 8).
-    assert summary["DuoLoRA (+ Constyle)"]["trainable_parameters"] == [88 * 16]
+def test_paired_comparison_through_the_executor(smoke_dir: Path) -> None:
+    results = smoke_dir / "results"
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["dev"]["pairs"] == ["star×diagonal"] and summary["test"]["pairs"] == ["heart×zigzag"]
+    for split in ("dev", "test"):
+        rows = summary[split]["rows"]
+        assert list(rows) == SMOKE_ROWS
+        assert all(r["units"] == 2 for r in rows.values())  # 1 pair × 2 seeds
+        for row, r in rows.items():
+            for m in ("content_hit", "style_hit", "both_hit"):
+                assert 0.0 <= r[m] <= 1.0
+            assert -1.0 <= r["content_cos"] <= 1.0 and -1.0 <= r["style_cos"] <= 1.0
+            if row not in ("direct merge", "ZipRank"):
+                d = r["vs ZipRank"]["both_hit"]
+                assert d["units"] == 2 and d["lo"] <= d["diff"] <= d["hi"]
+        # ZipRank learns one mask entry per rank component and LoRA: 88 layers × (8 + 8).
+        assert rows["DuoLoRA (+ Constyle)"]["trainable_parameters"] == 88 * 16
+        assert rows["direct merge"]["trainable_parameters"] == 0
+        table = (results / f"{split}_table.md").read_text()
+        assert [ln.split(" | ")[0] for ln in table.splitlines() if ln.startswith("| ") and " | 2 | " in ln] == [
+            f"| {r}" for r in SMOKE_ROWS]
+        assert (results / f"{split}_grid.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_every_method_of_a_unit_samples_from_the_same_noise(smoke_dir: Path) -> None:
+    runs = smoke_dir / "results" / "runs" / "heart__zigzag"
+    recs = [json.loads((runs / f"{slug}_s1.json").read_text()) for slug in ("base__no_lora", "ziprank", "direct_merge")]
+    assert len({r["noise_seed"] for r in recs}) == 1
+    other = json.loads((smoke_dir / "results" / "runs" / "star__diagonal" / "ziprank_s1.json").read_text())
+    assert other["noise_seed"] != recs[0]["noise_seed"]
     # The diagnostic row runs the paper preset with content and style exchanged, block for block.
-    swapped = sdxl.parse_custom_preset(summary["DuoLoRA, prior roles swapped"]["merge_widgets"][0]["custom_prior"])
+    swapped_rec = json.loads((runs / "duolora__prior_roles_swapped_s0.json").read_text())
+    swapped = sdxl.parse_custom_preset(swapped_rec["merge_widgets"]["custom_prior"])
     paper = sdxl.PRESETS["paper"]
     assert set(swapped) == set(paper) and len(paper) == 11
     assert all(swapped[b] != paper[b] for b in paper)
-    assert summary["direct merge"]["trainable_parameters"] == [0]
-    for rec in summary.values():
-        for key in ("target_content_hit", "target_style_hit", "target_both_hit"):
-            assert all(0.0 <= v <= 1.0 for v in rec[key])
-        assert all(-1.0 <= v <= 1.0 for v in rec["content_cos"])
-    table = (smoke_dir / "results" / "table.md").read_text()
-    rows = table.strip().splitlines()[2:]  # after the header and the separator
-    assert [r.split(" | ")[0] for r in rows] == [
-        "| base (no LoRA)", "| direct merge", "| DuoLoRA (+ Constyle)", "| DuoLoRA, prior roles swapped",
-        "| fast: weights-only", "| layer-wise + 10 % paper steps"]
-    assert (smoke_dir / "results" / "grid.png").stat().st_size > 1000
+    # 10 % of the smoke run's single paper step rounds up to one step after the layer-wise solve.
+    lwp = json.loads((runs / "layer_wise___10___paper_steps_s0.json").read_text())
+    assert lwp["merge_steps_done"] == 1 and len(lwp["per_sample"]["content_hit"]) == 2
+
+
+@pytest.mark.slow
+def test_bring_your_own_pair(smoke_dir: Path) -> None:
+    (out,) = (smoke_dir / "results" / "byo").iterdir()
+    summary = json.loads((out / "summary.json").read_text())
+    # Captions: the content folder's captions.txt, the style folder's name; unseen words are scored open-set.
+    assert summary["pair"]["pairs"] == ["crescent×wavy"]
+    assert list(summary["pair"]["rows"]) == ["base (no LoRA)", "direct merge", "ZipRank"]
+    assert summary["pair"]["rows"]["ZipRank"]["units"] == 2
+    assert (out / "pair_table.md").read_text().count("| ZipRank | 2 |") == 1
 
 
 @pytest.mark.slow
@@ -98,9 +134,12 @@ def test_classifiers_are_a_plain_safetensors_file(smoke_dir: Path) -> None:
     with safe_open(str(smoke_dir / "classifiers.safetensors"), framework="pt") as f:
         keys = list(f.keys())
         assert f.metadata() == {"format": "minibench-classifiers"}
+        # One class per shape / texture of MiniBench 2's world: 6 base + 3 held out each.
+        assert f.get_slice("shape.head.weight").get_shape()[0] == 9
+        assert f.get_slice("texture.head.weight").get_shape()[0] == 9
     kinds = {k.split(".", 1)[0] for k in keys}
     assert kinds == {"shape", "texture"}
-    # The same network twice (7 classes each): equal key sets under each prefix.
+    # The same network twice (9 classes each): equal key sets under each prefix.
     assert sorted(k[len("shape."):] for k in keys if k.startswith("shape.")) == sorted(
         k[len("texture."):] for k in keys if k.startswith("texture."))
 
@@ -108,7 +147,7 @@ def test_classifiers_are_a_plain_safetensors_file(smoke_dir: Path) -> None:
 @pytest.mark.slow
 def test_mask_statistics_of_a_merge_row(smoke_dir: Path) -> None:
     (rec,) = json.loads((smoke_dir / "masks.json").read_text())
-    assert rec["method"] == "ZipRank + priors" and rec["seed"] == 0
+    assert rec["method"] == "ZipRank + priors" and rec["seed"] == 0 and rec["pair"] == "star×diagonal"
     for which in ("m_c", "m_s"):
         assert 0.0 <= rec[f"{which}_mean"] <= 1.0
         assert 0.0 <= rec[f"{which}_pruned"] <= rec[f"{which}_pruned"] + rec[f"{which}_above_half"] <= 1.0

@@ -1,13 +1,13 @@
 """Shape and texture classifiers: the MiniBench stand-ins for DINO (content) and CSD (style).
 
-Each is a small CNN trained on procedurally rendered images of all 7 shapes / 7 textures (held-out ones
+Each is a small CNN trained on procedurally rendered images of all 9 shapes / 9 textures (held-out ones
 included: they are the metric, not the generator) with augmentations that mimic a generator's failure
 modes: random background colour, per-channel colour/brightness jitter, Gaussian and low-frequency noise,
 blur. The shape classifier also sees random palettes so that it cannot cheat through colour.
 The penultimate features (64-d, after global pooling) give continuous scores: the cosine between a sample's
 features and the mean features of the reference images (DINO-like for shapes, CSD-like for textures).
 
-    OMP_NUM_THREADS=1 python bench/minibench/mb_classify.py --steps 1500
+    OMP_NUM_THREADS=1 python bench/minibench/mb_classify.py --steps 1000
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def augment(x: torch.Tensor, g: torch.Generator, kind: str) -> torch.Tensor:
 
 
 def train(kind: str, steps: int, seed: int = 0, batch: int = 64, log=print) -> SmallCNN:
-    """Train the "shape" or "texture" classifier over all 7 classes of its kind."""
+    """Train the "shape" or "texture" classifier over all classes of its kind (9 each)."""
     labels = mb_world.SHAPES if kind == "shape" else mb_world.TEXTURES
     net = SmallCNN(len(labels))
     torch.manual_seed(seed)
@@ -114,7 +114,7 @@ def train(kind: str, steps: int, seed: int = 0, batch: int = 64, log=print) -> S
 
 @torch.no_grad()
 def accuracy(net: SmallCNN, kind: str, n: int = 700, seed: int = 123, corrupt: bool = True) -> float:
-    """Accuracy on fresh rendered images of all 49 pairs (augmented when ``corrupt``)."""
+    """Accuracy on fresh rendered images of all 81 pairs (augmented when ``corrupt``)."""
     labels = mb_world.SHAPES if kind == "shape" else mb_world.TEXTURES
     g = torch.Generator().manual_seed(seed)
     shapes, textures = mb_world.sample_pairs(n, g, mb_world.SHAPES, mb_world.TEXTURES)
@@ -171,6 +171,45 @@ class Scorer:
         f = F.normalize(net.features(x), dim=1)
         r = F.normalize(F.normalize(net.features(refs), dim=1).mean(0, keepdim=True), dim=1)
         return (f * r).sum(1)
+
+    @torch.no_grad()
+    def hits(self, x: torch.Tensor, want: str, kind: str, refs: torch.Tensor) -> torch.Tensor:
+        """1.0 where an image shows ``want`` (a shape or texture name), else 0.0; (B,).
+
+        A class the classifier knows: its argmax. A concept it does not know (a bring-your-own glyph or
+        texture): open-set nearest prototype — the image's features are closer (cosine) to the mean features
+        of ``refs`` (the LoRA's own training images) than to the prototype of every known class (mean
+        features of 64 seeded renders of that class).
+        """
+        labels = mb_world.SHAPES if kind == "shape" else mb_world.TEXTURES
+        if want in labels:
+            net = self.shape if kind == "shape" else self.texture
+            return (net(x).argmax(1) == labels.index(want)).float()
+        to_ref = self.cosine(x, refs, kind)
+        net = self.shape if kind == "shape" else self.texture
+        f = F.normalize(net.features(x), dim=1)
+        best_known = (f @ self._prototypes(kind).T).amax(1)
+        return (to_ref > best_known).float()
+
+    def _prototypes(self, kind: str) -> torch.Tensor:
+        """(n_classes, 64) unit mean features of seeded renders of every known class of ``kind``."""
+        cached = getattr(self, f"_proto_{kind}", None)
+        if cached is None:
+            labels = mb_world.SHAPES if kind == "shape" else mb_world.TEXTURES
+            net = self.shape if kind == "shape" else self.texture
+            g = torch.Generator().manual_seed(31337)
+            rows = []
+            for label in labels:
+                shapes, textures = mb_world.sample_pairs(64, g, mb_world.SHAPES, mb_world.TEXTURES)
+                if kind == "shape":
+                    shapes = [label] * 64
+                else:
+                    textures = [label] * 64
+                f = F.normalize(net.features(mb_world.render(shapes, textures, g)), dim=1).mean(0)
+                rows.append(F.normalize(f, dim=0))
+            cached = torch.stack(rows)
+            setattr(self, f"_proto_{kind}", cached)
+        return cached
 
 
 def main(argv: list[str] | None = None) -> int:

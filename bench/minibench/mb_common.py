@@ -18,6 +18,8 @@ RESULTS = HERE / "results"
 # The shape/texture classifiers (mb_classify.save_classifiers).
 CLASSIFIERS = CHECKPOINTS / "classifiers.safetensors"
 BENCH_PACK_DIR = HERE / "comfy_nodes"
+# Seeds (units per pair) of each split: enough for the paired intervals the README reports (MiniBench 2).
+SEEDS: dict[str, list[int]] = {"dev": [0, 1, 2, 3], "test": [0, 1, 2, 3, 4, 5, 6, 7]}
 BENCH_PACK_NAME = "duolora_minibench_nodes"
 
 for p in (str(HERE), str(REPO / "devtools")):
@@ -32,6 +34,10 @@ def boot():
     import comfyhost
 
     host = comfyhost.boot(extra_packs={BENCH_PACK_NAME: BENCH_PACK_DIR})
+    import comfy.utils
+
+    # KSampler's own per-step progress bars would bury the benchmark's one bar over its runs.
+    comfy.utils.PROGRESS_BAR_ENABLED = False
     return host
 
 

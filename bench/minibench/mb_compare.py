@@ -1,39 +1,60 @@
-"""The MiniBench comparison: every merge method through the REAL ComfyUI executor, scored by classifiers.
+"""The MiniBench 2 comparison: every merge method through the REAL ComfyUI executor, paired, on 9 held-out pairs.
 
-For each method and seed one API prompt runs in ComfyUI's own PromptExecutor: MiniBenchCheckpoint →
-DuoLoRA_LoadContentLoRA / DuoLoRA_LoadStyleLoRA → DuoLoRA_ZipRankMerge (reference images and prompts from
-the bench pack) → DuoLoRA_ApplyMergedLoRA → ComfyUI's KSampler (one per evaluation prompt) →
-MiniBenchToImage → PreviewImage. The images are scored with the shape/texture classifiers
-(mb_classify.Scorer). Each (method, seed) result is cached in results/runs/, so re-running continues.
+A *pair* is one held-out content (a shape the base never saw, learned by a content LoRA) × one held-out style
+(a texture the base never saw, learned by a style LoRA): 3 × 3 = 9 pairs, split once into a dev split (used to
+choose defaults and hyper-parameters) and a test split (only reported) by the seeded draw in ``splits.json``.
+A *unit* is one (pair, seed). For every unit and method one API prompt runs in ComfyUI's own PromptExecutor:
+MiniBenchCheckpoint → DuoLoRA_LoadContentLoRA / DuoLoRA_LoadStyleLoRA → DuoLoRA_ZipRankMerge (reference images
+and prompts from the bench pack; the node's seed = the unit's seed) → DuoLoRA_ApplyMergedLoRA → ComfyUI's
+KSampler on the target prompt "a <shape> in <texture> style" → MiniBenchToImage. Every method of a unit samples
+from the SAME initial noise (the KSampler seed depends on the unit only) with the same sampler, so method
+differences are paired. The images are scored per sample (mb_classify.Scorer): content hit, style hit, both,
+content-feature cosine to the content references (DINO-like) and style-feature cosine to the style references
+(CSD-like). Each (pair, method, seed) result is cached as JSON under ``<results>/runs/<pair>/``; a cached run
+whose merge widgets differ from the row's current ones (e.g. after a default changed) is run again.
 
-    OMP_NUM_THREADS=1 python bench/minibench/mb_compare.py --seeds 0 1 2 --samples 24
+    OMP_NUM_THREADS=1 python bench/minibench/mb_compare.py --split dev --seeds 0 1 2 3
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import shutil
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mb_common
 import mb_lora
+import mb_stats
 import mb_world
 import torch
 
-GLYPH = mb_world.HELD_OUT_SHAPE
-TEXTURE = mb_world.HELD_OUT_TEXTURE
-# (prompt, expected shape, expected texture): the target, then the two recontextualisations.
-EVAL_PROMPTS: dict[str, tuple[str, str, str]] = {
-    "target": (mb_world.caption(GLYPH, TEXTURE), GLYPH, TEXTURE),
-    "glyph_known_style": (mb_world.caption(GLYPH, "checker"), GLYPH, "checker"),
-    "shape_new_texture": (mb_world.caption("triangle", TEXTURE), "triangle", TEXTURE),
+SPLITS_FILE = mb_common.HERE / "splits.json"
+
+_PRIORS_OFF = {"prior_preset": "none", "prior_init": False, "prior_loss": False, "constyle_iterations": 0}
+# Row name → ZipRankMerge widgets over the node's own defaults (None: no merge node; the "… only" rows apply one
+# LoRA with ComfyUI's LoraLoaderModelOnly). Rows that say nothing about priors or Constyle run the node's
+# DEFAULTS, so they follow the shipped defaults whenever those change.
+ROWS: dict[str, dict[str, Any] | None] = {
+    "base (no LoRA)": None,
+    "content LoRA only": None,
+    "style LoRA only": None,
+    "direct merge": {"mode": "paper", "method": "direct", **_PRIORS_OFF},
+    "ZipLoRA (out)": {"mode": "paper", "method": "ziplora_out", **_PRIORS_OFF},
+    "ZipRank": {"mode": "paper", "method": "ziprank", **_PRIORS_OFF},
+    "ZipRank + priors": {"mode": "paper", "method": "ziprank", "constyle_iterations": 0},
+    "DuoLoRA (+ Constyle)": {"mode": "paper", "method": "ziprank"},
+    "fast: weights-only": {"mode": "weights", "method": "ziprank"},
+    "fast: layer-wise": {"mode": "layerwise", "method": "ziprank"},
+    "layer-wise + 10 % paper steps": {"mode": "layerwise+paper", "method": "ziprank", "steps_fraction": 0.1},
 }
-CONTENT_PROMPT = mb_world.caption(GLYPH, "solid")
-STYLE_PROMPT = mb_world.caption("circle", TEXTURE)
+
 
 def _swapped_paper_prior() -> str:
     """The ``paper`` preset with the roles exchanged (content = 16×16 blocks, style = 8×8 blocks), as a
@@ -46,46 +67,108 @@ def _swapped_paper_prior() -> str:
     return "; ".join(parts)
 
 
-_PRIORS_OFF = {"prior_preset": "none", "prior_init": False, "prior_loss": False, "constyle_iterations": 0}
-_PRIORS_ON = {"prior_preset": "paper", "prior_init": True, "prior_loss": True}
-# Method name → ZipRankMerge widgets (None: no merge node; "content_only"/"style_only" apply one LoRA).
-METHODS: dict[str, dict[str, Any] | None] = {
-    "base (no LoRA)": None,
-    "content LoRA only": None,
-    "style LoRA only": None,
-    "direct merge": {"mode": "paper", "method": "direct", **_PRIORS_OFF},
-    "B-LoRA blocks": {"mode": "paper", "method": "b_lora", **_PRIORS_OFF},
-    "ZipLoRA (out)": {"mode": "paper", "method": "ziplora_out", **_PRIORS_OFF},
+# Rows run only when named (--methods): ablations and the variants the dev split chooses among.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "DuoLoRA, prior roles swapped": {"mode": "paper", "method": "ziprank", "prior_preset": "custom",
+                                     "custom_prior": _swapped_paper_prior()},
     "ZipLoRA (in)": {"mode": "paper", "method": "ziplora_in", **_PRIORS_OFF},
-    "ZipRank": {"mode": "paper", "method": "ziprank", **_PRIORS_OFF},
-    "ZipRank + priors": {"mode": "paper", "method": "ziprank", **_PRIORS_ON, "constyle_iterations": 0},
-    # The two halves of the layer priors (METHOD.md §3), one at a time.
-    "ZipRank + prior init only": {"mode": "paper", "method": "ziprank", **_PRIORS_ON, "prior_loss": False,
-                                  "constyle_iterations": 0},
-    "ZipRank + prior loss only": {"mode": "paper", "method": "ziprank", **_PRIORS_ON, "prior_init": False,
-                                  "constyle_iterations": 0},
-    "DuoLoRA (+ Constyle)": {"mode": "paper", "method": "ziprank", **_PRIORS_ON, "constyle_iterations": 1},
-    "DuoLoRA, prior roles swapped": {"mode": "paper", "method": "ziprank", **_PRIORS_ON, "prior_preset": "custom",
-                                     "custom_prior": _swapped_paper_prior(), "constyle_iterations": 1},
-    "fast: weights-only": {"mode": "weights", "method": "ziprank", **_PRIORS_ON, "constyle_iterations": 0},
-    "fast: layer-wise": {"mode": "layerwise", "method": "ziprank", **_PRIORS_ON, "constyle_iterations": 0},
-    "layer-wise + 10 % paper steps": {"mode": "layerwise+paper", "method": "ziprank", **_PRIORS_ON,
-                                      "constyle_iterations": 1, "steps_fraction": 0.1},
-    # The fast modes without the layer priors (what the solvers themselves do in this world).
-    "fast: weights-only, no priors": {"mode": "weights", "method": "ziprank", **_PRIORS_OFF},
-    "fast: layer-wise, no priors": {"mode": "layerwise", "method": "ziprank", **_PRIORS_OFF},
-    "layer-wise + 10 % paper steps, no priors": {"mode": "layerwise+paper", "method": "ziprank", **_PRIORS_OFF,
-                                                 "steps_fraction": 0.1},
 }
+
+
+def all_rows() -> dict[str, dict[str, Any] | None]:
+    return {**ROWS, **VARIANTS}
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One content × style pair: the two LoRA specs and the prompts of the merge and of the evaluation.
+
+    ``content_word``/``style_word`` name the concepts (the classifiers' class names for the built-in pairs; for a
+    bring-your-own pair, the words of its captions, scored open-set, see mb_classify.Scorer.hits).
+    """
+
+    content: mb_lora.LoRASpec
+    style: mb_lora.LoRASpec
+    content_word: str
+    style_word: str
+    p_c: str
+    p_s: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.content_word}×{self.style_word}"
+
+    @property
+    def slug(self) -> str:
+        return f"{slug(self.content_word)}__{slug(self.style_word)}"
+
+    @property
+    def target(self) -> str:
+        return mb_world.caption(self.content_word, self.style_word)
+
+
+def builtin_pair(shape: str, texture: str) -> Pair:
+    return Pair(mb_lora.content_spec(shape), mb_lora.style_spec(texture), shape, texture,
+                mb_world.caption(shape, "solid"), mb_world.caption("circle", texture))
+
+
+def byo_pair(content_dir: Path, style_dir: Path) -> Pair:
+    """A pair from two folders of images (``make minibench PAIR=content_dir:style_dir``).
+
+    The captions must read "a <word> in <word> style" (the world's caption form): the content word is taken
+    from the content captions, the style word from the style captions. Raises ValueError naming the folder.
+    """
+    c = mb_lora.LoRASpec.from_folder(content_dir, "content")
+    s = mb_lora.LoRASpec.from_folder(style_dir, "style")
+
+    def words(spec: mb_lora.LoRASpec, folder: Path) -> tuple[str, str]:
+        parts = spec.captions[0].lower().split()
+        if len(parts) != 5 or parts[0] != "a" or parts[2] != "in" or parts[4] != "style":
+            raise ValueError(f"{folder}: caption {spec.captions[0]!r} must read 'a <shape> in <texture> style' "
+                             f"(put it in {folder}/captions.txt, or name the folder a_<shape>_in_<texture>_style)")
+        return parts[1], parts[3]
+
+    content_word = words(c, content_dir)[0]
+    style_word = words(s, style_dir)[1]
+    return Pair(c, s, content_word, style_word, c.captions[0], s.captions[0])
 
 
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
 
-def build_prompt(host, method: str, seed: int, samples: int, ckpt: str, merge_steps: int,
-                 sampler_steps: int, cfg: float, content_file: str, style_file: str) -> tuple[dict, dict]:
-    """The API prompt of one (method, seed) run and the ids of its image / merge nodes."""
+def load_splits(path: Path = SPLITS_FILE) -> dict[str, list[Pair]]:
+    """{"dev": [...], "test": [...]} from splits.json (written once by ``make_splits``)."""
+    data = json.loads(path.read_text())
+    return {k: [builtin_pair(*p.split("×")) for p in data[k]] for k in ("dev", "test")}
+
+
+def make_splits(seed: int = 2026) -> dict[str, Any]:
+    """The one seeded draw of the dev/test split (run once; its result is committed as splits.json).
+
+    The dev split is a transversal of the 3 × 3 grid — three pairs that use every held-out shape and every
+    held-out texture once — so both splits see every concept and no concept is judged only on pairs that chose
+    the defaults. star × diagonal (MiniBench 1's only pair, already used to choose things) is in dev by rule;
+    of the two transversals through it, the seeded draw picks one. The other six pairs are the test split.
+    """
+    shapes, textures = mb_world.HELD_OUT_SHAPES, mb_world.HELD_OUT_TEXTURES
+    options = [dict(zip(shapes, perm, strict=True)) for perm in itertools.permutations(textures)
+               if perm[shapes.index("star")] == "diagonal"]
+    pick = options[int(torch.randint(len(options), (1,), generator=torch.Generator().manual_seed(seed)))]
+    dev = [(s, pick[s]) for s in shapes]
+    test = [p for p in mb_world.HELD_OUT_PAIRS if p not in dev]
+    rule = " ".join(make_splits.__doc__.split("\n\n")[1].split())
+    return {"seed": seed, "rule": rule, "dev": [f"{s}×{t}" for s, t in dev], "test": [f"{s}×{t}" for s, t in test]}
+
+
+def noise_seed(pair: Pair, seed: int) -> int:
+    """KSampler seed of a unit: the same for every method of the unit, different across units."""
+    return 1000 + 7919 * seed + sum(map(ord, pair.name)) % 1000
+
+
+def build_prompt(host, row: str, pair: Pair, seed: int, samples: int, ckpt: str, merge_steps: int,
+                 sampler_steps: int, cfg: float) -> tuple[dict, dict]:
+    """The API prompt of one (row, pair, seed) run and the ids of its image / merge nodes."""
     from comfyhost import widget_defaults  # devtools/ is on sys.path once mb_common is imported
 
     p: dict[str, dict] = {}
@@ -97,170 +180,325 @@ def build_prompt(host, method: str, seed: int, samples: int, ckpt: str, merge_st
     add("ckpt", "MiniBenchCheckpoint", ckpt_path=ckpt)
     model = ["ckpt", 0]
     text = ["ckpt", 1]
-    ids: dict[str, Any] = {"images": {}, "merge": None}
-    widgets = METHODS[method]
+    ids: dict[str, Any] = {"image": "img", "merge": None}
+    widgets = all_rows()[row]
+    content_file, style_file = f"{pair.content.name}.safetensors", f"{pair.style.name}.safetensors"
     if widgets is not None:
         add("lc", "DuoLoRA_LoadContentLoRA", lora_name=content_file, strength=1.0)
         add("ls", "DuoLoRA_LoadStyleLoRA", lora_name=style_file, strength=1.0)
-        add("xc", "MiniBenchImages", spec=mb_lora.CONTENT.images, seed=mb_lora.CONTENT.seed)
-        add("xs", "MiniBenchImages", spec=mb_lora.STYLE.images, seed=mb_lora.STYLE.seed)
-        add("pc", "MiniBenchTextEncode", text_encoder=text, prompt=CONTENT_PROMPT)
-        add("ps", "MiniBenchTextEncode", text_encoder=text, prompt=STYLE_PROMPT)
-        add("pcs", "MiniBenchTextEncode", text_encoder=text, prompt=EVAL_PROMPTS["target"][0])
-        widgets = dict(widgets)
-        # A row may run a fraction of the paper's steps (the layer-wise start + 10 % of them).
-        steps = max(1, round(merge_steps * widgets.pop("steps_fraction"))) if "steps_fraction" in widgets \
-            else merge_steps
+        add("xc", "MiniBenchImages", spec=pair.content.images, seed=pair.content.seed,
+            folder=pair.content.folder)
+        add("xs", "MiniBenchImages", spec=pair.style.images, seed=pair.style.seed, folder=pair.style.folder)
+        add("pc", "MiniBenchTextEncode", text_encoder=text, prompt=pair.p_c)
+        add("ps", "MiniBenchTextEncode", text_encoder=text, prompt=pair.p_s)
+        add("pcs", "MiniBenchTextEncode", text_encoder=text, prompt=pair.target)
         add("merge", "DuoLoRA_ZipRankMerge", model=model, content_lora=["lc", 0], style_lora=["ls", 0],
             content_latents=["xc", 0], style_latents=["xs", 0], content_prompt=["pc", 0],
-            style_prompt=["ps", 0], combined_prompt=["pcs", 0], steps=steps, seed=seed,
-            compute_dtype="fp32", lora_dtype="fp32", gradient_checkpointing=False, **widgets)
+            style_prompt=["ps", 0], combined_prompt=["pcs", 0], seed=seed, **merge_widgets(host, row, merge_steps))
         add("apply", "DuoLoRA_ApplyMergedLoRA", model=model, merged_lora=["merge", 0], strength_model=1.0,
             strength_clip=0.0)
         model = ["apply", 0]
         ids["merge"] = "merge"
-    elif method != "base (no LoRA)":
-        name = content_file if method.startswith("content") else style_file
+    elif row != "base (no LoRA)":
+        name = content_file if row.startswith("content") else style_file
         add("single", "LoraLoaderModelOnly", model=model, lora_name=name, strength_model=1.0)
         model = ["single", 0]
     add("neg", "MiniBenchTextEncode", text_encoder=text, prompt="")
     add("empty", "MiniBenchEmpty", batch_size=samples)
-    for k, (prompt, _, _) in EVAL_PROMPTS.items():
-        add(f"pos_{k}", "MiniBenchTextEncode", text_encoder=text, prompt=prompt)
-        add(f"ks_{k}", "KSampler", model=model, seed=1000 + seed, steps=sampler_steps, cfg=cfg,
-            sampler_name="euler", scheduler="normal", positive=[f"pos_{k}", 0], negative=["neg", 0],
-            latent_image=["empty", 0], denoise=1.0)
-        add(f"img_{k}", "MiniBenchToImage", samples=[f"ks_{k}", 0])
-        add(f"out_{k}", "PreviewImage", images=[f"img_{k}", 0])
-        ids["images"][k] = f"img_{k}"
+    add("pos", "MiniBenchTextEncode", text_encoder=text, prompt=pair.target)
+    add("ks", "KSampler", model=model, seed=noise_seed(pair, seed), steps=sampler_steps, cfg=cfg,
+        sampler_name="euler", scheduler="normal", positive=["pos", 0], negative=["neg", 0],
+        latent_image=["empty", 0], denoise=1.0)
+    add("img", "MiniBenchToImage", samples=["ks", 0])
+    add("out", "PreviewImage", images=["img", 0])
     return p, ids
 
 
-def score_run(scorer, images: dict[str, torch.Tensor], refs_c: torch.Tensor, refs_s: torch.Tensor) -> dict:
-    """Hit rates and cosines of one run; ``images`` maps eval-prompt key → (B, 3, 32, 32) in [-1, 1]."""
-    out: dict[str, float] = {}
-    for k, x in images.items():
-        _, want_s, want_t = EVAL_PROMPTS[k]
-        ps, pt = scorer.predict(x)
-        hs = torch.tensor([s == want_s for s in ps], dtype=torch.float32)
-        ht = torch.tensor([t == want_t for t in pt], dtype=torch.float32)
-        out[f"{k}_content_hit"] = float(hs.mean())
-        out[f"{k}_style_hit"] = float(ht.mean())
-        out[f"{k}_both_hit"] = float((hs * ht).mean())
-        if k == "target":
-            out["content_cos"] = float(scorer.cosine(x, refs_c, "shape").mean())
-            out["style_cos"] = float(scorer.cosine(x, refs_s, "texture").mean())
+def merge_widgets(host, row: str, merge_steps: int) -> dict[str, Any]:
+    """The ZipRankMerge widgets of a row: the node's defaults, the row's overrides, the bench's fixed settings.
+
+    Everything is resolved here (defaults included), so a run's record says exactly what ran and a cached run
+    can be checked against the row's current widgets.
+    """
+    from comfyhost import widget_defaults
+
+    widgets = dict(all_rows()[row] or {})
+    fraction = widgets.pop("steps_fraction", None)
+    steps = max(1, round(merge_steps * fraction)) if fraction is not None else merge_steps
+    resolved = {**widget_defaults(host, "DuoLoRA_ZipRankMerge"), **widgets, "steps": steps,
+                "compute_dtype": "fp32", "lora_dtype": "fp32", "gradient_checkpointing": False}
+    # The unit's seed is set by the caller; links (lists) are not widgets.
+    return {k: v for k, v in resolved.items() if not isinstance(v, list) and k != "seed"}
+
+
+@dataclass
+class RunPlan:
+    row: str
+    pair: Pair
+    seed: int
+    path: Path
+
+
+def plan(pairs: list[Pair], rows: list[str], seeds: list[int], out: Path, host, merge_steps: int,
+         force: bool) -> tuple[list[RunPlan], int]:
+    """Runs still to do (seed-major, so a run cut short has every row at the first seeds) and the cached count."""
+    todo, cached = [], 0
+    for seed in seeds:
+        for pair in pairs:
+            for row in rows:
+                path = out / "runs" / pair.slug / f"{slug(row)}_s{seed}.json"
+                if path.exists() and not force and _fresh(path, host, row, merge_steps):
+                    cached += 1
+                    continue
+                todo.append(RunPlan(row, pair, seed, path))
+    return todo, cached
+
+
+def _fresh(path: Path, host, row: str, merge_steps: int) -> bool:
+    rec = json.loads(path.read_text())
+    if all_rows()[row] is None:
+        return True
+    return rec.get("merge_widgets") == merge_widgets(host, row, merge_steps)
+
+
+# Seconds per run on one 2-core CPU thread (measured 2026-11-30, 32 samples, euler 20 steps); the estimate
+# is replaced by this run's own mean as soon as a row has finished once.
+_DEFAULT_RUN_S = {"sample": 24.0, "paper": 26.0, "constyle": 38.0, "fast": 4.0}
+
+
+def _estimate(todo: list[RunPlan], done: dict[str, list[float]], samples: int) -> float:
+    total = 0.0
+    for r in todo:
+        if done.get(r.row):
+            total += sum(done[r.row]) / len(done[r.row])
+            continue
+        w = all_rows()[r.row] or {}
+        merge = 0.0
+        if w.get("mode") in ("paper", "layerwise+paper") and w.get("method") != "direct":
+            frac = w.get("steps_fraction", 1.0)
+            merge = (_DEFAULT_RUN_S["constyle"] if w.get("constyle_iterations", 1) else _DEFAULT_RUN_S["paper"]) * frac
+        elif w:
+            merge = _DEFAULT_RUN_S["fast"]
+        total += merge + _DEFAULT_RUN_S["sample"] * samples / 32
+    return total
+
+
+def run(pairs: list[Pair], rows: list[str], seeds: list[int], out: Path, ckpt: Path, loras: Path,
+        classifiers: Path, samples: int, merge_steps: int, sampler_steps: int, cfg: float,
+        force: bool = False) -> None:
+    """Run every missing (pair, row, seed) through the executor and cache its per-sample scores."""
+    import mb_classify
+    from tqdm import tqdm
+
+    host = mb_common.boot()
+    todo, cached = plan(pairs, rows, seeds, out, host, merge_steps, force)
+    est = _estimate(todo, {}, samples)
+    print(f"MiniBench: {len(pairs)} pair(s) × {len(seeds)} seed(s) × {len(rows)} row(s): {cached} cached, "
+          f"{len(todo)} to run, expected ≈ {est / 60:.0f} min on this machine", flush=True)
+    if not todo:
+        return
+    for pair in pairs:
+        for spec in (pair.content, pair.style):
+            shutil.copyfile(loras / f"{spec.name}.safetensors", host.loras_dir / f"{spec.name}.safetensors")
+    scorer = mb_classify.Scorer(classifiers)
+    refs = {pair.slug: (mb_lora.reference_images(pair.content)[0], mb_lora.reference_images(pair.style)[0])
+            for pair in pairs}
+    done: dict[str, list[float]] = {}
+    bar = tqdm(todo, unit="run", file=sys.stdout, dynamic_ncols=True, mininterval=5)
+    for i, r in enumerate(bar):
+        bar.set_postfix_str(f"{r.pair.name} s{r.seed} {r.row[:28]}; ≈ {_estimate(todo[i:], done, samples) / 60:.0f} min left")
+        prompt, ids = build_prompt(host, r.row, r.pair, r.seed, samples, str(ckpt), merge_steps, sampler_steps, cfg)
+        t0 = time.time()
+        result = host.execute(prompt)
+        wall = time.time() - t0
+        done.setdefault(r.row, []).append(wall)
+        images = (result["outputs"][ids["image"]][0].permute(0, 3, 1, 2) * 2 - 1).float()
+        refs_c, refs_s = refs[r.pair.slug]
+        per_sample = {
+            "content_hit": scorer.hits(images, r.pair.content_word, "shape", refs_c).tolist(),
+            "style_hit": scorer.hits(images, r.pair.style_word, "texture", refs_s).tolist(),
+            "content_cos": [round(v, 5) for v in scorer.cosine(images, refs_c, "shape").tolist()],
+            "style_cos": [round(v, 5) for v in scorer.cosine(images, refs_s, "texture").tolist()],
+        }
+        rec = {"row": r.row, "pair": r.pair.name, "seed": r.seed, "samples": samples, "sampler": "euler",
+               "sampler_steps": sampler_steps, "cfg": cfg, "noise_seed": noise_seed(r.pair, r.seed),
+               "prompt_wall_s": round(wall, 2), **{k: round(v, 5) for k, v in mb_stats.unit_means(per_sample).items()},
+               "per_sample": per_sample}
+        if ids["merge"] is not None:
+            stats = result["outputs"][ids["merge"]][1]
+            rec.update(trainable_parameters=int(stats.trainable_parameters), merge_wall_s=round(float(stats.wall_seconds), 2),
+                       merge_steps_done=int(stats.steps_done), merge_widgets=merge_widgets(host, r.row, merge_steps),
+                       mask_stats=_mask_stats(stats.extra["masks"]))
+        r.path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(images[:8].clone(), r.path.with_suffix(".pt"))
+        r.path.write_text(json.dumps(rec) + "\n")
+    bar.close()
+
+
+def _mask_stats(masks: dict[str, torch.Tensor]) -> dict[str, float]:
+    out = {}
+    for which in ("m_c", "m_s"):
+        vals = [v.detach().flatten().float() for k, v in masks.items() if k.endswith(which)]
+        if vals:
+            m = torch.cat(vals)
+            out[f"{which}_mean"] = round(float(m.mean()), 4)
     return out
 
 
-def run(args: argparse.Namespace) -> dict:
-    import mb_classify
+# ------------------------------------------------------------------------------------------------------------
+# Tables
+# ------------------------------------------------------------------------------------------------------------
 
-    host = mb_common.boot()
-    runs_dir = args.out / "runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for spec in (mb_lora.CONTENT, mb_lora.STYLE):
-        src = args.loras / f"{spec.name}.safetensors"
-        shutil.copyfile(src, host.loras_dir / src.name)
-        files[spec.name] = src.name
-    scorer = mb_classify.Scorer(args.classifiers)
-    refs_c, _ = mb_lora.reference_images(mb_lora.CONTENT)
-    refs_s, _ = mb_lora.reference_images(mb_lora.STYLE)
-    methods = [m for m in METHODS if not args.methods or m in args.methods or slug(m) in args.methods]
-    # Seed-major: a run cut short still has every method at the first seeds.
-    for seed in args.seeds:
-        for method in methods:
-            path = runs_dir / f"{slug(method)}_s{seed}.json"
-            if path.exists() and not args.force:
-                continue
-            prompt, ids = build_prompt(host, method, seed, args.samples, str(args.ckpt), args.merge_steps,
-                                       args.sampler_steps, args.cfg, files[mb_lora.CONTENT.name],
-                                       files[mb_lora.STYLE.name])
-            t0 = time.time()
-            result = host.execute(prompt)
-            wall = time.time() - t0
-            images = {k: (result["outputs"][nid][0].permute(0, 3, 1, 2) * 2 - 1).float()
-                      for k, nid in ids["images"].items()}
-            rec = {"method": method, "seed": seed, "samples": args.samples, "merge_steps": args.merge_steps,
-                   "sampler_steps": args.sampler_steps, "cfg": args.cfg, "prompt_wall_s": round(wall, 2),
-                   **score_run(scorer, images, refs_c, refs_s)}
-            if ids["merge"] is not None:
-                stats = result["outputs"][ids["merge"]][1]
-                rec["trainable_parameters"] = int(stats.trainable_parameters)
-                rec["merge_wall_s"] = round(float(stats.wall_seconds), 2)
-                rec["merge_steps_done"] = int(stats.steps_done)
-                rec["merge_widgets"] = METHODS[method]
-            torch.save({k: v[:8].clone() for k, v in images.items()}, runs_dir / f"{slug(method)}_s{seed}.pt")
-            path.write_text(json.dumps(rec, indent=1) + "\n")
-            print(f"{method} seed {seed}: target both {rec['target_both_hit']:.2f} "
-                  f"content {rec['target_content_hit']:.2f} style {rec['target_style_hit']:.2f} "
-                  f"({wall:.1f} s)", flush=True)
-    return aggregate(args.out, methods, args.seeds)
+REFERENCES = ("direct merge", "ZipRank")
 
 
-def _ms(values: list[float], pct: bool = True) -> str:
-    if not values:
-        return "–"
-    m = sum(values) / len(values)
-    s = math.sqrt(sum((v - m) ** 2 for v in values) / max(len(values) - 1, 1))
-    return f"{100 * m:.0f} ± {100 * s:.0f}" if pct else f"{m:.3f} ± {s:.3f}"
+def collect(out: Path, pairs: list[Pair], rows: list[str], seeds: list[int]) -> dict[str, dict[tuple, dict]]:
+    """row → unit (pair name, seed) → record, for the runs present on disk."""
+    data: dict[str, dict[tuple, dict]] = {}
+    for row in rows:
+        for pair in pairs:
+            for seed in seeds:
+                path = out / "runs" / pair.slug / f"{slug(row)}_s{seed}.json"
+                if path.exists():
+                    data.setdefault(row, {})[(pair.name, seed)] = json.loads(path.read_text())
+    return data
 
 
-def aggregate(out: Path, methods: list[str], seeds: list[int]) -> dict:
-    """Mean ± std over seeds → results/table.md, results/summary.json and results/grid.png."""
-    rows = []
+def summarise(data: dict[str, dict[tuple, dict]], resamples: int = 4000) -> dict[str, Any]:
+    """Levels and paired differences (to each of REFERENCES) with bootstrap intervals, per row."""
     summary: dict[str, Any] = {}
-    grid_rows = []
-    for method in methods:
-        recs = [json.loads(p.read_text()) for s in seeds
-                if (p := out / "runs" / f"{slug(method)}_s{s}.json").exists()]
-        if not recs:
-            continue
-        col = {k: [r[k] for r in recs if k in r] for k in recs[0]}
-        summary[method] = {k: v for k, v in col.items() if k not in ("method",)}
-        params = f"{recs[0]['trainable_parameters']:,}" if "trainable_parameters" in recs[0] else "–"
-        wall = _ms(col.get("merge_wall_s", []), pct=False).split(" ± ")[0] if "merge_wall_s" in col else "–"
-        rows.append(
-            f"| {method} | {len(recs)} | {_ms(col['target_content_hit'])} | {_ms(col['target_style_hit'])} | "
-            f"{_ms(col['target_both_hit'])} | {_ms(col['content_cos'], False)} | {_ms(col['style_cos'], False)} | "
-            f"{_ms(col['glyph_known_style_both_hit'])} | {_ms(col['shape_new_texture_both_hit'])} | "
-            f"{params} | {wall} |")
-        pt = out / "runs" / f"{slug(method)}_s{seeds[0]}.pt"
-        if pt.exists():
-            grid_rows.append(torch.load(pt)["target"][:8])
-    head = ("| method | seeds | content hit % | style hit % | both % | content cos (DINO-like) | "
-            "style cos (CSD-like) | glyph in known style, both % | known shape in new texture, both % | "
-            "trainable params | merge s |\n|---|---|---|---|---|---|---|---|---|---|---|")
-    table = head + "\n" + "\n".join(rows)
-    (out / "table.md").write_text(table + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    if grid_rows:
-        x = torch.cat([torch.cat([r, torch.zeros(8 - len(r), 3, 32, 32)]) for r in grid_rows])
-        mb_world.save_png(mb_world.to_uint8_grid(x, 8, scale=3), str(out / "grid.png"))
-        (out / "grid_rows.txt").write_text("\n".join(m for m in methods if any(
-            (out / "runs" / f"{slug(m)}_s{seeds[0]}.pt").exists() for _ in [0])) + "\n")
-    print(table)
+    units = {row: {u: mb_stats.unit_means(rec["per_sample"]) for u, rec in recs.items()} for row, recs in data.items()}
+    for row, recs in data.items():
+        s: dict[str, Any] = {"units": len(recs)}
+        for m in mb_stats.METRICS:
+            s[m] = mb_stats.mean([v[m] for v in units[row].values()])
+        walls = [r["merge_wall_s"] for r in recs.values() if "merge_wall_s" in r]
+        s["merge_wall_s"] = mb_stats.mean(walls) if walls else None
+        s["trainable_parameters"] = next((r["trainable_parameters"] for r in recs.values()
+                                          if "trainable_parameters" in r), None)
+        for ref in REFERENCES:
+            if ref in units and ref != row and set(units[row]) & set(units[ref]):
+                s[f"vs {ref}"] = {m: mb_stats.paired_difference(units[row], units[ref], m, resamples)
+                                  for m in ("both_hit", "content_cos", "style_cos")}
+        summary[row] = s
     return summary
 
 
+def _pct(v: float) -> str:
+    return "–" if v is None or math.isnan(v) else f"{100 * v:.1f}"
+
+
+def _d(d: dict | None, pct: bool) -> str:
+    if d is None:
+        return "–"
+    k = 100 if pct else 1
+    f = "{:+.1f} [{:+.1f}, {:+.1f}]" if pct else "{:+.3f} [{:+.3f}, {:+.3f}]"
+    return f.format(k * d["diff"], k * d["lo"], k * d["hi"])
+
+
+def tables(summary: dict[str, Any], title: str) -> str:
+    """Two markdown tables: levels, then paired differences with 95 % bootstrap intervals."""
+    lines = [f"#### {title}: levels (mean over units)", "",
+             "| method | units | content hit % | style hit % | both % | content cos | style cos | trainable | merge s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row, s in summary.items():
+        tp = f"{s['trainable_parameters']:,}" if s.get("trainable_parameters") is not None else "–"
+        ms = f"{s['merge_wall_s']:.1f}" if s.get("merge_wall_s") is not None else "–"
+        lines.append(f"| {row} | {s['units']} | {_pct(s['content_hit'])} | {_pct(s['style_hit'])} | "
+                     f"{_pct(s['both_hit'])} | {s['content_cos']:.3f} | {s['style_cos']:.3f} | {tp} | {ms} |")
+    lines += ["", f"#### {title}: paired differences, mean [95 % bootstrap interval over units]", "",
+              ("| method | Δ both % vs direct | Δ content cos vs direct | Δ style cos vs direct | "
+              "Δ both % vs ZipRank | Δ content cos vs ZipRank | Δ style cos vs ZipRank |"),
+              "|---|---|---|---|---|---|---|"]
+    for row, s in summary.items():
+        a, b = s.get("vs direct merge"), s.get("vs ZipRank")
+        lines.append(f"| {row} | {_d(a and a['both_hit'], True)} | {_d(a and a['content_cos'], False)} | "
+                     f"{_d(a and a['style_cos'], False)} | {_d(b and b['both_hit'], True)} | "
+                     f"{_d(b and b['content_cos'], False)} | {_d(b and b['style_cos'], False)} |")
+    widths = [(s[f"vs {ref}"][m]["half_width"], m) for s in summary.values() for ref in REFERENCES
+              if f"vs {ref}" in s for m in ("both_hit", "content_cos", "style_cos")]
+    if widths:
+        both = max(w for w, m in widths if m == "both_hit")
+        cos = max(w for w, m in widths if m != "both_hit")
+        lines += ["", f"Widest interval half-width: both {100 * both:.1f} points, cosines {cos:.4f}."]
+    return "\n".join(lines) + "\n"
+
+
+def grid(out: Path, pair: Pair, rows: list[str], seed: int, path: Path) -> list[str]:
+    """One row of 8 samples per method (the unit (pair, seed)) as a PNG; returns the rows drawn."""
+    drawn, images = [], []
+    for row in rows:
+        pt = out / "runs" / pair.slug / f"{slug(row)}_s{seed}.pt"
+        if pt.exists():
+            x = torch.load(pt)[:8]
+            images.append(torch.cat([x, torch.ones(8 - len(x), 3, 32, 32)]))
+            drawn.append(row)
+    if images:
+        mb_world.save_png(mb_world.to_uint8_grid(torch.cat(images), 8, scale=3), str(path))
+    return drawn
+
+
+def report(out: Path, splits: dict[str, list[Pair]], rows: list[str], seeds: dict[str, list[int]]) -> dict:
+    """Tables, summary.json and one grid per split into ``out``; prints the tables."""
+    full: dict[str, Any] = {}
+    text = []
+    for split, pairs in splits.items():
+        data = collect(out, pairs, rows, seeds[split])
+        if not data:
+            continue
+        summary = summarise(data)
+        full[split] = {"pairs": [p.name for p in pairs], "seeds": seeds[split], "rows": summary}
+        t = tables(summary, f"{split} split ({', '.join(p.name for p in pairs)}; seeds {seeds[split][0]}–{seeds[split][-1]})")
+        (out / f"{split}_table.md").write_text(t)
+        drawn = grid(out, pairs[0], rows, seeds[split][0], out / f"{split}_grid.png")
+        (out / f"{split}_grid_rows.txt").write_text(f"pair {pairs[0].name}, seed {seeds[split][0]}; rows:\n"
+                                                    + "\n".join(drawn) + "\n")
+        text.append(t)
+    (out / "summary.json").write_text(json.dumps(full, indent=1, default=str) + "\n")
+    print("\n".join(text))
+    return full
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="MiniBench: compare merge methods through the real ComfyUI executor.")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--samples", type=int, default=24, help="images per evaluation prompt and seed")
+    ap = argparse.ArgumentParser(description="MiniBench 2: compare merge methods through the real ComfyUI executor.")
+    ap.add_argument("--split", choices=["dev", "test", "all"], default="all")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the split's own (mb_common.SEEDS)")
+    ap.add_argument("--samples", type=int, default=32, help="images per unit and method")
     ap.add_argument("--merge-steps", type=int, default=100)
     ap.add_argument("--sampler-steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=2.0)
-    ap.add_argument("--methods", nargs="*", default=[], help="subset (names or slugs); default all")
+    ap.add_argument("--methods", nargs="*", default=[], help="rows (names or slugs); default the standard rows")
     ap.add_argument("--ckpt", type=Path, default=mb_common.CHECKPOINTS / "base_ema.safetensors")
     ap.add_argument("--loras", type=Path, default=mb_common.CHECKPOINTS)
     ap.add_argument("--classifiers", type=Path, default=mb_common.CLASSIFIERS)
     ap.add_argument("--out", type=Path, default=mb_common.RESULTS)
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="only print the tables of the cached runs")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    run(args)
+    splits = load_splits()
+    if args.split != "all":
+        splits = {args.split: splits[args.split]}
+    rows = select_rows(args.methods)
+    seeds = {k: args.seeds or mb_common.SEEDS[k] for k in splits}
+    if not args.report_only:
+        for split, pairs in splits.items():
+            run(pairs, rows, seeds[split], args.out, args.ckpt, args.loras, args.classifiers, args.samples,
+                args.merge_steps, args.sampler_steps, args.cfg, args.force)
+    report(args.out, splits, rows, seeds)
     return 0
+
+
+def select_rows(names: list[str]) -> list[str]:
+    """The rows named (by name or slug), in table order; the standard rows when none is named."""
+    if not names:
+        return list(ROWS)
+    known = all_rows()
+    picked = [r for r in known if r in names or slug(r) in names]
+    unknown = [n for n in names if n not in known and n not in {slug(r) for r in known}]
+    if unknown:
+        raise SystemExit(f"unknown MiniBench row(s): {', '.join(unknown)}; known: {', '.join(known)}")
+    return picked
 
 
 if __name__ == "__main__":

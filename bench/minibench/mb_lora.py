@@ -1,11 +1,13 @@
 """Train the MiniBench content and style LoRAs (our own small LoRA trainer) and save them as kohya files.
 
-Content LoRA: the held-out glyph (``star``) in one known style, 5 fixed images, caption
-"a star in solid style". Style LoRA: the held-out texture (``diagonal``) on known shapes, 2 fixed images,
-captions "a circle in diagonal style" / "a square in diagonal style". Both adapt the UNet's attention
-projections only (the layers ZipRank merges), rank 8, alpha = rank; the base and text encoder stay frozen.
+One content LoRA per held-out shape (``star``, ``heart``, ``moon``): that glyph in one known style, 5 fixed
+images, caption "a <shape> in solid style". One style LoRA per held-out texture (``diagonal``, ``zigzag``,
+``grid``): the texture on known shapes, 2 fixed images, captions "a circle in <texture> style" / "a square in
+<texture> style". All adapt the UNet's attention projections only (the layers ZipRank merges), rank 8,
+alpha = rank; the base and text encoder stay frozen. A LoRA can also be trained from a folder of images
+(bring your own pair: ``LoRASpec.from_folder``).
 
-    OMP_NUM_THREADS=1 python bench/minibench/mb_lora.py --steps 600
+    OMP_NUM_THREADS=1 python bench/minibench/mb_lora.py --steps 800
 """
 
 from __future__ import annotations
@@ -25,15 +27,65 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class LoRASpec:
-    """What one LoRA learns: ``images`` in the MiniBench image-spec syntax, rendered with ``seed``."""
+    """What one LoRA learns: ``images`` in the MiniBench image-spec syntax, rendered with ``seed`` — or, when
+    ``folder`` is set, the image files of that folder with their captions (``from_folder``)."""
 
     name: str
     images: str
     seed: int
+    folder: str = ""
+    captions: tuple[str, ...] = ()
+
+    @classmethod
+    def from_folder(cls, folder: Path, role: str) -> LoRASpec:
+        """A LoRA spec from a folder of images (png/jpg/webp, any size; resized to 32×32).
+
+        Captions: ``captions.txt`` in the folder — either one line per image, ``<file name>: <caption>``, or
+        one caption line for all images — else the folder's name with ``_`` read as spaces (a folder named
+        ``a_blob_in_solid_style``). Raises ValueError naming the folder when it holds no image or a caption
+        is missing.
+        """
+        folder = Path(folder)
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        if not files:
+            raise ValueError(f"{folder}: no .png/.jpg/.webp images in this folder")
+        by_file: dict[str, str] = {}
+        default = folder.name.replace("_", " ")
+        cap_file = folder / "captions.txt"
+        if cap_file.exists():
+            lines = [ln.strip() for ln in cap_file.read_text().splitlines() if ln.strip()]
+            if len(lines) == 1 and ":" not in lines[0]:
+                default = lines[0]
+            else:
+                for ln in lines:
+                    name, sep, cap = ln.partition(":")
+                    if not sep:
+                        raise ValueError(f"{cap_file}: line {ln!r} is not '<file name>: <caption>'")
+                    by_file[name.strip()] = cap.strip()
+        captions = tuple(by_file.get(p.name, default) for p in files)
+        slug = "".join(c if c.isalnum() else "_" for c in folder.name.lower())
+        return cls(f"minibench_{role}_byo_{slug}", "", 0, folder=str(folder), captions=captions)
 
 
-CONTENT = LoRASpec("minibench_content_star", "star:solid*5", 1)
-STYLE = LoRASpec("minibench_style_diagonal", "circle:diagonal;square:diagonal", 2)
+# One seed per held-out concept (star and diagonal keep MiniBench 1's).
+CONTENT_SEEDS = {"star": 1, "heart": 3, "moon": 4}
+STYLE_SEEDS = {"diagonal": 2, "zigzag": 5, "grid": 6}
+
+
+def content_spec(shape: str) -> LoRASpec:
+    """The content LoRA of a held-out shape: 5 images of it in solid style."""
+    return LoRASpec(f"minibench_content_{shape}", f"{shape}:solid*5", CONTENT_SEEDS[shape])
+
+
+def style_spec(texture: str) -> LoRASpec:
+    """The style LoRA of a held-out texture: a circle and a square in it."""
+    return LoRASpec(f"minibench_style_{texture}", f"circle:{texture};square:{texture}", STYLE_SEEDS[texture])
+
+
+ALL_SPECS = [*(content_spec(s) for s in mb_world.HELD_OUT_SHAPES), *(style_spec(t) for t in mb_world.HELD_OUT_TEXTURES)]
+# MiniBench 1's pair (star × diagonal stripes): the demo's LoRAs.
+CONTENT = content_spec("star")
+STYLE = style_spec("diagonal")
 
 
 def parse_spec(spec: str) -> tuple[list[str], list[str]]:
@@ -55,7 +107,18 @@ def parse_spec(spec: str) -> tuple[list[str], list[str]]:
 
 
 def reference_images(spec: LoRASpec) -> tuple[torch.Tensor, list[str]]:
-    """The fixed training images (N, 3, 32, 32) and their captions."""
+    """The fixed training images (N, 3, 32, 32) in [-1, 1] and their captions."""
+    if spec.folder:
+        from PIL import Image
+
+        files = sorted(p for p in Path(spec.folder).iterdir()
+                       if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        imgs = []
+        for f in files:
+            im = Image.open(f).convert("RGB").resize((mb_world.SIZE, mb_world.SIZE), Image.BILINEAR)
+            imgs.append(torch.tensor(list(im.getdata()), dtype=torch.float32).view(mb_world.SIZE, mb_world.SIZE, 3))
+        x = torch.stack(imgs).permute(0, 3, 1, 2) / 127.5 - 1
+        return x, list(spec.captions)
     shapes, textures = parse_spec(spec.images)
     x = mb_world.render(shapes, textures, torch.Generator().manual_seed(spec.seed))
     return x, [mb_world.caption(s, t) for s, t in zip(shapes, textures, strict=True)]
@@ -140,31 +203,40 @@ def save(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], model, path: Path
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Train the MiniBench content and style LoRAs.")
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--ckpt", type=Path, default=mb_common.CHECKPOINTS / "base_ema.safetensors")
     ap.add_argument("--out", type=Path, default=mb_common.CHECKPOINTS)
     ap.add_argument("--force", action="store_true", help="retrain even if the files exist")
+    ap.add_argument("--only", nargs="*", default=[], help="names of the LoRAs to train (default: every held-out one)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    return train_missing([s for s in ALL_SPECS if not args.only or s.name in args.only], args.ckpt, args.out,
+                         args.steps, args.rank, args.lr, args.force)
+
+
+def train_missing(specs: list[LoRASpec], ckpt: Path, out: Path, steps: int, rank: int = 8, lr: float = 1e-3,
+                  force: bool = False) -> int:
+    """Train every LoRA of ``specs`` whose file is missing in ``out`` (all of them with ``force``)."""
+    if not force and all((out / f"{spec.name}.safetensors").exists() for spec in specs):
+        return 0
     mb_common.boot()
-    model, text = mb_model.load_checkpoint(str(args.ckpt))
-    report = {}
-    for spec in (CONTENT, STYLE):
-        path = args.out / f"{spec.name}.safetensors"
-        if path.exists() and not args.force:
-            print(f"{path.name} exists; skipping (use --force to retrain)")
+    model, text = mb_model.load_checkpoint(str(ckpt))
+    report_path = out / "loras.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    for spec in specs:
+        path = out / f"{spec.name}.safetensors"
+        if path.exists() and not force:
             continue
         t0 = time.time()
-        layers = train_lora(model, text, spec, args.steps, args.rank, args.lr)
+        layers = train_lora(model, text, spec, steps, rank, lr)
         wall = time.time() - t0
-        save(layers, model, path, {"minibench_images": spec.images, "minibench_seed": str(spec.seed),
-                                   "minibench_steps": str(args.steps), "minibench_rank": str(args.rank)})
-        report[spec.name] = {"steps": args.steps, "rank": args.rank, "wall_time_s": round(wall, 1)}
+        save(layers, model, path, {"minibench_images": spec.images or spec.folder, "minibench_seed": str(spec.seed),
+                                   "minibench_steps": str(steps), "minibench_rank": str(rank)})
+        report[spec.name] = {"steps": steps, "rank": rank, "wall_time_s": round(wall, 1)}
         print(json.dumps({spec.name: report[spec.name]}), flush=True)
-    if report:
-        (args.out / "loras.json").write_text(json.dumps(report, indent=1) + "\n")
+        report_path.write_text(json.dumps(report, indent=1) + "\n")
     return 0
 
 

@@ -3,8 +3,8 @@ their mask statistics (mean, share above 0.5, share pruned) and the kept rank pe
 
     OMP_NUM_THREADS=1 python bench/minibench/mb_masks.py --seed 0 --methods "ZipRank" "ZipRank + priors"
 
-The merges are the comparison's own prompts (mb_compare.build_prompt, same seed, 100 paper steps) with one
-sample per evaluation prompt; nothing is written unless ``--json`` names a file. A mask entry scales one singular direction of one LoRA in one
+The merges are the comparison's own prompts (mb_compare.build_prompt, same pair and seed, 100 paper steps) with
+one sample; nothing is written unless ``--json`` names a file. A mask entry scales one singular direction of one LoRA in one
 layer: 1 keeps it whole, 0 removes it.
 """
 
@@ -17,7 +17,6 @@ from pathlib import Path
 
 import mb_common
 import mb_compare
-import mb_lora
 import torch
 
 
@@ -38,25 +37,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge-steps", type=int, default=100)
     ap.add_argument("--checkpoints", type=Path, default=mb_common.CHECKPOINTS)
     ap.add_argument("--json", type=Path, default=None, help="also write the records (a JSON list) here")
-    ap.add_argument("--methods", nargs="+", default=["ZipRank", "ZipRank + priors", "ZipRank + prior init only",
-                                                      "ZipRank + prior loss only", "fast: layer-wise, no priors"])
+    ap.add_argument("--pair", default="star×diagonal", help="a held-out pair, e.g. heart×zigzag")
+    ap.add_argument("--methods", nargs="+", default=["ZipRank", "ZipRank + priors", "DuoLoRA (+ Constyle)",
+                                                      "fast: layer-wise"])
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    unknown = [m for m in args.methods if mb_compare.METHODS.get(m) is None]
+    unknown = [m for m in args.methods if mb_compare.all_rows().get(m) is None]
     if unknown:
-        ap.error(f"not a merge row of mb_compare.METHODS: {', '.join(unknown)}")
+        ap.error(f"not a merge row of mb_compare: {', '.join(unknown)}")
+    pair = mb_compare.builtin_pair(*args.pair.split("×"))
     host = mb_common.boot()
     ck = args.checkpoints
     records = []
-    for spec in (mb_lora.CONTENT, mb_lora.STYLE):
+    for spec in (pair.content, pair.style):
         shutil.copyfile(ck / f"{spec.name}.safetensors", host.loras_dir / f"{spec.name}.safetensors")
     for method in args.methods:
-        prompt, ids = mb_compare.build_prompt(
-            host, method, args.seed, 1, str(ck / "base_ema.safetensors"), args.merge_steps, 2, 2.0,
-            f"{mb_lora.CONTENT.name}.safetensors", f"{mb_lora.STYLE.name}.safetensors")
+        prompt, ids = mb_compare.build_prompt(host, method, pair, args.seed, 1, str(ck / "base_ema.safetensors"),
+                                              args.merge_steps, 2, 2.0)
         stats = host.execute(prompt)["outputs"][ids["merge"]][1]
         kept = {k: [round(v["content"], 2), round(v["style"], 2)] for k, v in stats.kept_rank_by_block.items()}
-        records.append({"method": method, "seed": args.seed, **mask_statistics(stats.extra["masks"]),
+        records.append({"method": method, "pair": pair.name, "seed": args.seed, **mask_statistics(stats.extra["masks"]),
                         "kept_rank_by_block": kept})
         print(json.dumps(records[-1]), flush=True)
     if args.json is not None:

@@ -13,9 +13,9 @@ word + position embeddings, and a pooled vector. ComfyUI modules are imported in
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
-import mb_world
 import torch
 
 CONTEXT_DIM = 64
@@ -46,11 +46,18 @@ MINI_UNET_CONFIG: dict[str, Any] = {
     "use_temporal_resblock": False,
 }
 
-VOCAB: tuple[str, ...] = ("<pad>", "a", "in", "style", *mb_world.SHAPES, *mb_world.TEXTURES)
+# The trained word table's rows, in the checkpoint's order (frozen: base_ema.safetensors has exactly these 18
+# rows). "star" and "diagonal" have rows that base training never updated (held out since MiniBench 1).
+VOCAB: tuple[str, ...] = ("<pad>", "a", "in", "style", "circle", "square", "triangle", "cross", "ring", "diamond",
+                          "star", "solid", "hstripes", "vstripes", "checker", "dots", "gradient", "diagonal")
 
 
 def tokenize(prompt: str) -> list[int]:
-    """Word ids of ``prompt``, padded/truncated to N_TOKENS; unknown words raise ValueError."""
+    """Word ids of ``prompt`` in VOCAB, padded/truncated to N_TOKENS; words outside VOCAB raise ValueError.
+
+    Base training uses this (it only ever sees VOCAB's base words); prompts with new words go through
+    ``MiniTextEncoder.encode``, which gives them unseen-word embeddings.
+    """
     ids = []
     for word in prompt.lower().split():
         if word not in VOCAB:
@@ -60,11 +67,29 @@ def tokenize(prompt: str) -> list[int]:
     return ids + [0] * (N_TOKENS - len(ids))
 
 
+def unseen_word_embedding(word: str) -> torch.Tensor:
+    """The embedding (CONTEXT_DIM,) of a word outside the trained table: N(0, 1) seeded by the word itself.
+
+    That is exactly what a table row looks like when training never touches it (``nn.Embedding`` draws its
+    rows from N(0, 1), and Adam without weight decay leaves a row with zero gradient unchanged), so a new
+    word — MiniBench 2's heart/moon/zigzag/grid, or a bring-your-own glyph — is as unknown to the base as
+    "star" is, and the same word always gets the same vector.
+    """
+    g = torch.Generator().manual_seed(zlib.crc32(word.encode()) + 7919)
+    return torch.randn(CONTEXT_DIM, generator=g)
+
+
+def unseen_words(prompt: str) -> list[str]:
+    """Words of ``prompt`` that the base's word table does not hold."""
+    return [w for w in prompt.lower().split() if w not in VOCAB]
+
+
 class MiniTextEncoder(torch.nn.Module):
     """Learned word embeddings → context (B, 5, CONTEXT_DIM) and pooled (B, POOLED_DIM).
 
     Words never seen in training (the held-out shape/texture) keep their seeded initial embedding: Adam
-    without weight decay leaves rows with zero gradient untouched.
+    without weight decay leaves rows with zero gradient untouched; words outside the table get the same
+    kind of vector from ``unseen_word_embedding``.
     """
 
     def __init__(self) -> None:
@@ -76,15 +101,24 @@ class MiniTextEncoder(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids (B, 5) long → (context (B, 5, 64), pooled (B, 32))."""
-        e = self.words(ids)
+        return self.from_embeddings(self.words(ids))
+
+    def from_embeddings(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Word embeddings (B, 5, 64) → (context (B, 5, 64), pooled (B, 32))."""
         ctx = self.norm(e + self.position)
         pooled = self.pool(e.mean(dim=1))
         return ctx, pooled
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode a list of prompts (the empty string is the unconditional prompt)."""
-        ids = torch.tensor([tokenize(p) for p in prompts], dtype=torch.long)
-        return self(ids)
+        """Encode a list of prompts (the empty string is the unconditional prompt); any words allowed."""
+        rows = []
+        for prompt in prompts:
+            words = prompt.lower().split()[:N_TOKENS]
+            vecs = [self.words.weight[VOCAB.index(w)] if w in VOCAB else unseen_word_embedding(w).to(
+                self.words.weight) for w in words]
+            vecs += [self.words.weight[0]] * (N_TOKENS - len(vecs))
+            rows.append(torch.stack(vecs))
+        return self.from_embeddings(torch.stack(rows))
 
 
 def _model_config():

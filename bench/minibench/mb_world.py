@@ -2,8 +2,11 @@
 
 Everything is generated here from a seed (no files, no downloads). Images are float tensors (B, 3, 32, 32)
 in [-1, 1] (the diffusion model works directly on pixels). Captions are ``"a <shape> in <texture> style"``.
-The last shape (``star``) and the last texture (``diagonal``) are held out of base training: they are what
-the content and style LoRAs learn.
+Three shapes (``star``, ``heart``, ``moon``) and three textures (``diagonal``, ``zigzag``, ``grid``) are held
+out of base training: they are what the content and style LoRAs learn, giving 3 × 3 = 9 content × style pairs
+whose subject and style the base never saw (MiniBench 2). ``star`` and ``diagonal`` were the only held-out
+concepts of MiniBench 1; the other four were added for MiniBench 2 (the base never saw them either: it was
+trained on the six base shapes and textures only, see checkpoints/MANIFEST.json).
 """
 
 from __future__ import annotations
@@ -13,12 +16,15 @@ import math
 import torch
 
 SIZE = 32
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring", "diamond", "star")
-TEXTURES: tuple[str, ...] = ("solid", "hstripes", "vstripes", "checker", "dots", "gradient", "diagonal")
-HELD_OUT_SHAPE = "star"
-HELD_OUT_TEXTURE = "diagonal"
-BASE_SHAPES = tuple(s for s in SHAPES if s != HELD_OUT_SHAPE)
-BASE_TEXTURES = tuple(t for t in TEXTURES if t != HELD_OUT_TEXTURE)
+BASE_SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring", "diamond")
+BASE_TEXTURES: tuple[str, ...] = ("solid", "hstripes", "vstripes", "checker", "dots", "gradient")
+HELD_OUT_SHAPES: tuple[str, ...] = ("star", "heart", "moon")
+HELD_OUT_TEXTURES: tuple[str, ...] = ("diagonal", "zigzag", "grid")
+# Class order of the classifiers (MiniBench 1's seven first, so its names keep their indices).
+SHAPES: tuple[str, ...] = (*BASE_SHAPES, *HELD_OUT_SHAPES)
+TEXTURES: tuple[str, ...] = (*BASE_TEXTURES, *HELD_OUT_TEXTURES)
+# Every content × style pair of held-out concepts, in a fixed order (the split draws from this list).
+HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = tuple((s, t) for s in HELD_OUT_SHAPES for t in HELD_OUT_TEXTURES)
 
 # Each texture has its own two-colour palette, so "style" is pattern + palette (RGB in [0, 1]).
 PALETTES: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -29,6 +35,8 @@ PALETTES: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]
     "dots": ((0.55, 0.15, 0.65), (0.98, 0.98, 0.98)),
     "gradient": ((0.05, 0.75, 0.85), (0.85, 0.10, 0.65)),
     "diagonal": ((0.45, 0.05, 0.10), (0.30, 0.85, 0.80)),
+    "zigzag": ((0.95, 0.78, 0.20), (0.50, 0.22, 0.05)),
+    "grid": ((0.95, 0.62, 0.68), (0.05, 0.33, 0.35)),
 }
 BACKGROUND = (0.92, 0.92, 0.88)
 
@@ -63,6 +71,14 @@ def _shape_mask(shape: str, x: torch.Tensor, y: torch.Tensor, r: torch.Tensor) -
         k = torch.remainder(ang, 2 * math.pi / 5) / (2 * math.pi / 5)
         edge = 0.5 * r + 0.6 * r * (1 - 2 * (k - 0.5).abs()) ** 1.6
         return d <= edge
+    if shape == "heart":
+        # The classic implicit heart (x² + y² − 1)³ − x²·y³ ≤ 0, point down (image y grows downward).
+        u, v = x / (0.8 * r), -(y + 0.12 * r) / (0.8 * r)
+        return (u * u + v * v - 1) ** 3 - u * u * v ** 3 <= 0
+    if shape == "moon":
+        # A crescent: the disc minus a disc shifted up and to the right.
+        dx, dy = x - 0.45 * r, y + 0.25 * r
+        return (d <= r) & (torch.sqrt(dx * dx + dy * dy) > 0.78 * r)
     raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -84,6 +100,13 @@ def _texture(texture: str, x: torch.Tensor, y: torch.Tensor, phase: torch.Tensor
         return ((x + y) / (2 * SIZE)).clamp(0, 1)
     if texture == "diagonal":
         return (torch.remainder(x + y + phase, 8) < 4).float()
+    if texture == "zigzag":
+        # Horizontal chevrons: stripes whose height follows a triangle wave of period 8 along x.
+        tri = (torch.remainder(x + phase, 8) - 4).abs()
+        return (torch.remainder(y + tri, 7) < 3.5).float()
+    if texture == "grid":
+        # Thin lines every 6 px both ways on the palette's first colour.
+        return ((torch.remainder(x + phase, 6) < 1.5) | (torch.remainder(y + phase, 6) < 1.5)).float()
     raise ValueError(f"unknown texture {texture!r}")
 
 

@@ -21,7 +21,7 @@ if _MINIBENCH not in sys.path:
 
 import mb_model
 import mb_world
-from mb_lora import parse_spec
+from mb_lora import LoRASpec, parse_spec, reference_images
 
 MiniText = io.Custom("MINIBENCH_TEXT")
 _CACHE: dict[str, tuple] = {}
@@ -99,12 +99,17 @@ class MiniBenchImages(io.ComfyNode):
             node_id="MiniBenchImages",
             display_name="MiniBench images (bench)",
             category="duolora/bench",
-            inputs=[io.String.Input("spec", default="star:solid*5"), io.Int.Input("seed", default=0, min=0)],
+            inputs=[io.String.Input("spec", default="star:solid*5"), io.Int.Input("seed", default=0, min=0),
+                    io.String.Input("folder", default="",
+                                    tooltip="A folder of images (bring-your-own pair); replaces spec when set")],
             outputs=[io.Latent.Output()],
         )
 
     @classmethod
-    def execute(cls, spec: str, seed: int) -> io.NodeOutput:
+    def execute(cls, spec: str, seed: int, folder: str = "") -> io.NodeOutput:
+        if folder:
+            x, _ = reference_images(LoRASpec("byo", "", 0, folder=folder))
+            return io.NodeOutput({"samples": x})
         shapes, textures = parse_spec(spec)
         x = mb_world.render(shapes, textures, torch.Generator().manual_seed(int(seed)))
         return io.NodeOutput({"samples": x})
