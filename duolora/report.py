@@ -1,8 +1,12 @@
-"""What a merge kept: ranks per layer after pruning, summaries per block and per prior group, a figure.
+"""What a merge kept: per layer the kept rank after pruning, the mean mask magnitude and the kept share of
+each LoRA's nuclear norm; summaries per block and per prior group; a figure.
 
+Kept rank alone says little when masks are rarely pruned (a mask at 0.1 keeps its component but almost none
+of its effect), so every summary also reports mean |m| and the kept nuclear-norm share ρ = Σσᵢ|mᵢ| / Σσᵢ
+(``duolora.priors.kept_share``; 1.0 = the LoRA as trained, the quantity the layer priors constrain).
 The figure follows the spirit of the paper's Fig. 4/5 (histograms of the rank each LoRA keeps, split by
 layer group): four panels drawn with Pillow only — kept-rank histograms of the content and of the
-style LoRA (bars per prior group), mean kept rank per block, and the loss curves.
+style LoRA (bars per prior group), the kept nuclear-norm share of both LoRAs per block, and the loss curves.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import io
 import math
 from dataclasses import dataclass, field
 
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .lora import TEXT_ENCODER_PREFIXES
@@ -36,11 +41,17 @@ class LayerRank:
     rank_s: int
     kept_c: int
     kept_s: int
+    # Mean |m| and kept nuclear-norm share of each LoRA (0.0 when the file lacks the layer).
+    mask_c: float = 0.0
+    mask_s: float = 0.0
+    share_c: float = 0.0
+    share_s: float = 0.0
 
 
 @dataclass
 class RankSummary:
-    """Totals over a set of layers (a block or a prior group)."""
+    """Totals over a set of layers (a block or a prior group); mask and share values are means over the
+    layers that have that LoRA."""
 
     key: str
     layers: int
@@ -48,6 +59,10 @@ class RankSummary:
     rank_s: int
     kept_c: int
     kept_s: int
+    mask_c: float = 0.0
+    mask_s: float = 0.0
+    share_c: float = 0.0
+    share_s: float = 0.0
 
     @property
     def mean_kept_c(self) -> float:
@@ -98,8 +113,16 @@ class MergeReport:
         for key in keys:
             rows = [r for r in self.layers if key_of(r) == key and (r.learned or not learned_only)]
             if rows:
+                with_c = [r for r in rows if r.rank_c] or [None]
+                with_s = [r for r in rows if r.rank_s] or [None]
+
+                def avg(rs: list, attr: str) -> float:
+                    return sum(getattr(r, attr) for r in rs) / len(rs) if rs[0] is not None else 0.0
+
                 out.append(RankSummary(key, len(rows), sum(r.rank_c for r in rows), sum(r.rank_s for r in rows),
-                                       sum(r.kept_c for r in rows), sum(r.kept_s for r in rows)))
+                                       sum(r.kept_c for r in rows), sum(r.kept_s for r in rows),
+                                       avg(with_c, "mask_c"), avg(with_s, "mask_s"),
+                                       avg(with_c, "share_c"), avg(with_s, "share_s")))
         return out
 
     @property
@@ -131,9 +154,14 @@ class MergeReport:
         for s in self.by_group():
             lines.append(f"  {s.key:<8} {s.layers:>4} layers  {s.mean_kept_c:7.2f} / {s.mean_kept_s:7.2f}"
                          f"   (kept {s.kept_c}/{s.rank_c} and {s.kept_s}/{s.rank_s})")
-        lines.append("per block (mean kept rank content / style):")
+        lines.append("per prior group (mean |mask| content / style; kept nuclear-norm share content / style):")
+        for s in self.by_group():
+            lines.append(f"  {s.key:<8} {s.layers:>4} layers  |m| {s.mask_c:5.2f} / {s.mask_s:5.2f}"
+                         f"   share {s.share_c:5.2f} / {s.share_s:5.2f}")
+        lines.append("per block (mean kept rank content / style; mean |mask|; kept nuclear-norm share):")
         for s in self.by_block():
-            lines.append(f"  {s.key:<20} {s.layers:>4} layers  {s.mean_kept_c:7.2f} / {s.mean_kept_s:7.2f}")
+            lines.append(f"  {s.key:<20} {s.layers:>4} layers  {s.mean_kept_c:7.2f} / {s.mean_kept_s:7.2f}"
+                         f"   |m| {s.mask_c:5.2f} / {s.mask_s:5.2f}   share {s.share_c:5.2f} / {s.share_s:5.2f}")
         if self.history:
             steps = max(len(v) for v in self.history.values())
             last = ", ".join(f"{k} {v[-1]:.4g}" for k, v in self.history.items() if v)
@@ -171,13 +199,21 @@ def build_report(merger: Merger, history: dict[str, list[float]] | None = None,
     from .sdxl import preset_roles
 
     roles = preset_roles("paper") if roles is None else roles
+    from .priors import kept_share
+
     threshold = merger.prune_threshold if prune_threshold is None else float(prune_threshold)
     kept = merger.kept_ranks(threshold)
     layers = []
-    for name, layer in merger.items():
-        role = None if name.startswith(TEXT_ENCODER_PREFIXES) else prior_role(name, roles)
-        layers.append(LayerRank(name, _block(name), role or "none", layer.learned,
-                                layer.rank("c"), layer.rank("s"), *kept[name]))
+    with torch.no_grad():
+        for name, layer in merger.items():
+            role = None if name.startswith(TEXT_ENCODER_PREFIXES) else prior_role(name, roles)
+            values = {}
+            for which in ("c", "s"):
+                if layer.factors(which) is not None:
+                    values[f"mask_{which}"] = float(layer.mask(which).abs().mean())
+                    values[f"share_{which}"] = float(kept_share(layer, which))
+            layers.append(LayerRank(name, _block(name), role or "none", layer.learned,
+                                    layer.rank("c"), layer.rank("s"), *kept[name], **values))
     return MergeReport(merger.method, threshold, merger.trainable_parameters(), layers,
                        {k: list(v) for k, v in (history or {}).items()})
 
@@ -238,18 +274,22 @@ def _histogram(d: ImageDraw.ImageDraw, box: tuple[int, int, int, int], rows: lis
 
 def _block_bars(d: ImageDraw.ImageDraw, box: tuple[int, int, int, int], blocks: list, font: ImageFont.ImageFont,
                 small: ImageFont.ImageFont) -> None:
-    """Mean kept rank per block: content and style bars side by side."""
-    _axes(d, box, "Mean kept rank per block (content | style)", font)
+    """Kept nuclear-norm share per block: content and style bars side by side, a line at 1 (as trained)."""
+    _axes(d, box, "Kept share of each LoRA's nuclear norm per block (content | style)", font)
     x0, y0, x1, y1 = box
     if not blocks:
         return
-    top = _nice_max(max([max(s.mean_kept_c, s.mean_kept_s) for s in blocks] + [1]))
+    top = _nice_max(max([max(s.share_c, s.share_s) for s in blocks] + [1]))
+    one = y1 - (y1 - y0) / top
+    d.line([(x0, one), (x1, one)], fill=(170, 170, 170), width=1)
+    if top != 1:
+        d.text((x0 - 22, one - 6), "1", fill="black", font=small)
     slot = (x1 - x0) / len(blocks)
     bar = max(slot * 0.38, 1)
     for i, s in enumerate(blocks):
         left = x0 + i * slot + slot * 0.1
-        for j, (value, colour) in enumerate(((s.mean_kept_c, _LORA_COLOURS["content"]),
-                                             (s.mean_kept_s, _LORA_COLOURS["style"]))):
+        for j, (value, colour) in enumerate(((s.share_c, _LORA_COLOURS["content"]),
+                                             (s.share_s, _LORA_COLOURS["style"]))):
             if value > 0:
                 d.rectangle([left + j * bar, y1 - (y1 - y0) * value / top, left + (j + 1) * bar - 1, y1], fill=colour)
         d.text((left, y1 + 4), short_block(s.key), fill="black", font=small)

@@ -82,3 +82,27 @@ def test_figure_is_a_png_with_bars_and_curves() -> None:
     assert count(blue, (600, 455, 1200, 860)) > 100  # the first loss curve
     plain_pixels = Image.open(io.BytesIO(plain)).convert("RGB").load()
     assert sum(plain_pixels[x, y] == blue for x in range(600, 1200) for y in range(455, 860, 2)) == 0
+
+
+def test_mask_magnitude_and_kept_share_per_block_and_role() -> None:
+    merger = hand_masked_merger()
+    with torch.no_grad():
+        for layer in merger.learned_layers():  # halve every surviving style entry in content blocks
+            if layer.name.startswith(CONTENT_BLOCKS):
+                layer.m_s[:2] = 0.5
+    report = build_report(merger, roles=preset_roles("paper"))
+    groups = {s.key: s for s in report.by_group()}
+    # Content blocks: m_c all 1 (|m| 1, share 1); m_s = (0.5, 0.5, 5e-4 ×4).
+    assert groups["content"].mask_c == 1.0 and abs(groups["content"].share_c - 1.0) < 1e-6
+    assert abs(groups["content"].mask_s - (1.0 + 4 * 5e-4) / 6) < 1e-6
+    # Style blocks: m_c keeps its first 3 of 8 singular directions (the largest), so its share of the nuclear
+    # norm is above 3/8; m_s is whole.
+    assert abs(groups["style"].mask_c - 3 / 8) < 1e-6 and groups["style"].share_c > 3 / 8
+    assert abs(groups["style"].share_s - 1.0) < 1e-6
+    # In every prior block the role's own LoRA keeps the larger share: the report shows the role ordering.
+    for s in report.by_block():
+        own, other = (s.share_c, s.share_s) if s.key in CONTENT_BLOCKS else (s.share_s, s.share_c)
+        assert own > other
+    text = report.text()
+    assert "per prior group (mean |mask| content / style; kept nuclear-norm share content / style):" in text
+    assert f"  content    16 layers  |m|  1.00 /  0.17   share  1.00 / {groups['content'].share_s:5.2f}" in text
