@@ -12,10 +12,9 @@ import zlib
 
 import torch
 
+from .config import PRIOR_LOSS_KINDS
 from .mergers import MergedLayer, Merger
 from .sdxl import CONTENT, STYLE, prior_role
-
-PRIOR_LOSS_KINDS: tuple[str, ...] = ("hinge", "code_compat")
 
 
 def prior_layers(merger: Merger, roles: dict[str, str]) -> list[tuple[MergedLayer, str]]:

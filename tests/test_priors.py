@@ -9,9 +9,9 @@ import pytest
 import torch
 from engine_toys import single_thread, toy_setup  # noqa: F401 - autouse fixture
 
+from duolora.config import MergeConfig
 from duolora.lora import LoRA
 from duolora.mergers import ZipLoRAMerger, ZipRankMerger, build_merger
-from duolora.optimize import MergeConfig
 from duolora.priors import layer_prior_loss, prior_init, prior_layers
 from duolora.sdxl import preset_roles
 
