@@ -43,11 +43,11 @@ def hwm():
 _RSS_SCRIPT = _HWM + r"""
 import json, sys, time
 import torch
-from duolora import fast
-from duolora.optimize import MergeConfig
+from duolora import engine
+from duolora.config import MergeConfig
 before = hwm()
 start = time.perf_counter()
-r = fast.merge_files(sys.argv[1], sys.argv[2], sys.argv[3], MergeConfig(), overwrite=True)
+r = engine.merge_files(sys.argv[1], sys.argv[2], sys.argv[3], MergeConfig(), overwrite=True)
 print(json.dumps({"baseline": before, "peak": hwm(), "seconds": time.perf_counter() - start}))
 """
 
@@ -71,8 +71,8 @@ def _subprocess_json(script: str, *args: str) -> dict[str, Any]:
 def run(repeats: int = 3) -> dict[str, Any]:
     from safetensors.torch import load_file
 
-    from duolora import fast, formats
-    from duolora.optimize import MergeConfig
+    from duolora import engine, formats
+    from duolora.config import MergeConfig
     from duolora.synthetic import synthetic_lora
 
     with tempfile.TemporaryDirectory(prefix="duolora_b1_") as tmp:
@@ -93,7 +93,7 @@ def run(repeats: int = 3) -> dict[str, Any]:
         t_load, load_runs, _ = timed(lambda: (load_file(c), load_file(s)), repeats)
         t_engine_load, _, _ = timed(lambda: (formats.load_lora(c), formats.load_lora(s)), repeats)
         t_merge, merge_runs, result = timed(
-            lambda: fast.merge_files(c, s, out, MergeConfig(), overwrite=True), repeats)
+            lambda: engine.merge_files(c, s, out, MergeConfig(), overwrite=True), repeats)
         written = load_file(str(out))
         floor_out = folder / "floor.safetensors"
         t_floor, _, _ = timed(lambda: (load_file(c), load_file(s),

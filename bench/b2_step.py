@@ -44,8 +44,9 @@ class _Unbatched:
 
 
 def _paper_step_times(t: TinySetup, steps: int, checkpointing: bool, unbatched: bool = False) -> list[float]:
+    from duolora.config import MergeConfig
     from duolora.mergers import build_merger
-    from duolora.optimize import MergeConfig, optimize
+    from duolora.optimize import optimize
 
     b = bridge()
     config = MergeConfig(steps=steps + 1)

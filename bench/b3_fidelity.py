@@ -24,8 +24,8 @@ GAP_TARGET, TIME_TARGET = 0.80, 0.10
 
 
 def _held_out(t: TinySetup, merger, draws: int) -> tuple[float, float]:
+    from duolora.config import MergeConfig
     from duolora.objective import DuoLoRAObjective
-    from duolora.optimize import MergeConfig
 
     cfg = MergeConfig(constyle_iterations=0, prior_loss=False)
     lc = ls = 0.0
@@ -42,9 +42,10 @@ def _held_out(t: TinySetup, merger, draws: int) -> tuple[float, float]:
 
 def _method(t: TinySetup, name: str, steps: int):
     """(merger with its final masks, wall seconds)."""
-    from duolora import fast
+    from duolora import recording, solver
+    from duolora.config import MergeConfig
     from duolora.mergers import build_merger
-    from duolora.optimize import MergeConfig, optimize
+    from duolora.optimize import optimize
 
     b = bridge()
     start = time.perf_counter()
@@ -60,8 +61,8 @@ def _method(t: TinySetup, name: str, steps: int):
         config = MergeConfig(prior_preset="none") if name.endswith("no priors") else MergeConfig()
         merger = build_merger(config.method, t.content, t.style, config)
         with torch.inference_mode(False), b.ComfyDenoiser(t.model, merger, gradient_checkpointing=False) as den:
-            stats = fast.record_activations(merger, den, den.modules, references(den, t), config)
-        fast.solve_layerwise(merger, stats, config)
+            stats = recording.record_activations(merger, den, den.modules, references(den, t), config)
+        solver.solve_layerwise(merger, stats, config)
         if name in REFINED:
             # The node's "layerwise+paper" mode: paper steps from the layer-wise masks (no prior initialisation).
             refine = dataclasses.replace(config, steps=max(1, round(steps * REFINED[name])), prior_init=False)
@@ -70,7 +71,7 @@ def _method(t: TinySetup, name: str, steps: int):
     elif name == "weights":
         config = MergeConfig()
         merger = build_merger(config.method, t.content, t.style, config)
-        fast.solve_weights(merger, config)
+        solver.solve_weights(merger, config)
     else:
         raise ValueError(name)
     return merger, time.perf_counter() - start

@@ -64,11 +64,9 @@ class _MergeHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
     """``duolora merge CONTENT STYLE -o OUT``: the weights-only merge (no model, no images)."""
-    from .fast import SOLVER_ITERATIONS
-    from .mergers import BASES, DEFAULT_PRUNE_THRESHOLD, SCOPES
-    from .optimize import MergeConfig
-    from .priors import PRIOR_LOSS_KINDS
+    from .config import BASES, DEFAULT_PRUNE_THRESHOLD, PRIOR_LOSS_KINDS, SCOPES, MergeConfig
     from .sdxl import PRESET_NAMES
+    from .solver import SOLVER_ITERATIONS
 
     d = MergeConfig()
     p = sub.add_parser(
@@ -146,7 +144,7 @@ class _TerminalProgress:
         self.start = time.perf_counter()
         self.drawn = False
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, terms: dict[str, float] | None = None) -> None:
         if not self.enabled:
             return
         import time
@@ -167,9 +165,10 @@ class _TerminalProgress:
 def _merge(args: argparse.Namespace) -> int:
     import torch
 
-    from . import fast, formats
+    from . import engine, formats
+    from .config import MergeConfig
     from .mergers import MergerError
-    from .optimize import MergeConfig
+    from .solver import describe
 
     progress = _TerminalProgress(not args.quiet)
     try:
@@ -181,8 +180,8 @@ def _merge(args: argparse.Namespace) -> int:
             lambda_sim=args.lambda_sim, prune_threshold=args.prune_threshold, w_c=args.w_c, w_s=args.w_s,
         )
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
-        result = fast.merge_files(args.content, args.style, args.output, config, dtype=dtype,
-                                  key_style=args.key_style, overwrite=args.force, progress=progress,
+        output = engine.OutputFile(args.output, key_style=args.key_style, dtype=dtype, overwrite=args.force)
+        result = engine.run_merge(args.content, args.style, config, output=output, progress=progress,
                                   iterations=args.iterations)
     except formats.OutputExistsError as e:
         progress.close()
@@ -197,7 +196,7 @@ def _merge(args: argparse.Namespace) -> int:
         share = 100.0 * result.kept_components / max(result.total_components, 1)
         print(f"wrote {result.path}: {result.layers} layers, kept {result.kept_components:,} of "
               f"{result.total_components:,} rank components ({share:.1f} %) in {result.wall_seconds:.1f} s; "
-              f"{fast.describe(result)}")
+              f"{describe(result)}")
     return 0
 
 

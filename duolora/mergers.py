@@ -20,21 +20,14 @@ file has pass through unchanged.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from .config import BASES, DEFAULT_PRUNE_THRESHOLD, METHODS, SCOPES, MergeConfig
 from .lora import TEXT_ENCODER_PREFIXES, LoRA, LowRank
 from .sdxl import block_of, is_attention_projection
-
-if TYPE_CHECKING:  # only for type hints: optimize.py imports this module
-    from .optimize import MergeConfig
-
-METHODS: tuple[str, ...] = ("ziprank", "ziplora_out", "ziplora_in", "direct", "b_lora")
-BASES: tuple[str, ...] = ("svd", "raw")
-SCOPES: tuple[str, ...] = ("attention", "all")
-DEFAULT_PRUNE_THRESHOLD = 1e-3
 
 RANK, OUT, IN = "rank", "out", "in"
 MASK_KINDS: tuple[str, ...] = (RANK, OUT, IN)
@@ -466,7 +459,7 @@ class BLoRAMerger(Merger):
 def build_merger(method: str, content: LoRA, style: LoRA, config: MergeConfig | None = None) -> Merger:
     """The merger ``method`` over the two LoRAs, with scope/basis/weights/threshold from ``config``.
 
-    ``config`` is a ``duolora.optimize.MergeConfig`` (None: its defaults). Raises MergerError for an
+    ``config`` is a ``duolora.config.MergeConfig`` (None: its defaults). Raises MergerError for an
     unknown method or basis, incompatible layer shapes, or a learning method with no layer to learn.
     """
     scope = getattr(config, "scope", "attention")

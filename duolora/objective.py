@@ -32,7 +32,7 @@ from .mergers import Merger
 from .priors import layer_prior_loss
 
 if TYPE_CHECKING:
-    from .optimize import MergeConfig
+    from .config import MergeConfig
 
 LOSS_TERMS: tuple[str, ...] = ("content", "style", "cycle", "reverse", "prior", "similarity")
 

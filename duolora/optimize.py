@@ -8,116 +8,51 @@ The input LoRAs are never modified: the merger copies their factors at construct
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
 
 import torch
 
-from .mergers import BASES, DEFAULT_PRUNE_THRESHOLD, METHODS, SCOPES, Merger
+from .config import MergeConfig
+from .lora import LoRA
+from .mergers import Merger
 from .objective import Denoiser, DuoLoRAObjective, References
-from .priors import PRIOR_LOSS_KINDS, prior_init
-from .sdxl import PRESET_NAMES, preset_roles
-
-# "layerwise_paper": the layer-wise solve (duolora.fast) as the starting point of ``steps`` paper steps.
-OBJECTIVES: tuple[str, ...] = ("paper", "layerwise", "weights_only", "layerwise_paper")
+from .priors import prior_init
 
 ProgressCallback = Callable[[int, int, dict[str, float]], None]
 
 
 @dataclass
-class MergeConfig:
-    """Every knob of a merge, with the defaults of METHOD.md (§2–§4).
+class MergeResult:
+    """What a merge returns: the trained merger, per-step loss terms, and how the run ended.
 
-    ``lambda_sim`` None means the method's default: 0 for ZipRank/DuoLoRA, 0.01 for ZipLoRA.
-    ``lambda_content``/``lambda_style`` weight the reconstruction terms (1 in the paper; 0 switches one off).
-    ``objective`` names the objective; ``optimize`` runs "paper" (the others belong to ``duolora.fast``).
+    ``optimize`` and the fast-mode solvers fill the first five fields; ``duolora.engine.run_merge`` also
+    sets ``config`` (the one the merge ran with), ``merged`` (the exported LoRA, None when cancelled),
+    ``total_components`` (r_c + r_s summed over every layer, before pruning) and ``path`` (the file it
+    wrote, if any). ``merger`` is None after a streamed file merge, whose layers are never all in memory.
     """
 
-    method: str = "ziprank"
-    basis: str = "svd"
-    scope: str = "attention"
-    objective: str = "paper"
-    steps: int = 100
-    lr: float = 0.01
-    grad_clip: float = 1.0
-    seed: int = 0
-    prior_preset: str = "paper"
-    custom_prior: str = ""
-    prior_init: bool = True
-    prior_loss: bool = True
-    prior_loss_kind: str = "hinge"
-    tau_c: float = 0.75
-    tau_s: float = 0.5
-    kappa: float = 1.0
-    nu: float = 1.0
-    margin: float = 0.0
-    constyle_iterations: int = 1
-    lambda_content: float = 1.0
-    lambda_style: float = 1.0
-    lambda_cyc: float = 0.01
-    lambda_rev: float = 0.01
-    lambda_prior: float = 0.1
-    lambda_sim: float | None = None
-    prune_threshold: float = DEFAULT_PRUNE_THRESHOLD
-    w_c: float = 1.0
-    w_s: float = 1.0
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError naming the field, its value and what is allowed."""
-        choices = {
-            "method": METHODS, "basis": BASES, "scope": SCOPES, "objective": OBJECTIVES,
-            "prior_preset": PRESET_NAMES, "prior_loss_kind": PRIOR_LOSS_KINDS,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"MergeConfig.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        for name in ("steps", "constyle_iterations"):
-            if int(getattr(self, name)) < 0:
-                raise ValueError(f"MergeConfig.{name} must be ≥ 0, got {getattr(self, name)}")
-        for name in ("lr", "grad_clip", "prune_threshold"):
-            if float(getattr(self, name)) < 0:
-                raise ValueError(f"MergeConfig.{name} must be ≥ 0, got {getattr(self, name)}")
-        if self.prior_preset == "custom":
-            preset_roles("custom", self.custom_prior)  # raises ValueError on a malformed block list
-
-    @property
-    def effective_lambda_sim(self) -> float:
-        if self.lambda_sim is not None:
-            return float(self.lambda_sim)
-        return 0.01 if self.method.startswith("ziplora") else 0.0
-
-    def roles(self) -> dict[str, str]:
-        """Block -> "content"/"style" for the chosen prior preset."""
-        return preset_roles(self.prior_preset, self.custom_prior)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MergeConfig:
-        """Inverse of ``to_dict``; unknown keys are an error (a misspelt knob must not pass silently)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown MergeConfig key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
-        return cls(**data)
-
-
-@dataclass
-class MergeResult:
-    """What ``optimize`` returns: the trained merger, per-step loss terms, and how the run ended."""
-
-    merger: Merger
+    merger: Merger | None
     history: dict[str, list[float]] = field(default_factory=dict)
     steps_done: int = 0
     cancelled: bool = False
     wall_seconds: float = 0.0
+    config: MergeConfig | None = None
+    merged: LoRA | None = None
+    total_components: int = 0
+    path: Path | None = None
+
+    @property
+    def layers(self) -> int:
+        """Layers of the exported LoRA (0 before the export)."""
+        return 0 if self.merged is None else len(self.merged.layers)
+
+    @property
+    def kept_components(self) -> int:
+        """Rank components the export kept, summed over its layers (the adaptive rank, METHOD.md §2)."""
+        return 0 if self.merged is None else sum(lr.rank for lr in self.merged.layers.values())
 
 
 def optimize(
@@ -137,7 +72,7 @@ def optimize(
     docstring for cancellation.
     """
     if config.objective != "paper":
-        raise ValueError(f"optimize runs the 'paper' objective; {config.objective!r} is solved by duolora.fast")
+        raise ValueError(f"optimize runs the 'paper' objective; {config.objective!r} is run by duolora.engine.run_merge")
     start = time.perf_counter()
     result = MergeResult(merger=merger)
     params = merger.mask_parameters()

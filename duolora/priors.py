@@ -12,13 +12,9 @@ import zlib
 
 import torch
 
+from .config import PRIOR_LOSS_KINDS
 from .mergers import OUT, RANK, MergedLayer, Merger
 from .sdxl import CONTENT, STYLE, prior_role
-
-# "share_hinge": the scale-free hinge on kept nuclear-norm shares (the default since MiniBench 2);
-# "hinge": METHOD.md §3 literally (κ‖m_dom‖₁ + ν·max(0, ‖m_other‖₁ − ‖m_dom‖₁ + margin));
-# "code_compat": the released code's L2 form.
-PRIOR_LOSS_KINDS: tuple[str, ...] = ("share_hinge", "hinge", "code_compat")
 
 
 def prior_layers(merger: Merger, roles: dict[str, str]) -> list[tuple[MergedLayer, str]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 
@@ -10,10 +9,9 @@ import torch
 from comfy_api.latest import io
 
 from .. import duolora
-from ..duolora import fast, formats, report
-from ..duolora.mergers import METHODS, build_merger
-from ..duolora.objective import References
-from ..duolora.optimize import MergeConfig, MergeResult, optimize
+from ..duolora import engine, formats, report
+from ..duolora.config import METHODS, MergeConfig
+from ..duolora.optimize import MergeResult
 from ..duolora.sdxl import PRESET_NAMES
 from . import comfy_bridge as bridge
 from .types import (
@@ -27,10 +25,7 @@ from .types import (
     SourceLoRAType,
 )
 
-MODES = ("paper", "layerwise", "weights", "layerwise+paper")
-# The node's mode names -> MergeConfig.objective.
-_OBJECTIVES = {"paper": "paper", "layerwise": "layerwise", "weights": "weights_only",
-               "layerwise+paper": "layerwise_paper"}
+MODES = tuple(engine.MODES)  # paper, layerwise, weights, layerwise+paper
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DEFAULTS = MergeConfig()
 
@@ -145,52 +140,41 @@ class ZipRankMerge(io.ComfyNode):
                 lora_dtype: str = "auto") -> io.NodeOutput:
         start = time.perf_counter()
         config = MergeConfig(
-            method=method, basis=basis, scope=scope, objective=_OBJECTIVES.get(mode, mode), steps=int(steps),
+            method=method, basis=basis, scope=scope, objective=engine.MODES.get(mode, mode), steps=int(steps),
             lr=float(learning_rate),
             seed=int(seed), prior_preset=prior_preset, custom_prior=custom_prior, prior_init=bool(prior_init),
             prior_loss=bool(prior_loss), constyle_iterations=int(constyle_iterations),
             lambda_cyc=float(lambda_cyc), lambda_rev=float(lambda_rev), lambda_prior=float(lambda_prior),
             lambda_sim=None if lambda_sim < 0 else float(lambda_sim), prune_threshold=float(prune_threshold),
         )
-        if mode == "layerwise+paper":
-            # The layer-wise solve is the starting point: the prior initialisation would overwrite it.
-            config = dataclasses.replace(config, prior_init=False)
         layout = bridge.model_layout(model)
-        content, style = content_lora.lora, style_lora.lora
+        content = content_lora.lora
         for src in (content_lora, style_lora):
             bridge.validate_for_model(src.lora, model)
-        if mode != "paper":
-            fast.check_method(method, mode.split("+")[0])
-        merger = build_merger(method, content, style, config)
-        needs_references = bool(merger.mask_parameters()) and config.steps > 0
+        dtype = DTYPES.get(compute_dtype)
+
+        def open_denoiser(merger, needs_grad: bool) -> bridge.ComfyDenoiser:
+            # Checkpointing only where gradients flow (paper steps), never for the recording pass.
+            return bridge.ComfyDenoiser(model, merger, compute_dtype=dtype,
+                                        gradient_checkpointing=gradient_checkpointing and needs_grad)
+
+        references = engine.ReferenceInputs(
+            content_latents=None if content_latents is None else content_latents["samples"],
+            style_latents=None if style_latents is None else style_latents["samples"],
+            content_prompt=content_prompt, style_prompt=style_prompt, combined_prompt=combined_prompt,
+        )
         peak = bridge.PeakMemory(bridge.execution_device(model))
-        with peak:
-            if mode == "weights" and merger.mask_parameters():
-                result = fast.solve_weights(merger, config)
-            elif mode == "layerwise" and merger.mask_parameters():
-                result = _run_layerwise(model, merger, config, content_latents, style_latents, content_prompt,
-                                        style_prompt, compute_dtype, cls.hidden.unique_id)
-            elif mode == "paper" and needs_references:
-                result = _run_paper(model, merger, config, content_latents, style_latents, content_prompt,
-                                    style_prompt, combined_prompt, gradient_checkpointing, compute_dtype,
-                                    cls.hidden.unique_id)
-            elif mode == "layerwise+paper" and merger.mask_parameters():
-                if config.steps > 0 and config.constyle_iterations > 0 and combined_prompt is None:
-                    raise ValueError(
-                        "ZipRank Merge in 'layerwise+paper' mode runs paper steps with the Constyle cycle loss; "
-                        "connect combined_prompt (CLIP Text Encode of e.g. 'a sks dog in zwz style'), or set "
-                        "constyle_iterations to 0."
-                    )
-                result = _run_layerwise(model, merger, config, content_latents, style_latents, content_prompt,
-                                        style_prompt, compute_dtype, cls.hidden.unique_id, mode)
-                if config.steps > 0:
-                    result = _run_paper(model, merger, dataclasses.replace(config, objective="paper"),
-                                        content_latents, style_latents, content_prompt, style_prompt,
-                                        combined_prompt, gradient_checkpointing, compute_dtype,
-                                        cls.hidden.unique_id)
-            else:
-                result = MergeResult(merger=merger)
-        merged_lora = merger.export(config.prune_threshold)
+        try:
+            with peak:
+                result = engine.run_merge(content, style_lora.lora, config, open_denoiser=open_denoiser,
+                                          references=references,
+                                          progress=bridge.Progress(config.steps, cls.hidden.unique_id),
+                                          should_cancel=bridge.interrupted)
+        except engine.MissingReferencesError as e:
+            raise ValueError(_missing_references_message(mode, e)) from None
+        if result.cancelled:
+            bridge.raise_if_interrupted()
+        config, merger, merged_lora = result.config, result.merger, result.merged
         rep = report.build_report(merger, result.history, roles=config.roles(),
                                   prune_threshold=config.prune_threshold)
         kept = {s.key: {"content": s.mean_kept_c, "style": s.mean_kept_s, "layers": s.layers}
@@ -213,61 +197,21 @@ class ZipRankMerge(io.ComfyNode):
         return io.NodeOutput(merged, stats, state_dict)
 
 
-def _run_paper(model, merger, config: MergeConfig, content_latents, style_latents, content_prompt,
-               style_prompt, combined_prompt, gradient_checkpointing: bool, compute_dtype: str,
-               node_id: str | None) -> MergeResult:
-    missing = [name for name, value in (
-        ("content_latents", content_latents), ("style_latents", style_latents),
-        ("content_prompt", content_prompt), ("style_prompt", style_prompt),
-        ("combined_prompt", combined_prompt)) if value is None]
-    if config.constyle_iterations == 0 and "combined_prompt" in missing:
-        missing.remove("combined_prompt")
-    if missing:
-        raise ValueError(
-            f"ZipRank Merge in 'paper' mode learns from reference images and prompts; connect "
-            f"{', '.join(missing)} (VAE Encode of your content and style images, CLIP Text Encode of the "
-            f"prompts), or choose method 'direct' to merge without learning."
-        )
-    dtype = DTYPES.get(compute_dtype)
-    with bridge.ComfyDenoiser(model, merger, compute_dtype=dtype,
-                              gradient_checkpointing=gradient_checkpointing) as denoiser:
-        refs = References(
-            content=denoiser.prepare_latents(content_latents["samples"]),
-            style=denoiser.prepare_latents(style_latents["samples"]),
-            p_c=content_prompt, p_s=style_prompt, p_cs=combined_prompt if combined_prompt is not None
-            else content_prompt,
-        )
-        progress = bridge.Progress(config.steps, node_id)
-        result = optimize(merger, denoiser, refs, config, progress=progress, should_cancel=bridge.interrupted)
-    if result.cancelled:
-        bridge.raise_if_interrupted()
-    return result
+_CONNECT_REFERENCES = "(VAE Encode of your content and style images, CLIP Text Encode of the prompts)"
 
 
-def _run_layerwise(model, merger, config: MergeConfig, content_latents, style_latents, content_prompt,
-                   style_prompt, compute_dtype: str, node_id: str | None, mode: str = "layerwise") -> MergeResult:
-    """Layer-wise mode: one no-grad forward per reference records each layer's input statistics, then the
-    engine solves every layer's masks (duolora.fast)."""
-    missing = [name for name, value in (
-        ("content_latents", content_latents), ("style_latents", style_latents),
-        ("content_prompt", content_prompt), ("style_prompt", style_prompt)) if value is None]
-    if missing:
-        raise ValueError(
-            f"ZipRank Merge in {mode!r} mode records the model's activations on your references; connect "
-            f"{', '.join(missing)} (VAE Encode of your content and style images, CLIP Text Encode of the "
-            f"prompts), or choose mode 'weights' to merge from the LoRAs alone."
-        )
-    dtype = DTYPES.get(compute_dtype)
-    with bridge.ComfyDenoiser(model, merger, compute_dtype=dtype, gradient_checkpointing=False) as denoiser:
-        refs = References(
-            content=denoiser.prepare_latents(content_latents["samples"]),
-            style=denoiser.prepare_latents(style_latents["samples"]),
-            p_c=content_prompt, p_s=style_prompt, p_cs=content_prompt,
-        )
-        bar = bridge.Progress(len(refs.content) + len(refs.style), node_id)
-        stats = fast.record_activations(merger, denoiser, denoiser.modules, refs, config,
-                                        progress=lambda done, total: bar(done, total, {}))
-    return fast.solve_layerwise(merger, stats, config)
+def _missing_references_message(mode: str, error: engine.MissingReferencesError) -> str:
+    """The node's words for the references a mode lacks (the engine names the inputs, the node the remedy)."""
+    if error.stage == "cycle":
+        return ("ZipRank Merge in 'layerwise+paper' mode runs paper steps with the Constyle cycle loss; connect "
+                "combined_prompt (CLIP Text Encode of e.g. 'a sks dog in zwz style'), or set "
+                "constyle_iterations to 0.")
+    names = ", ".join(error.missing)
+    if error.stage == "record":
+        return (f"ZipRank Merge in {mode!r} mode records the model's activations on your references; connect "
+                f"{names} {_CONNECT_REFERENCES}, or choose mode 'weights' to merge from the LoRAs alone.")
+    return (f"ZipRank Merge in 'paper' mode learns from reference images and prompts; connect {names} "
+            f"{_CONNECT_REFERENCES}, or choose method 'direct' to merge without learning.")
 
 
 def _provenance(config: MergeConfig, content: SourceLoRA, style: SourceLoRA, trainable: int,

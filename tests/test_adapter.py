@@ -29,8 +29,8 @@ from engine_toys import (
 from torch import nn
 
 from duolora.adapter import AdapterError, attach
+from duolora.config import MergeConfig
 from duolora.mergers import build_merger
-from duolora.optimize import MergeConfig
 
 VARIANTS = [("ziprank", "svd"), ("ziprank", "raw"), ("ziplora_out", "svd"), ("ziplora_in", "svd"),
             ("direct", "svd"), ("b_lora", "svd")]

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from duolora import cli, fast, formats
-from duolora.optimize import MergeConfig
+from duolora import cli, engine, formats
+from duolora.config import MergeConfig
 from duolora.sdxl import SD15_LAYOUT
 from duolora.synthetic import synthetic_lora
 
@@ -72,7 +72,7 @@ def test_merge_writes_what_inspect_accepts(merged: tuple[Path, str]) -> None:
 
 
 def test_merge_equals_the_engine_merge(pair: tuple[Path, Path], merged: tuple[Path, str], tmp_path: Path) -> None:
-    expected = fast.merge_files(pair[0], pair[1], tmp_path / "engine.safetensors", MergeConfig(prune_threshold=0.05))
+    expected = engine.merge_files(pair[0], pair[1], tmp_path / "engine.safetensors", MergeConfig(prune_threshold=0.05))
     a, b = formats.load_lora(merged[0]), formats.load_lora(expected.path)
     assert a.layers.keys() == b.layers.keys()
     assert all(torch.equal(a.layers[n].up, b.layers[n].up) and torch.equal(a.layers[n].down, b.layers[n].down)

@@ -1,6 +1,6 @@
-"""Engine tests of the fast merge modes (duolora.fast): the Gram forms are exact, the solver finds the
-minimiser, the stream equals the in-memory merge, and the layer-wise mode beats the direct merge on a
-small real denoiser (engine_toys.ToyUNet; synthetic LoRAs)."""
+"""Engine tests of the fast merge modes (duolora.solver, .recording, .streaming): the Gram forms are exact,
+the solver finds the minimiser, the stream equals the in-memory merge, and the layer-wise mode beats the
+direct merge on a small real denoiser (engine_toys.ToyUNet; synthetic LoRAs)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from engine_toys import ToyDenoiser, single_thread, toy_references, toy_setup  # noqa: F401 - autouse fixture
 from torch import nn
 
-from duolora import fast, formats
+from duolora import engine, formats, recording, solver
 from duolora.adapter import attach
+from duolora.config import MergeConfig
 from duolora.lora import LoRA, LowRank
 from duolora.mergers import ZipRankMerger, build_merger, svd_refactor
 from duolora.objective import DuoLoRAObjective
-from duolora.optimize import MergeConfig
 from duolora.priors import layer_prior_loss
 from duolora.sdxl import CONTENT, STYLE, prior_role
 from duolora.synthetic import synthetic_lora
@@ -62,7 +62,7 @@ def test_weights_only_gram_loss_equals_the_dense_loss(basis: str, shape: tuple[i
     with torch.no_grad():
         layer.m_c.copy_(torch.rand(5, generator=g))
         layer.m_s.copy_(torch.rand(7, generator=g))
-    quad = fast.weights_quadratic(layer, svd_basis=basis == "svd")
+    quad = solver.weights_quadratic(layer, svd_basis=basis == "svd")
     gram = quad.losses(layer.m_c, layer.m_s)
     dense = dense_weights_loss(c, s, layer.delta().detach().double().reshape(shape[0], -1))
     for a, b in zip(gram, dense):
@@ -92,13 +92,13 @@ def test_recorded_layerwise_loss_equals_the_dense_loss(kind: str) -> None:
     with torch.no_grad():
         layer.m_c.copy_(torch.rand(4, generator=g))
         layer.m_s.copy_(torch.rand(3, generator=g))
-        with fast.ActivationRecorder(merger, {name: module}) as rec:
+        with recording.ActivationRecorder(merger, {name: module}) as rec:
             rec.set_side("content")
             module(x_c[:1])
             module(x_c[1:])  # two passes accumulate
             rec.set_side("style")
             module(x_s)
-    quad = fast.activation_quadratic(layer, rec.statistics()[name])
+    quad = solver.activation_quadratic(layer, rec.statistics()[name])
     gram = quad.losses(layer.m_c, layer.m_s)
     delta_m = layer.delta().detach().double()
     dense = (dense_activation_loss(module, delta_m - c.delta().double(), x_c),
@@ -120,14 +120,14 @@ def orthogonal_pair(r: int = 4, width: int = 24) -> tuple[LowRank, LowRank]:
 def test_non_interfering_loras_keep_every_mask_at_one() -> None:
     c, s = orthogonal_pair()
     merger = one_layer_merger(Q, c, s, "svd")
-    result = fast.solve_weights(merger, MergeConfig(prior_preset="none"))
+    result = solver.solve_weights(merger, MergeConfig(prior_preset="none"))
     layer = merger.layers[0]
     assert torch.allclose(layer.m_c, torch.ones(4), atol=1e-6)
     assert torch.allclose(layer.m_s, torch.ones(4), atol=1e-6)
     assert result.history["total"][0] <= 1e-12 and result.history["total"][1] <= 1e-12
 
 
-def box_kkt_violation(quad: fast.LayerQuadratic, m: torch.Tensor) -> float:
+def box_kkt_violation(quad: solver.LayerQuadratic, m: torch.Tensor) -> float:
     """Largest violation of the box-QP optimality conditions of (m − e_c)ᵀP_c(m − e_c) + (m − e_s)ᵀP_s(m − e_s)
     on [0, 1], relative to the gradient's size at the direct merge (m = 1)."""
     e_c, e_s = quad.targets()
@@ -144,9 +144,9 @@ def box_kkt_violation(quad: fast.LayerQuadratic, m: torch.Tensor) -> float:
 def test_interfering_loras_the_solver_reaches_the_box_minimum() -> None:
     c, s = random_pair((12, 10), 6, 5, seed=6)  # 11 directions in 10 inputs: the subspaces must overlap
     merger = one_layer_merger(Q, c, s, "svd")
-    result = fast.solve_weights(merger, MergeConfig(prior_preset="none"))
+    result = solver.solve_weights(merger, MergeConfig(prior_preset="none"))
     layer = merger.layers[0]
-    quad = fast.weights_quadratic(layer)
+    quad = solver.weights_quadratic(layer)
     m = torch.cat([layer.m_c, layer.m_s]).detach().double()
     assert box_kkt_violation(quad, m) < 1e-4
     before, after = result.history["total"]
@@ -170,7 +170,7 @@ def test_prior_terms_match_the_priors_module() -> None:
         for layer in merger.learned_layers():
             role = prior_role(layer.name, roles)
             dom, other = (layer.m_c, layer.m_s) if role == CONTENT else (layer.m_s, layer.m_c)
-            per_layer.append(float(fast.layer_prior(dom.detach(), other.detach(), kind, 1.0, 0.7, 0.3)))
+            per_layer.append(float(solver.layer_prior(dom.detach(), other.detach(), kind, 1.0, 0.7, 0.3)))
         expected = float(layer_prior_loss(merger, roles, kind, 1.0, 0.7, 0.3).detach())
         assert abs(sum(per_layer) / len(per_layer) - expected) < 1e-6
 
@@ -181,7 +181,7 @@ def test_hinge_prior_holds_the_other_mask_below_the_dominant_one() -> None:
     for nu in (0.0, 50.0):
         merger = one_layer_merger(K, c, s, "svd")  # a content layer: m_c dominant
         cfg = MergeConfig(lambda_prior=1.0, kappa=0.0, nu=nu, margin=0.5)
-        fast.solve_weights(merger, cfg)
+        solver.solve_weights(merger, cfg)
         layer = merger.layers[0]
         sums[nu] = (float(layer.m_c.detach().sum()), float(layer.m_s.detach().sum()))
     # Without the hinge the style mask keeps more than the content mask on this pair…
@@ -196,19 +196,19 @@ def test_hinge_solution_is_a_minimum_of_the_full_objective() -> None:
     merger = build_merger("ziprank", LoRA({n: content.layers[n] for n in names}, source="c.safetensors"),
                           LoRA({n: style.layers[n] for n in names}, source="s.safetensors"))
     config = MergeConfig(lambda_prior=0.5)
-    fast.solve_weights(merger, config)
-    terms = fast._Terms.from_config(config)
+    solver.solve_weights(merger, config)
+    terms = solver._Terms.from_config(config)
     roles = config.roles()
     g = torch.Generator().manual_seed(9)
     improved = 0
     for layer in merger.learned_layers():
-        quad = fast.weights_quadratic(layer)
+        quad = solver.weights_quadratic(layer)
         role = prior_role(layer.name, roles)
-        base = fast.layer_objective(quad, role, layer.m_c, layer.m_s, terms)["total"]
+        base = solver.layer_objective(quad, role, layer.m_c, layer.m_s, terms)["total"]
         for _ in range(20):
             dc = 1e-3 * torch.randn(layer.m_c.shape, generator=g)
             ds = 1e-3 * torch.randn(layer.m_s.shape, generator=g)
-            trial = fast.layer_objective(quad, role, (layer.m_c + dc).clamp(0, 1), (layer.m_s + ds).clamp(0, 1),
+            trial = solver.layer_objective(quad, role, (layer.m_c + dc).clamp(0, 1), (layer.m_s + ds).clamp(0, 1),
                                          terms)["total"]
             improved += trial < base - 1e-7 * abs(base)
     assert improved == 0
@@ -216,8 +216,8 @@ def test_hinge_solution_is_a_minimum_of_the_full_objective() -> None:
 
 def test_feature_mask_methods_are_refused_with_a_pointer_to_paper_mode() -> None:
     content, style = (synthetic_lora(rank=2, seed=sd) for sd in (1, 2))
-    with pytest.raises(fast.FastModeError, match="method 'ziplora_out' learns per-feature masks.*mode 'paper'"):
-        fast.merge_weights_only(content, style, MergeConfig(method="ziplora_out"))
+    with pytest.raises(solver.FastModeError, match="method 'ziplora_out' learns per-feature masks.*mode 'paper'"):
+        solver.merge_weights_only(content, style, MergeConfig(method="ziplora_out"))
 
 
 def test_streamed_file_merge_equals_the_in_memory_merge(tmp_path, tiny_layout) -> None:
@@ -228,12 +228,12 @@ def test_streamed_file_merge_equals_the_in_memory_merge(tmp_path, tiny_layout) -
     pc = formats.save_lora(c, tmp_path / "c.safetensors", dtype=torch.float32, layout=tiny_layout)
     ps = formats.save_lora(s, tmp_path / "s.safetensors", dtype=torch.float32, layout=tiny_layout)
     config = MergeConfig(prune_threshold=0.05)
-    out = fast.merge_files(pc, ps, tmp_path / "m.safetensors", config, layout=tiny_layout, chunk_layers=150)
+    out = engine.merge_files(pc, ps, tmp_path / "m.safetensors", config, layout=tiny_layout, chunk_layers=150)
     streamed = formats.read_lora(out.path, layouts=(tiny_layout,))
 
     lc, ls = (formats.read_lora(p, layouts=(tiny_layout,)) for p in (pc, ps))
     merger = build_merger("ziprank", lc, ls, config)
-    fast.solve_weights(merger, config)
+    solver.solve_weights(merger, config)
     memory = merger.export()
     assert set(streamed.layers) == set(memory.layers)
     assert len(streamed.layers) == len(c.layers)
@@ -243,7 +243,7 @@ def test_streamed_file_merge_equals_the_in_memory_merge(tmp_path, tiny_layout) -
     assert torch.equal(streamed.layers[only_c].delta(), c.layers[only_c].delta())
     assert streamed.metadata["duolora_mode"] == "weights" and streamed.metadata["duolora_method"] == "ziprank"
     with pytest.raises(formats.OutputExistsError, match="m.safetensors already exists"):
-        fast.merge_files(pc, ps, tmp_path / "m.safetensors", config, layout=tiny_layout)
+        engine.merge_files(pc, ps, tmp_path / "m.safetensors", config, layout=tiny_layout)
 
 
 def test_layerwise_mode_beats_the_direct_merge_on_a_real_denoiser() -> None:
@@ -264,10 +264,10 @@ def test_layerwise_mode_beats_the_direct_merge_on_a_real_denoiser() -> None:
         den = ToyDenoiser(model, adapter)
         direct = reconstruction(den)
         den.calls.clear()
-        stats = fast.record_activations(merger, den, mods, refs, config)
+        stats = recording.record_activations(merger, den, mods, refs, config)
         # One no-grad forward per reference, each batching LAYERWISE_TIMESTEPS noise levels.
-        assert den.calls == [(fast.LAYERWISE_TIMESTEPS, False)] * (len(refs.content) + len(refs.style))
-        fast.solve_layerwise(merger, stats, config)
+        assert den.calls == [(recording.LAYERWISE_TIMESTEPS, False)] * (len(refs.content) + len(refs.style))
+        solver.solve_layerwise(merger, stats, config)
         merged = reconstruction(den)
     # Measured (seed 0): direct 0.0580 -> layer-wise 0.0262 (paper mode, 100 steps: 0.0177). Demand 1.8×.
     assert direct / merged >= 1.8, (direct, merged)

@@ -15,9 +15,10 @@ import comfyhost
 import torch
 from nodehelpers import MERGE_ID, merge_prompt, node, pack_module, read_tiny, tiny_pair
 
+from duolora.config import MergeConfig
 from duolora.mergers import build_merger
 from duolora.objective import References
-from duolora.optimize import MergeConfig, optimize
+from duolora.optimize import optimize
 
 
 def test_a_merger_moved_under_inference_mode_still_learns(host: comfyhost.Host, tiny_layout) -> None:

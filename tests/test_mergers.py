@@ -26,9 +26,9 @@ from engine_toys import (
 )
 
 from duolora import sdxl
+from duolora.config import METHODS, MergeConfig
 from duolora.lora import LoRA, LowRank
 from duolora.mergers import (
-    METHODS,
     MergerError,
     ZipLoRAMerger,
     ZipRankMerger,
@@ -37,7 +37,6 @@ from duolora.mergers import (
     print_parameter_counts,
     svd_refactor,
 )
-from duolora.optimize import MergeConfig
 
 VARIANTS = [("ziprank", "svd"), ("ziprank", "raw"), ("ziplora_out", "svd"), ("ziplora_in", "svd"),
             ("direct", "svd"), ("b_lora", "svd")]

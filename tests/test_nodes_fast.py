@@ -10,10 +10,10 @@ import pytest
 import torch
 from nodehelpers import MERGE_ID, TEST_SUBDIR, merge_prompt, node, pack_module, read_tiny, tiny_pair
 
-from duolora import fast
+from duolora import solver
+from duolora.config import MergeConfig
 from duolora.mergers import build_merger
 from duolora.objective import DuoLoRAObjective, References
-from duolora.optimize import MergeConfig
 
 SAVE_PREFIX = f"{TEST_SUBDIR}/fast/weights"
 
@@ -30,7 +30,7 @@ def test_weights_mode_needs_no_references_and_equals_the_engine(host: comfyhost.
     assert after < before
 
     config = MergeConfig.from_dict(stats.config)
-    engine = fast.merge_weights_only(read_tiny(content.path, tiny_layout), read_tiny(style.path, tiny_layout), config)
+    engine = solver.merge_weights_only(read_tiny(content.path, tiny_layout), read_tiny(style.path, tiny_layout), config)
     node_masks = stats.extra["masks"]
     engine_masks = engine.merger.state_dict()
     assert node_masks.keys() == engine_masks.keys()

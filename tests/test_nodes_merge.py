@@ -33,8 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import duolora
+from duolora.config import MergeConfig
 from duolora.mergers import build_merger
-from duolora.optimize import MergeConfig
 
 STEPS = 3
 STRENGTH_MODEL, STRENGTH_CLIP = 0.8, 1.0

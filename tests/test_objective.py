@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from engine_toys import ToyDenoiser, single_thread, toy_references, toy_setup  # noqa: F401 - autouse fixture
 
 from duolora.adapter import attach
+from duolora.config import MergeConfig
 from duolora.mergers import build_merger
 from duolora.objective import (
     LOSS_TERMS,
@@ -20,7 +21,6 @@ from duolora.objective import (
     predict_batched,
     similarity_loss,
 )
-from duolora.optimize import MergeConfig
 from duolora.priors import prior_init
 from duolora.sdxl import preset_roles
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from engine_toys import single_thread, toy_setup  # noqa: F401 - autouse fixture
 
+from duolora.config import MergeConfig
 from duolora.lora import LoRA
 from duolora.mergers import ZipLoRAMerger, ZipRankMerger, build_merger
-from duolora.optimize import MergeConfig
 from duolora.priors import component_weights, kept_share, layer_prior_loss, prior_init, prior_layers
 from duolora.sdxl import preset_roles
 
@@ -228,10 +228,11 @@ def test_share_prior_gives_each_block_its_own_lora() -> None:
     gaps = []
     for layer, role in prior_layers(merger, PAPER):
         dom, other = ("c", "s") if role == "content" else ("s", "c")
-        gaps.append(float(kept_share(layer, dom) - kept_share(layer, other)))
+        gaps.append(float((kept_share(layer, dom) - kept_share(layer, other)).detach()))
     # 32 prior layers (4 blocks × 8 projections): in every one the layer's own LoRA keeps more of its nuclear norm than the other.
     assert len(gaps) == 32 and min(gaps) > 0.1, sorted(gaps)[:3]
     # No collapse: the dominant LoRAs keep (about) all of themselves.
-    dominant = [float(kept_share(layer, "c" if role == "content" else "s")) for layer, role in prior_layers(merger, PAPER)]
+    dominant = [float(kept_share(layer, "c" if role == "content" else "s").detach())
+                for layer, role in prior_layers(merger, PAPER)]
     assert sum(dominant) / len(dominant) > 0.9
     assert result.history["prior"][-1] < result.history["prior"][0] / 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from duolora.optimize import MergeConfig
+from duolora.config import MergeConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

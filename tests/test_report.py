@@ -11,8 +11,8 @@ import torch
 from engine_toys import single_thread, toy_setup  # noqa: F401 - autouse fixture
 from PIL import Image
 
+from duolora.config import MergeConfig
 from duolora.mergers import build_merger
-from duolora.optimize import MergeConfig
 from duolora.report import build_report, short_block
 from duolora.sdxl import preset_roles
 

@@ -1,4 +1,4 @@
-"""Fast merge modes (METHOD.md §5): ZipRank masks without the paper's 100 steps through the UNet.
+"""The per-layer solver of the fast merge modes (METHOD.md §5): ZipRank masks without the paper's 100 steps.
 
 Both modes choose, layer by layer, the rank masks m = [m_c; m_s] (n = r_c + r_s entries) of the merged update
 ΔW_m = B_c·diag(m_c)·A_c + B_s·diag(m_s)·A_s by minimising the per-layer version of the paper's two
@@ -16,7 +16,7 @@ where X_c, X_s are the layer's inputs on the content and on the style side:
   style references — exactly the target branches of L_c and L_s in paper mode, so to first order in ΔW the
   paper's ε-space reconstruction error is a positive combination of these per-layer terms. One forward pass
   (no backward) per reference records, per layer, only the r×r projections K = A·E[x xᵀ]·Aᵀ with
-  A = [A_c; A_s].
+  A = [A_c; A_s] (``duolora.recording``).
 
 **Gram form (exact, no dense ΔW).** ΔW_m − ΔW_c = B·diag(m − e_c)·A with B = [B_c | B_s], A = [A_c; A_s] and
 e_c = [1…1; 0…0], so L_c(m) = (m − e_c)ᵀ·(H ∘ K_c)·(m − e_c) with H = BᵀB and K_c = A·X_c·X_cᵀ·Aᵀ, both n×n
@@ -52,52 +52,31 @@ feature masks couple every input feature through X·Xᵀ (an in×in problem), so
 are refused with a message pointing to paper mode. The Constyle cycle terms are not modelled by either fast
 mode: their targets come from two chained predictions, not from one layer's inputs.
 
-``merge_files`` runs the weights-only mode on two files, streaming a chunk of layers at a time, so peak
-memory stays near the size of the output (about the two input files) instead of holding both LoRAs in
-float32 plus their SVD factors.
+Where the parts live: this module builds and solves the per-layer problems (``solve_weights``,
+``solve_layerwise``); ``duolora.recording`` records the layer-wise mode's statistics with forward hooks;
+``duolora.streaming`` runs the weights-only mode over two files a chunk of layers at a time;
+``duolora.engine.run_merge`` chooses between them and paper mode.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from safetensors import safe_open
-from torch import nn
 
-from . import formats
-from .adapter import CONTENT as CONTENT_BRANCH
-from .adapter import STYLE as STYLE_BRANCH
-from .adapter import Adapter
+from .config import MergeConfig
 from .lora import LoRA
-from .mergers import RANK, DirectMerger, MergedLayer, Merger, MergerError, build_merger, svd_refactor
-from .optimize import MergeConfig, MergeResult
-from .sdxl import CONTENT, SDXL_LAYOUT, STANDARD_LAYOUTS, STYLE, Layout, prior_role
+from .mergers import RANK, MergedLayer, Merger, MergerError, build_merger, svd_refactor
+from .optimize import MergeResult
+from .sdxl import CONTENT, STYLE, prior_role
 
-if TYPE_CHECKING:
-    from typing_extensions import Self
-
-    from .objective import Denoiser, References
-
-FAST_MODES: tuple[str, ...] = ("layerwise", "weights")
 FAST_METHODS: tuple[str, ...] = ("ziprank", "direct", "b_lora")
-# Noise levels per reference in the layer-wise recording pass (one batched forward per reference).
-LAYERWISE_TIMESTEPS = 4
 # Projected-gradient iterations of the per-layer solve (it stops earlier once the masks stop moving).
 SOLVER_ITERATIONS = 300
 SOLVER_TOLERANCE = 1e-6
-# Layers read, solved and exported together by merge_files (bounds the extra memory of the stream).
-CHUNK_LAYERS = 32
-
-ProgressFn = Callable[[int, int], None]
 
 
 class FastModeError(MergerError):
@@ -542,133 +521,6 @@ def merge_weights_only(content: LoRA, style: LoRA, config: MergeConfig | None = 
     return solve_weights(merger, config)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Layer-wise mode: recording and solving
-# ---------------------------------------------------------------------------------------------------------
-
-class ActivationRecorder:
-    """Forward pre-hooks that accumulate, per learned rank-mask layer, K = Σ_tokens h·hᵀ with h = [A_c; A_s]·x.
-
-    ``modules``: canonical layer name -> module (nn.Linear or nn.Conv2d), the same mapping an ``Adapter``
-    takes. Every forward pass counts toward the side set with ``set_side("content" | "style")``. Only r×r
-    projections are kept (never the in×in second moment). Hooks are removed on exit; the modules are left
-    exactly as they were.
-    """
-
-    def __init__(self, merger: Merger, modules: Mapping[str, nn.Module]) -> None:
-        self.merger = merger
-        self.modules = {name: mod for name, mod in modules.items()
-                        if name in merger and merger.layer(name).learned}
-        self.side: str | None = None
-        self.sums: dict[str, dict[str, torch.Tensor]] = {}
-        self.tokens: dict[str, dict[str, int]] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._A: dict[tuple[str, torch.device], torch.Tensor] = {}
-
-    def set_side(self, side: str) -> None:
-        if side not in ("content", "style"):
-            raise ValueError(f"side must be 'content' or 'style', not {side!r}")
-        self.side = side
-
-    def __enter__(self) -> Self:
-        for name, module in self.modules.items():
-            self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._A.clear()
-
-    def _down(self, name: str, device: torch.device) -> torch.Tensor:
-        key = (name, device)
-        if key not in self._A:
-            layer = self.merger.layer(name)
-            self._A[key] = torch.cat([layer.factors("c")[1], layer.factors("s")[1]]).detach().float().to(device)
-        return self._A[key]
-
-    def _make_hook(self, name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            if self.side is None:
-                return
-            x = args[0].detach().float()
-            A = self._down(name, x.device)
-            if isinstance(module, nn.Conv2d):
-                layer = self.merger.layer(name)
-                kernel = A.reshape(A.shape[0], layer.in_channels, *layer.kernel_size)
-                h = Adapter._conv_down(module, x, kernel)  # (N, n, H', W'): one row per output position
-                h = h.permute(0, 2, 3, 1).reshape(-1, A.shape[0])
-            else:
-                h = F.linear(x, A).reshape(-1, A.shape[0])
-            k = (h.T @ h).double().cpu()
-            acc = self.sums.setdefault(name, {})
-            acc[self.side] = acc[self.side] + k if self.side in acc else k
-            cnt = self.tokens.setdefault(name, {})
-            cnt[self.side] = cnt.get(self.side, 0) + h.shape[0]
-
-        return hook
-
-    def statistics(self) -> dict[str, LayerActivations]:
-        """Per recorded layer: K_c, K_s as means over tokens (E[x xᵀ] projected), and the token counts."""
-        out = {}
-        for name, acc in self.sums.items():
-            if "content" not in acc or "style" not in acc:
-                continue
-            cnt = self.tokens[name]
-            out[name] = LayerActivations(acc["content"] / cnt["content"], acc["style"] / cnt["style"],
-                                         cnt["content"], cnt["style"])
-        return out
-
-
-def reference_sigmas(denoiser: Denoiser, count: int, generator: torch.Generator) -> torch.Tensor:
-    """``count`` noise levels for the recording pass: one per equal stratum of the training timesteps when
-    the denoiser exposes its ``sigmas`` (ascending), else ``sample_sigma`` draws. (count,) float32."""
-    sigmas = getattr(denoiser, "sigmas", None)
-    if isinstance(sigmas, torch.Tensor) and sigmas.numel() >= count:
-        T = sigmas.numel()
-        u = torch.rand(count, generator=generator, dtype=torch.float64)
-        idx = ((torch.arange(count, dtype=torch.float64) + u) * T / count).long().clamp(0, T - 1)
-        return sigmas[idx].float()
-    return torch.stack([torch.as_tensor(denoiser.sample_sigma(generator), dtype=torch.float32).reshape(())
-                        for _ in range(count)])
-
-
-def record_activations(merger: Merger, denoiser: Denoiser, modules: Mapping[str, nn.Module],
-                       references: References, config: MergeConfig, timesteps: int = LAYERWISE_TIMESTEPS,
-                       progress: ProgressFn | None = None) -> dict[str, LayerActivations]:
-    """One no-grad forward pass per reference image, batched over ``timesteps`` noise levels.
-
-    Content references are denoised by the content-only branch under the content prompt, style references
-    by the style-only branch under the style prompt (the target branches of L_c and L_s). σ and ε are drawn
-    from ``config.seed``. ``modules`` must be the modules the denoiser's adapter patches (same names).
-    """
-    check_method(merger.method, "layerwise")
-    generator = torch.Generator().manual_seed(int(config.seed))
-    total = len(references.content) + len(references.style)
-    done = 0
-    with torch.no_grad(), ActivationRecorder(merger, modules) as rec:
-        for side, latents, cond, branch in (("content", references.content, references.p_c, CONTENT_BRANCH),
-                                            ("style", references.style, references.p_s, STYLE_BRANCH)):
-            rec.set_side(side)
-            for x0 in latents:
-                sig = reference_sigmas(denoiser, timesteps, generator)
-                eps = torch.randn((timesteps, *x0.shape[1:]), generator=generator).to(x0)
-                x_t = denoiser.add_noise(x0.expand(timesteps, *x0.shape[1:]), eps, sig.to(x0.device))
-                denoiser.predict(x_t, sig.to(x0.device), [cond] * timesteps, [branch] * timesteps)
-                done += 1
-                if progress is not None:
-                    progress(done, total)
-    stats = rec.statistics()
-    missing = [layer.name for layer in merger.learned_layers() if layer.name not in stats]
-    if missing:
-        raise FastModeError(
-            f"the layer-wise recording saw no input for {len(missing)} learned layer(s) (e.g. {missing[0]}); "
-            "the model's modules do not match the LoRA layers. Use mode 'weights' or 'paper'."
-        )
-    return stats
-
-
 def solve_layerwise(merger: Merger, stats: Mapping[str, LayerActivations], config: MergeConfig,
                     iterations: int = SOLVER_ITERATIONS) -> MergeResult:
     """Layer-wise mode on a built merger from recorded statistics; same result shape as ``solve_weights``."""
@@ -679,196 +531,8 @@ def solve_layerwise(merger: Merger, stats: Mapping[str, LayerActivations], confi
     return _apply(merger, problems, config, start, iterations)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Streaming weights-only merge of two files
-# ---------------------------------------------------------------------------------------------------------
 
-@dataclass
-class FileMerge:
-    """What ``merge_files`` wrote and measured."""
-
-    path: Path
-    layers: int
-    learned_layers: int
-    kept_components: int
-    total_components: int
-    history: dict[str, list[float]] = field(default_factory=dict)
-    wall_seconds: float = 0.0
-
-
-class _LayerReader:
-    """Reads one file's layers on demand: canonical name -> canonical LowRank, a few at a time.
-
-    Each layer's tensors go through ``formats.state_dict_to_lora`` (the same parsing, alpha folding and
-    float32 conversion as a full read), so a streamed layer equals the same layer of ``load_lora``.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], meta: LoRA, layout: Layout) -> None:
-        self.path = os.fspath(path)
-        self.meta = meta
-        self.layout = layout
-        try:
-            # pread copies each tensor into ordinary memory that is freed with it; the default mmap keeps
-            # every page it touched resident (and counted in the process's RSS) until the file is closed.
-            self._file = safe_open(self.path, framework="pt", device="cpu", backend="pread")
-        except TypeError:  # safetensors < 0.8 has no backend argument
-            self._file = safe_open(self.path, framework="pt", device="cpu")
-        self.groups: dict[str, list[str]] = {}
-        for key in self._file.keys():  # noqa: SIM118 (safe_open is not iterable)
-            split = formats._split_key(key)  # the key grammar lives in formats
-            if split is None:
-                continue
-            hit = layout.resolve(split[0])
-            if hit is not None and hit[0].name in meta.layers:
-                self.groups.setdefault(hit[0].name, []).append(key)
-
-    def read(self, names: Sequence[str]) -> LoRA:
-        """The named layers as a LoRA with this file's name, key style, base and dtype."""
-        sd = {}
-        for name in names:
-            for key in self.groups.get(name, ()):
-                sd[key] = self._file.get_tensor(key)
-        part = formats.state_dict_to_lora(sd, {}, self.path, layouts=(self.layout,)) if sd else LoRA()
-        # One float64 sum per factor is finite exactly when every entry is (much cheaper than isfinite).
-        bad = [k for k, lr in part.layers.items()
-               if not all(bool(torch.isfinite(t.sum(dtype=torch.float64))) for t in (lr.up, lr.down))]
-        if bad:
-            raise formats.NonFiniteError(
-                f"{self.meta.name}: layer '{bad[0]}' contains NaN or Inf values. The file is damaged (often a "
-                "training run that diverged); use another epoch or export.", self.path, layers=bad)
-        return LoRA(layers=part.layers, metadata={}, source=self.path, key_style=self.meta.key_style,
-                    base=self.meta.base, dtype=self.meta.dtype)
-
-    def close(self) -> None:
-        self._file = None
-
-
-def _read_header(path: str | os.PathLike[str], layout: Layout) -> LoRA:
-    """Header-only read (meta tensors) validated against ``layout``: names, shapes, base model."""
-    candidates = (layout, *(x for x in STANDARD_LAYOUTS if x is not layout))
-    meta = formats.read_lora(path, load_tensors=False, layouts=candidates)
-    formats.validate_lora(meta, layout)
-    meta.base = layout.base
-    return meta
-
-
-def _plan(config: MergeConfig, meta_c: LoRA, meta_s: LoRA) -> tuple[list[str], set[str]]:
-    """(every layer name in merge order, the learned ones) from the headers, with the merger's own checks.
-
-    A merger over the header-only LoRAs would work too, but operations on ``meta`` tensors import
-    torch's compiler stack on first use (seconds); an empty merger gives the same rules for free.
-    """
-    probe = build_merger("direct", LoRA(source=meta_c.source), LoRA(source=meta_s.source), config)
-    names = sorted(set(meta_c.layers) | set(meta_s.layers))
-    learned = set()
-    for name in names:
-        c, s = meta_c.layers.get(name), meta_s.layers.get(name)
-        if c is None or s is None:
-            continue
-        probe._check_compatible(name, c, s)
-        if config.method == "ziprank" and probe.in_scope(name):
-            learned.add(name)
-    if config.method == "ziprank" and not learned:
-        # No shared layer in scope: build_merger raises its own message for exactly this case.
-        build_merger(config.method, LoRA(source=meta_c.source), LoRA(source=meta_s.source), config)
-    return names, learned
-
-
-def _chunk_merger(method: str, content: LoRA, style: LoRA, config: MergeConfig, learns: bool) -> Merger:
-    if learns or method in ("direct", "b_lora"):
-        return build_merger(method, content, style, config)
-    # A chunk without a learned layer: every layer is fixed, exactly as the full merger fixes it.
-    return DirectMerger(content, style, scope=config.scope, w_c=config.w_c, w_s=config.w_s,
-                        prune_threshold=config.prune_threshold)
-
-
-def merge_files(
-    content_path: str | os.PathLike[str],
-    style_path: str | os.PathLike[str],
-    out_path: str | os.PathLike[str],
-    config: MergeConfig | None = None,
-    *,
-    dtype: torch.dtype | None = None,
-    key_style: str = "kohya_ldm",
-    overwrite: bool = False,
-    layout: Layout = SDXL_LAYOUT,
-    progress: ProgressFn | None = None,
-    chunk_layers: int = CHUNK_LAYERS,
-    iterations: int = SOLVER_ITERATIONS,
-    extra_metadata: Mapping[str, str] | None = None,
-) -> FileMerge:
-    """Weights-only merge of two LoRA files into a standard LoRA file (``duolora merge``).
-
-    Streams ``chunk_layers`` layers at a time: read both files' layers, build the merger of that chunk
-    (``build_merger``: same layers, same SVD basis, same fixed layers as a merger over the whole files),
-    solve its masks, export it with ``Merger.export`` and keep only the exported factors in the output
-    dtype (default: the content file's). The file is written with ``formats.save_lora`` (atomic; refuses to
-    overwrite unless ``overwrite``), in ``key_style`` (kohya_ldm or comfyui: what ComfyUI's LoraLoader maps).
-    ``progress(layers_done, layers_total)`` is called after every chunk. Raises the engine's typed errors
-    (``formats.LoRAError``, ``MergerError``, ``FastModeError``, ValueError for a bad config).
-    """
-    start = time.perf_counter()
-    config = config or MergeConfig()
-    check_method(config.method, "weights")
-    out = Path(out_path)
-    if out.exists() and not overwrite:
-        raise formats.OutputExistsError(
-            f"{out.name} already exists in {out.parent}; choose another file name or allow overwriting.", out)
-    meta_c, meta_s = _read_header(content_path, layout), _read_header(style_path, layout)
-    names, learned = _plan(config, meta_c, meta_s)
-    out_dtype = dtype or meta_c.dtype or torch.float16
-    readers = (_LayerReader(content_path, meta_c, layout), _LayerReader(style_path, meta_s, layout))
-    layers: dict = {}
-    history_acc: dict[str, list[float]] = {}
-    metadata: dict[str, str] = {}
-    metadata_from_method = False
-    kept = total = 0
-    try:
-        for lo in range(0, len(names), max(1, int(chunk_layers))):
-            chunk = names[lo: lo + max(1, int(chunk_layers))]
-            c, s = readers[0].read(chunk), readers[1].read(chunk)
-            learns = any(n in learned for n in chunk)
-            merger = _chunk_merger(config.method, c, s, config, learns)
-            del c, s
-            if merger.learned_layers():
-                res = solve_weights(merger, config, iterations)
-                n_learned = len(merger.learned_layers())
-                for k, (before, after) in res.history.items():
-                    acc = history_acc.setdefault(k, [0.0, 0.0])
-                    acc[0] += before * n_learned
-                    acc[1] += after * n_learned
-            exported = merger.export(config.prune_threshold)
-            if not metadata or (learns and not metadata_from_method):
-                # Merger.export's provenance, from a chunk built by the requested method when there is one.
-                metadata, metadata_from_method = dict(exported.metadata), learns
-            for name, layer in merger.items():
-                total += layer.rank("c") + layer.rank("s")
-            for name, lr in exported.layers.items():
-                kept += lr.rank
-                # Keep only the output-dtype copy: the float32 factors of the chunk are freed with it.
-                layers[name] = lr.to(dtype=out_dtype)
-            del merger, exported
-            if progress is not None:
-                progress(min(lo + len(chunk), len(names)), len(names))
-    finally:
-        for r in readers:
-            r.close()
-    history = {k: [v[0] / max(1, len(learned)), v[1] / max(1, len(learned))] for k, v in history_acc.items()}
-    metadata.update({
-        "duolora_mode": "weights",
-        "duolora_config": json.dumps(config.to_dict(), sort_keys=True),
-    })
-    if "total" in history:
-        metadata["duolora_fast_objective"] = f"{history['total'][0]:.6g} -> {history['total'][1]:.6g}"
-    metadata.update(dict(extra_metadata or {}))
-    merged = LoRA(layers=layers, metadata=metadata, source=None, key_style=key_style, base=layout.base,
-                  dtype=out_dtype)
-    path = formats.save_lora(merged, out, key_style=key_style, dtype=out_dtype, overwrite=overwrite, layout=layout)
-    return FileMerge(path=path, layers=len(layers), learned_layers=len(learned), kept_components=kept,
-                     total_components=total, history=history, wall_seconds=time.perf_counter() - start)
-
-
-def describe(result: MergeResult | FileMerge) -> str:
+def describe(result: MergeResult) -> str:
     """One line: the fast objective (mean over learned layers) at the direct merge and after the solve."""
     h = result.history
     if "total" not in h:

@@ -1,0 +1,108 @@
+"""``MergeConfig``: every knob of a merge in one validated dataclass, and the vocabularies it checks.
+
+This module is a leaf of the engine (it imports only ``duolora.sdxl``), so the modules that read a
+config — ``mergers``, ``priors``, ``optimize``, the fast-mode solver and ``engine`` — import it without
+importing each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .sdxl import PRESET_NAMES, preset_roles
+
+METHODS: tuple[str, ...] = ("ziprank", "ziplora_out", "ziplora_in", "direct", "b_lora")
+BASES: tuple[str, ...] = ("svd", "raw")
+SCOPES: tuple[str, ...] = ("attention", "all")
+# "layerwise_paper": the layer-wise solve as the starting point of ``steps`` paper steps.
+OBJECTIVES: tuple[str, ...] = ("paper", "layerwise", "weights_only", "layerwise_paper")
+# "share_hinge": the scale-free hinge on kept nuclear-norm shares (the default since MiniBench 2);
+# "hinge": METHOD.md §3 literally (κ‖m_dom‖₁ + ν·max(0, ‖m_other‖₁ − ‖m_dom‖₁ + margin));
+# "code_compat": the released code's L2 form.
+PRIOR_LOSS_KINDS: tuple[str, ...] = ("share_hinge", "hinge", "code_compat")
+DEFAULT_PRUNE_THRESHOLD = 1e-3
+
+
+@dataclass
+class MergeConfig:
+    """Every knob of a merge, with the defaults of METHOD.md (§2–§4).
+
+    ``lambda_sim`` None means the method's default: 0 for ZipRank/DuoLoRA, 0.01 for ZipLoRA.
+    ``lambda_content``/``lambda_style`` weight the reconstruction terms (1 in the paper; 0 switches one off).
+    ``objective`` names the objective; ``duolora.engine.run_merge`` runs any of them (``optimize`` runs
+    "paper", ``duolora.solver`` the fast ones).
+    """
+
+    method: str = "ziprank"
+    basis: str = "svd"
+    scope: str = "attention"
+    objective: str = "paper"
+    steps: int = 100
+    lr: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    prior_preset: str = "paper"
+    custom_prior: str = ""
+    prior_init: bool = True
+    prior_loss: bool = True
+    prior_loss_kind: str = "hinge"
+    tau_c: float = 0.75
+    tau_s: float = 0.5
+    kappa: float = 1.0
+    nu: float = 1.0
+    margin: float = 0.0
+    constyle_iterations: int = 1
+    lambda_content: float = 1.0
+    lambda_style: float = 1.0
+    lambda_cyc: float = 0.01
+    lambda_rev: float = 0.01
+    lambda_prior: float = 0.1
+    lambda_sim: float | None = None
+    prune_threshold: float = DEFAULT_PRUNE_THRESHOLD
+    w_c: float = 1.0
+    w_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field, its value and what is allowed."""
+        choices = {
+            "method": METHODS, "basis": BASES, "scope": SCOPES, "objective": OBJECTIVES,
+            "prior_preset": PRESET_NAMES, "prior_loss_kind": PRIOR_LOSS_KINDS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"MergeConfig.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        for name in ("steps", "constyle_iterations"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"MergeConfig.{name} must be ≥ 0, got {getattr(self, name)}")
+        for name in ("lr", "grad_clip", "prune_threshold"):
+            if float(getattr(self, name)) < 0:
+                raise ValueError(f"MergeConfig.{name} must be ≥ 0, got {getattr(self, name)}")
+        if self.prior_preset == "custom":
+            preset_roles("custom", self.custom_prior)  # raises ValueError on a malformed block list
+
+    @property
+    def effective_lambda_sim(self) -> float:
+        if self.lambda_sim is not None:
+            return float(self.lambda_sim)
+        return 0.01 if self.method.startswith("ziplora") else 0.0
+
+    def roles(self) -> dict[str, str]:
+        """Block -> "content"/"style" for the chosen prior preset."""
+        return preset_roles(self.prior_preset, self.custom_prior)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MergeConfig:
+        """Inverse of ``to_dict``; unknown keys are an error (a misspelt knob must not pass silently)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown MergeConfig key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+        return cls(**data)

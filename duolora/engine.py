@@ -1,0 +1,308 @@
+"""One entry point for every merge: ``run_merge`` runs any mode with any method and exports the result.
+
+The ZipRank Merge node and ``duolora merge`` both call it; neither dispatches modes itself. The modes
+(``MergeConfig.objective``; the names users see are the keys of ``MODES``):
+
+* ``paper`` — the paper's objective through the diffusion model (``duolora.optimize``, METHOD.md §4);
+* ``layerwise`` — one recording pass over the references (``duolora.recording``), then a per-layer solve
+  (``duolora.solver``, METHOD.md §5);
+* ``weights_only`` — the per-layer solve from the two LoRAs alone (no model, no references);
+* ``layerwise_paper`` — the layer-wise solve as the starting point of ``steps`` paper steps (it replaces the
+  prior initialisation, so ``prior_init`` is switched off in the config the merge runs with).
+
+The engine never imports a host. What a mode needs from the model comes through two things the caller hands
+over: ``open_denoiser(merger, needs_grad)``, a context manager whose value is a ``ModelDenoiser`` (a
+``duolora.objective.Denoiser`` over the model with the merger attached for the life of the block;
+``needs_grad`` is True for paper steps, so a host may checkpoint, and False for the recording pass), and
+``ReferenceInputs``, the reference latents and conditionings as the host holds them. The references a mode
+needs are checked before any model work starts (``MissingReferencesError`` names the missing ones).
+
+Sources are in-memory ``LoRA``s or two file paths. From files, the weights-only mode (and any method that
+learns nothing) streams a chunk of layers at a time (``duolora.streaming``), so memory stays near the size of
+the files; the other modes read both files whole. With ``output`` the merged LoRA is also written
+(``formats.save_lora``: atomic, never overwrites unless asked; an existing file is refused before any work).
+
+Progress: ``progress(done, total, terms)`` after every paper step (terms: that step's loss terms), every
+recorded reference and every streamed chunk of layers (terms empty). Cancel: ``should_cancel()`` is asked
+before every paper step and every streamed chunk; a cancelled merge returns with ``cancelled=True``, its
+export holds the masks reached so far (a streamed one has none), and nothing is written. An exception raised
+by the callback itself propagates unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from . import formats, streaming
+from .config import MergeConfig
+from .lora import LoRA
+from .mergers import Merger, build_merger
+from .objective import Denoiser, References
+from .optimize import MergeResult, optimize
+from .recording import record_activations
+from .sdxl import SDXL_LAYOUT, Layout
+from .solver import SOLVER_ITERATIONS, check_method, solve_layerwise, solve_weights
+
+# The modes as users name them (the node's ``mode`` widget, the ``duolora_mode`` file metadata) -> objective.
+MODES: dict[str, str] = {"paper": "paper", "layerwise": "layerwise", "weights": "weights_only",
+                         "layerwise+paper": "layerwise_paper"}
+_MODE_OF = {objective: mode for mode, objective in MODES.items()}
+# The fast mode whose per-layer solve an objective uses (for ``solver.check_method``'s message).
+_FAST_MODE = {"weights_only": "weights", "layerwise": "layerwise", "layerwise_paper": "layerwise"}
+# Methods whose masks are all fixed: every mode gives the same merge, and files can always stream.
+_FIXED_METHODS = ("direct", "b_lora")
+
+ProgressFn = Callable[[int, int, dict[str, float]], None]
+Source = LoRA | str | os.PathLike
+
+
+class ModelDenoiser(Denoiser, Protocol):
+    """A ``Denoiser`` over the model with the merger attached, as ``open_denoiser``'s context yields it."""
+
+    # Canonical layer name -> the module the adapter patches (nn.Linear / nn.Conv2d): the recording's hooks.
+    modules: Mapping[str, nn.Module]
+
+    def prepare_latents(self, samples: Any) -> list[torch.Tensor]:
+        """The host's reference latents (a batch) in the model's space, one (1, C, H, W) tensor per image."""
+        ...
+
+
+DenoiserFactory = Callable[[Merger, bool], AbstractContextManager[ModelDenoiser]]
+
+
+@dataclass
+class ReferenceInputs:
+    """The references as the host holds them; any may be None (``run_merge`` says which a mode needs).
+
+    Latents go through the denoiser's ``prepare_latents``; conditionings are passed to ``predict`` as they
+    are. The field names are the ones ``MissingReferencesError`` reports.
+    """
+
+    content_latents: Any = None
+    style_latents: Any = None
+    content_prompt: Any = None
+    style_prompt: Any = None
+    combined_prompt: Any = None
+
+    def missing(self, names: Sequence[str]) -> list[str]:
+        return [name for name in names if getattr(self, name) is None]
+
+
+class MissingReferencesError(ValueError):
+    """A mode needs references the caller did not give.
+
+    ``stage``: "paper" (paper steps learn from all five, ``combined_prompt`` only while Constyle is on),
+    "record" (the layer-wise recording needs the content and style latents and prompts) or "cycle"
+    (``layerwise_paper``'s paper steps need ``combined_prompt`` for Constyle; checked first, before the
+    recording). ``missing``: the ``ReferenceInputs`` field names, in field order.
+    """
+
+    def __init__(self, stage: str, missing: list[str], objective: str) -> None:
+        self.stage, self.missing, self.objective = stage, list(missing), objective
+        super().__init__(f"the {objective!r} objective needs {', '.join(missing)} ({stage})")
+
+
+_RECORDED = ("content_latents", "style_latents", "content_prompt", "style_prompt")
+_ALL = (*_RECORDED, "combined_prompt")
+
+
+@dataclass
+class OutputFile:
+    """Where and how ``run_merge`` writes the merged LoRA.
+
+    ``dtype``: of the written factors (None: the content LoRA's, fp16 when it has none). ``key_style``:
+    kohya_ldm or comfyui (both what ComfyUI's LoraLoader maps). ``extra_metadata`` is written over the
+    merge's own provenance (``duolora_mode``, ``duolora_config``, the exporting merger's keys).
+    """
+
+    path: str | os.PathLike[str]
+    key_style: str = "kohya_ldm"
+    dtype: torch.dtype | None = None
+    overwrite: bool = False
+    extra_metadata: Mapping[str, str] = field(default_factory=dict)
+
+    def refuse_existing(self) -> None:
+        p = Path(self.path)
+        if p.exists() and not self.overwrite:
+            raise formats.OutputExistsError(
+                f"{p.name} already exists in {p.parent}; choose another file name or allow overwriting.", p)
+
+
+def run_merge(
+    content: Source,
+    style: Source,
+    config: MergeConfig,
+    *,
+    open_denoiser: DenoiserFactory | None = None,
+    references: ReferenceInputs | None = None,
+    progress: ProgressFn | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    output: OutputFile | None = None,
+    layout: Layout = SDXL_LAYOUT,
+    iterations: int = SOLVER_ITERATIONS,
+    chunk_layers: int = streaming.CHUNK_LAYERS,
+) -> MergeResult:
+    """Merge ``content`` and ``style`` (both ``LoRA``s or both file paths) in ``config.objective``'s mode.
+
+    Returns a ``MergeResult`` with the merger (None when streamed), ``history`` (per paper step, or the fast
+    objective before and after the solve), ``steps_done``, ``cancelled``, ``config`` (the one it ran with),
+    ``merged`` (the export: rank r_c + r_s per layer minus pruned components; float32 factors in memory, in
+    the output dtype when streamed to a file; None after a cancelled stream), ``total_components``, ``path`` (with ``output``) and ``wall_seconds``.
+    ``iterations`` caps the fast solver's steps; ``chunk_layers`` and ``layout`` (the model family files are
+    checked against) apply to file sources. See the module docstring for the model hooks, progress and cancel.
+
+    Raises ``FastModeError`` for a feature-mask method in a fast mode, ``MissingReferencesError``,
+    ``formats.LoRAError`` (unreadable or mismatched files, an existing output), ``MergerError`` and ValueError
+    (no ``open_denoiser`` for a mode that runs the model).
+    """
+    start = time.perf_counter()
+    objective = config.objective
+    if objective in _FAST_MODE:
+        check_method(config.method, _FAST_MODE[objective])
+    if objective == "layerwise_paper" and config.prior_init:
+        # The layer-wise solve is the starting point: the prior initialisation would overwrite it.
+        config = dataclasses.replace(config, prior_init=False)
+    if output is not None:
+        output.refuse_existing()
+    from_files = not isinstance(content, LoRA)
+    if from_files != (not isinstance(style, LoRA)):
+        raise TypeError("run_merge takes two LoRAs or two file paths, not one of each")
+    export_dtype = None
+    if from_files:
+        headers = streaming.open_headers(content, style, layout)
+        if output is not None:
+            export_dtype = output.dtype or headers[0].dtype or torch.float16
+        if objective == "weights_only" or config.method in _FIXED_METHODS:
+            result = streaming.stream_merge(content, style, config, layout=layout, headers=headers,
+                                            export_dtype=export_dtype, progress=progress,
+                                            should_cancel=should_cancel, chunk_layers=chunk_layers,
+                                            iterations=iterations)
+            return _finish(result, output, layout, start)
+        content, style = formats.load_lora(content, layout), formats.load_lora(style, layout)
+    elif output is not None:
+        export_dtype = output.dtype or content.dtype or torch.float16
+    merger = build_merger(config.method, content, style, config)
+    result = _solve(merger, config, open_denoiser, references or ReferenceInputs(), progress, should_cancel,
+                    iterations)
+    result.config = config
+    result.total_components = sum(layer.rank("c") + layer.rank("s") for layer in merger.layers)
+    result.merged = merger.export(config.prune_threshold)
+    if export_dtype is not None:
+        result.merged.dtype = export_dtype
+    return _finish(result, output, layout, start)
+
+
+def _solve(merger: Merger, config: MergeConfig, open_denoiser: DenoiserFactory | None, refs: ReferenceInputs,
+           progress: ProgressFn | None, should_cancel: Callable[[], bool] | None, iterations: int) -> MergeResult:
+    """The mode dispatch: set the merger's masks and return the solver's or the loop's result."""
+    objective = config.objective
+    if not merger.mask_parameters():  # direct, B-LoRA: nothing to learn in any mode
+        return MergeResult(merger=merger)
+    if objective == "weights_only":
+        return solve_weights(merger, config, iterations)
+    if objective == "paper":
+        if config.steps == 0:
+            return MergeResult(merger=merger)
+        _require(refs, "paper", objective, constyle=config.constyle_iterations > 0)
+        return _paper(merger, config, _factory(open_denoiser, objective), refs, progress, should_cancel)
+    if (objective == "layerwise_paper" and config.steps > 0 and config.constyle_iterations > 0
+            and refs.combined_prompt is None):
+        raise MissingReferencesError("cycle", ["combined_prompt"], objective)
+    _require(refs, "record", objective)
+    factory = _factory(open_denoiser, objective)
+    with factory(merger, False) as denoiser:
+        prepared = References(content=denoiser.prepare_latents(refs.content_latents),
+                              style=denoiser.prepare_latents(refs.style_latents),
+                              p_c=refs.content_prompt, p_s=refs.style_prompt, p_cs=refs.content_prompt)
+        record_progress = None if progress is None else (lambda done, total: progress(done, total, {}))
+        stats = record_activations(merger, denoiser, denoiser.modules, prepared, config, progress=record_progress)
+    result = solve_layerwise(merger, stats, config, iterations)
+    if objective == "layerwise_paper" and config.steps > 0:
+        # The recording's references and the cycle check above cover everything paper steps need.
+        result = _paper(merger, dataclasses.replace(config, objective="paper"), factory, refs, progress,
+                        should_cancel)
+    return result
+
+
+def _require(refs: ReferenceInputs, stage: str, objective: str, constyle: bool = True) -> None:
+    names = _ALL if stage == "paper" and constyle else _RECORDED
+    missing = refs.missing(names)
+    if missing:
+        raise MissingReferencesError(stage, missing, objective)
+
+
+def _factory(open_denoiser: DenoiserFactory | None, objective: str) -> DenoiserFactory:
+    if open_denoiser is None:
+        raise ValueError(f"the {objective!r} objective runs the diffusion model; pass open_denoiser "
+                         "(or use the 'weights_only' objective)")
+    return open_denoiser
+
+
+def _paper(merger: Merger, config: MergeConfig, open_denoiser: DenoiserFactory, refs: ReferenceInputs,
+           progress: ProgressFn | None, should_cancel: Callable[[], bool] | None) -> MergeResult:
+    with open_denoiser(merger, True) as denoiser:
+        prepared = References(
+            content=denoiser.prepare_latents(refs.content_latents),
+            style=denoiser.prepare_latents(refs.style_latents),
+            p_c=refs.content_prompt, p_s=refs.style_prompt,
+            p_cs=refs.combined_prompt if refs.combined_prompt is not None else refs.content_prompt,
+        )
+        return optimize(merger, denoiser, prepared, config, progress=progress, should_cancel=should_cancel)
+
+
+def _finish(result: MergeResult, output: OutputFile | None, layout: Layout, start: float) -> MergeResult:
+    """Write the export when asked (never after a cancel) and stamp the wall time."""
+    if output is not None and not result.cancelled and result.merged is not None:
+        result.path = formats.save_lora(result.merged, output.path, key_style=output.key_style,
+                                        dtype=result.merged.dtype, metadata=file_metadata(result, output),
+                                        overwrite=output.overwrite, layout=layout)
+    result.wall_seconds = time.perf_counter() - start
+    return result
+
+
+def file_metadata(result: MergeResult, output: OutputFile | None = None) -> dict[str, str]:
+    """What a written merge records over the exporting merger's keys: the mode, the whole config, the fast
+    objective before and after the solve (fast modes), then ``output.extra_metadata``."""
+    config = result.config or MergeConfig()
+    md = {"duolora_mode": _MODE_OF[config.objective],
+          "duolora_config": json.dumps(config.to_dict(), sort_keys=True)}
+    total = result.history.get("total")
+    if config.objective in ("weights_only", "layerwise") and total and len(total) == 2:
+        md["duolora_fast_objective"] = f"{total[0]:.6g} -> {total[1]:.6g}"
+    md.update(dict(output.extra_metadata if output is not None else {}))
+    return md
+
+
+def merge_files(
+    content_path: str | os.PathLike[str],
+    style_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    config: MergeConfig | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    key_style: str = "kohya_ldm",
+    overwrite: bool = False,
+    layout: Layout = SDXL_LAYOUT,
+    progress: ProgressFn | None = None,
+    chunk_layers: int = streaming.CHUNK_LAYERS,
+    iterations: int = SOLVER_ITERATIONS,
+    extra_metadata: Mapping[str, str] | None = None,
+) -> MergeResult:
+    """The weights-only merge of two LoRA files into a standard LoRA file: ``run_merge`` with file sources and
+    an ``OutputFile`` (the objective is forced to ``weights_only``; default config: ``MergeConfig()``)."""
+    config = dataclasses.replace(config or MergeConfig(), objective="weights_only")
+    output = OutputFile(out_path, key_style=key_style, dtype=dtype, overwrite=overwrite,
+                        extra_metadata=dict(extra_metadata or {}))
+    return run_merge(content_path, style_path, config, progress=progress, output=output, layout=layout,
+                     chunk_layers=chunk_layers, iterations=iterations)

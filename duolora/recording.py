@@ -1,0 +1,156 @@
+"""Activation recording of the layer-wise fast mode (METHOD.md §5; the solve is ``duolora.solver``).
+
+One no-grad forward pass per reference image, batched over a few noise levels, with the content-only model on
+the content references and the style-only model on the style references (the target branches of the paper's
+L_c and L_s). Forward pre-hooks on the patched modules keep, per learned layer, only the r×r statistics
+K = Σ_tokens h·hᵀ with h = [A_c; A_s]·x — never the in×in second moment of the inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter import CONTENT as CONTENT_BRANCH
+from .adapter import STYLE as STYLE_BRANCH
+from .adapter import Adapter
+from .config import MergeConfig
+from .mergers import Merger
+from .solver import FastModeError, LayerActivations, check_method
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    from .objective import Denoiser, References
+
+# Noise levels per reference in the layer-wise recording pass (one batched forward per reference).
+LAYERWISE_TIMESTEPS = 4
+
+ProgressFn = Callable[[int, int], None]
+
+
+class ActivationRecorder:
+    """Forward pre-hooks that accumulate, per learned rank-mask layer, K = Σ_tokens h·hᵀ with h = [A_c; A_s]·x.
+
+    ``modules``: canonical layer name -> module (nn.Linear or nn.Conv2d), the same mapping an ``Adapter``
+    takes. Every forward pass counts toward the side set with ``set_side("content" | "style")``. Only r×r
+    projections are kept (never the in×in second moment). Hooks are removed on exit; the modules are left
+    exactly as they were.
+    """
+
+    def __init__(self, merger: Merger, modules: Mapping[str, nn.Module]) -> None:
+        self.merger = merger
+        self.modules = {name: mod for name, mod in modules.items()
+                        if name in merger and merger.layer(name).learned}
+        self.side: str | None = None
+        self.sums: dict[str, dict[str, torch.Tensor]] = {}
+        self.tokens: dict[str, dict[str, int]] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._A: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def set_side(self, side: str) -> None:
+        if side not in ("content", "style"):
+            raise ValueError(f"side must be 'content' or 'style', not {side!r}")
+        self.side = side
+
+    def __enter__(self) -> Self:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._A.clear()
+
+    def _down(self, name: str, device: torch.device) -> torch.Tensor:
+        key = (name, device)
+        if key not in self._A:
+            layer = self.merger.layer(name)
+            self._A[key] = torch.cat([layer.factors("c")[1], layer.factors("s")[1]]).detach().float().to(device)
+        return self._A[key]
+
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if self.side is None:
+                return
+            x = args[0].detach().float()
+            A = self._down(name, x.device)
+            if isinstance(module, nn.Conv2d):
+                layer = self.merger.layer(name)
+                kernel = A.reshape(A.shape[0], layer.in_channels, *layer.kernel_size)
+                h = Adapter._conv_down(module, x, kernel)  # (N, n, H', W'): one row per output position
+                h = h.permute(0, 2, 3, 1).reshape(-1, A.shape[0])
+            else:
+                h = F.linear(x, A).reshape(-1, A.shape[0])
+            k = (h.T @ h).double().cpu()
+            acc = self.sums.setdefault(name, {})
+            acc[self.side] = acc[self.side] + k if self.side in acc else k
+            cnt = self.tokens.setdefault(name, {})
+            cnt[self.side] = cnt.get(self.side, 0) + h.shape[0]
+
+        return hook
+
+    def statistics(self) -> dict[str, LayerActivations]:
+        """Per recorded layer: K_c, K_s as means over tokens (E[x xᵀ] projected), and the token counts."""
+        out = {}
+        for name, acc in self.sums.items():
+            if "content" not in acc or "style" not in acc:
+                continue
+            cnt = self.tokens[name]
+            out[name] = LayerActivations(acc["content"] / cnt["content"], acc["style"] / cnt["style"],
+                                         cnt["content"], cnt["style"])
+        return out
+
+
+def reference_sigmas(denoiser: Denoiser, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` noise levels for the recording pass: one per equal stratum of the training timesteps when
+    the denoiser exposes its ``sigmas`` (ascending), else ``sample_sigma`` draws. (count,) float32."""
+    sigmas = getattr(denoiser, "sigmas", None)
+    if isinstance(sigmas, torch.Tensor) and sigmas.numel() >= count:
+        T = sigmas.numel()
+        u = torch.rand(count, generator=generator, dtype=torch.float64)
+        idx = ((torch.arange(count, dtype=torch.float64) + u) * T / count).long().clamp(0, T - 1)
+        return sigmas[idx].float()
+    return torch.stack([torch.as_tensor(denoiser.sample_sigma(generator), dtype=torch.float32).reshape(())
+                        for _ in range(count)])
+
+
+def record_activations(merger: Merger, denoiser: Denoiser, modules: Mapping[str, nn.Module],
+                       references: References, config: MergeConfig, timesteps: int = LAYERWISE_TIMESTEPS,
+                       progress: ProgressFn | None = None) -> dict[str, LayerActivations]:
+    """One no-grad forward pass per reference image, batched over ``timesteps`` noise levels.
+
+    Content references are denoised by the content-only branch under the content prompt, style references
+    by the style-only branch under the style prompt (the target branches of L_c and L_s). σ and ε are drawn
+    from ``config.seed``. ``modules`` must be the modules the denoiser's adapter patches (same names).
+    """
+    check_method(merger.method, "layerwise")
+    generator = torch.Generator().manual_seed(int(config.seed))
+    total = len(references.content) + len(references.style)
+    done = 0
+    with torch.no_grad(), ActivationRecorder(merger, modules) as rec:
+        for side, latents, cond, branch in (("content", references.content, references.p_c, CONTENT_BRANCH),
+                                            ("style", references.style, references.p_s, STYLE_BRANCH)):
+            rec.set_side(side)
+            for x0 in latents:
+                sig = reference_sigmas(denoiser, timesteps, generator)
+                eps = torch.randn((timesteps, *x0.shape[1:]), generator=generator).to(x0)
+                x_t = denoiser.add_noise(x0.expand(timesteps, *x0.shape[1:]), eps, sig.to(x0.device))
+                denoiser.predict(x_t, sig.to(x0.device), [cond] * timesteps, [branch] * timesteps)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+    stats = rec.statistics()
+    missing = [layer.name for layer in merger.learned_layers() if layer.name not in stats]
+    if missing:
+        raise FastModeError(
+            f"the layer-wise recording saw no input for {len(missing)} learned layer(s) (e.g. {missing[0]}); "
+            "the model's modules do not match the LoRA layers. Use mode 'weights' or 'paper'."
+        )
+    return stats
