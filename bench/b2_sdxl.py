@@ -9,7 +9,7 @@ layers the adapter touches, at their real shapes and token counts:
   (1024: 4,096 tokens in the 640-wide blocks, 1,024 in the 1280-wide ones, 77 context tokens for the
   cross-attention keys and values), weighted by how many of the 560 layers it has;
 * per class, one paper-mode step's calls (METHOD.md §4, as ``duolora.objective``: a no-grad call of batch 4
-  with branches content, style, style, content; a no-grad call of batch 2; a call of batch 2 on the merged
+  with branches content, content, style, style; a no-grad call of batch 2; a call of batch 2 on the merged
   branch with gradient, and its backward) through an ``nn.Linear`` with the ZipRank adapter of a rank-64
   synthetic pair attached, against the same calls on the bare ``nn.Linear`` (what a static weight patch
   costs: ΔW folded into W).
@@ -36,7 +36,7 @@ from .common import median
 
 CONTEXT_TOKENS = 77
 # The four calls of one step, as (batch, branches, with gradient) (see duolora.objective).
-STEP_CALLS = ((4, ("content", "style", "style", "content"), False),
+STEP_CALLS = ((4, ("content", "content", "style", "style"), False),
               (2, ("style", "content"), False),
               (2, ("merged", "merged"), True))
 
@@ -149,6 +149,9 @@ def run_blocks(image: int = 1024, rank: int = 64, repeats: int = 3) -> dict[str,
     from duolora.adapter import Adapter
     from duolora.sdxl import ATTENTION_PROJECTIONS
 
+    from .tiny import bridge
+
+    foldable = bridge().foldable
     latent = image // 8
     # (width, tokens, how many of SDXL's 70 transformer blocks): 2 × 5 at 640, 10 × 6 at 1280.
     levels = ((640, (latent // 2) ** 2, 10), (1280, (latent // 4) ** 2, 60))
@@ -167,8 +170,9 @@ def run_blocks(image: int = 1024, rank: int = 64, repeats: int = 3) -> dict[str,
                    for i in (1, 2) for proj in ATTENTION_PROJECTIONS}
         x = {b: torch.randn(b, tokens, width, generator=g) for b in (2, 4)}
         ctx = {b: torch.randn(b, CONTEXT_TOKENS, 2048, generator=g) for b in (2, 4)}
+        # The bridge's test of ComfyUI's ops: these blocks' projections may have ΔW folded in (as in a merge).
         times = _paired(lambda adapter, block=block, x=x, ctx=ctx: _step(block, x, adapter, ctx),
-                        lambda modules=modules: Adapter(merger, modules), merger, repeats)
+                        lambda modules=modules: Adapter(merger, modules, foldable=foldable), merger, repeats)
         rows.append({"width": width, "tokens": tokens, "count": count, **times,
                      "ratio": times["adapter"] / times["static"]})
     static = sum(r["count"] * r["static"] for r in rows)

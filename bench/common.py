@@ -18,6 +18,23 @@ REPO = Path(__file__).resolve().parents[1]
 DEVTOOLS = REPO / "devtools"
 
 
+def pin_engine() -> None:
+    """Import this checkout's ``duolora`` now. ``comfyhost.boot()`` drops the repository root from sys.path
+    (its nodes/ would shadow ComfyUI's), after which ``import duolora`` would find an installed copy of
+    another checkout (an editable install points at one) and time that code instead of this one."""
+    if str(REPO) not in sys.path and "duolora" not in sys.modules:
+        sys.path.insert(0, str(REPO))
+    import duolora
+
+    where = Path(duolora.__file__).resolve().parent
+    if where != REPO / "duolora":
+        raise RuntimeError(f"bench: `duolora` was imported from {where}, not from this checkout {REPO}; "
+                           f"import the benchmarks before anything else imports duolora")
+
+
+pin_engine()
+
+
 def use_devtools() -> None:
     """Make ``devtools/comfyhost.py`` importable (never the repository root: its nodes/ shadows ComfyUI's)."""
     if str(DEVTOOLS) not in sys.path:

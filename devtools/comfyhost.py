@@ -473,12 +473,14 @@ def _scrub_sys_path() -> None:
         raise RuntimeError("the repository's nodes/ was imported as top-level `nodes`; keep the root off sys.path")
 
 
-def boot(base_dir: Path | None = None, *, quiet: bool = True, extra_packs: dict[str, Path] | None = None) -> Host:
+def boot(base_dir: Path | None = None, *, quiet: bool = True, extra_packs: dict[str, Path] | None = None,
+         cpu: bool = True) -> Host:
     """Start ComfyUI in this process once and return the :class:`Host` (a second call returns it again).
 
     ``base_dir`` becomes ComfyUI's ``--base-directory`` (models/, custom_nodes/, input/, output/, temp/);
     a temporary folder, removed at exit, when None. ``quiet`` keeps ComfyUI's INFO logging off the console.
     ``extra_packs`` (name -> folder) are linked into custom_nodes/ and loaded too (first boot only).
+    ``cpu=False`` lets ComfyUI's model management use the accelerator (``bench/gpu.py``); tests keep the CPU.
     """
     global _HOST
     if _HOST is not None:
@@ -512,7 +514,7 @@ def boot(base_dir: Path | None = None, *, quiet: bool = True, extra_packs: dict[
     import comfy.cli_args
 
     # Both must be set before folder_paths and comfy.model_management are first imported.
-    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.cpu = bool(cpu)
     comfy.cli_args.args.base_directory = str(base_dir)
     if "folder_paths" in sys.modules or "comfy.model_management" in sys.modules:
         raise RuntimeError("ComfyUI modules were imported before comfyhost.boot(); boot first")
@@ -585,17 +587,18 @@ def _remove_base_dir(base_dir: Path, extra: tuple[str, ...] = ()) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def fill_seeded_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+def fill_seeded_(module: torch.nn.Module, seed: int, device: torch.device | str | None = None) -> torch.nn.Module:
     """Overwrite every parameter of ``module`` with seeded values (ComfyUI's ops skip initialisation).
 
     Matrices and kernels: N(0, 1/fan_in) so activations keep unit scale through the residual stack;
     norm scales 1 ± 0.05; biases N(0, 0.02²). Parameters are visited in ``named_parameters`` order, so
-    the same architecture and seed give bit-identical weights.
+    the same architecture and seed give bit-identical weights. ``device``: where the noise is drawn (default
+    the CPU; a CUDA generator fills a full-size SDXL in well under a second, with other, equally seeded values).
     """
-    g = torch.Generator().manual_seed(int(seed))
+    g = torch.Generator(device=device or "cpu").manual_seed(int(seed))
     with torch.no_grad():
         for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32, device=g.device)
             if p.dim() >= 2:
                 value = noise / (p[0].numel() ** 0.5)
             elif name.endswith("bias"):
@@ -608,28 +611,41 @@ def fill_seeded_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
-def _sdxl_model_config(unet_config: dict[str, Any], dtype: torch.dtype):
+def _sdxl_model_config(unet_config: dict[str, Any], dtype: torch.dtype, manual_cast_dtype: torch.dtype | None = None):
     import comfy.supported_models
 
     cfg = comfy.supported_models.SDXL(dict(unet_config))
     # BASE.__init__ forces SDXL's num_head_channels=64 from unet_extra_config; restore the requested widths.
     cfg.unet_config["num_head_channels"] = unet_config["num_head_channels"]
-    cfg.set_inference_dtype(dtype, None)
+    cfg.set_inference_dtype(dtype, manual_cast_dtype)
     return cfg
 
 
-def build_tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32):
+def build_tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32,
+                     manual_cast_dtype: torch.dtype | None = None):
     """A ``comfy.model_patcher.ModelPatcher`` around a ``comfy.model_base.SDXL`` of TINY_UNET_CONFIG.
 
     Same module names as SDXL (``diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q`` …),
     widths shrunk; seeded weights; eps-prediction like SDXL base. Latent: (B, 4, H/8, W/8).
+    ``dtype`` is the weights' storage dtype; ``manual_cast_dtype`` the dtype the model computes in when that
+    differs (ComfyUI's fp8 checkpoints: weights float8_e4m3fn, computed in bf16/fp16/fp32 by its
+    ``manual_cast`` ops).
     """
+    return build_sdxl_model(TINY_UNET_CONFIG, seed, dtype, torch.device("cpu"), manual_cast_dtype)
+
+
+def build_sdxl_model(unet_config: dict[str, Any], seed: int = 0, dtype: torch.dtype = torch.float32,
+                     device: torch.device | None = None, manual_cast_dtype: torch.dtype | None = None):
+    """A ``ModelPatcher`` around a ``comfy.model_base.SDXL`` of ``unet_config`` (``SDXL_UNET_CONFIG``: the
+    full-size 2.57 B-parameter UNet), built directly on ``device`` with seeded weights (drawn there).
+    Model management loads it on ComfyUI's torch device."""
     import comfy.model_management
     import comfy.model_patcher
 
-    cfg = _sdxl_model_config(TINY_UNET_CONFIG, dtype)
-    model = cfg.get_model({}, "model.diffusion_model.", device=torch.device("cpu"))
-    fill_seeded_(model, seed)
+    device = torch.device(device or "cpu")
+    cfg = _sdxl_model_config(unet_config, dtype, manual_cast_dtype)
+    model = cfg.get_model({}, "model.diffusion_model.", device=device)
+    fill_seeded_(model, seed, device=None if device.type == "cpu" else device)
     return comfy.model_patcher.ModelPatcher(
         model,
         load_device=comfy.model_management.get_torch_device(),

@@ -46,6 +46,8 @@ class Denoiser(Protocol):
     are: a ComfyUI CONDITIONING, a tensor of text embeddings, …); the denoiser batches them itself.
     ``branches`` holds one ``duolora.adapter`` branch per sample ("merged", "content", "style", "base" or a
     pair (w_c, w_s)); the denoiser passes them to its adapter before the forward pass.
+    Latents, σ and predictions live on the model's device. Optional attribute ``activation_dtype``: the
+    dtype the model computes in (float16 turns on loss scaling in ``duolora.optimize``).
     """
 
     def predict(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Sequence[Any],
@@ -206,7 +208,9 @@ class DuoLoRAObjective:
         w, den, refs = self.weights, self.denoiser, self.references
         x_c0 = refs.content[step % len(refs.content)]
         x_s0 = refs.style[step % len(refs.style)]
-        sigma = torch.as_tensor(den.sample_sigma(generator), dtype=torch.float32).reshape(())
+        # σ and ε are drawn on the CPU generator (the same numbers on every device) and moved to the
+        # latents' device once; everything after that (x_t, x̂0, the losses) stays on that device.
+        sigma = torch.as_tensor(den.sample_sigma(generator), dtype=torch.float32).reshape(()).to(x_c0.device)
         eps_c = torch.randn(x_c0.shape, generator=generator).to(device=x_c0.device, dtype=x_c0.dtype)
         if x_s0.shape == x_c0.shape:
             eps_s = eps_c.to(device=x_s0.device, dtype=x_s0.dtype)  # one noise shared by every branch
@@ -243,8 +247,9 @@ class DuoLoRAObjective:
         for i, (t, v) in enumerate(terms.items()):
             # Start from the first term so the total lives on the model's device.
             total = w[t] * v if i == 0 else total + w[t] * v
-        values = {t: float(v.detach()) for t, v in terms.items()}
-        values["total"] = float(total.detach())
+        # One device-to-host copy for every reported value (float64 holds each float32 value exactly).
+        numbers = torch.stack([v.detach().double() for v in (*terms.values(), total)]).tolist()
+        values = dict(zip((*terms, "total"), numbers))
         return total, values
 
     @torch.no_grad()
@@ -253,19 +258,17 @@ class DuoLoRAObjective:
         """No-grad targets of the active terms, one batched call per hop (2k calls for Constyle k)."""
         w, den, refs = self.weights, self.denoiser, self.references
         k = int(self.config.constyle_iterations)
-        items, keys = [], []
-        if w["content"] != 0:
-            items.append((x_c, sigma, refs.p_c, CONTENT))
-            keys.append("content")
-        if w["style"] != 0:
-            items.append((x_s, sigma, refs.p_s, STYLE))
-            keys.append("style")
         # Constyle "add" hop: style cycle adds the style to x_c, content cycle adds the content to x_s.
         cyc = {"cycle": (x_c, eps_c, STYLE, refs.p_c), "reverse": (x_s, eps_s, CONTENT, refs.p_s)}
         cyc = {t: v for t, v in cyc.items() if w[t] != 0}
-        for t, (x, _, branch, _) in cyc.items():
-            items.append((x, sigma, refs.p_cs, branch))
-            keys.append(t + ":add")
+        # The first hop's evaluations ordered by branch (content target, content add, style target, style
+        # add): the adapter evaluates each run of equal branches with one fixed ΔW.
+        first = [("content", (x_c, sigma, refs.p_c, CONTENT)) if w["content"] != 0 else None,
+                 ("reverse:add", (x_s, sigma, refs.p_cs, CONTENT)) if "reverse" in cyc else None,
+                 ("style", (x_s, sigma, refs.p_s, STYLE)) if w["style"] != 0 else None,
+                 ("cycle:add", (x_c, sigma, refs.p_cs, STYLE)) if "cycle" in cyc else None]
+        keys = [f[0] for f in first if f is not None]
+        items = [f[1] for f in first if f is not None]
         out: dict[str, torch.Tensor] = {}
         if not items:
             return out

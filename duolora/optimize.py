@@ -43,6 +43,8 @@ class MergeResult:
     merged: LoRA | None = None
     total_components: int = 0
     path: Path | None = None
+    # fp16 models only (loss scaling): steps whose scaled gradients overflowed and were skipped.
+    skipped_steps: int = 0
 
     @property
     def layers(self) -> int:
@@ -53,6 +55,20 @@ class MergeResult:
     def kept_components(self) -> int:
         """Rank components the export kept, summed over its layers (the adaptive rank, METHOD.md §2)."""
         return 0 if self.merged is None else sum(lr.rank for lr in self.merged.layers.values())
+
+
+def loss_scaler(denoiser: Denoiser, device: torch.device) -> torch.amp.GradScaler:
+    """Dynamic loss scaling when the denoiser computes in float16 (its optional ``activation_dtype``).
+
+    The loss's gradient w.r.t. one predicted value is 2·λ·(ε_m − ε_target)/N, N the number of latent
+    values (131,072 for a 1024-px pair): about 1e-8 for a 1e-3 residual, below float16's smallest
+    subnormal (2⁻²⁴ ≈ 6e-8). Backpropagated in float16 through the UNet it flushes to zero before it
+    reaches the float32 masks. Scaling the loss by 2¹⁶ (dynamic, as ``torch.amp.GradScaler``: halved and
+    the step skipped on inf/NaN) keeps it representable; the mask gradients are unscaled before clipping.
+    bfloat16 has float32's exponent range and needs none; disabled, the scaler changes nothing.
+    """
+    fp16 = getattr(denoiser, "activation_dtype", None) == torch.float16
+    return torch.amp.GradScaler(device.type, enabled=fp16)
 
 
 def optimize(
@@ -87,6 +103,7 @@ def optimize(
         if config.prior_init:
             prior_init(merger, roles, config.tau_c, config.tau_s, config.seed)
         optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=0.0)
+        scaler = loss_scaler(denoiser, params[0].device)
         for step in range(int(config.steps)):
             if should_cancel is not None and should_cancel():
                 result.cancelled = True
@@ -94,10 +111,16 @@ def optimize(
             optimizer.zero_grad(set_to_none=True)
             loss, terms = objective(step, generator)
             if loss.requires_grad:
-                loss.backward()
+                # Disabled (every model but fp16) each scaler call is the plain call: backward, step.
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
                 if config.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                optimizer.step()
+                scale = scaler.get_scale() if scaler.is_enabled() else None
+                scaler.step(optimizer)
+                scaler.update()
+                if scale is not None and scaler.get_scale() < scale:
+                    result.skipped_steps += 1  # inf/NaN in the scaled gradients: this step was skipped
             for name, value in terms.items():
                 result.history.setdefault(name, []).append(value)
             result.steps_done = step + 1

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import comfy.model_management
 import comfy.model_sampling
+import comfy.ops
 import comfy.sampler_helpers
 import comfy.samplers
 import comfy.sd
@@ -33,7 +34,7 @@ import folder_paths
 import torch
 
 from ..duolora import formats, sdxl
-from ..duolora.adapter import Adapter, Branch, attach
+from ..duolora.adapter import Adapter, Branch, attach, plain_weight
 from ..duolora.mergers import Merger
 from ..duolora.objective import DiscreteSchedule
 
@@ -218,6 +219,33 @@ def _check_ordinary(module: torch.nn.Module) -> None:
         )
 
 
+# Storage-only weight dtypes (ComfyUI's fp8 checkpoints): the model computes in its manual-cast dtype.
+_STORAGE_DTYPES = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
+
+
+def compute_dtype_of(base) -> torch.dtype:
+    """The dtype a ComfyUI ``BaseModel`` computes in: ``manual_cast_dtype`` when it stores its weights in
+    another dtype (fp8 checkpoints, fp16 weights on a bf16-only device, …), else its weights' dtype (as
+    ``BaseModel._apply_model`` casts its input)."""
+    manual = getattr(base, "manual_cast_dtype", None)
+    return manual if manual is not None else base.get_dtype()
+
+
+def foldable(module: torch.nn.Module) -> bool:
+    """True when a ComfyUI op's output is exactly F.linear/conv of its own ``weight`` and ``bias`` right now.
+
+    ComfyUI's ops (``comfy.ops.CastWeightBiasOp`` subclasses) run torch's forward unless they cast their
+    weights per forward (``comfy_cast_weights``: lowvram offloading, fp8 or manual-cast storage) or carry
+    per-forward weight/bias functions (lowvram LoRA patches); then the adapter must add its low-rank path to
+    whatever the op computes instead of folding ΔW into ``weight`` (``duolora.adapter``).
+    """
+    if plain_weight(module):
+        return True
+    cast_op = getattr(comfy.ops, "CastWeightBiasOp", None)
+    return (cast_op is not None and isinstance(module, cast_op) and not getattr(module, "comfy_cast_weights", True)
+            and not getattr(module, "weight_function", None) and not getattr(module, "bias_function", None))
+
+
 class _CheckpointedBlocks:
     """Gradient checkpointing of the layers of the UNet's input/middle/output blocks, removable.
 
@@ -284,6 +312,8 @@ class ComfyDenoiser(DiscreteSchedule):
         self.compute_dtype = compute_dtype
         self.gradient_checkpointing = gradient_checkpointing
         self.device = model.load_device
+        # The dtype the UNet computes in (set on entering; float16 turns on loss scaling in optimize).
+        self.activation_dtype: torch.dtype | None = None
         self._cond_cache: dict[tuple[int, tuple[int, ...]], dict[str, Any]] = {}
         self._stack = contextlib.ExitStack()
         self.adapter: Adapter | None = None
@@ -308,11 +338,16 @@ class ComfyDenoiser(DiscreteSchedule):
             self._stack.enter_context(_frozen(base))
             modules = {name: module for name, module in _named_lora_modules(unet) if name in self.merger}
             self.modules = modules
-            dtype = self.compute_dtype or base.get_dtype()
+            # The low-rank path computes in the UNet's compute dtype, never in a storage dtype (fp8 weights
+            # are cast per forward by ComfyUI's ops; their activations are in the manual-cast dtype).
+            model_dtype = compute_dtype_of(base)
+            self.activation_dtype = self.compute_dtype or model_dtype
+            dtype = self.activation_dtype if self.activation_dtype not in _STORAGE_DTYPES else None
             # Masks and factors stay float32 whatever the model's dtype (METHOD.md §2; the adapter casts).
             self.merger.to(device=self.device, dtype=torch.float32)
             _check_ordinary(self.merger)
-            self.adapter = self._stack.enter_context(attach(self.merger, modules, compute_dtype=dtype))
+            self.adapter = self._stack.enter_context(
+                attach(self.merger, modules, compute_dtype=dtype, foldable=foldable))
             if self.gradient_checkpointing:
                 self._stack.enter_context(_CheckpointedBlocks(unet, self.adapter))
         except BaseException:
@@ -326,9 +361,10 @@ class ComfyDenoiser(DiscreteSchedule):
 
     # -- inputs ----------------------------------------------------------------------------------------
     def prepare_latents(self, samples: torch.Tensor) -> list[torch.Tensor]:
-        """A LATENT's samples (B, C, H, W) in the model's internal space, one (1, C, H, W) per image."""
+        """A LATENT's samples (B, C, H, W) in the model's internal space, one (1, C, H, W) float32 tensor per
+        image on the model's device (moved once: noise, x_t, x̂0 and the losses then stay there)."""
         x = self.patcher.model.process_latent_in(samples.detach().float())
-        return [x[i:i + 1].clone() for i in range(x.shape[0])]
+        return [x[i:i + 1].to(self.device, copy=True) for i in range(x.shape[0])]
 
     def _encode(self, cond: list, x_t: torch.Tensor) -> dict[str, Any]:
         """The model inputs of one CONDITIONING (its first entry) as ComfyUI COND objects, batch 1."""

@@ -28,8 +28,9 @@ from engine_toys import (
 )
 from torch import nn
 
-from duolora.adapter import AdapterError, attach
+from duolora.adapter import CONSTANT_PATHS, AdapterError, attach
 from duolora.config import MergeConfig
+from duolora.lora import LoRA, LowRank
 from duolora.mergers import build_merger
 
 VARIANTS = [("ziprank", "svd"), ("ziprank", "raw"), ("ziplora_out", "svd"), ("ziplora_in", "svd"),
@@ -189,7 +190,8 @@ def test_removal_leaves_no_trace_even_after_an_error() -> None:
     with attach(merger, mods) as adapter:
         assert adapter.attached_now
         y1 = model(x, sigma, ctx)
-        assert sum(len(m._forward_hooks) for m in mods.values()) == len(mods)
+        # Every module's forward is wrapped (an instance attribute shadowing the class's forward).
+        assert sum("forward" in vars(m) for m in mods.values()) == len(mods)
     assert not adapter.attached_now
     with pytest.raises(RuntimeError, match="boom"), attach(merger, mods):
         raise RuntimeError("boom")
@@ -238,3 +240,160 @@ def test_adapter_errors_name_the_layer() -> None:
         with pytest.raises(AdapterError, match="batch of 3 does not fit the 2 branches"):
             mods[Q](torch.randn(3, 12))
     assert {CONV, K2, O_B1, ONLY_C, ONLY_S, TE} <= set(merger.names)
+
+
+# -- the constant-mask paths (issue 11: a step costs what the model costs) ------------------------------------
+
+RUNS = ["content", "content", "style", "style", "base", (0.5, 2.0), "merged"]
+
+
+@pytest.mark.parametrize("path", CONSTANT_PATHS)
+@pytest.mark.parametrize(("method", "basis"), [("ziprank", "svd"), ("ziplora_out", "svd"), ("ziplora_in", "svd")])
+def test_every_constant_path_matches_the_dense_formula(method: str, basis: str, path: str) -> None:
+    """Without gradients every run of equal branches is one fixed ΔW: folded into the weight, or the low-rank
+    path with its masks folded into the factors; each element still matches the dense formula, and the
+    module's own weight is never modified."""
+    content, style = small_loras()
+    merger = build_merger(method, content, style, MergeConfig(method=method, basis=basis, scope="all"))
+    randomise_masks(merger)
+    mods = make_modules(CONV_VARIANTS[0])
+    weights = {name: m.weight.detach().clone() for name, m in mods.items()}
+    g = torch.Generator().manual_seed(3)
+    n = len(RUNS)
+    inputs = {name: torch.randn(n, mod.in_channels, 9, 9, generator=g) if isinstance(mod, nn.Conv2d)
+              else torch.randn(n, 5, mod.in_features, generator=g) for name, mod in mods.items()}
+    with torch.no_grad():
+        base = {name: mods[name](x) for name, x in inputs.items()}
+        with attach(merger, mods, constant_path=path) as adapter:
+            adapter.set_branches(RUNS)
+            adapted = {name: mods[name](x) for name, x in inputs.items()}
+        worst = 0.0
+        for name, x in inputs.items():
+            for i, branch in enumerate(RUNS):
+                want = dense_apply(mods[name], branch_delta(merger, content, style, name, branch), x[i : i + 1])
+                got = adapted[name][i : i + 1] - base[name][i : i + 1]
+                if branch == "base":
+                    assert float(got.abs().max()) <= 1e-6, (name, branch)
+                else:
+                    worst = max(worst, float((got - want).norm() / want.norm()))
+    assert worst <= 2e-5
+    assert all(torch.equal(mods[name].weight, w) for name, w in weights.items())
+    counts = adapter.path_counts
+    if path == "masks":  # the per-element mask path, as before issue 11
+        assert set(counts) == {"rows"}
+    elif path == "lowrank":
+        assert set(counts) == {"lowrank"}
+    elif path == "fold":
+        # Plain torch modules fold; the host-style CastLinear (its forward casts the weight) cannot.
+        assert counts["fold"] == len(mods) - 1 and counts["lowrank"] == 1
+    else:  # auto: by cost (see the next test); CastLinear cannot fold
+        assert counts["fold"] + counts["lowrank"] == len(mods) and counts["fold"] >= 1 and counts["lowrank"] >= 1
+
+
+def test_auto_folds_where_that_costs_less() -> None:
+    """Cost = multiply-adds + OP_COST per operation. A 1024→256 layer, rank 4 + 4, two runs: W + ΔW costs
+    2·256·1024·5 ≈ 2.6 M, the low-rank path 2·tokens·(1280·4 + 256): folding pays for 4,096-token runs (a
+    UNet's image tokens) and not for 3 tokens (a text context); a 16×16 layer folds even at 3 tokens (the
+    low-rank path's extra operations cost more than its arithmetic saves)."""
+    g = torch.Generator().manual_seed(2)
+
+    def adapted(out_f: int, in_f: int):
+        name = "input_blocks.4.1.transformer_blocks.0.attn2.to_k"
+        pair = [LoRA(layers={name: LowRank(torch.randn(out_f, 4, generator=g), torch.randn(4, in_f, generator=g))})
+                for _ in range(2)]
+        lin = nn.Linear(in_f, out_f).requires_grad_(False)
+        return lin, attach(build_merger("ziprank", *pair), {name: lin})
+
+    with torch.no_grad():
+        lin, adapter = adapted(256, 1024)
+        with adapter:
+            adapter.set_branches(["content", "style"])
+            lin(torch.randn(2, 3, 1024, generator=g))
+            assert adapter.path_counts == {"lowrank": 1}
+            lin(torch.randn(2, 4096, 1024, generator=g))
+            assert adapter.path_counts == {"lowrank": 1, "fold": 1}
+        lin, adapter = adapted(16, 16)
+        with adapter:
+            adapter.set_branches(["content", "style"])
+            lin(torch.randn(2, 3, 16, generator=g))
+            assert adapter.path_counts == {"fold": 1}
+
+
+def test_the_gradient_path_is_the_mask_formula_bit_for_bit() -> None:
+    """Every element "merged" with gradient: y + ((x·Aᵀ) ⊙ [m_c, m_s])·Bᵀ, the same operations as before
+    issue 11 (so CPU results where the maths is unchanged stay bit-identical), and the same with every path."""
+    content, style = small_loras()
+    merger = build_merger("ziprank", content, style)
+    randomise_masks(merger)
+    lin = make_modules(CONV_VARIANTS[0])[Q]
+    layer = merger.layer(Q)
+    x = torch.randn(3, 7, 12, generator=torch.Generator().manual_seed(4))
+    A = torch.cat([layer.A_c, layer.A_s])
+    B = torch.cat([layer.B_c, layer.B_s], 1)
+    want = lin(x) + F.linear(F.linear(x, A) * torch.cat([layer.m_c, layer.m_s]), B)
+    for path in CONSTANT_PATHS:
+        with attach(merger, {Q: lin}, constant_path=path) as adapter:
+            adapter.set_branches(["merged"] * 3)
+            got = lin(x)
+        assert torch.equal(got, want) and adapter.path_counts == {"masked": 1}, path
+        got.sum().backward()
+    assert float(layer.m_c.grad.abs().sum()) > 0 and float(layer.m_s.grad.abs().sum()) > 0
+
+
+class Float8Linear(nn.Linear):
+    """ComfyUI's fp8 storage as its manual-cast ops do it: the weight is stored in float8_e4m3fn and cast to
+    the input's dtype in every forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class MatmulDtypes(torch.overrides.TorchFunctionMode):
+    """Records the dtypes of every tensor argument of F.linear / conv2d / addmm calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[torch.dtype] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (F.linear, F.conv2d, torch.addmm, torch.matmul):
+            self.seen.update(a.dtype for a in args if isinstance(a, torch.Tensor))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="torch without float8")
+def test_fp8_stored_weights_never_reach_the_low_rank_matmuls() -> None:
+    content, style = small_loras()
+    merger = build_merger("ziprank", content, style)
+    randomise_masks(merger)
+    lin = Float8Linear(12, 12).requires_grad_(False)
+    lin.weight.data = lin.weight.data.to(torch.float8_e4m3fn)
+    x = torch.randn(3, 7, 12, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(6))
+    ref = nn.Linear(12, 12).requires_grad_(False)
+    ref.weight.data, ref.bias.data = lin.weight.data.float(), lin.bias.data.clone()
+    with pytest.raises(AdapterError, match="float8_e4m3fn is a storage format"):
+        attach(merger, {Q: lin}, compute_dtype=torch.float8_e4m3fn)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), MatmulDtypes() as mode, attach(merger, {Q: lin}, compute_dtype=None) as ad:
+            ad.set_branches(["merged", "content", "style"])
+            out = lin(x)
+        with torch.no_grad(), attach(merger, {Q: ref}) as ad:
+            ad.set_branches(["merged", "content", "style"])
+            want = ref(x.float())
+        assert torch.float8_e4m3fn not in mode.seen and mode.seen <= {torch.bfloat16}, mode.seen
+        assert out.dtype == torch.bfloat16
+        assert float((out.detach().float() - want).norm() / want.norm()) <= 2e-2  # bf16 rounding only
+
+
+def test_removal_restores_a_forward_the_module_already_had() -> None:
+    content, style = small_loras()
+    merger = build_merger("ziprank", content, style)
+    lin = make_modules(CONV_VARIANTS[0])[Q]
+    own = lin.forward  # e.g. another tool's instance-level wrapper
+    lin.forward = lambda x: own(x) * 2.0
+    theirs = lin.forward
+    with attach(merger, {Q: lin}) as adapter:
+        adapter.set_branches(["base"])
+        x = torch.randn(1, 12)
+        assert torch.equal(lin(x), own(x) * 2.0)  # base branch: their forward, unchanged
+    assert lin.forward is theirs

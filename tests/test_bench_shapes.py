@@ -66,5 +66,5 @@ def test_paired_timing_runs_both_sides_and_leaves_the_module_unhooked() -> None:
     times = b2_sdxl._paired(step, lambda: Adapter(merger, {name: linear}), merger, repeats=2)
     assert set(times) == {"static", "adapter"} and all(t > 0 for t in times.values())
     assert calls == {"static": 3, "adapter": 3}  # one warm-up round + two timed, interleaved
-    assert not linear._forward_hooks
+    assert not linear._forward_hooks and "forward" not in vars(linear)
     assert all(p.grad is None for p in merger.parameters())

@@ -12,7 +12,7 @@ from duolora.adapter import attach
 from duolora.config import MergeConfig
 from duolora.mergers import build_merger
 from duolora.objective import DuoLoRAObjective
-from duolora.optimize import MergeResult, optimize
+from duolora.optimize import MergeResult, loss_scaler, optimize
 
 # Measured on this toy (seed 0, 100 steps, every default of METHOD.md; 16 fixed draws): direct-merge
 # reconstruction L_c + L_s = 0.0580, after DuoLoRA 0.0177, a factor of 3.28. The test demands 2.5.
@@ -161,3 +161,49 @@ def test_merge_config_defaults_round_trip_and_validation() -> None:
         MergeConfig(prior_preset="custom", custom_prior="content: middle_block.9")
     with pytest.raises(ValueError, match="optimize runs the 'paper' objective"):
         optimize(None, None, None, MergeConfig(objective="weights_only"))  # type: ignore[arg-type]
+
+
+class HalfDenoiser(ToyDenoiser):
+    """The toy in float16 (autocast, as ComfyDenoiser runs a compute_dtype of fp16): activations and their
+    gradients are float16, the masks and the loss float32."""
+
+    activation_dtype = torch.float16
+
+    def predict(self, x_t, sigma, cond, branches):
+        with torch.autocast("cpu", dtype=torch.float16):
+            return super().predict(x_t, sigma, cond, branches)
+
+
+def test_fp16_mask_gradients_survive_through_loss_scaling() -> None:
+    """A constructed underflow: with λ_c = λ_s = 1e-5 the loss's gradient w.r.t. each predicted value is
+    2·λ·residual/256 ≈ 4e-9, below float16's smallest subnormal (6e-8), as 2·residual/N is for a 1024-px
+    SDXL pair (N = 131,072). Backpropagated in float16 without scaling every mask gradient is exactly zero;
+    with optimize's loss scaling they are finite, non-zero, and the masks learn."""
+    model, content, style = toy_setup()
+    refs = toy_references()
+    config = MergeConfig(steps=1, prior_init=False, prior_loss=False, lambda_sim=0.0, constyle_iterations=0,
+                         lambda_content=1e-5, lambda_style=1e-5)
+    merger = build_merger("ziprank", content, style)
+    with attach(merger, model.lora_modules()) as adapter:
+        den = HalfDenoiser(model, adapter)
+        assert loss_scaler(den, torch.device("cpu")).is_enabled()
+        loss, _ = DuoLoRAObjective(merger, den, refs, config)(0, torch.Generator().manual_seed(0))
+        loss.backward()  # what a step did before: no scaling
+        plain = torch.cat([p.grad.flatten() for p in merger.mask_parameters()])
+        assert float(loss.detach()) > 0 and int((plain != 0).sum()) == 0
+        before = [p.detach().clone() for p in merger.mask_parameters()]
+        merger.zero_grad(set_to_none=True)
+        result = optimize(merger, den, refs, config)
+    scaled = torch.cat([p.grad.flatten() for p in merger.mask_parameters()])  # unscaled again by optimize
+    assert bool(torch.isfinite(scaled).all()) and int((scaled != 0).sum()) >= scaled.numel() // 2
+    assert result.steps_done == 1 and result.skipped_steps == 0
+    assert any(not torch.equal(b, p) for b, p in zip(before, merger.mask_parameters(), strict=True))
+
+
+def test_loss_scaling_only_for_float16() -> None:
+    model, content, style = toy_setup()
+    with attach(build_merger("ziprank", content, style), model.lora_modules()) as adapter:
+        den = ToyDenoiser(model, adapter)
+        for dtype, enabled in ((None, False), (torch.float32, False), (torch.bfloat16, False), (torch.float16, True)):
+            den.activation_dtype = dtype
+            assert loss_scaler(den, torch.device("cpu")).is_enabled() is enabled, dtype
