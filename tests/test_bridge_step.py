@@ -15,9 +15,9 @@ import pytest
 import torch
 from nodehelpers import merge_prompt, node, pack_module, read_tiny, tiny_pair
 
+from duolora.config import MergeConfig
 from duolora.mergers import build_merger
 from duolora.objective import References
-from duolora.config import MergeConfig
 from duolora.optimize import optimize
 
 
