@@ -17,10 +17,8 @@ CHECKPOINTS = HERE / "checkpoints"
 RESULTS = HERE / "results"
 # The shape/texture classifiers (mb_classify.save_classifiers).
 CLASSIFIERS = CHECKPOINTS / "classifiers.safetensors"
-BENCH_PACK_DIR = HERE / "comfy_nodes"
 # Seeds (units per pair) of each split: enough for the paired intervals the README reports (MiniBench 2).
 SEEDS: dict[str, list[int]] = {"dev": [0, 1, 2, 3], "test": [0, 1, 2, 3, 4, 5, 6, 7]}
-BENCH_PACK_NAME = "duolora_minibench_nodes"
 
 for p in (str(HERE), str(REPO / "devtools")):
     if p not in sys.path:
@@ -30,15 +28,11 @@ sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != str(
 
 
 def boot():
-    """Boot the real in-process ComfyUI with the DuoLoRA pack, the tiny test pack and the bench pack."""
-    import comfyhost
+    """Boot the real in-process ComfyUI with the DuoLoRA pack, the tiny test pack and the MiniBench node pack
+    (devtools/miniworld/comfy_nodes, moved there so that the demo loads it too); KSampler's bars off."""
+    import miniworld
 
-    host = comfyhost.boot(extra_packs={BENCH_PACK_NAME: BENCH_PACK_DIR})
-    import comfy.utils
-
-    # KSampler's own per-step progress bars would bury the benchmark's one bar over its runs.
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    return host
+    return miniworld.boot()
 
 
 def alphas_cumprod(model) -> torch.Tensor:

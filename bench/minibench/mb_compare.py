@@ -32,8 +32,13 @@ from typing import Any
 import mb_common
 import mb_lora
 import mb_stats
-import mb_world
 import torch
+from miniworld import graph
+from miniworld import world as mb_world
+
+# The pair, its seeds and the prompt of one run moved to devtools/miniworld/graph.py (the demo builds its runs
+# with them too).
+from miniworld.graph import Pair, builtin_pair, noise_seed, slug
 
 SPLITS_FILE = mb_common.HERE / "splits.json"
 
@@ -79,39 +84,6 @@ def all_rows() -> dict[str, dict[str, Any] | None]:
     return {**ROWS, **VARIANTS}
 
 
-@dataclass(frozen=True)
-class Pair:
-    """One content × style pair: the two LoRA specs and the prompts of the merge and of the evaluation.
-
-    ``content_word``/``style_word`` name the concepts (the classifiers' class names for the built-in pairs; for a
-    bring-your-own pair, the words of its captions, scored open-set, see mb_classify.Scorer.hits).
-    """
-
-    content: mb_lora.LoRASpec
-    style: mb_lora.LoRASpec
-    content_word: str
-    style_word: str
-    p_c: str
-    p_s: str
-
-    @property
-    def name(self) -> str:
-        return f"{self.content_word}×{self.style_word}"
-
-    @property
-    def slug(self) -> str:
-        return f"{slug(self.content_word)}__{slug(self.style_word)}"
-
-    @property
-    def target(self) -> str:
-        return mb_world.caption(self.content_word, self.style_word)
-
-
-def builtin_pair(shape: str, texture: str) -> Pair:
-    return Pair(mb_lora.content_spec(shape), mb_lora.style_spec(texture), shape, texture,
-                mb_world.caption(shape, "solid"), mb_world.caption("circle", texture))
-
-
 def byo_pair(content_dir: Path, style_dir: Path) -> Pair:
     """A pair from two folders of images (``make minibench PAIR=content_dir:style_dir``).
 
@@ -131,10 +103,6 @@ def byo_pair(content_dir: Path, style_dir: Path) -> Pair:
     content_word = words(c, content_dir)[0]
     style_word = words(s, style_dir)[1]
     return Pair(c, s, content_word, style_word, c.captions[0], s.captions[0])
-
-
-def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
 
 def load_splits(path: Path = SPLITS_FILE) -> dict[str, list[Pair]]:
@@ -161,57 +129,15 @@ def make_splits(seed: int = 2026) -> dict[str, Any]:
     return {"seed": seed, "rule": rule, "dev": [f"{s}×{t}" for s, t in dev], "test": [f"{s}×{t}" for s, t in test]}
 
 
-def noise_seed(pair: Pair, seed: int) -> int:
-    """KSampler seed of a unit: the same for every method of the unit, different across units."""
-    return 1000 + 7919 * seed + sum(map(ord, pair.name)) % 1000
-
-
 def build_prompt(host, row: str, pair: Pair, seed: int, samples: int, ckpt: str, merge_steps: int,
                  sampler_steps: int, cfg: float) -> tuple[dict, dict]:
-    """The API prompt of one (row, pair, seed) run and the ids of its image / merge nodes."""
-    from comfyhost import widget_defaults  # devtools/ is on sys.path once mb_common is imported
-
-    p: dict[str, dict] = {}
-
-    def add(nid: str, cls: str, **inputs: Any) -> list:
-        p[nid] = {"class_type": cls, "inputs": {**widget_defaults(host, cls), **inputs}}
-        return [nid, 0]
-
-    add("ckpt", "MiniBenchCheckpoint", ckpt_path=ckpt)
-    model = ["ckpt", 0]
-    text = ["ckpt", 1]
-    ids: dict[str, Any] = {"image": "img", "merge": None}
+    """The API prompt of one (row, pair, seed) run and the ids of its image / merge nodes (miniworld.graph)."""
     widgets = all_rows()[row]
-    content_file, style_file = f"{pair.content.name}.safetensors", f"{pair.style.name}.safetensors"
-    if widgets is not None:
-        add("lc", "DuoLoRA_LoadContentLoRA", lora_name=content_file, strength=1.0)
-        add("ls", "DuoLoRA_LoadStyleLoRA", lora_name=style_file, strength=1.0)
-        add("xc", "MiniBenchImages", spec=pair.content.images, seed=pair.content.seed,
-            folder=pair.content.folder)
-        add("xs", "MiniBenchImages", spec=pair.style.images, seed=pair.style.seed, folder=pair.style.folder)
-        add("pc", "MiniBenchTextEncode", text_encoder=text, prompt=pair.p_c)
-        add("ps", "MiniBenchTextEncode", text_encoder=text, prompt=pair.p_s)
-        add("pcs", "MiniBenchTextEncode", text_encoder=text, prompt=pair.target)
-        add("merge", "DuoLoRA_ZipRankMerge", model=model, content_lora=["lc", 0], style_lora=["ls", 0],
-            content_latents=["xc", 0], style_latents=["xs", 0], content_prompt=["pc", 0],
-            style_prompt=["ps", 0], combined_prompt=["pcs", 0], seed=seed, **merge_widgets(host, row, merge_steps))
-        add("apply", "DuoLoRA_ApplyMergedLoRA", model=model, merged_lora=["merge", 0], strength_model=1.0,
-            strength_clip=0.0)
-        model = ["apply", 0]
-        ids["merge"] = "merge"
-    elif row != "base (no LoRA)":
-        name = content_file if row.startswith("content") else style_file
-        add("single", "LoraLoaderModelOnly", model=model, lora_name=name, strength_model=1.0)
-        model = ["single", 0]
-    add("neg", "MiniBenchTextEncode", text_encoder=text, prompt="")
-    add("empty", "MiniBenchEmpty", batch_size=samples)
-    add("pos", "MiniBenchTextEncode", text_encoder=text, prompt=pair.target)
-    add("ks", "KSampler", model=model, seed=noise_seed(pair, seed), steps=sampler_steps, cfg=cfg,
-        sampler_name="euler", scheduler="normal", positive=["pos", 0], negative=["neg", 0],
-        latent_image=["empty", 0], denoise=1.0)
-    add("img", "MiniBenchToImage", samples=["ks", 0])
-    add("out", "PreviewImage", images=["img", 0])
-    return p, ids
+    single = None
+    if widgets is None and row != "base (no LoRA)":
+        single = "content" if row.startswith("content") else "style"
+    merge = merge_widgets(host, row, merge_steps) if widgets is not None else None
+    return graph.build_prompt(host, pair, seed, samples, ckpt, sampler_steps, cfg, merge=merge, single=single)
 
 
 def merge_widgets(host, row: str, merge_steps: int) -> dict[str, Any]:
@@ -287,7 +213,7 @@ def run(pairs: list[Pair], rows: list[str], seeds: list[int], out: Path, ckpt: P
         classifiers: Path, samples: int, merge_steps: int, sampler_steps: int, cfg: float,
         force: bool = False) -> None:
     """Run every missing (pair, row, seed) through the executor and cache its per-sample scores."""
-    import mb_classify
+    from miniworld import classify as mb_classify
     from tqdm import tqdm
 
     host = mb_common.boot()

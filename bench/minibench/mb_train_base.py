@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import mb_common
-import mb_model
-import mb_world
 import torch
+from miniworld import model as mb_model
+from miniworld import world as mb_world
 
 
 def make_batch(step: int, seed: int, batch: int, text: mb_model.MiniTextEncoder, p_uncond: float = 0.1

@@ -18,9 +18,9 @@ import json
 from pathlib import Path
 
 import mb_common
-import mb_model
-import mb_world
 import torch
+from miniworld import model as mb_model
+from miniworld import world as mb_world
 
 SAMPLES = "samples.safetensors"
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         pred = json.loads(pred_path.read_text())
         if (args.out / SAMPLES).exists():
             # Score the stored samples with the classifiers given now (the hand labels stay valid).
-            import mb_classify
+            from miniworld import classify as mb_classify
 
             pred["shape"], pred["texture"] = mb_classify.Scorer(args.classifiers).predict(
                 load_samples(args.out / SAMPLES))
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report))
         return 0
 
-    import mb_classify
+    from miniworld import classify as mb_classify
 
     mb_common.boot()
     model, text = mb_model.load_checkpoint(str(args.ckpt))

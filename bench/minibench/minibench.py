@@ -81,7 +81,7 @@ def smoke(out: Path) -> int:
     import mb_compare
     import mb_lora
     import mb_train_base
-    import mb_world
+    from miniworld import world as mb_world
 
     out.mkdir(parents=True, exist_ok=True)
     # Two steps, then resume for a third: exercises the checkpoint/resume path.

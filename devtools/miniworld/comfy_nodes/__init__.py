@@ -1,8 +1,9 @@
-"""BENCH-ONLY ComfyUI node pack: the MiniBench model, its text encoder and its images as ComfyUI types.
+"""BENCH/DEMO-ONLY ComfyUI node pack: the MiniBench model, its text encoder and its images as ComfyUI types.
 
-So that the merges of the benchmark run through the real ``DuoLoRA_ZipRankMerge`` node and images are
-sampled by ComfyUI's own ``KSampler`` inside the real executor. ComfyUI loads this folder as
-``custom_nodes/duolora_minibench_nodes`` (a symlink made by ``comfyhost.boot(extra_packs=...)``).
+So that the merges of the benchmark and of the demo run through the real ``DuoLoRA_ZipRankMerge`` node and
+images are sampled by ComfyUI's own ``KSampler`` inside the real executor. ComfyUI loads this folder as
+``custom_nodes/duolora_minibench_nodes`` (a symlink made by ``miniworld.boot()`` through
+``comfyhost.boot(extra_packs=...)``); it is not part of the shipped DuoLoRA pack.
 V3 API only. The "latent" of the MiniBench model is the RGB image in [-1, 1], (B, 3, 32, 32).
 """
 
@@ -14,14 +15,15 @@ import sys
 import torch
 from comfy_api.latest import ComfyExtension, io
 
-# Loaded through a symlink: find bench/minibench (our modules) from the real path.
-_MINIBENCH = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
-if _MINIBENCH not in sys.path:
-    sys.path.insert(0, _MINIBENCH)
+# Loaded through a symlink under a module name of ComfyUI's choosing: import the miniworld package by its own
+# name from devtools/ (found from the real path), so there is one copy of each module in the process.
+_DEVTOOLS = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+if _DEVTOOLS not in sys.path:
+    sys.path.insert(0, _DEVTOOLS)
 
-import mb_model
-import mb_world
-from mb_lora import LoRASpec, parse_spec, reference_images
+from miniworld import model as mb_model
+from miniworld import world as mb_world
+from miniworld.loras import LoRASpec, parse_spec, reference_images
 
 MiniText = io.Custom("MINIBENCH_TEXT")
 _CACHE: dict[str, tuple] = {}
