@@ -22,6 +22,9 @@ OBJECTIVES: tuple[str, ...] = ("paper", "layerwise", "weights_only", "layerwise_
 # "hinge": METHOD.md §3 literally (κ‖m_dom‖₁ + ν·max(0, ‖m_other‖₁ − ‖m_dom‖₁ + margin));
 # "code_compat": the released code's L2 form.
 PRIOR_LOSS_KINDS: tuple[str, ...] = ("share_hinge", "hinge", "code_compat")
+# How the Constyle cycle terms are weighted: "fixed" = λ·L (the paper); "matched" = λ·L scaled so that its
+# gradient is as large as its reconstruction term's (objective.DuoLoRAObjective).
+CYCLE_SCALES: tuple[str, ...] = ("fixed", "matched")
 DEFAULT_PRUNE_THRESHOLD = 1e-3
 
 
@@ -60,7 +63,14 @@ class MergeConfig:
     lambda_rev: float = 0.01
     lambda_prior: float = 0.1
     lambda_sim: float | None = None
+    cycle_scale: str = "fixed"
+    # Fast modes only: γ·Σᵢ shareᵢ·(1 − mᵢ)² per LoRA and layer (shareᵢ = σᵢ/Σσ), in units of the layer's
+    # normalised reconstruction: keeps each LoRA's dominant singular directions near full strength.
+    fast_keep: float = 0.0
     prune_threshold: float = DEFAULT_PRUNE_THRESHOLD
+    # Opt-in rank budget: keep at most this many components of each LoRA per layer in the export (those
+    # with the largest σᵢ·|mᵢ|); 0 keeps every component the prune threshold keeps.
+    max_rank: int = 0
     w_c: float = 1.0
     w_s: float = 1.0
 
@@ -71,15 +81,15 @@ class MergeConfig:
         """Raise ValueError naming the field, its value and what is allowed."""
         choices = {
             "method": METHODS, "basis": BASES, "scope": SCOPES, "objective": OBJECTIVES,
-            "prior_preset": PRESET_NAMES, "prior_loss_kind": PRIOR_LOSS_KINDS,
+            "prior_preset": PRESET_NAMES, "prior_loss_kind": PRIOR_LOSS_KINDS, "cycle_scale": CYCLE_SCALES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"MergeConfig.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        for name in ("steps", "constyle_iterations"):
+        for name in ("steps", "constyle_iterations", "max_rank"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"MergeConfig.{name} must be ≥ 0, got {getattr(self, name)}")
-        for name in ("lr", "grad_clip", "prune_threshold"):
+        for name in ("lr", "grad_clip", "prune_threshold", "fast_keep"):
             if float(getattr(self, name)) < 0:
                 raise ValueError(f"MergeConfig.{name} must be ≥ 0, got {getattr(self, name)}")
         if self.prior_preset == "custom":

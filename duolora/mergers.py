@@ -172,13 +172,24 @@ class MergedLayer(nn.Module):
                 return t.device
         return torch.device("cpu")
 
-    def _kept(self, which: str, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(keep (r,) bool, B_eff, A_eff) after pruning mask entries with |m| < threshold (and exact zeros)."""
+    def _kept(self, which: str, threshold: float,
+              max_rank: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(keep (r,) bool, B_eff, A_eff) after pruning mask entries with |m| < threshold (and exact zeros).
+
+        ``max_rank`` > 0 (rank masks only): of what survives, keep at most that many components, those with
+        the largest σᵢ·|mᵢ| (their weight in the masked update's nuclear norm, ``priors.component_weights``).
+        """
         f = self.factors(which)
         if f is None:
             return None
         m = self.mask(which).detach()
         pruned = torch.where((m.abs() < threshold) | (m == 0), torch.zeros_like(m), m)
+        if max_rank > 0 and self.kind == RANK and int((pruned != 0).sum()) > max_rank:
+            from .priors import component_weights
+
+            weight = component_weights(self, which).to(pruned.device) * pruned.abs()
+            keep_idx = torch.topk(weight, max_rank).indices
+            pruned = torch.zeros_like(pruned).index_copy_(0, keep_idx, pruned[keep_idx])
         B_eff, A_eff = self.masked_factors(which, pruned)
         if self.kind == RANK:
             keep = pruned != 0
@@ -188,19 +199,20 @@ class MergedLayer(nn.Module):
             keep = (B_eff.abs().amax(dim=0) > 0) & (A_eff.abs().amax(dim=1) > 0)
         return keep, B_eff.detach(), A_eff.detach()
 
-    def kept_components(self, threshold: float = DEFAULT_PRUNE_THRESHOLD) -> tuple[int, int]:
+    def kept_components(self, threshold: float = DEFAULT_PRUNE_THRESHOLD, max_rank: int = 0) -> tuple[int, int]:
         """How many rank components of the content and of the style LoRA the export keeps."""
         out = []
         for which in ("c", "s"):
-            k = self._kept(which, threshold)
+            k = self._kept(which, threshold, max_rank)
             out.append(0 if k is None else int(k[0].sum()))
         return out[0], out[1]
 
-    def export(self, threshold: float = DEFAULT_PRUNE_THRESHOLD) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def export(self, threshold: float = DEFAULT_PRUNE_THRESHOLD,
+               max_rank: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The exported factors (out, k), (k, in·kh·kw), k = kept components; None if nothing is kept."""
         Bs, As = [], []
         for which in ("c", "s"):
-            k = self._kept(which, threshold)
+            k = self._kept(which, threshold, max_rank)
             if k is None:
                 continue
             keep, B_eff, A_eff = k
@@ -238,6 +250,7 @@ class Merger(nn.Module):
         w_c: float = 1.0,
         w_s: float = 1.0,
         prune_threshold: float = DEFAULT_PRUNE_THRESHOLD,
+        max_rank: int = 0,
     ) -> None:
         super().__init__()
         if scope not in SCOPES:
@@ -246,6 +259,7 @@ class Merger(nn.Module):
         self.w_c = float(w_c)
         self.w_s = float(w_s)
         self.prune_threshold = float(prune_threshold)
+        self.max_rank = int(max_rank)
         self.content_name = content.name
         self.style_name = style.name
         # The export is spelled and typed like the inputs when they agree (a writer may override both).
@@ -347,13 +361,15 @@ class Merger(nn.Module):
         are dropped (the "adaptive rank", METHOD.md §2); layers with nothing left are omitted. The rest is
         exact: B_m·A_m equals the merger's ΔW with the pruned mask entries set to zero. Tensors are float32
         on the CPU with the scale folded into ``up`` (so a writer stores alpha = rank); ``key_style``,
-        ``base`` and ``dtype`` are the inputs' when both agree.
+        ``base`` and ``dtype`` are the inputs' when both agree. The merger's ``max_rank`` (the opt-in rank
+        budget) caps the components each LoRA keeps per LEARNED layer (see ``MergedLayer._kept``); fixed layers
+        keep their files' components.
         """
         threshold = self.prune_threshold if prune_threshold is None else float(prune_threshold)
         layers: dict[str, LowRank] = {}
         with torch.no_grad():
             for name, layer in self.items():
-                ex = layer.export(threshold)
+                ex = layer.export(threshold, self.max_rank if layer.learned else 0)
                 if ex is None:
                     continue
                 layers[name] = layer.template.with_factors(ex[0].cpu(), ex[1].cpu())
@@ -374,7 +390,8 @@ class Merger(nn.Module):
         """Per layer: (kept content components, kept style components) after pruning."""
         threshold = self.prune_threshold if prune_threshold is None else float(prune_threshold)
         with torch.no_grad():
-            return {name: layer.kept_components(threshold) for name, layer in self.items()}
+            return {name: layer.kept_components(threshold, self.max_rank if layer.learned else 0)
+                    for name, layer in self.items()}
 
     def extra_repr(self) -> str:
         return (f"method={self.method}, scope={self.scope}, layers={len(self.layers)}, "
@@ -468,6 +485,7 @@ def build_merger(method: str, content: LoRA, style: LoRA, config: MergeConfig | 
         "w_c": getattr(config, "w_c", 1.0),
         "w_s": getattr(config, "w_s", 1.0),
         "prune_threshold": getattr(config, "prune_threshold", DEFAULT_PRUNE_THRESHOLD),
+        "max_rank": getattr(config, "max_rank", 0),
     }
     if method == "ziprank":
         merger: Merger = ZipRankMerger(content, style, basis=getattr(config, "basis", "svd"), **kwargs)

@@ -243,14 +243,35 @@ class DuoLoRAObjective:
         if w["similarity"] != 0:
             terms["similarity"] = similarity_loss(self.merger)
 
+        scale = self._cycle_scales(terms)
         total = torch.zeros(())
         for i, (t, v) in enumerate(terms.items()):
             # Start from the first term so the total lives on the model's device.
-            total = w[t] * v if i == 0 else total + w[t] * v
+            weighted = w[t] * scale.get(t, 1.0) * v
+            total = weighted if i == 0 else total + weighted
         # One device-to-host copy for every reported value (float64 holds each float32 value exactly).
         numbers = torch.stack([v.detach().double() for v in (*terms.values(), total)]).tolist()
         values = dict(zip((*terms, "total"), numbers))
         return total, values
+
+    def _cycle_scales(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per cycle term, the factor of ``cycle_scale="matched"`` (none for "fixed").
+
+        Both a cycle term and its reconstruction term are MSEs of the same merged prediction (ε_m(x_c, p_c)
+        for L_cyc and L_c; ε_m(x_s, p_s) for L_rev and L_s) against different targets, so their gradients
+        share the Jacobian and differ by the residual: ‖∇L‖ ∝ √L. Multiplying L_cyc by √(L_c / L_cyc)
+        (detached) makes λ_cyc·(scaled L_cyc) pull on the masks as hard as λ_cyc·L_c — λ becomes a relative
+        weight (1 = as strong as reconstruction), whatever the loss scale of the model. The reported values
+        stay unscaled.
+        """
+        if self.config.cycle_scale != "matched":
+            return {}
+        out = {}
+        for cyc, rec in (("cycle", "content"), ("reverse", "style")):
+            if cyc in terms and rec in terms:
+                ratio = terms[rec].detach() / terms[cyc].detach().clamp_min(torch.finfo(torch.float32).tiny)
+                out[cyc] = ratio.sqrt()
+        return out
 
     @torch.no_grad()
     def _targets(self, x_c: torch.Tensor, x_s: torch.Tensor, eps_c: torch.Tensor, eps_s: torch.Tensor,

@@ -110,6 +110,18 @@ class LayerQuadratic:
     r_s: int
     P_c: torch.Tensor
     P_s: torch.Tensor
+    # σᵢ of each LoRA's components (``priors.component_weights``), float64; None: all ones.
+    sigma_c: torch.Tensor | None = None
+    sigma_s: torch.Tensor | None = None
+
+    def shares(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each component's share of its LoRA's nuclear norm, (r_c,) and (r_s,) float64, each summing to 1."""
+        out = []
+        for sigma, r in ((self.sigma_c, self.r_c), (self.sigma_s, self.r_s)):
+            w = torch.ones(r, dtype=torch.float64) if sigma is None else sigma.double().cpu()
+            total = float(w.sum())
+            out.append(w / total if total > 0 else torch.full((r,), 1.0 / max(r, 1), dtype=torch.float64))
+        return out[0], out[1]
 
     @property
     def n(self) -> int:
@@ -178,7 +190,8 @@ def weights_quadratic(layer: MergedLayer, svd_basis: bool = True) -> LayerQuadra
         A = torch.cat([A_c, A_s])
         g_c = (A @ svd_refactor(B_c, A_c)[1].to(A).T).double()
         g_s = (A @ svd_refactor(B_s, A_s)[1].to(A).T).double()
-    return LayerQuadratic(layer.name, r_c, A_s.shape[0], (H * (g_c @ g_c.T)).cpu(), (H * (g_s @ g_s.T)).cpu())
+    return LayerQuadratic(layer.name, r_c, A_s.shape[0], (H * (g_c @ g_c.T)).cpu(), (H * (g_s @ g_s.T)).cpu(),
+                          *_sigmas(layer))
 
 
 @dataclass
@@ -196,7 +209,14 @@ def activation_quadratic(layer: MergedLayer, stats: LayerActivations) -> LayerQu
     B_c, _, B_s, _ = _rank_layer(layer)
     svd_like = False  # the recorder's K is exact in any basis; H's blocks are only diagonal in the SVD one
     H = _block_gram(B_c, B_s, svd_like).cpu()
-    return LayerQuadratic(layer.name, layer.rank("c"), layer.rank("s"), H * stats.K_c.cpu(), H * stats.K_s.cpu())
+    return LayerQuadratic(layer.name, layer.rank("c"), layer.rank("s"), H * stats.K_c.cpu(), H * stats.K_s.cpu(),
+                          *_sigmas(layer))
+
+
+def _sigmas(layer: MergedLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    from .priors import component_weights
+
+    return (component_weights(layer, "c").double().cpu(), component_weights(layer, "s").double().cpu())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -204,14 +224,20 @@ def activation_quadratic(layer: MergedLayer, stats: LayerActivations) -> LayerQu
 # ---------------------------------------------------------------------------------------------------------
 
 def layer_prior(m_dom: torch.Tensor, m_other: torch.Tensor, kind: str = "hinge", kappa: float = 1.0,
-                nu: float = 1.0, margin: float = 0.0) -> torch.Tensor:
-    """One prior layer's term of ``duolora.priors.layer_prior_loss`` (METHOD.md §3), unweighted, 0-d."""
+                nu: float = 1.0, margin: float = 0.0, w_dom: torch.Tensor | None = None,
+                w_other: torch.Tensor | None = None) -> torch.Tensor:
+    """One prior layer's term of ``duolora.priors.layer_prior_loss`` (METHOD.md §3), unweighted, 0-d.
+
+    ``share_hinge`` needs ``w_dom``/``w_other``: each component's share of its LoRA's nuclear norm.
+    """
+    if kind == "share_hinge":
+        return nu * torch.relu((w_other * m_other.abs()).sum() - (w_dom * m_dom.abs()).sum() + margin)
     l1_dom = m_dom.abs().sum()
     if kind == "hinge":
         return kappa * l1_dom + nu * torch.relu(m_other.abs().sum() - l1_dom + margin)
     if kind == "code_compat":
         return kappa * l1_dom + nu * (m_other.norm() - m_dom.norm())
-    raise ValueError(f"prior loss kind {kind!r} is not one of hinge, code_compat")
+    raise ValueError(f"prior loss kind {kind!r} is not one of share_hinge, hinge, code_compat")
 
 
 @dataclass
@@ -226,12 +252,14 @@ class _Terms:
     kappa: float
     nu: float
     margin: float
+    keep: float = 0.0
 
     @classmethod
     def from_config(cls, config: MergeConfig) -> _Terms:
         return cls(float(config.lambda_content), float(config.lambda_style),
                    float(config.lambda_prior) if config.prior_loss else 0.0, float(config.effective_lambda_sim),
-                   config.prior_loss_kind, float(config.kappa), float(config.nu), float(config.margin))
+                   config.prior_loss_kind, float(config.kappa), float(config.nu), float(config.margin),
+                   float(config.fast_keep))
 
 
 def _split(m: torch.Tensor, r_c: int, role: str | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,15 +276,21 @@ def layer_objective(q: LayerQuadratic, role: str | None, m_c: torch.Tensor, m_s:
     out = {"content": L_c / scale, "style": L_s / scale}
     recon = (terms.lam_c * L_c + terms.lam_s * L_s) / scale
     prior = 0.0
+    m = torch.cat([m_c.detach().double().cpu(), m_s.detach().double().cpu()])
+    shares = torch.cat(q.shares())
     if role in (CONTENT, STYLE) and terms.lam_prior:
-        m = torch.cat([m_c.detach().double().cpu(), m_s.detach().double().cpu()])
         dom, other = _split(m, q.r_c, role)
-        prior = float(layer_prior(dom, other, terms.kind, terms.kappa, terms.nu, terms.margin)) / dom.numel()
+        w_dom, w_other = _split(shares, q.r_c, role)
+        raw = float(layer_prior(dom, other, terms.kind, terms.kappa, terms.nu, terms.margin, w_dom, w_other))
+        # The L1 forms are per entry of the dominant mask; the share form is already a fraction.
+        prior = raw if terms.kind == "share_hinge" else raw / dom.numel()
     k = min(q.r_c, q.r_s)
     sim = float((m_c.detach()[:k].double() * m_s.detach()[:k].double()).abs().mean()) if k else 0.0
+    keep = float((shares * (1.0 - m) ** 2).sum()) if terms.keep else 0.0
     out["prior"] = prior
     out["similarity"] = sim
-    out["total"] = recon + terms.lam_prior * prior + terms.lam_sim * sim
+    out["keep"] = keep
+    out["total"] = recon + terms.lam_prior * prior + terms.lam_sim * sim + terms.keep * keep
     return out
 
 
@@ -298,12 +332,24 @@ def _group(problems: list[LayerQuadratic], roles: list[str | None], terms: _Term
         idx = torch.arange(k)
         P[:, idx, r_c + idx] += terms.lam_sim / (2 * k)
         P[:, r_c + idx, idx] += terms.lam_sim / (2 * k)
+    shares = torch.stack([torch.cat(p.shares()) for p in problems])  # (L, n): each LoRA's part sums to 1
+    if terms.keep:
+        # keep·Σᵢ shareᵢ·(1 − mᵢ)² per LoRA: mᵀ·diag(keep·share)·m − 2·(keep·share)ᵀ·m + keep·Σ share.
+        P = P + torch.diag_embed(terms.keep * shares)
+        q = q + terms.keep * shares
+        const = const + terms.keep * shares.sum(1)
     P = 0.5 * (P + P.transpose(1, 2))
     dom = torch.zeros(L, n, dtype=torch.float64)
     other = torch.zeros(L, n, dtype=torch.float64)
     w = torch.zeros(L, dtype=torch.float64)
     for i, role in enumerate(roles):
         if role in (CONTENT, STYLE) and terms.lam_prior:
+            if terms.kind == "share_hinge":
+                # ρ = Σ shareᵢ·mᵢ on the box: the hinge ν·max(0, ρ_other − ρ_dom + δ) is linear inside.
+                (dom if role == CONTENT else other)[i, :r_c] = shares[i, :r_c]
+                (other if role == CONTENT else dom)[i, r_c:] = shares[i, r_c:]
+                w[i] = terms.lam_prior
+                continue
             (dom if role == CONTENT else other)[i, :r_c] = 1.0
             (other if role == CONTENT else dom)[i, r_c:] = 1.0
             w[i] = terms.lam_prior / (r_c if role == CONTENT else n - r_c)
@@ -392,7 +438,7 @@ def _solve_group(g: _Group, terms: _Terms, iterations: int, tolerance: float) ->
 
         return _box_qp(g, w * terms.kappa * g.dom, m0, iterations, tolerance, l2_grad)
 
-    lin0 = w * terms.kappa * g.dom
+    lin0 = w * terms.kappa * g.dom if terms.kind == "hinge" else torch.zeros_like(g.dom)
     a = g.other - g.dom
     wnu = (g.w * terms.nu)[:, None]
 
@@ -439,7 +485,9 @@ def _solve_group(g: _Group, terms: _Terms, iterations: int, tolerance: float) ->
 def _group_objective(g: _Group, terms: _Terms, m: torch.Tensor, r_c: int) -> dict[str, torch.Tensor]:
     """Per-layer objective terms (L,) at masks m (L, n): total, prior (unweighted, per entry)."""
     quad = (m * _matvec(g.P, m)).sum(1) - 2.0 * (g.q * m).sum(1) + g.const
-    if terms.kind == "hinge":
+    if terms.kind == "share_hinge":
+        raw = terms.nu * torch.relu((m * (g.other - g.dom)).sum(1) + terms.margin)
+    elif terms.kind == "hinge":
         raw = terms.kappa * (m * g.dom).sum(1) + terms.nu * torch.relu(
             (m * (g.other - g.dom)).sum(1) + terms.margin)
     else:

@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 from .. import duolora
 from ..duolora import engine, formats, report
-from ..duolora.config import METHODS, MergeConfig
+from ..duolora.config import CYCLE_SCALES, METHODS, PRIOR_LOSS_KINDS, MergeConfig
 from ..duolora.optimize import MergeResult
 from ..duolora.sdxl import PRESET_NAMES
 from . import comfy_bridge as bridge
@@ -89,14 +89,26 @@ class ZipRankMerge(io.ComfyNode):
                                 tooltip="For prior_preset 'custom': e.g. 'content: input_blocks.7.1, "
                                         "middle_block.1; style: output_blocks.3.1'."),
                 io.Boolean.Input("prior_init", default=d.prior_init,
-                                 tooltip="Initialise the masks from the layer priors (τ_c = 0.75, τ_s = 0.5)."),
+                                 tooltip="Initialise the masks from the layer priors as METHOD.md §3 writes it "
+                                         "(random components zeroed, τ_c = 0.75, τ_s = 0.5); off: all masks "
+                                         "start at 1, the plain sum."),
                 io.Boolean.Input("prior_loss", default=d.prior_loss,
                                  tooltip="Add the rank-constraint loss of the layer priors."),
+                io.Combo.Input("prior_loss_kind", options=list(PRIOR_LOSS_KINDS), default=d.prior_loss_kind,
+                               tooltip="share_hinge: in a content block the content LoRA keeps at least "
+                                       "`margin` more of its nuclear norm than the style LoRA (and vice versa). "
+                                       "hinge: METHOD.md §3 literally (shrinks both LoRAs). code_compat: the "
+                                       "released code's L2 form."),
+                _float("margin", d.margin, "Margin δ of the prior hinge: for share_hinge, how much more of its "
+                                           "nuclear norm the block's own LoRA keeps than the other.", hi=10.0),
                 io.Int.Input("constyle_iterations", default=d.constyle_iterations, min=0, max=8,
                              tooltip="Constyle cycle round trips (1 = the paper, 0 = off)."),
-                _float("lambda_cyc", d.lambda_cyc, "Weight of the style cycle loss (0.01)."),
-                _float("lambda_rev", d.lambda_rev, "Weight of the content cycle loss (0.01)."),
-                _float("lambda_prior", d.lambda_prior, "Weight of the layer-prior rank loss (0.1)."),
+                io.Combo.Input("cycle_scale", options=list(CYCLE_SCALES), default=d.cycle_scale,
+                               tooltip="fixed: the cycle losses weigh λ·L (the paper). matched: each cycle loss "
+                                       "is scaled so that at λ = 1 it pulls as hard as its reconstruction loss."),
+                _float("lambda_cyc", d.lambda_cyc, f"Weight of the style cycle loss ({d.lambda_cyc:g})."),
+                _float("lambda_rev", d.lambda_rev, f"Weight of the content cycle loss ({d.lambda_rev:g})."),
+                _float("lambda_prior", d.lambda_prior, f"Weight of the layer-prior loss ({d.lambda_prior:g})."),
                 _float("lambda_sim", -1.0, "Weight of the mask-similarity loss; -1 = the method's "
                                             "default (0 for ziprank, 0.01 for ziplora).", lo=-1.0),
                 io.Combo.Input("basis", options=["svd", "raw"], default=d.basis,
@@ -107,7 +119,14 @@ class ZipRankMerge(io.ComfyNode):
                                        "shared layers are summed. all: learn on every shared layer."),
                 io.Float.Input("prune_threshold", default=d.prune_threshold, min=0.0, max=1.0, step=0.0001,
                                tooltip="Rank components with |mask| below this are dropped from the "
-                                       "merged LoRA (adaptive rank)."),
+                                       "merged LoRA."),
+                io.Int.Input("max_rank", default=d.max_rank, min=0, max=4096,
+                             tooltip="Rank budget: keep at most this many components of each LoRA per learned "
+                                     "layer (the strongest, by σ·|mask|); 0 = no budget. A smaller, "
+                                     "slightly less exact merged LoRA."),
+                _float("fast_keep", d.fast_keep, "Fast modes only: how strongly each LoRA's strongest "
+                                                 "directions are held at full strength (0 = pure per-layer "
+                                                 "reconstruction, which halves overlapping LoRAs).", hi=100.0),
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Recompute UNet blocks in the backward pass: much less memory, "
                                          "a little slower."),
@@ -132,10 +151,14 @@ class ZipRankMerge(io.ComfyNode):
     def execute(cls, model, content_lora: SourceLoRA, style_lora: SourceLoRA, content_latents=None,
                 style_latents=None, content_prompt=None, style_prompt=None, combined_prompt=None,
                 mode: str = "paper", method: str = "ziprank", steps: int = 100, learning_rate: float = 0.01,
-                seed: int = 0, prior_preset: str = "paper", custom_prior: str = "", prior_init: bool = True,
-                prior_loss: bool = True, constyle_iterations: int = 1, lambda_cyc: float = 0.01,
-                lambda_rev: float = 0.01, lambda_prior: float = 0.1, lambda_sim: float = -1.0,
-                basis: str = "svd", scope: str = "attention", prune_threshold: float = 1e-3,
+                seed: int = _DEFAULTS.seed, prior_preset: str = _DEFAULTS.prior_preset, custom_prior: str = "",
+                prior_init: bool = _DEFAULTS.prior_init, prior_loss: bool = _DEFAULTS.prior_loss,
+                prior_loss_kind: str = _DEFAULTS.prior_loss_kind, margin: float = _DEFAULTS.margin,
+                constyle_iterations: int = _DEFAULTS.constyle_iterations, cycle_scale: str = _DEFAULTS.cycle_scale,
+                lambda_cyc: float = _DEFAULTS.lambda_cyc, lambda_rev: float = _DEFAULTS.lambda_rev,
+                lambda_prior: float = _DEFAULTS.lambda_prior, lambda_sim: float = -1.0,
+                basis: str = "svd", scope: str = "attention", prune_threshold: float = _DEFAULTS.prune_threshold,
+                max_rank: int = _DEFAULTS.max_rank, fast_keep: float = _DEFAULTS.fast_keep,
                 gradient_checkpointing: bool = True, compute_dtype: str = "auto",
                 lora_dtype: str = "auto") -> io.NodeOutput:
         start = time.perf_counter()
@@ -143,9 +166,11 @@ class ZipRankMerge(io.ComfyNode):
             method=method, basis=basis, scope=scope, objective=engine.MODES.get(mode, mode), steps=int(steps),
             lr=float(learning_rate),
             seed=int(seed), prior_preset=prior_preset, custom_prior=custom_prior, prior_init=bool(prior_init),
-            prior_loss=bool(prior_loss), constyle_iterations=int(constyle_iterations),
+            prior_loss=bool(prior_loss), prior_loss_kind=prior_loss_kind, margin=float(margin),
+            constyle_iterations=int(constyle_iterations), cycle_scale=cycle_scale,
             lambda_cyc=float(lambda_cyc), lambda_rev=float(lambda_rev), lambda_prior=float(lambda_prior),
             lambda_sim=None if lambda_sim < 0 else float(lambda_sim), prune_threshold=float(prune_threshold),
+            max_rank=int(max_rank), fast_keep=float(fast_keep),
         )
         layout = bridge.model_layout(model)
         content = content_lora.lora

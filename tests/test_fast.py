@@ -18,7 +18,7 @@ from duolora.config import MergeConfig
 from duolora.lora import LoRA, LowRank
 from duolora.mergers import ZipRankMerger, build_merger, svd_refactor
 from duolora.objective import DuoLoRAObjective
-from duolora.priors import layer_prior_loss
+from duolora.priors import component_weights, kept_share, layer_prior_loss
 from duolora.sdxl import CONTENT, STYLE, prior_role
 from duolora.synthetic import synthetic_lora
 
@@ -165,12 +165,15 @@ def test_prior_terms_match_the_priors_module() -> None:
     with torch.no_grad():
         for p in merger.mask_parameters():
             p.copy_(torch.rand(p.shape, generator=g))
-    for kind in ("hinge", "code_compat"):
+    for kind in ("share_hinge", "hinge", "code_compat"):
         per_layer = []
         for layer in merger.learned_layers():
             role = prior_role(layer.name, roles)
             dom, other = (layer.m_c, layer.m_s) if role == CONTENT else (layer.m_s, layer.m_c)
-            per_layer.append(float(solver.layer_prior(dom.detach(), other.detach(), kind, 1.0, 0.7, 0.3)))
+            w = {k: component_weights(layer, k) / component_weights(layer, k).sum() for k in "cs"}
+            w_dom, w_other = (w["c"], w["s"]) if role == CONTENT else (w["s"], w["c"])
+            per_layer.append(float(solver.layer_prior(dom.detach(), other.detach(), kind, 1.0, 0.7, 0.3,
+                                                      w_dom, w_other)))
         expected = float(layer_prior_loss(merger, roles, kind, 1.0, 0.7, 0.3).detach())
         assert abs(sum(per_layer) / len(per_layer) - expected) < 1e-6
 
@@ -271,3 +274,19 @@ def test_layerwise_mode_beats_the_direct_merge_on_a_real_denoiser() -> None:
         merged = reconstruction(den)
     # Measured (seed 0): direct 0.0580 -> layer-wise 0.0262 (paper mode, 100 steps: 0.0177). Demand 1.8×.
     assert direct / merged >= 1.8, (direct, merged)
+
+
+def test_share_prior_and_keep_term_in_the_fast_solver() -> None:
+    c, s = random_pair((12, 10), 4, 4, seed=8)
+    results = {}
+    for label, cfg in (("none", MergeConfig(prior_loss=False)),
+                       ("share", MergeConfig(prior_loss_kind="share_hinge", lambda_prior=50.0, margin=0.3)),
+                       ("keep", MergeConfig(prior_loss=False, fast_keep=50.0))):
+        merger = one_layer_merger(K, c, s, "svd")  # a content layer: m_c dominant
+        solver.solve_weights(merger, cfg)
+        layer = merger.layers[0]
+        results[label] = (float(kept_share(layer, "c").detach()), float(kept_share(layer, "s").detach()))
+    # A heavy share hinge holds ρ_s ≤ ρ_c − margin (to the solver's tolerance).
+    assert results["share"][1] <= results["share"][0] - 0.3 + 1e-3, results
+    # Without priors the per-layer solve shrinks both LoRAs; a heavy keep term holds both near full strength.
+    assert min(results["none"]) < 0.9 and min(results["keep"]) > 0.95, results

@@ -98,22 +98,31 @@ def test_paired_comparison_through_the_executor(smoke_dir: Path) -> None:
         assert (results / f"{split}_grid.png").stat().st_size > 1000
 
 
+def _runs(folder: Path) -> dict[tuple[str, int], dict]:
+    """(row, seed) → run record of one pair's cached runs (merge runs are stored under a hash of their widgets)."""
+    recs = [json.loads(p.read_text()) for p in folder.glob("*.json")]
+    return {(r["row"], r["seed"]): r for r in recs}
+
+
 @pytest.mark.slow
 def test_every_method_of_a_unit_samples_from_the_same_noise(smoke_dir: Path) -> None:
-    runs = smoke_dir / "results" / "runs" / "heart__zigzag"
-    recs = [json.loads((runs / f"{slug}_s1.json").read_text()) for slug in ("base__no_lora", "ziprank", "direct_merge")]
+    runs = _runs(smoke_dir / "results" / "runs" / "heart__zigzag")
+    assert len(runs) == len(SMOKE_ROWS) * 2  # one run per row and seed, none lost to a key collision
+    recs = [runs[(row, 1)] for row in ("base (no LoRA)", "ZipRank", "direct merge")]
     assert len({r["noise_seed"] for r in recs}) == 1
-    other = json.loads((smoke_dir / "results" / "runs" / "star__diagonal" / "ziprank_s1.json").read_text())
+    other = _runs(smoke_dir / "results" / "runs" / "star__diagonal")[("ZipRank", 1)]
     assert other["noise_seed"] != recs[0]["noise_seed"]
     # The diagnostic row runs the paper preset with content and style exchanged, block for block.
-    swapped_rec = json.loads((runs / "duolora__prior_roles_swapped_s0.json").read_text())
-    swapped = sdxl.parse_custom_preset(swapped_rec["merge_widgets"]["custom_prior"])
+    swapped = sdxl.parse_custom_preset(runs[("DuoLoRA, prior roles swapped", 0)]["merge_widgets"]["custom_prior"])
     paper = sdxl.PRESETS["paper"]
     assert set(swapped) == set(paper) and len(paper) == 11
     assert all(swapped[b] != paper[b] for b in paper)
     # 10 % of the smoke run's single paper step rounds up to one step after the layer-wise solve.
-    lwp = json.loads((runs / "layer_wise___10___paper_steps_s0.json").read_text())
+    lwp = runs[("layer-wise + 10 % paper steps", 0)]
     assert lwp["merge_steps_done"] == 1 and len(lwp["per_sample"]["content_hit"]) == 2
+    # A merge run records every widget it ran with, the node's defaults included.
+    assert runs[("ZipRank", 0)]["merge_widgets"]["prior_loss"] is False
+    assert set(runs[("DuoLoRA (+ Constyle)", 0)]["merge_widgets"]) >= {"prior_loss_kind", "margin", "cycle_scale"}
 
 
 @pytest.mark.slow

@@ -10,8 +10,9 @@ KSampler on the target prompt "a <shape> in <texture> style" → MiniBenchToImag
 from the SAME initial noise (the KSampler seed depends on the unit only) with the same sampler, so method
 differences are paired. The images are scored per sample (mb_classify.Scorer): content hit, style hit, both,
 content-feature cosine to the content references (DINO-like) and style-feature cosine to the style references
-(CSD-like). Each (pair, method, seed) result is cached as JSON under ``<results>/runs/<pair>/``; a cached run
-whose merge widgets differ from the row's current ones (e.g. after a default changed) is run again.
+(CSD-like). Each run is cached as JSON under ``<results>/runs/<pair>/<key>_s<seed>.json``, where the key of a
+merge row is a hash of ALL its resolved ZipRankMerge widgets (defaults included): two rows that merge the same
+way share their runs, and a row whose configuration changed (e.g. after a default changed) runs again.
 
     OMP_NUM_THREADS=1 python bench/minibench/mb_compare.py --split dev --seeds 0 1 2 3
 """
@@ -19,6 +20,7 @@ whose merge widgets differ from the row's current ones (e.g. after a default cha
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import math
@@ -157,6 +159,19 @@ def merge_widgets(host, row: str, merge_steps: int) -> dict[str, Any]:
     return {k: v for k, v in resolved.items() if not isinstance(v, list) and k != "seed"}
 
 
+def run_key(host, row: str, merge_steps: int) -> str:
+    """The cache key of a row's runs: its slug for the rows without a merge, else ``m`` + a hash of every
+    resolved merge widget (so equal configurations share runs whatever the row is called)."""
+    if all_rows()[row] is None:
+        return slug(row)
+    blob = json.dumps(merge_widgets(host, row, merge_steps), sort_keys=True)
+    return "m" + hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def run_path(out: Path, pair: Pair, key: str, seed: int) -> Path:
+    return out / "runs" / pair.slug / f"{key}_s{seed}.json"
+
+
 @dataclass
 class RunPlan:
     row: str
@@ -167,24 +182,22 @@ class RunPlan:
 
 def plan(pairs: list[Pair], rows: list[str], seeds: list[int], out: Path, host, merge_steps: int,
          force: bool) -> tuple[list[RunPlan], int]:
-    """Runs still to do (seed-major, so a run cut short has every row at the first seeds) and the cached count."""
-    todo, cached = [], 0
+    """Runs still to do (seed-major, so a run cut short has every row at the first seeds) and the cached count.
+
+    Two rows with the same configuration are planned once."""
+    todo, cached, seen = [], 0, set()
     for seed in seeds:
         for pair in pairs:
             for row in rows:
-                path = out / "runs" / pair.slug / f"{slug(row)}_s{seed}.json"
-                if path.exists() and not force and _fresh(path, host, row, merge_steps):
+                path = run_path(out, pair, run_key(host, row, merge_steps), seed)
+                if path in seen:
+                    continue
+                seen.add(path)
+                if path.exists() and not force:
                     cached += 1
                     continue
                 todo.append(RunPlan(row, pair, seed, path))
     return todo, cached
-
-
-def _fresh(path: Path, host, row: str, merge_steps: int) -> bool:
-    rec = json.loads(path.read_text())
-    if all_rows()[row] is None:
-        return True
-    return rec.get("merge_widgets") == merge_widgets(host, row, merge_steps)
 
 
 # Seconds per run on one 2-core CPU thread (measured 2026-11-30, 32 samples, euler 20 steps); the estimate
@@ -278,13 +291,14 @@ def _mask_stats(masks: dict[str, torch.Tensor]) -> dict[str, float]:
 REFERENCES = ("direct merge", "ZipRank")
 
 
-def collect(out: Path, pairs: list[Pair], rows: list[str], seeds: list[int]) -> dict[str, dict[tuple, dict]]:
-    """row → unit (pair name, seed) → record, for the runs present on disk."""
+def collect(out: Path, pairs: list[Pair], rows: list[str], seeds: list[int],
+            keys: dict[str, str]) -> dict[str, dict[tuple, dict]]:
+    """row → unit (pair name, seed) → record, for the runs present on disk (``keys``: row → run_key)."""
     data: dict[str, dict[tuple, dict]] = {}
     for row in rows:
         for pair in pairs:
             for seed in seeds:
-                path = out / "runs" / pair.slug / f"{slug(row)}_s{seed}.json"
+                path = run_path(out, pair, keys[row], seed)
                 if path.exists():
                     data.setdefault(row, {})[(pair.name, seed)] = json.loads(path.read_text())
     return data
@@ -350,11 +364,11 @@ def tables(summary: dict[str, Any], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def grid(out: Path, pair: Pair, rows: list[str], seed: int, path: Path) -> list[str]:
+def grid(out: Path, pair: Pair, rows: list[str], seed: int, path: Path, keys: dict[str, str]) -> list[str]:
     """One row of 8 samples per method (the unit (pair, seed)) as a PNG; returns the rows drawn."""
     drawn, images = [], []
     for row in rows:
-        pt = out / "runs" / pair.slug / f"{slug(row)}_s{seed}.pt"
+        pt = run_path(out, pair, keys[row], seed).with_suffix(".pt")
         if pt.exists():
             x = torch.load(pt)[:8]
             images.append(torch.cat([x, torch.ones(8 - len(x), 3, 32, 32)]))
@@ -364,19 +378,22 @@ def grid(out: Path, pair: Pair, rows: list[str], seed: int, path: Path) -> list[
     return drawn
 
 
-def report(out: Path, splits: dict[str, list[Pair]], rows: list[str], seeds: dict[str, list[int]]) -> dict:
+def report(out: Path, splits: dict[str, list[Pair]], rows: list[str], seeds: dict[str, list[int]],
+           merge_steps: int = 100) -> dict:
     """Tables, summary.json and one grid per split into ``out``; prints the tables."""
+    host = mb_common.boot()
+    keys = {row: run_key(host, row, merge_steps) for row in rows}
     full: dict[str, Any] = {}
     text = []
     for split, pairs in splits.items():
-        data = collect(out, pairs, rows, seeds[split])
+        data = collect(out, pairs, rows, seeds[split], keys)
         if not data:
             continue
         summary = summarise(data)
         full[split] = {"pairs": [p.name for p in pairs], "seeds": seeds[split], "rows": summary}
         t = tables(summary, f"{split} split ({', '.join(p.name for p in pairs)}; seeds {seeds[split][0]}–{seeds[split][-1]})")
         (out / f"{split}_table.md").write_text(t)
-        drawn = grid(out, pairs[0], rows, seeds[split][0], out / f"{split}_grid.png")
+        drawn = grid(out, pairs[0], rows, seeds[split][0], out / f"{split}_grid.png", keys)
         (out / f"{split}_grid_rows.txt").write_text(f"pair {pairs[0].name}, seed {seeds[split][0]}; rows:\n"
                                                     + "\n".join(drawn) + "\n")
         text.append(t)
@@ -411,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         for split, pairs in splits.items():
             run(pairs, rows, seeds[split], args.out, args.ckpt, args.loras, args.classifiers, args.samples,
                 args.merge_steps, args.sampler_steps, args.cfg, args.force)
-    report(args.out, splits, rows, seeds)
+    report(args.out, splits, rows, seeds, args.merge_steps)
     return 0
 
 

@@ -63,7 +63,7 @@ def full(args: argparse.Namespace) -> int:
         mb_lora.train_missing([pair.content, pair.style], base, loras, args.lora_steps)
         seeds = args.seeds or mb_common.SEEDS["dev"]
         mb_compare.run([pair], rows, seeds, out, loras=loras, force=args.force, **common)
-        mb_compare.report(out, {"pair": [pair]}, rows, {"pair": seeds})
+        mb_compare.report(out, {"pair": [pair]}, rows, {"pair": seeds}, args.merge_steps)
         return 0
     splits = mb_compare.load_splits()
     if args.split != "all":
@@ -71,7 +71,7 @@ def full(args: argparse.Namespace) -> int:
     seeds = {k: args.seeds or mb_common.SEEDS[k] for k in splits}
     for split, pairs in splits.items():
         mb_compare.run(pairs, rows, seeds[split], args.results, loras=args.checkpoints, force=args.force, **common)
-    mb_compare.report(args.results, splits, rows, seeds)
+    mb_compare.report(args.results, splits, rows, seeds, args.merge_steps)
     return 0
 
 
@@ -107,7 +107,7 @@ def smoke(out: Path) -> int:
     splits = {"dev": pairs[:1], "test": pairs[1:]}
     for ps in splits.values():
         mb_compare.run(ps, rows, [0, 1], out / "results", **common)
-    mb_compare.report(out / "results", splits, rows, {"dev": [0, 1], "test": [0, 1]})
+    mb_compare.report(out / "results", splits, rows, {"dev": [0, 1], "test": [0, 1]}, merge_steps=1)
     # Bring your own pair: two folders of PNGs (a held-out glyph on a known texture; a known shape in a new
     # texture), captions from a captions.txt and from the folder name.
     byo_c, byo_s = out / "byo" / "glyph", out / "byo" / "a_circle_in_wavy_style"
