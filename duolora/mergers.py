@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .lora import TEXT_ENCODER_PREFIXES, LoRA, LowRank
+from .lora import TEXT_ENCODER_PREFIXES, LoRA, LowRank, merge_patches
 from .sdxl import block_of, is_attention_projection
 
 if TYPE_CHECKING:  # only for type hints: optimize.py imports this module
@@ -259,6 +259,8 @@ class Merger(nn.Module):
         self.export_key_style = content.key_style if content.key_style == style.key_style else "unknown"
         self.export_base = content.base if content.base == style.base else "unknown"
         self.export_dtype = content.dtype if content.dtype == style.dtype else None
+        # Bias/norm differences are not low-rank layers: every method sums them like its fixed layers.
+        self.patches = merge_patches(content.patches, style.patches, self.w_c, self.w_s)
         self.layers = nn.ModuleList()
         self._index: dict[str, int] = {}
         names = sorted(set(content.layers) | set(style.layers))
@@ -354,7 +356,8 @@ class Merger(nn.Module):
         are dropped (the "adaptive rank", METHOD.md §2); layers with nothing left are omitted. The rest is
         exact: B_m·A_m equals the merger's ΔW with the pruned mask entries set to zero. Tensors are float32
         on the CPU with the scale folded into ``up`` (so a writer stores alpha = rank); ``key_style``,
-        ``base`` and ``dtype`` are the inputs' when both agree.
+        ``base`` and ``dtype`` are the inputs' when both agree. ``patches`` are the inputs' bias/norm
+        differences, w_c·d_c + w_s·d_s where both have one (``lora.merge_patches``).
         """
         threshold = self.prune_threshold if prune_threshold is None else float(prune_threshold)
         layers: dict[str, LowRank] = {}
@@ -375,7 +378,7 @@ class Merger(nn.Module):
         if basis is not None:
             metadata["duolora_basis"] = basis
         return LoRA(layers=layers, metadata=metadata, source=None, key_style=self.export_key_style,
-                    base=self.export_base, dtype=self.export_dtype)
+                    base=self.export_base, dtype=self.export_dtype, patches=dict(self.patches))
 
     def kept_ranks(self, prune_threshold: float | None = None) -> dict[str, tuple[int, int]]:
         """Per layer: (kept content components, kept style components) after pruning."""
