@@ -202,10 +202,18 @@ def _read_header(path: str | os.PathLike[str]) -> tuple[dict[str, dict], dict[st
         raise PickleFileError(_pickle_message(name), path)
     size = p.stat().st_size
     with open(p, "rb") as f:
-        head = f.read(8)
-        # pickle protocol 2-5 starts with 0x80 <proto>; torch.save's zip container with "PK\x03\x04"
-        if (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5) or head[:4] == b"PK\x03\x04":
+        head = f.read(9)
+        # pickle protocol 2-5 starts with 0x80 <proto>; torch.save's zip container with "PK\x03\x04". A
+        # safetensors file starts with its header length (u64, little-endian) and then "{": a 640-byte header
+        # is 80 02 00 … — pickle's magic — so the length must not make a real header look like a pickle.
+        # (Parsing JSON never runs code, so taking a pickle for a header would still unpickle nothing.)
+        n_claimed = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
+        header_like = head[8:9] == b"{" and 0 < n_claimed <= min(_MAX_HEADER, size - 8)
+        if not header_like and ((len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+                                or head[:4] == b"PK\x03\x04"):
             raise PickleFileError(_pickle_message(name), path)
+        head = head[:8]
+        f.seek(8)
         if len(head) < 8:
             raise NotSafetensorsError(
                 f"{name} is not a safetensors file: it has only {size} bytes. "

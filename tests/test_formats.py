@@ -330,6 +330,24 @@ def test_pickle_files_are_refused_without_unpickling(file_name: str, zip_contain
     assert marker.exists()
 
 
+@pytest.mark.parametrize("header_bytes", [640, 896, 1152, 1408])  # 80 02 … to 80 05 …: pickle's magic bytes
+def test_header_length_that_looks_like_pickle_magic(header_bytes: int, tmp_path: Path) -> None:
+    import json
+    import struct
+
+    down, up = torch.randn(1, 640), torch.randn(640, 1)
+    header = json.dumps({
+        f"{LF.SDXL_TO_Q_KOHYA}.lora_down.weight": {"dtype": "F32", "shape": [1, 640], "data_offsets": [0, 2560]},
+        f"{LF.SDXL_TO_Q_KOHYA}.lora_up.weight": {"dtype": "F32", "shape": [640, 1], "data_offsets": [2560, 5120]},
+    }).encode()
+    header += b" " * (header_bytes - len(header))  # the format pads its header with spaces
+    path = tmp_path / "padded.safetensors"
+    path.write_bytes(struct.pack("<Q", header_bytes) + header + down.numpy().tobytes() + up.numpy().tobytes())
+    assert path.read_bytes()[:2] == bytes([0x80, header_bytes >> 8])
+    lora = load_lora(path)
+    assert torch.equal(lora.layers[ATTN_Q].down, down) and torch.equal(lora.layers[ATTN_Q].up, up)
+
+
 def test_checkpoint_is_not_a_lora(tmp_path: Path) -> None:
     path = LF.checkpoint_like(tmp_path / "sd_xl_base.safetensors")
     with pytest.raises(NotALoRAError) as e:
