@@ -781,7 +781,7 @@ def state_dict_to_lora(
     patches: dict[str, torch.Tensor] = {}
     patched_by: dict[str, str] = {}
     for key, module, param in patch_keys:
-        hit = layout.resolve_module(module) if base != "unknown" else None
+        hit = layout.resolve_module(module)  # by name, as layers are (load_lora checks the shapes)
         target = f"{hit[0].name}.{param}" if hit is not None else None
         if target is None or layout.param_shape(target) is None:
             skipped.append(SkippedKey(key, UNKNOWN_PATCH_REASON.format(label=layout.label), "ignored",

@@ -461,7 +461,7 @@ def unet_norms(config: UNetConfig = SDXL) -> dict[str, Layer]:
 
     Not LoRA-able; listed so that the bias and norm differences a LoRA file may carry (``.diff``, ``.diff_b``,
     LyCORIS ``.w_norm``/``.b_norm``: what ComfyUI's own LoRA training and extraction write) resolve by name.
-    SDXL: 11 transformers × (1 + 3 × depth) + 24 res-blocks × 2 + the output norm.
+    SDXL: 256 = 11 transformers' norms + 70 transformer blocks × 3 + 17 res-blocks × 2 + the output norm.
     """
     return {n: _unet_layer(n, d, s, r, kind="norm") for n, d, s, r in _enumerate_unet_modules(config)[1]}
 
