@@ -387,7 +387,12 @@ def _patch_of(key: str, shape: Iterable[int]) -> tuple[str, str] | None:
         if key.endswith(suffix) and len(key) > len(suffix):
             return key[: -len(suffix)], param
     if key.endswith(".diff") and len(key) > 5 and len(tuple(shape)) <= 1:
-        return key[:-5], "weight"
+        module = key[:-5]
+        # ComfyUI's UNet key map also names a bias by its own key (comfy/lora.py: "generic lora format for
+        # not .weight"), so "<module>.bias.diff" patches that bias
+        if module.endswith(".bias") and len(module) > 5:
+            return module[:-5], "bias"
+        return module, "weight"
     return None
 
 

@@ -420,6 +420,7 @@ def rich_file(path: Path, seed: int, scale: float = 1.0) -> tuple[Path, dict[str
         "input_blocks.4.1.norm.weight": ("diffusion_model.input_blocks.4.1.norm.diff", (640,)),
         "out.0.weight": ("lora_unet_out_0.w_norm", (320,)),
         "out.0.bias": ("lora_unet_out_0.b_norm", (320,)),
+        "input_blocks.0.0.bias": ("diffusion_model.input_blocks.0.0.bias.diff", (320,)),
         "te1.text_model.final_layer_norm.weight": ("text_encoders.clip_l.transformer.text_model.final_layer_norm.diff",
                                                    (768,)),
     }
@@ -444,7 +445,7 @@ def test_rich_file_reads_every_part(tmp_path: Path) -> None:
     assert lora.patches.keys() == values.keys()
     assert all(torch.equal(lora.patches[k], v) for k, v in values.items())
     assert F.not_merged_lines(lora) == [f"1 × {F.EMBEDDING_REASON} (e.g. 'bundle_emb.sks.string_to_param.*')"]
-    assert F.one_line_summary(lora) == ("kohya_ldm · SDXL · 2 layers (1 text encoder) · rank 2 · 5 bias/norm "
+    assert F.one_line_summary(lora) == ("kohya_ldm · SDXL · 2 layers (1 text encoder) · rank 2 · 6 bias/norm "
                                         "differences · not merged: 1 embedded token")
 
 
@@ -481,7 +482,7 @@ def test_cli_merge_carries_patches_and_says_what_is_not_merged(tmp_path: Path) -
     code, stdout, err = run_main("merge", str(c_path), str(s_path), "-o", str(out), "--method", "direct",
                                  "--w-c", "0.5", "--w-s", "2", "--dtype", "fp32")
     assert code == 0, err
-    assert stdout.splitlines()[1] == ("carried 5 bias/norm differences of the inputs (summed like layers outside "
+    assert stdout.splitlines()[1] == ("carried 6 bias/norm differences of the inputs (summed like layers outside "
                                       "the learned scope)")
     assert err.splitlines() == [
         f"note: content c.safetensors: not merged: 1 × {F.EMBEDDING_REASON} (e.g. 'bundle_emb.sks.string_to_param.*')",
