@@ -17,8 +17,15 @@ Key styles (``LoRA.key_style``), shown for SDXL's ``input_blocks.4.1.transformer
                             alpha; text encoders ``text_encoders.clip_l.transformer.…``)
 ==========================  ==========================================================================
 
+These are the styles written. Reading accepts every combination of a known prefix (``unet.``, ``lora_unet_``,
+``diffusion_model.``, ``model.diffusion_model.``, ``base_model.model.``, the text-encoder equivalents), path
+style (LDM or diffusers) and suffix (``lora_down/up``, ``lora_A/B``, ``lora.down/up``): ``duolora.sdxl``'s
+aliases; other combinations get labels such as ``unet.<ldm>.lora_down`` (OneTrainer).
+
 Inside the engine every layer has its canonical name (shared/docs/ARCHITECTURE.md) and ``up`` carries the
-alpha/rank scale (METHOD.md §1), so ΔW = up @ down. Files are never unpickled: only safetensors is read.
+scale (METHOD.md §1), so ΔW = up @ down; the scale is read where the file's writer keeps it (``.alpha``
+tensors, PEFT ``lora_adapter_metadata``: ``_layer_scale``). Bias/norm differences ComfyUI applies are
+``LoRA.patches``. Files are never unpickled: only safetensors is read.
 """
 
 from __future__ import annotations
