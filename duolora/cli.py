@@ -126,7 +126,7 @@ def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
                    help="cap on the solver's projected-gradient steps per batch of layers (it stops earlier "
                         "once the masks settle)")
     p.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
-                   help="dtype of the written factors (auto: the content file's)")
+                   help="dtype of the written factors (auto: the content file's; bf16 for a float8 file)")
     p.add_argument("--key-style", choices=("kohya_ldm", "comfyui"), default="kohya_ldm",
                    help="key spelling of the written file (both load in ComfyUI's LoraLoader)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
@@ -180,6 +180,8 @@ def _merge(args: argparse.Namespace) -> int:
             lambda_sim=args.lambda_sim, prune_threshold=args.prune_threshold, w_c=args.w_c, w_s=args.w_s,
         )
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
+        if dtype is None:  # auto: the content file's dtype (formats.output_dtype: never float8)
+            dtype = formats.output_dtype(None, formats.read_lora(args.content, load_tensors=False).dtype)
         output = engine.OutputFile(args.output, key_style=args.key_style, dtype=dtype, overwrite=args.force)
         result = engine.run_merge(args.content, args.style, config, output=output, progress=progress,
                                   iterations=args.iterations)
@@ -192,11 +194,21 @@ def _merge(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_MERGE_FAILED
     progress.close()
+    # What the merge carries besides its layers and what it leaves out: the inputs' bias/norm differences
+    # are added to the written file; every key inspect lists as not merged is said here too.
+    content, style = (formats.read_lora(p, load_tensors=False) for p in (args.content, args.style))
+    carried = formats.carry_patches(result.path, content, style, w_c=args.w_c, w_s=args.w_s,
+                                    key_style=args.key_style)
     if not args.quiet:
         share = 100.0 * result.kept_components / max(result.total_components, 1)
         print(f"wrote {result.path}: {result.layers} layers, kept {result.kept_components:,} of "
               f"{result.total_components:,} rank components ({share:.1f} %) in {result.wall_seconds:.1f} s; "
               f"{describe(result)}")
+        if carried:
+            print(f"carried {len(carried)} bias/norm differences of the inputs (summed like layers outside the "
+                  "learned scope)")
+    for line in formats.merge_notes(content, style):
+        print(f"note: {line}", file=sys.stderr)
     return 0
 
 

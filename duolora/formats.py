@@ -17,13 +17,22 @@ Key styles (``LoRA.key_style``), shown for SDXL's ``input_blocks.4.1.transformer
                             alpha; text encoders ``text_encoders.clip_l.transformer.…``)
 ==========================  ==========================================================================
 
+These are the styles written. Reading accepts every combination of a known prefix (``unet.``, ``lora_unet_``,
+``diffusion_model.``, ``model.diffusion_model.``, ``base_model.model.``, the text-encoder equivalents), path
+style (LDM or diffusers) and suffix (``lora_down/up``, ``lora_A/B``, ``lora.down/up``): ``duolora.sdxl``'s
+aliases; other combinations get labels such as ``unet.<ldm>.lora_down`` (OneTrainer).
+
 Inside the engine every layer has its canonical name (shared/docs/ARCHITECTURE.md) and ``up`` carries the
-alpha/rank scale (METHOD.md §1), so ΔW = up @ down. Files are never unpickled: only safetensors is read.
+scale (METHOD.md §1), so ΔW = up @ down; the scale is read where the file's writer keeps it (``.alpha``
+tensors, PEFT ``lora_adapter_metadata``: ``_layer_scale``). Bias/norm differences ComfyUI applies are
+``LoRA.patches``. Files are never unpickled: only safetensors is read.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import re
 import struct
@@ -36,7 +45,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .lora import TEXT_ENCODER_PREFIXES, LoRA, LowRank, SkippedKey, fold_alpha
+from .lora import _FLOAT8, TEXT_ENCODER_PREFIXES, LoRA, LowRank, SkippedKey, merge_patches
 from .sdxl import (
     ALIAS_ATTN_PROCS,
     ALIAS_COMFYUI,
@@ -48,6 +57,7 @@ from .sdxl import (
     SD21_LAYOUT,
     SDXL_LAYOUT,
     STANDARD_LAYOUTS,
+    Layer,
     Layout,
     _attn_procs_spelling,
     is_attention_projection,
@@ -199,10 +209,18 @@ def _read_header(path: str | os.PathLike[str]) -> tuple[dict[str, dict], dict[st
         raise PickleFileError(_pickle_message(name), path)
     size = p.stat().st_size
     with open(p, "rb") as f:
-        head = f.read(8)
-        # pickle protocol 2-5 starts with 0x80 <proto>; torch.save's zip container with "PK\x03\x04"
-        if (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5) or head[:4] == b"PK\x03\x04":
+        head = f.read(9)
+        # pickle protocol 2-5 starts with 0x80 <proto>; torch.save's zip container with "PK\x03\x04". A
+        # safetensors file starts with its header length (u64, little-endian) and then "{": a 640-byte header
+        # is 80 02 00 … — pickle's magic — so the length must not make a real header look like a pickle.
+        # (Parsing JSON never runs code, so taking a pickle for a header would still unpickle nothing.)
+        n_claimed = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
+        header_like = head[8:9] == b"{" and 0 < n_claimed <= min(_MAX_HEADER, size - 8)
+        if not header_like and ((len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+                                or head[:4] == b"PK\x03\x04"):
             raise PickleFileError(_pickle_message(name), path)
+        head = head[:8]
+        f.seek(8)
         if len(head) < 8:
             raise NotSafetensorsError(
                 f"{name} is not a safetensors file: it has only {size} bytes. "
@@ -256,12 +274,13 @@ def _pickle_message(name: str) -> str:
 
 
 def _load_tensors(path: str | os.PathLike[str], header: dict[str, dict], lazy: bool) -> dict[str, torch.Tensor]:
-    """Tensors of a validated file; ``lazy`` gives meta tensors (shape + dtype only) except alphas."""
+    """Tensors of a validated file; ``lazy`` gives meta tensors (shape + dtype only) except alphas and the
+    bias/norm differences (small, and inspect/merge report or carry their values)."""
     out: dict[str, torch.Tensor] = {}
     try:
         with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
             for key, entry in header.items():
-                if lazy and not key.endswith(".alpha"):
+                if lazy and not key.endswith(".alpha") and _patch_of(key, entry["shape"]) is None:
                     dtype = _ST_DTYPES.get(entry["dtype"], torch.float32)
                     out[key] = torch.empty(entry["shape"], dtype=dtype, device="meta")
                 else:
@@ -309,15 +328,25 @@ _LORA_SUFFIXES: tuple[tuple[str, str, str], ...] = (
     ("_lora.up.weight", "up", "procs"),
     (".lora.down.weight", "down", "diffusers"),
     (".lora.up.weight", "up", "diffusers"),
+    # lora_A/lora_B without ".weight" (Mochi's trainer; ComfyUI's LoRAAdapter reads them)
+    (".lora_A", "down", "peft"),
+    (".lora_B", "up", "peft"),
     (".alpha", "alpha", ""),
 )
+# How each suffix family is written, for key-style labels of spellings outside KEY_STYLES.
+_FAMILY_SUFFIX = {"kohya": ".lora_down", "peft": ".lora_A", "diffusers": ".lora.down", "procs": "_lora.down"}
 # Adapters that are not low-rank LoRAs: suffix -> algorithm.
 _ADAPTER_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".hada_w1_a", "LoHa"), (".hada_w1_b", "LoHa"), (".hada_w2_a", "LoHa"), (".hada_w2_b", "LoHa"),
     (".hada_t1", "LoHa"), (".hada_t2", "LoHa"),
     (".lokr_w1", "LoKr"), (".lokr_w1_a", "LoKr"), (".lokr_w1_b", "LoKr"), (".lokr_w2", "LoKr"),
     (".lokr_w2_a", "LoKr"), (".lokr_w2_b", "LoKr"), (".lokr_t2", "LoKr"),
-    (".lora_mid.weight", "Tucker"), (".dora_scale", "DoRA"),
+    (".lora_mid.weight", "Tucker"),
+    # DoRA's magnitude vector in every spelling: LyCORIS/kohya/ComfyUI ".dora_scale"; PEFT/diffusers
+    # ".lora_magnitude_vector" (PEFT's state dict drops the ".weight" and the adapter name, in-memory
+    # models keep them; diffusers' kohya conversion keeps the PEFT name on kohya modules)
+    (".dora_scale", "DoRA"), (".lora_magnitude_vector", "DoRA"), (".lora_magnitude_vector.weight", "DoRA"),
+    (".lora_magnitude_vector.default", "DoRA"), (".lora_magnitude_vector.default.weight", "DoRA"),
     (".oft_blocks", "OFT"), (".oft_diag", "OFT"), (".rescale", "OFT"),
     (".a1.weight", "GLoRA"), (".a2.weight", "GLoRA"), (".b1.weight", "GLoRA"), (".b2.weight", "GLoRA"),
     (".on_input", "IA3"), (".diff", "full"), (".set_weight", "set"),
@@ -333,16 +362,14 @@ _ADAPTER_NAMES = {
     "full": "a full weight-difference file (LyCORIS 'full' / .diff)",
     "set": "a weight-replacement file (set_weight)",
 }
-# Tensors that are reported and left out, never merged (they are not low-rank layers).
-_IGNORED_SUFFIXES: tuple[tuple[str, str], ...] = (
-    (".diff_b", "bias difference (not a low-rank layer): left out of the merge"),
-    (".w_norm", "norm-layer weight (not a low-rank layer): left out of the merge"),
-    (".b_norm", "norm-layer bias (not a low-rank layer): left out of the merge"),
-)
+# Dense differences ComfyUI adds to a parameter (comfy/lora.py load_lora): suffix -> parameter. A 1-D
+# ".diff" (ComfyUI's LoRA training and extraction write one per norm weight) is the weight's difference too;
+# a ".diff" of 2 or more dimensions replaces a low-rank layer by a full one and is refused ("full" above).
+_PATCH_SUFFIXES: tuple[tuple[str, str], ...] = ((".diff_b", "bias"), (".b_norm", "bias"), (".w_norm", "weight"))
+EMBEDDING_REASON = ("embedded textual-inversion token: not merged (ComfyUI's LoRA loader does not apply it "
+                    "either; use the original file as an embedding for its token)")
 _EMBEDDING_RE = re.compile(r"^(bundle_emb\..*|emb_params|string_to_param\..*|string_to_token\..*|clip_[lgh])$")
 _CLONEOFSIMO_RE = re.compile(r"^(unet|text_encoder):\d+:(up|down)$")
-_TEXT_PROJECTION_RE = re.compile(r"^(lora_te[12]?_text_projection|text_encoders\.clip_[lg]\.transformer\."
-                                 r"text_projection)\.")
 
 
 def _split_key(key: str) -> tuple[str, str, str] | None:
@@ -361,6 +388,21 @@ def _adapter_of(key: str) -> tuple[str, str] | None:
     return None
 
 
+def _patch_of(key: str, shape: Iterable[int]) -> tuple[str, str] | None:
+    """(module, "weight"/"bias") for a bias/norm difference tensor, or None."""
+    for suffix, param in _PATCH_SUFFIXES:
+        if key.endswith(suffix) and len(key) > len(suffix):
+            return key[: -len(suffix)], param
+    if key.endswith(".diff") and len(key) > 5 and len(tuple(shape)) <= 1:
+        module = key[:-5]
+        # ComfyUI's UNet key map also names a bias by its own key (comfy/lora.py: "generic lora format for
+        # not .weight"), so "<module>.bias.diff" patches that bias
+        if module.endswith(".bias") and len(module) > 5:
+            return module[:-5], "bias"
+        return module, "weight"
+    return None
+
+
 def _syntactic_style(module: str, family: str) -> str:
     """The key style a module spelling suggests when no layout knows the layer."""
     if module.startswith(("lora_unet_", "lora_te")):
@@ -372,7 +414,11 @@ def _syntactic_style(module: str, family: str) -> str:
 
 
 def _style_of(alias_kind: str, family: str) -> str:
-    """Key style of one resolved module from how its name and its suffix are spelled."""
+    """Key style of one resolved module from how its name and its suffix are spelled.
+
+    The spellings of KEY_STYLES get their names; any other prefix/path/suffix combination is labelled by
+    its parts, e.g. "unet.<ldm>.lora_down" (OneTrainer's SDXL UNet keys).
+    """
     if alias_kind == ALIAS_KOHYA_LDM:
         return "kohya_ldm"
     if alias_kind == ALIAS_KOHYA_DIFFUSERS:
@@ -383,6 +429,8 @@ def _style_of(alias_kind: str, family: str) -> str:
         return "comfyui"
     if alias_kind == ALIAS_ATTN_PROCS or family == "procs":
         return "diffusers_attn_procs"
+    if "<" in alias_kind:  # a combination outside KEY_STYLES: "<prefix><path>" + the suffix family
+        return alias_kind + _FAMILY_SUFFIX.get(family, "")
     if family == "peft":
         return "diffusers_peft"
     if family == "kohya":
@@ -445,7 +493,172 @@ def _context_width_base(widths: Iterable[int]) -> str | None:
     return None
 
 
+# ------------------------------------------------------------------------------------- scales
+PEFT_METADATA_KEY = "lora_adapter_metadata"
+# diffusers' save_lora_weights prefixes each component's LoraConfig with its pipeline attribute name
+# (loaders/lora_base.py _pack_dict_with_prefix); a config without prefixes covers every module.
+_PEFT_COMPONENTS = (("unet.", "unet"), ("text_encoder.", "te1"), ("text_encoder_2.", "te2"))
+_PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}  # peft.LoraConfig's own defaults
+SCALE_SOURCES = {
+    "alpha_tensor": ".alpha tensors",
+    "peft_metadata": "the header's lora_adapter_metadata (PEFT lora_alpha / r)",
+    "none": "nothing (no .alpha tensor, no lora_adapter_metadata): scale 1",
+}
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_metadata(path: str, mtime_ns: int, size: int) -> tuple[tuple[str, str], ...]:
+    return tuple(_read_header(path)[1].items())
+
+
+def _file_metadata(source: str | os.PathLike[str] | None) -> dict[str, str]:
+    """The header metadata of ``source`` when it names a readable safetensors file, else {}."""
+    if source is None:
+        return {}
+    try:
+        st = os.stat(source)
+        return dict(_cached_metadata(os.path.abspath(source), st.st_mtime_ns, st.st_size))
+    except (OSError, ValueError, LoRAError):
+        return {}
+
+
+def _peft_configs(metadata: Mapping[str, str], name: str, source: str | None) -> dict[str, dict] | None:
+    """The LoraConfig of each component ("unet", "te1", "te2") in ``lora_adapter_metadata``, or None.
+
+    diffusers (≥ 0.35) writes it with ``save_lora_weights`` and builds ``peft.LoraConfig(**config)`` from it
+    when loading (utils/peft_utils.py ``_create_lora_config``), so it decides the scale lora_alpha / r.
+    """
+    raw = metadata.get(PEFT_METADATA_KEY)
+    if raw is None:
+        return None
+    try:
+        config = json.loads(raw)
+        if not isinstance(config, dict):
+            raise TypeError(f"a JSON {type(config).__name__}, not an object")
+    except (json.JSONDecodeError, TypeError) as e:
+        raise MalformedLoRAError(
+            f"{name}: its header's {PEFT_METADATA_KEY} is not a JSON object ({e}), so the scale its writer "
+            "meant (PEFT lora_alpha / r) cannot be read. Re-export the LoRA.", source) from None
+    parts: dict[str, dict] = {}
+    bare: dict = {}
+    for key, value in config.items():
+        for prefix, component in _PEFT_COMPONENTS:
+            if key.startswith(prefix):
+                parts.setdefault(component, {})[key[len(prefix):]] = value
+                break
+        else:
+            bare[key] = value
+    if not parts and bare:
+        parts = {"*": bare}
+    return parts
+
+
+def _pattern_key(patterns: Mapping[str, object], module: str) -> str | None:
+    """PEFT's get_pattern_key: the first pattern p (in order) with re.match(rf"(.*\\.)?({p})$", module)."""
+    for p in patterns:
+        try:
+            hit = re.match(rf"(.*\.)?({p})$", module)
+        except re.error:
+            hit = re.match(rf"(.*\.)?({re.escape(p)})$", module)
+        if hit:
+            return p
+    return None
+
+
+def _peft_module_name(layer: Layer) -> str:
+    """The module name PEFT matches rank_pattern/alpha_pattern against: the diffusers path in its model."""
+    if layer.is_text_encoder:
+        return layer.diffusers.split(".", 1)[1]
+    return layer.diffusers
+
+
+def _peft_scale(config: Mapping, layer: Layer, rank: int, module: str, name: str,
+                source: str | None) -> tuple[float, float, str]:
+    """(alpha, scale, detail) of one layer under a component's LoraConfig, as peft's LoraLayer sets it:
+    scale = lora_alpha / r (lora_alpha / √r with use_rslora), r and lora_alpha from rank_pattern/alpha_pattern
+    where a pattern matches."""
+    peft_name = _peft_module_name(layer)
+    try:
+        r = config.get("r", _PEFT_DEFAULTS["r"])
+        alpha = config.get("lora_alpha", _PEFT_DEFAULTS["lora_alpha"])
+        rank_pattern = config.get("rank_pattern") or {}
+        alpha_pattern = config.get("alpha_pattern") or {}
+        via = []
+        key = _pattern_key(rank_pattern, peft_name)
+        if key is not None:
+            r = rank_pattern[key]
+            via.append(f"rank_pattern['{key}']")
+        key = _pattern_key(alpha_pattern, peft_name)
+        if key is not None:
+            alpha = alpha_pattern[key]
+            via.append(f"alpha_pattern['{key}']")
+        r, alpha = int(r), float(alpha)
+        rslora = bool(config.get("use_rslora", False))
+    except (TypeError, ValueError, AttributeError) as e:
+        raise MalformedLoRAError(
+            f"{name}: its header's {PEFT_METADATA_KEY} has a value that is not a number or a pattern mapping "
+            f"({e}), so the scale its writer meant cannot be read. Re-export the LoRA.", source) from None
+    if r != rank:
+        raise MalformedLoRAError(
+            f"{name}: layer '{module}' has rank {rank}, but its header's {PEFT_METADATA_KEY} says r = {r} for it, "
+            "so diffusers could not load this file either and its scale is unknown. Re-export the LoRA.", source)
+    scale = alpha / math.sqrt(r) if rslora else alpha / r
+    detail = f"lora_alpha {alpha:g} / {'√' if rslora else ''}r {r}" + (f" ({', '.join(via)})" if via else "")
+    return alpha, scale, detail
+
+
+def _layer_scale(layer: Layer, module: str, rank: int, alpha_tensor: torch.Tensor | None,
+                 peft: dict[str, dict] | None, name: str, source: str | None
+                 ) -> tuple[float | None, float, str]:
+    """(alpha, scale, source) of one layer, applied as the writer's own loader applies it.
+
+    kohya (networks/lora.py), ComfyUI (comfy/weight_adapter/lora.py) and diffusers' kohya conversion all read a
+    per-module ``.alpha`` tensor as scale alpha/rank and use scale 1 without one — kohya's loader sets
+    alpha = rank for modules without alpha, so a file's ``ss_network_alpha`` metadata is NOT applied. diffusers'
+    own files keep the scale in ``lora_adapter_metadata`` instead; a file holding both is ambiguous (diffusers
+    refuses it, ComfyUI applies only the tensor) and is refused unless both give the same scale.
+    """
+    alpha = None
+    if alpha_tensor is not None:
+        if alpha_tensor.numel() != 1:
+            raise MalformedLoRAError(
+                f"{name}: the .alpha of '{module}' should hold one number but has shape "
+                f"{tuple(alpha_tensor.shape)} (ComfyUI and kohya cannot read it either). Re-export the file.",
+                source)
+        if alpha_tensor.device.type != "meta":
+            alpha = float(alpha_tensor.detach().to(torch.float64).item())
+    config = None
+    if peft is not None:
+        component = "te1" if layer.name.startswith("te1.") else "te2" if layer.name.startswith("te2.") else "unet"
+        config = peft.get(component, peft.get("*"))
+    if config is not None:
+        p_alpha, p_scale, detail = _peft_scale(config, layer, rank, module, name, source)
+        if alpha is not None and not math.isclose(alpha / rank, p_scale, rel_tol=1e-6):
+            raise MalformedLoRAError(
+                f"{name}: layer '{module}' has an .alpha tensor ({alpha:g}, scale {alpha / rank:g}) and its "
+                f"header's {PEFT_METADATA_KEY} says {detail} (scale {p_scale:g}). diffusers refuses a file with "
+                "both and ComfyUI applies only the tensor, so what the file means is ambiguous. Re-export the "
+                "LoRA.", source)
+        if alpha is None:
+            return p_alpha, p_scale, "peft_metadata"
+    if alpha is not None:
+        return alpha, alpha / rank, "alpha_tensor"
+    return None, 1.0, "none"
+
+
 # ------------------------------------------------------------------------------------------ reading
+# A file whose unknown modules are at least this share of its modules is refused as made for another
+# model; below it the SDXL part loads and the rest is named as skipped. An SDXL LoRA's modules are all
+# SDXL layers; a few extra ones come from tools that also train something else. A quarter or more is no
+# longer "a few": the merge would drop much of what the file does, and the file is likely for a model
+# that only shares some names with SDXL.
+UNKNOWN_SHARE_REFUSED = 0.25
+UNKNOWN_LAYER_REASON = "layer that does not exist in {label}: left out of the merge"
+UNKNOWN_SPELLING_REASON = "layer spelled with a prefix DuoLoRA does not recognise: left out of the merge"
+UNKNOWN_PATCH_REASON = ("bias/norm difference of a parameter {label} does not have (ComfyUI does not apply it "
+                        "either): left out of the merge")
+
+
 def state_dict_to_lora(
     sd: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
@@ -453,14 +666,19 @@ def state_dict_to_lora(
     *,
     layouts: tuple[Layout, ...] | None = None,
 ) -> LoRA:
-    """Parse a LoRA state dict in any supported key style into a LoRA (float32, alpha folded into up).
+    """Parse a LoRA state dict in any supported key style into a LoRA (float32, scale folded into up).
 
     Detects the key style and the base model ("sdxl", "sd1", "sd2", "unknown") but does not refuse a
     wrong base: that is load_lora's job. Raises LoRAError subclasses for inputs that are not low-rank
     LoRAs or are malformed. Every key that is not loaded is listed in ``LoRA.skipped`` with a reason.
     ``layouts`` are the candidate bases, tried in order (default: SDXL, SD1.x, SD2.x).
+
+    The scale of each layer comes from where its writer keeps it (``_layer_scale``): ``.alpha`` tensors, or
+    the header's PEFT ``lora_adapter_metadata``. Without ``metadata``, a ``source`` naming a safetensors file
+    has its header's metadata read, so a caller passing some of a file's tensors gets the file's scale.
+    Bias/norm differences (``.diff_b``, 1-D ``.diff``, ``.w_norm``, ``.b_norm``) become ``LoRA.patches``.
     """
-    metadata = dict(metadata or {})
+    metadata = dict(metadata or {}) or _file_metadata(source)
     layouts = layouts or STANDARD_LAYOUTS
     name = _display(source)
     if not sd:
@@ -473,6 +691,7 @@ def state_dict_to_lora(
     groups: dict[str, dict[str, str]] = {}
     families: dict[str, str] = {}
     adapters: dict[str, str] = {}
+    patch_keys: list[tuple[str, str, str]] = []
     skipped: list[SkippedKey] = []
     for key in keys:
         split = _split_key(key)
@@ -482,32 +701,38 @@ def state_dict_to_lora(
             if family:
                 families[module] = family
             continue
-        adapter = _adapter_of(key)
-        if adapter is not None and adapter[1] == "full" and sd[key].dim() <= 1:
-            # ComfyUI's LoRA extraction writes norm-layer differences as 1-D ".diff" tensors
-            skipped.append(SkippedKey(key, "norm-layer difference (not a low-rank layer): left out of the "
-                                      "merge", "ignored"))
+        patch = _patch_of(key, sd[key].shape)
+        if patch is not None:
+            patch_keys.append((key, *patch))
             continue
+        adapter = _adapter_of(key)
         if adapter is not None:
             adapters[adapter[0]] = adapter[1]
             continue
-        reason = next((r for s, r in _IGNORED_SUFFIXES if key.endswith(s)), None)
-        if reason is not None:
-            skipped.append(SkippedKey(key, reason, "ignored"))
-        elif _EMBEDDING_RE.match(key):
-            skipped.append(SkippedKey(key, "embedded textual-inversion token: not merged", "ignored"))
+        if _EMBEDDING_RE.match(key):
+            skipped.append(SkippedKey(key, EMBEDDING_REASON, "ignored", module=key))
         else:
-            skipped.append(SkippedKey(key, "not a LoRA tensor name DuoLoRA knows", "unknown_key"))
+            skipped.append(SkippedKey(key, "not a LoRA tensor name DuoLoRA knows", "unknown_key", module=key))
 
     if adapters:
         raise _adapter_error(sd, adapters, groups, metadata, layouts, source)
+    peft = _peft_configs(metadata, name, source)
+    if peft is not None and any(bool(c.get("use_dora")) for c in peft.values()):
+        raise _adapter_error(sd, dict.fromkeys(m for m, g in groups.items() if "down" in g), groups, metadata,
+                             layouts, source, algorithm="DoRA", evidence=f"its {PEFT_METADATA_KEY} says use_dora")
 
     lora_modules = {m: g for m, g in groups.items() if "up" in g or "down" in g}
     if not lora_modules:
+        if patch_keys:
+            raise EmptyLoRAError(
+                f"{name} holds only bias/norm differences ({len(patch_keys)} tensors, e.g. "
+                f"{_examples(sorted(k for k, _, _ in patch_keys))}) and no low-rank layer, so there is nothing "
+                "to merge. Pick a LoRA file that has layers.", source)
         raise _not_lora_error(keys, source)
     for module, g in groups.items():
         if module not in lora_modules:
-            skipped.append(SkippedKey(g["alpha"], "alpha without lora_up/lora_down tensors", "unknown_key"))
+            skipped.append(SkippedKey(g["alpha"], "alpha without lora_up/lora_down tensors", "unknown_key",
+                                      module=module))
 
     # shapes and ranks first (they decide the base), values later
     shapes: dict[str, tuple[int, ...]] = {}
@@ -526,6 +751,8 @@ def state_dict_to_lora(
 
     layers: dict[str, LowRank] = {}
     alphas: dict[str, float | None] = {}
+    scales: dict[str, float] = {}
+    sources: dict[str, str] = {}
     spelled: dict[str, str] = {}
     styles: Counter[str] = Counter()
     te_styles: Counter[str] = Counter()
@@ -535,14 +762,10 @@ def state_dict_to_lora(
         family = families.get(module, "")
         if hit is None:
             styles[_syntactic_style(module, family)] += 1
-            reason = f"no layer '{module}' in {layout.label}"
-            if _TEXT_PROJECTION_RE.match(module + "."):
-                reason = "text projection layer: not merged (only UNet and CLIP encoder layers are)"
+            kind, reason = _unknown_module(module, layout, layouts)
             for part in ("down", "up", "alpha"):
                 if part in g:
-                    skipped.append(SkippedKey(g[part], reason,
-                                              "ignored" if reason.startswith("text projection") else
-                                              "unknown_layer"))
+                    skipped.append(SkippedKey(g[part], reason, kind, module=module))
             continue
         layer, alias_kind = hit
         if layer.name in spelled:
@@ -553,26 +776,39 @@ def state_dict_to_lora(
         (te_styles if layer.is_text_encoder else styles)[_style_of(alias_kind, family)] += 1
         up, down = sd[g["up"]], sd[g["down"]]
         dtypes[down.dtype] += 1
-        alpha = None
-        if "alpha" in g:
-            a = sd[g["alpha"]]
-            if a.numel() != 1:
-                raise MalformedLoRAError(
-                    f"{name}: '{g['alpha']}' should hold one number but has shape {tuple(a.shape)}. "
-                    "Re-export the file.", source)
-            alpha = float(a.float().item()) if a.device.type != "meta" else None
+        alpha, scale, scale_source = _layer_scale(layer, module, int(down.shape[0]),
+                                                  sd[g["alpha"]] if "alpha" in g else None, peft, name, source)
         up32, down32 = up.to(torch.float32), down.to(torch.float32)
         if down32.dim() == 4 and up32.dim() == 2:
             up32 = up32.reshape(*up32.shape, 1, 1)
         elif down32.dim() == 2 and up32.dim() == 4:
             up32 = up32.reshape(up32.shape[0], up32.shape[1])
-        layers[layer.name] = LowRank(fold_alpha(up32, down32, alpha).contiguous(), down32.contiguous())
+        if scale != 1.0 and up32.device.type != "meta":
+            up32 = up32 * scale
+        layers[layer.name] = LowRank(up32.contiguous(), down32.contiguous())
         alphas[layer.name] = alpha
+        scales[layer.name] = scale
+        sources[layer.name] = scale_source
+
+    patches: dict[str, torch.Tensor] = {}
+    patched_by: dict[str, str] = {}
+    for key, module, param in patch_keys:
+        hit = layout.resolve_module(module)  # by name, as layers are (load_lora checks the shapes)
+        target = f"{hit[0].name}.{param}" if hit is not None else None
+        if target is None or layout.param_shape(target) is None:
+            skipped.append(SkippedKey(key, UNKNOWN_PATCH_REASON.format(label=layout.label), "ignored",
+                                      module=module))
+            continue
+        if target in patches:
+            raise MalformedLoRAError(
+                f"{name}: the {param} of '{target}' is patched twice (by '{patched_by[target]}' and '{key}'). "
+                "A LoRA file must hold each difference once; re-export it.", source)
+        patches[target] = sd[key].to(torch.float32)
+        patched_by[target] = key
 
     # layout (module) order, not the file's alphabetical key order: stable reports and messages
-    order = {n: i for i, n in enumerate(layout.layers)}
+    order = layout.order()
     layers = dict(sorted(layers.items(), key=lambda kv: order[kv[0]]))
-    alphas = {k: alphas[k] for k in layers}
     return LoRA(
         layers=layers,
         metadata=metadata,
@@ -581,8 +817,41 @@ def state_dict_to_lora(
         base=base,
         skipped=skipped,
         dtype=dtypes.most_common(1)[0][0] if dtypes else None,
-        alphas=alphas,
+        alphas={k: alphas[k] for k in layers},
+        scales={k: scales[k] for k in layers},
+        scale_sources={k: sources[k] for k in layers},
+        patches=patches,
     )
+
+
+def _unknown_module(module: str, layout: Layout, layouts: tuple[Layout, ...]) -> tuple[str, str]:
+    """(SkippedKey kind, reason) for a module no layout resolves: a known path behind a prefix no reader
+    knows ("unknown_spelling"), or a layer the detected base model does not have ("unknown_layer")."""
+    for candidate in (layout, *layouts):
+        if candidate.find_known_path(module) is not None:
+            return "unknown_spelling", UNKNOWN_SPELLING_REASON
+    return "unknown_layer", UNKNOWN_LAYER_REASON.format(label=layout.label)
+
+
+# Names some other model families give their layers: enough to say what a file probably is.
+_FAMILY_HINTS: tuple[tuple[str, str], ...] = (
+    (r"double_blocks|single_blocks|single_transformer_blocks", "Flux"),
+    (r"joint_blocks|context_block", "Stable Diffusion 3"),
+    (r"^lora_prior_", "Stable Cascade"),
+    (r"adaln_single", "PixArt"),
+    (r"blocks[._]\d+[._](cross_attn|self_attn)", "Wan (video)"),
+)
+
+
+def _family_hint(modules: Iterable[str]) -> str | None:
+    """The model family a file's unknown module names suggest, or None."""
+    votes: Counter[str] = Counter()
+    for m in modules:
+        for pattern, family in _FAMILY_HINTS:
+            if re.search(pattern, m):
+                votes[family] += 1
+                break
+    return votes.most_common(1)[0][0] if votes else None
 
 
 def _weight_shape(module: str, up: torch.Tensor, down: torch.Tensor, name: str,
@@ -651,12 +920,12 @@ def _not_lora_error(keys: list[str], source: str | None) -> LoRAError:
         "lora_B, ….lora.down), diffusers attention processors, ComfyUI (diffusion_model.…lora_up).", source)
 
 
-def _adapter_error(sd: Mapping[str, torch.Tensor], adapters: dict[str, str], groups: dict[str, dict[str, str]],
-                   metadata: Mapping[str, str], layouts: tuple[Layout, ...],
-                   source: str | None) -> UnsupportedAdapterError:
+def _adapter_error(sd: Mapping[str, torch.Tensor], adapters: dict[str, str | None],
+                   groups: dict[str, dict[str, str]], metadata: Mapping[str, str], layouts: tuple[Layout, ...],
+                   source: str | None, *, algorithm: str | None = None, evidence: str = "") -> UnsupportedAdapterError:
     name = _display(source)
-    algos = Counter(adapters.values())
-    algo = algos.most_common(1)[0][0]
+    algos = Counter(a for a in adapters.values() if a) or Counter({algorithm or "DoRA": len(adapters)})
+    algo = algorithm or ("DoRA" if "DoRA" in algos else algos.most_common(1)[0][0])
     # the base model, for the message: from the adapters' effective shapes and any plain LoRA pairs (DoRA)
     shapes = {m: s for m in adapters if (s := _adapter_shape(sd, m)) is not None}
     for module, g in groups.items():
@@ -671,10 +940,20 @@ def _adapter_error(sd: Mapping[str, torch.Tensor], adapters: dict[str, str], gro
     if len(algos) > 1:
         what += " (also " + ", ".join(a for a in algos if a != algo) + ")"
     made_for = f", made for {BASE_LABELS[base]}" if base != "unknown" else ""
+    head = f"{name} is {what} with {len(adapters)} modules{made_for}, not a low-rank LoRA."
+    if algo == "DoRA":
+        suffixes = sorted({"dora_scale" if k.endswith(".dora_scale") else "lora_magnitude_vector"
+                           for k in sd if (hit := _adapter_of(k)) is not None and hit[1] == "DoRA"})
+        spelled = evidence or "its " + " and ".join(suffixes) + " tensors"
+        return UnsupportedAdapterError(
+            f"{head} Besides its low-rank factors it stores a magnitude per output channel ({spelled}) that "
+            "rescales every patched weight after the low-rank update, so its effect is not a low-rank ΔW and "
+            "DuoLoRA cannot merge it. Use the same subject or style as a plain LoRA (trained with DoRA off) "
+            "instead. Do not delete the magnitude tensors to make it load: without them the file is a "
+            "different LoRA.", source, algorithm=algo, base=base)
     return UnsupportedAdapterError(
-        f"{name} is {what} with {len(adapters)} modules{made_for}, not a low-rank LoRA. DuoLoRA merges "
-        "only low-rank LoRA layers (lora_down/lora_up or lora_A/lora_B): use a standard LoRA, or convert "
-        f"this {algo} to one first.", source, algorithm=algo, base=base)
+        f"{head} DuoLoRA merges only low-rank LoRA layers (lora_down/lora_up or lora_A/lora_B): use a "
+        f"standard LoRA, or convert this {algo} to one first.", source, algorithm=algo, base=base)
 
 
 def _adapter_shape(sd: Mapping[str, torch.Tensor], module: str) -> tuple[int, ...] | None:
@@ -722,8 +1001,9 @@ def read_lora(path: str | os.PathLike[str], *, load_tensors: bool = True,
               layouts: tuple[Layout, ...] | None = None) -> LoRA:
     """Read a .safetensors LoRA in any supported key style (no base-model check; see load_lora).
 
-    ``load_tensors=False`` reads only the header and the alphas: layers hold ``meta`` tensors with the
-    right shapes (fast, for inspect). Raises a LoRAError subclass with a user-facing message.
+    ``load_tensors=False`` reads only the header, the alphas and the (small) bias/norm differences: layers
+    hold ``meta`` tensors with the right shapes (fast, for inspect). Raises a LoRAError subclass with a
+    user-facing message.
     """
     header, metadata = _read_header(path)
     tensors = _load_tensors(path, header, lazy=not load_tensors)
@@ -744,10 +1024,19 @@ def load_lora(path: str | os.PathLike[str], layout: Layout = SDXL_LAYOUT) -> LoR
     return lora
 
 
+def unknown_modules(lora: LoRA) -> list[str]:
+    """The file's LoRA modules that are no layer of its base model (skipped), in file order, each once."""
+    return list(dict.fromkeys(s.module or _module_of(s.key) for s in lora.skipped
+                              if s.kind in ("unknown_layer", "unknown_spelling")))
+
+
 def validate_lora(lora: LoRA, layout: Layout = SDXL_LAYOUT, *, text_encoders: bool = True) -> None:
     """Check a parsed LoRA against ``layout``; raises the first problem as a typed LoRAError.
 
-    ``text_encoders=False`` checks only the UNet part (for a model whose text encoders are not known).
+    Modules that are no layer of ``layout`` (``LoRA.skipped``, kinds unknown_layer / unknown_spelling) are
+    left out and reported; the file is refused only when they are ``UNKNOWN_SHARE_REFUSED`` or more of its
+    modules, or when nothing else is left. ``text_encoders=False`` checks only the UNet part (for a model
+    whose text encoders are not known).
     """
     name, src = lora.name, lora.source
     if lora.base != layout.base and lora.base != "unknown":
@@ -755,30 +1044,37 @@ def validate_lora(lora: LoRA, layout: Layout = SDXL_LAYOUT, *, text_encoders: bo
             f"{name}: this LoRA is for {BASE_LABELS.get(lora.base, lora.base)}, not {layout.label} "
             f"({_base_evidence(lora, layout)}). Pick a LoRA trained for {layout.label}.",
             src, base=lora.base, expected=layout.base)
-    unknown_layers = [s for s in lora.skipped if s.kind == "unknown_layer"]
-    if lora.base == "unknown" and not lora.layers and unknown_layers:
-        modules = sorted({_module_of(s.key) for s in unknown_layers})
-        raise WrongBaseModelError(
-            f"{name}: this LoRA is not for {layout.label}: none of its {len(modules)} layers (e.g. "
-            f"{_examples(modules, 2)}) exists in SDXL, SD1.x or SD2.x; it was probably made for another "
-            f"model family. Pick a LoRA trained for {layout.label}.", src, base="unknown",
-            expected=layout.base)
+    unknown = unknown_modules(lora)
+    if not lora.layers and unknown:
+        raise _nothing_resolved_error(lora, layout, unknown)
     unknown_keys = [s.key for s in lora.skipped if s.kind == "unknown_key"]
     if unknown_keys:
-        these = "tensor name is not a LoRA tensor" if len(unknown_keys) == 1 else "tensor names are not LoRA tensors"
+        n = len(unknown_keys)
+        these = "tensor name is not a LoRA tensor" if n == 1 else "tensor names are not LoRA tensors"
         raise UnknownKeyStyleError(
-            f"{name}: {len(unknown_keys)} {these} DuoLoRA can read (e.g. "
-            f"{_examples(sorted(unknown_keys))}). Remove {'it' if len(unknown_keys) == 1 else 'them'}, or export "
-            "the LoRA again in kohya or "
-            "diffusers format.", src)
+            f"{name}: {n} {these} DuoLoRA can read (e.g. {_examples(sorted(unknown_keys))}). What "
+            f"{'it does' if n == 1 else 'they do'} to the model is unknown, so DuoLoRA refuses the file rather "
+            f"than merge it without {'it' if n == 1 else 'them'}. Export the LoRA again as a plain kohya or "
+            "diffusers LoRA.", src)
+    total = len(lora.layers) + len(unknown)
+    if unknown and len(unknown) >= UNKNOWN_SHARE_REFUSED * total:
+        spelling = sum(1 for m in unknown if _spelling_of(m) is not None)
+        if spelling * 2 > len(unknown):
+            what = "are spelled with a prefix DuoLoRA does not recognise"
+            advice = ("Export the LoRA again in kohya (lora_unet_…) or diffusers (unet.…) format; the README's "
+                      "'LoRA files it reads' lists every spelling DuoLoRA reads.")
+        else:
+            family = _family_hint(unknown)
+            what = f"do not exist in {layout.label}"
+            advice = (f"A LoRA with this many unknown layers was made for a different model"
+                      f"{f' (its layer names look like {family} ones)' if family else ''}. Pick a LoRA trained "
+                      f"for {layout.label}.")
+        raise LayerMismatchError(
+            f"{name}: {len(unknown)} of its {total} layers {what} (e.g. {_examples(unknown)}). {advice}",
+            src, layers=unknown)
     problems: list[str] = []
     bad: list[str] = []
-    for s in unknown_layers:
-        m = _module_of(s.key)
-        if m not in bad:
-            bad.append(m)
-            problems.append(f"'{m}' does not exist in {layout.label}")
-    order = {n: i for i, n in enumerate(layout.layers)}
+    order = layout.order()
     for lname, lr in sorted(lora.layers.items(), key=lambda kv: order.get(kv[0], len(order))):
         if not text_encoders and lname.startswith(TEXT_ENCODER_PREFIXES):
             continue
@@ -790,6 +1086,17 @@ def validate_lora(lora: LoRA, layout: Layout = SDXL_LAYOUT, *, text_encoders: bo
             bad.append(lname)
             problems.append(f"'{lname}' is {tuple(lr.weight_shape)} in the file but {tuple(target.shape)} "
                             f"in {layout.label}")
+    for param, diff in lora.patches.items():
+        if not text_encoders and param.startswith(TEXT_ENCODER_PREFIXES):
+            continue
+        shape = layout.param_shape(param)
+        if shape is None:
+            bad.append(param)
+            problems.append(f"'{param}' does not exist in {layout.label}")
+        elif tuple(diff.shape) != tuple(shape):
+            bad.append(param)
+            problems.append(f"the difference of '{param}' is {tuple(diff.shape)} in the file but {tuple(shape)} "
+                            f"in {layout.label}")
     if problems:
         more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
         raise LayerMismatchError(
@@ -797,6 +1104,7 @@ def validate_lora(lora: LoRA, layout: Layout = SDXL_LAYOUT, *, text_encoders: bo
             f"{'; '.join(problems[:3])}{more}. This LoRA was made for a different model.", src, layers=bad)
     nonfinite = [k for k, v in lora.layers.items() if v.down.device.type != "meta"
                  and not (_all_finite(v.up) and _all_finite(v.down))]
+    nonfinite += [k for k, v in lora.patches.items() if v.device.type != "meta" and not _all_finite(v)]
     if nonfinite:
         more = f" (and {len(nonfinite) - 1} more layers)" if len(nonfinite) > 1 else ""
         raise NonFiniteError(
@@ -804,6 +1112,46 @@ def validate_lora(lora: LoRA, layout: Layout = SDXL_LAYOUT, *, text_encoders: bo
             "training run that diverged); use another epoch or export.", src, layers=nonfinite)
     if not lora.layers:
         raise EmptyLoRAError(f"{name} contains no LoRA layers. Pick a LoRA file that has layers.", src)
+
+
+def _spelling_of(module: str) -> tuple[str, str, Layout] | None:
+    """(unrecognised prefix, canonical layer, layout) when ``module`` is a known layer behind a foreign prefix."""
+    for layout in STANDARD_LAYOUTS:
+        found = layout.find_known_path(module)
+        if found is not None:
+            return found[0], found[1], layout
+    return None
+
+
+def _nothing_resolved_error(lora: LoRA, layout: Layout, unknown: list[str]) -> LoRAError:
+    """The error for a file none of whose modules is a layer DuoLoRA resolves: name the spelling that was
+    not recognised when the names hold known layers or the metadata claims ``layout``'s base; otherwise the
+    file is for another model family."""
+    name, src = lora.name, lora.source
+    n = len(unknown)
+    claimed = _base_hint(lora.metadata, ())
+    for module in unknown:
+        found = _spelling_of(module)
+        if found is not None:
+            prefix, canonical, known = found
+            return UnknownKeyStyleError(
+                f"{name}: none of its {n} layers is spelled in a way DuoLoRA reads: e.g. '{module}' is "
+                f"{known.label}'s layer '{canonical}' behind the prefix '{prefix}', which DuoLoRA does not "
+                "recognise. Export the LoRA again in kohya (lora_unet_…) or diffusers (unet.…) format; the "
+                "README's 'LoRA files it reads' lists every spelling DuoLoRA reads.", src,
+                base=claimed or known.base)
+    if claimed == layout.base:
+        return UnknownKeyStyleError(
+            f"{name}: its metadata says it is for {layout.label}, but none of its {n} layer names (e.g. "
+            f"{_examples(unknown, 2)}) is a spelling of a {layout.label} layer DuoLoRA recognises. Export the "
+            "LoRA again in kohya (lora_unet_…) or diffusers (unet.…) format; the README's 'LoRA files it "
+            "reads' lists every spelling DuoLoRA reads.", src, base=claimed)
+    family = _family_hint(unknown)
+    looks = f" (its layer names look like {family} ones)" if family else ""
+    return WrongBaseModelError(
+        f"{name}: this LoRA is not for {layout.label}: none of its {n} layers (e.g. {_examples(unknown, 2)}) "
+        f"exists in SDXL, SD1.x or SD2.x; it was probably made for another model family{looks}. Pick a LoRA "
+        f"trained for {layout.label}.", src, base="unknown", expected=layout.base)
 
 
 def _module_of(key: str) -> str:
@@ -844,6 +1192,10 @@ def lora_to_state_dict(
     Written alpha = rank (the scale is already folded into up) for kohya and ComfyUI styles; diffusers
     styles write no alpha (scale 1). With ``alpha`` given, every layer gets that alpha and up is divided by
     alpha/rank, so the file still means the same ΔW. ``dtype`` defaults to ``lora.dtype`` (float32 if unset).
+    Factors are cast with ``LowRank.to`` (balanced for narrow-range dtypes); every alpha is stored exactly —
+    in ``dtype`` when it holds the value (bf16 does not hold 257, float8 e4m3 not 17), else in float32 — so
+    a loader's alpha/rank is exactly 1. Bias/norm differences (``lora.patches``) are written as ``.diff``
+    (1-D weights) and ``.diff_b`` (biases), spelled as ComfyUI's key map reads them.
     Names come from ``layout`` (default: the layout of ``lora.base``; spellings depend only on structure).
     """
     if key_style not in KEY_STYLES:
@@ -890,14 +1242,61 @@ def lora_to_state_dict(
             else:
                 module = _attn_procs_spelling(layer.diffusers) or layer.diffusers
                 down_s, up_s = "_lora.down.weight", "_lora.up.weight"
-        up = lr.up
         if alpha is not None:
-            up = up * (lr.rank / float(alpha))
-        out[module + down_s] = own(lr.down)
-        out[module + up_s] = own(up)
+            lr = LowRank(lr.up * (lr.rank / float(alpha)), lr.down)
+        cast = lr.to(dtype=dtype)
+        out[module + down_s] = own(cast.down)
+        out[module + up_s] = own(cast.up)
         if alpha is not None or key_style in ("kohya_ldm", "kohya_diffusers", "comfyui"):
-            out[module + ".alpha"] = torch.tensor(float(alpha if alpha is not None else lr.rank), dtype=dtype)
+            out[module + ".alpha"] = exact_scalar(float(alpha if alpha is not None else lr.rank), dtype)
+    for param, diff in lora.patches.items():
+        module_name, _, kind = param.rpartition(".")
+        target = layout.module(module_name)
+        if target is None or layout.param_shape(param) is None:
+            raise LayerMismatchError(
+                f"{lora.name}: cannot write the difference of '{param}': {layout.label} has no such parameter.",
+                lora.source, layers=[param])
+        out[_patch_spelling(target, key_style) + (".diff" if kind == "weight" else ".diff_b")] = own(diff)
     return out
+
+
+def output_dtype(requested: torch.dtype | None, content: torch.dtype | None) -> torch.dtype:
+    """The dtype a merge writes: ``requested``, else the content file's, else float16 — but never float8.
+
+    A merged file stores alpha = rank, so each layer's scale sits in its factors. float8 e4m3 has no
+    number below 2⁻⁹: for a typical SDXL LoRA (alpha 1 at rank 128, ΔW entries ~1e-5) even balanced
+    factors (LowRank.to) fall below it and the merged ΔW rounds to zero. A float8 input therefore gets a
+    bfloat16 output (float32's range, half its size); an explicit float8 request is kept.
+    """
+    if requested is not None:
+        return requested
+    if content is None:
+        return torch.float16
+    return torch.bfloat16 if content in _FLOAT8 else content
+
+
+def _patch_spelling(layer: Layer, key_style: str) -> str:
+    """The module spelling of a bias/norm difference: one ComfyUI's key maps read (comfy/lora.py)."""
+    if key_style == "kohya_ldm":
+        return layer.kohya  # lora_unet_… for the UNet; text_encoders.… for CLIP norms (see sdxl._te_module)
+    if key_style == "kohya_diffusers":
+        return layer.kohya_diffusers
+    if key_style == "comfyui":
+        return layer.comfyui
+    return layer.diffusers if layer.is_text_encoder else "unet." + layer.diffusers
+
+
+def exact_scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
+    """A 0-d tensor holding ``value`` exactly: in ``dtype`` when it can, else float32, else float64.
+
+    A loader reads alpha as one number (``tensor.item()``), whatever its dtype; storing it in a dtype that
+    rounds it (bf16: 257 -> 256; float8 e4m3: 17 -> 16) would scale every ΔW of the layer by the error.
+    """
+    for dt in (dtype, torch.float32, torch.float64):
+        t = torch.tensor(value, dtype=torch.float64).to(dt)
+        if t.to(torch.float64).item() == value:
+            return t
+    return torch.tensor(value, dtype=torch.float64)
 
 
 def save_lora(
@@ -970,16 +1369,51 @@ def save_state_dict(
 # ----------------------------------------------------------------------------------------- summaries
 _METADATA_SHOWN = ("ss_output_name", "ss_base_model_version", "ss_sd_model_name", "ss_network_module",
                    "ss_network_dim", "ss_network_alpha", "ss_network_args", "modelspec.architecture",
-                   "modelspec.title", "format", "duolora_method")
+                   "modelspec.title", "format", "duolora_method", PEFT_METADATA_KEY)
+# Short words for the one-line summary, by SkippedKey kind (the reason gives the long form).
+_SHORT = {"ignored": ("key", "keys"), "unknown_layer": ("layer not in the base model", "layers not in the base model"),
+          "unknown_spelling": ("layer with an unrecognised prefix", "layers with an unrecognised prefix"),
+          "unknown_key": ("unknown tensor", "unknown tensors"), "embedding": ("embedded token", "embedded tokens")}
+
+
+def not_merged(lora: LoRA) -> list[dict]:
+    """What the file holds that no merge carries, grouped by reason: [{"reason", "kind", "count", "examples"}].
+
+    ``count`` counts modules (a layer's down, up and alpha keys are one), ``examples`` the first three.
+    inspect, ``duolora merge`` and the loader nodes all report this list.
+    """
+    groups: dict[str, dict] = {}
+    for s in lora.skipped:
+        g = groups.setdefault(s.reason, {"reason": s.reason, "kind": s.kind, "modules": {}})
+        g["modules"].setdefault(s.module or s.key, None)
+    out = []
+    for g in groups.values():
+        modules = list(g.pop("modules"))
+        out.append({**g, "count": len(modules), "examples": modules[:3]})
+    return sorted(out, key=lambda g: -g["count"])
+
+
+def scale_note(lora: LoRA) -> str | None:
+    """Why a scale the metadata mentions is not applied (kohya ``ss_network_alpha`` on modules without
+    ``.alpha``), or None."""
+    without = sum(1 for s in lora.scale_sources.values() if s == "none")
+    value = lora.metadata.get("ss_network_alpha")
+    if not without or value is None:
+        return None
+    return (f"the metadata's ss_network_alpha {value} is not applied to the {without} layers without .alpha: "
+            "kohya's and ComfyUI's loaders use scale 1 (alpha = rank) for them")
 
 
 def summary(lora: LoRA) -> dict:
-    """A JSON-able description: key style, base, layer counts, ranks, alphas, dtype, metadata, skipped."""
+    """A JSON-able description: key style, base, layer counts, ranks, alphas and scales with their source,
+    dtype, metadata, bias/norm differences and what is not merged."""
     unet = lora.unet_layers()
     attention = [k for k in unet if is_attention_projection(k)]
     ranks = Counter(lr.rank for lr in lora.layers.values())
     alpha_values = sorted({a for a in lora.alphas.values() if a is not None})
     reasons = Counter(s.reason for s in lora.skipped)
+    patch_kinds = Counter("bias" if k.endswith(".bias") else "weight" for k in lora.patches)
+    unknown = unknown_modules(lora)
     return {
         "file": lora.name,
         "key_style": lora.key_style,
@@ -997,14 +1431,75 @@ def summary(lora: LoRA) -> dict:
         "rank_counts": {str(r): n for r, n in sorted(ranks.items())},
         "alphas": alpha_values,
         "layers_without_alpha": sum(1 for a in lora.alphas.values() if a is None),
+        "scales": sorted({round(s, 9) for s in lora.scales.values()}),
+        "scale_sources": dict(Counter(lora.scale_sources.values()).most_common()),
+        "scale_details": _peft_details(lora),
+        "scale_note": scale_note(lora),
         "dtype": str(lora.dtype).replace("torch.", "") if lora.dtype is not None else None,
         "parameters": lora.num_parameters(),
+        "patches": {"bias": patch_kinds["bias"], "norm_weight": patch_kinds["weight"]},
         "metadata_keys": sorted(lora.metadata),
         "metadata": {k: _clip(lora.metadata[k]) for k in _METADATA_SHOWN if k in lora.metadata},
         "skipped": len(lora.skipped),
         "skipped_reasons": dict(reasons.most_common()),
         "skipped_examples": [s.key for s in lora.skipped[:5]],
+        "not_merged": not_merged(lora),
+        "unknown_layers": len(unknown),
+        "family_hint": _family_hint(unknown) if unknown else None,
+        "unrecognised_spelling": _spelling_example(unknown),
     }
+
+
+def _peft_details(lora: LoRA) -> list[str]:
+    """The lora_adapter_metadata entries that decided scales, e.g. ["unet: lora_alpha 64 / r 16"]."""
+    if "peft_metadata" not in lora.scale_sources.values():
+        return []
+    try:
+        parts = _peft_configs(lora.metadata, lora.name, lora.source) or {}
+    except LoRAError:
+        return []
+    out = []
+    for component, config in parts.items():
+        r = config.get("r", _PEFT_DEFAULTS["r"])
+        alpha = config.get("lora_alpha", _PEFT_DEFAULTS["lora_alpha"])
+        text = f"{'all' if component == '*' else component}: lora_alpha {alpha} / {'√' if config.get('use_rslora') else ''}r {r}"
+        patterns = [k for k in ("rank_pattern", "alpha_pattern") if config.get(k)]
+        if patterns:
+            text += " (with " + " and ".join(f"{len(config[k])} {k} entries" for k in patterns) + ")"
+        out.append(text)
+    return out
+
+
+def _spelling_example(unknown: list[str]) -> dict | None:
+    for module in unknown:
+        found = _spelling_of(module)
+        if found is not None:
+            return {"module": module, "prefix": found[0], "layer": found[1], "base": found[2].base}
+    return None
+
+
+def scale_text(info: Mapping) -> str:
+    """The "alpha" line of inspect: the alphas, where the scale came from, and any scale not applied."""
+    sources = info["scale_sources"]
+    alphas = ", ".join(f"{a:g}" for a in info["alphas"])
+    scales = ", ".join(f"{s:g}" for s in info["scales"])
+    parts = []
+    if sources.get("alpha_tensor"):
+        parts.append(f"{alphas} from .alpha tensors" + (f" ({sources['alpha_tensor']} layers)"
+                                                        if len(sources) > 1 else ""))
+    if sources.get("peft_metadata"):
+        detail = "; ".join(info["scale_details"])
+        parts.append(f"from the header's lora_adapter_metadata ({detail})" + (
+            f" ({sources['peft_metadata']} layers)" if len(sources) > 1 else ""))
+    if sources.get("none"):
+        parts.append("none" + (f" ({sources['none']} layers)" if len(sources) > 1 else "")
+                     + ": no .alpha tensor or lora_adapter_metadata")
+    text = "; ".join(parts) if parts else "–"
+    if scales:
+        text += f" · scale {scales}"
+    if info.get("scale_note"):
+        text += f"; {info['scale_note']}"
+    return text
 
 
 def _clip(text: str, n: int = 120) -> str:
@@ -1017,11 +1512,77 @@ def _rank_text(ranks: list[int]) -> str:
     return f"rank {ranks[0]}" if len(ranks) == 1 else f"rank {ranks[0]}–{ranks[-1]}"
 
 
+def _plural(n: int, words: tuple[str, str]) -> str:
+    return f"{n} {words[0] if n == 1 else words[1]}"
+
+
 def one_line_summary(lora: LoRA) -> str:
-    """E.g. ``kohya_ldm · SDXL · 560 layers · rank 64`` (text-encoder part and skipped keys when present)."""
+    """E.g. ``kohya_ldm · SDXL · 560 layers · rank 64``, plus a scale not kept in .alpha tensors, carried
+    bias/norm differences and what is not merged, when present (the loader nodes show this line)."""
     n_te = len(lora.text_encoder_layers())
     layers = f"{len(lora.layers)} layers" + (f" ({n_te} text encoder)" if n_te else "")
     parts = [lora.key_style, BASE_LABELS.get(lora.base, lora.base), layers, _rank_text(lora.ranks())]
-    if lora.skipped:
-        parts.append(f"{len(lora.skipped)} keys skipped")
+    if "peft_metadata" in lora.scale_sources.values():
+        scales = sorted({round(s, 9) for k, s in lora.scales.items()
+                         if lora.scale_sources[k] == "peft_metadata"})
+        parts.append("scale " + ", ".join(f"{s:g}" for s in scales) + " from lora_adapter_metadata")
+    note = scale_note(lora)
+    if note:
+        parts.append(f"ss_network_alpha {lora.metadata['ss_network_alpha']} not applied")
+    if lora.patches:
+        parts.append(_plural(len(lora.patches), ("bias/norm difference", "bias/norm differences")))
+    groups = not_merged(lora)
+    if groups:
+        parts.append("not merged: " + ", ".join(
+            _plural(g["count"], _SHORT["embedding" if g["reason"] == EMBEDDING_REASON else g["kind"]])
+            for g in groups))
     return " · ".join(parts)
+
+
+def not_merged_lines(lora_or_info: LoRA | Mapping) -> list[str]:
+    """One line per group of not-merged keys: ``N × reason (e.g. 'a', 'b', 'c' and K more)``."""
+    groups = not_merged(lora_or_info) if isinstance(lora_or_info, LoRA) else lora_or_info["not_merged"]
+    lines = []
+    for g in groups:
+        more = f" and {g['count'] - len(g['examples'])} more" if g["count"] > len(g["examples"]) else ""
+        shown = ", ".join(f"'{x}'" for x in g["examples"])
+        lines.append(f"{g['count']} × {g['reason']} (e.g. {shown}{more})")
+    return lines
+
+
+# ---------------------------------------------------------------------------------- merge reporting
+def merge_notes(content: LoRA, style: LoRA) -> list[str]:
+    """What ``duolora merge`` says about its two inputs: per file, every group of keys that is not merged
+    (the same list inspect shows) and any scale in the metadata that is not applied."""
+    lines = []
+    for role, lora in (("content", content), ("style", style)):
+        lines += [f"{role} {lora.name}: not merged: {line}" for line in not_merged_lines(lora)]
+        note = scale_note(lora)
+        if note:
+            lines.append(f"{role} {lora.name}: {note}")
+    return lines
+
+
+def carry_patches(out_path: str | os.PathLike[str], content: LoRA, style: LoRA, *, w_c: float = 1.0,
+                  w_s: float = 1.0, key_style: str = "kohya_ldm", layout: Layout = SDXL_LAYOUT
+                  ) -> dict[str, torch.Tensor]:
+    """Add the inputs' bias/norm differences to a merged file written without them (``duolora merge``).
+
+    The merged differences are ``lora.merge_patches`` (w_c·d_c + w_s·d_s where both inputs have one, else the
+    one unchanged), spelled in ``key_style`` in the dtype of the file's factors; the file is rewritten
+    atomically (save_state_dict). ``content``/``style`` may be header-only reads: read_lora loads the
+    differences' values even then. Returns the merged differences ({} and no rewrite when there are none).
+    """
+    patches = merge_patches(content.patches, style.patches, w_c, w_s)
+    if not patches:
+        return {}
+    header, metadata = _read_header(out_path)
+    tensors = _load_tensors(out_path, header, lazy=False)
+    factor_dtypes = Counter(t.dtype for k, t in tensors.items() if _split_key(k) and not k.endswith(".alpha"))
+    dtype = factor_dtypes.most_common(1)[0][0] if factor_dtypes else torch.float32
+    extra = lora_to_state_dict(LoRA(patches=patches, base=layout.base), key_style, dtype, layout=layout)
+    clash = sorted(set(extra) & set(tensors))
+    if clash:
+        raise ValueError(f"{_display(out_path)} already holds {_examples(clash)}; not adding them twice")
+    save_state_dict({**tensors, **extra}, out_path, metadata=metadata, overwrite=True)
+    return patches

@@ -7,16 +7,38 @@ import os
 import sys
 from typing import Any, TextIO
 
-from .formats import LoRAError, non_finite_keys, read_lora, summary
+from .formats import (
+    LoRAError,
+    non_finite_keys,
+    not_merged_lines,
+    read_lora,
+    scale_text,
+    summary,
+    validate_lora,
+)
+from .sdxl import SDXL_LAYOUT
 
 EXIT_BAD_FILE = 2
 
 
 def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """summary() of a file (read header-only, so large files are fast) plus its NaN/Inf tensor keys."""
+    """summary() of a file (read header-only, so large files are fast) plus its NaN/Inf tensor keys and
+    ``for_merge``: None when ``duolora merge`` and the loader nodes accept it for SDXL, else the message
+    they refuse it with (the same validate_lora check, so the three agree on every file)."""
     lora = read_lora(path, load_tensors=False)
     info = summary(lora)
     info["non_finite_keys"] = non_finite_keys(path)
+    try:
+        validate_lora(lora, SDXL_LAYOUT)
+        refusal = None
+    except LoRAError as e:
+        refusal = str(e)
+    if refusal is None and info["non_finite_keys"]:
+        bad = info["non_finite_keys"]
+        refusal = (f"{info['file']}: {len(bad)} tensor{'' if len(bad) == 1 else 's'} contain NaN or Inf values "
+                   f"(e.g. '{bad[0]}'). The file is damaged (often a training run that diverged); use another "
+                   "epoch or export.")
+    info["for_merge"] = refusal
     return info
 
 
@@ -31,13 +53,6 @@ def format_summary(info: dict[str, Any]) -> str:
     else:
         rank = f"{ranks[0]}–{ranks[-1]} (" + ", ".join(
             f"{r}: {n} layers" for r, n in info["rank_counts"].items()) + ")"
-    alphas = ", ".join(f"{a:g}" for a in info["alphas"])
-    if not alphas:
-        alpha = "none (scale 1)"
-    elif info["layers_without_alpha"]:
-        alpha = f"{alphas} ({info['layers_without_alpha']} layers without alpha: scale 1)"
-    else:
-        alpha = alphas
     lines = [
         f"file:                {info['file']}",
         f"key style:           {info['key_style']}",
@@ -48,7 +63,7 @@ def format_summary(info: dict[str, Any]) -> str:
         f"  text encoder 1:    {c['te1']}",
         f"  text encoder 2:    {c['te2']}",
         f"rank:                {rank}",
-        f"alpha:               {alpha}",
+        f"alpha:               {scale_text(info)}",
         f"dtype:               {info['dtype'] or '–'}",
         f"parameters:          {info['parameters']:,}",
     ]
@@ -56,14 +71,40 @@ def format_summary(info: dict[str, Any]) -> str:
     lines.append(f"metadata:            {len(meta_keys)} key{'' if len(meta_keys) == 1 else 's'}")
     for k, v in info["metadata"].items():
         lines.append(f"  {k}: {v}")
-    lines.append(f"skipped keys:        {info['skipped']}")
-    for reason, n in info["skipped_reasons"].items():
-        lines.append(f"  {n} × {reason}")
+    patches = info["patches"]
+    n_patches = patches["bias"] + patches["norm_weight"]
+    if n_patches:
+        lines.append(f"bias/norm diffs:     {n_patches} ({patches['bias']} bias, {patches['norm_weight']} norm "
+                     "weight): ComfyUI applies them; a merge carries them, summed like layers outside its "
+                     "learned scope")
+    groups = info["not_merged"]
+    n = sum(g["count"] for g in groups)
+    lines.append(f"not merged:          {n}" + (" (counted by module)" if n else ""))
+    lines.extend(f"  {line}" for line in not_merged_lines(info))
     bad = info["non_finite_keys"]
     lines.append(f"NaN/Inf tensors:     {len(bad)}" + (f" (e.g. {bad[0]})" if bad else ""))
-    if info["base"] != "sdxl":
-        lines.append(f"note: DuoLoRA merges SDXL LoRAs; this one is for {info['base_label']}.")
+    lines.append("for a merge:         " + ("usable" if info["for_merge"] is None else
+                                            f"refused: {info['for_merge']}"))
+    lines.extend(_notes(info))
     return "\n".join(lines)
+
+
+def _notes(info: dict[str, Any]) -> list[str]:
+    """The closing note: what the file is when it is not an SDXL LoRA."""
+    if info["base"] == "sdxl":
+        return []
+    if info["base"] != "unknown":
+        return [f"note: DuoLoRA merges SDXL LoRAs; this one is for {info['base_label']}."]
+    spelling = info["unrecognised_spelling"]
+    if spelling is not None:
+        return [(f"note: this is a LoRA whose layer names DuoLoRA does not recognise: e.g. "
+                 f"'{spelling['module']}' is the layer '{spelling['layer']}' behind the prefix "
+                 f"'{spelling['prefix']}'. Export it again in kohya or diffusers format to merge it.")]
+    what = (f"a LoRA for {info['family_hint']} (its layer names look like {info['family_hint']} ones)"
+            if info["family_hint"] else "a LoRA for a model family DuoLoRA does not know")
+    n = info["unknown_layers"]
+    return [(f"note: this is {what}, not for SDXL, SD1.x or SD2.x: none of its {n} layers is one of theirs. "
+             "DuoLoRA merges SDXL LoRAs.")]
 
 
 def run_inspect(path: str | os.PathLike[str], as_json: bool = False, out: TextIO | None = None,

@@ -92,7 +92,42 @@ class LowRank:
         return LowRank(B, A)
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LowRank:
-        return LowRank(self.up.to(device=device, dtype=dtype), self.down.to(device=device, dtype=dtype))
+        """The same ΔW with factors in ``dtype`` on ``device``.
+
+        Casting to a narrow-range float (float8 e4m3/e5m2 always; float16 when a factor's largest entry is
+        below 2⁻⁷ or above 2¹⁴) first moves a power of two between up and down so both have about the same
+        largest entry: ΔW = up·down is unchanged before rounding (a power-of-two scale is exact), and
+        neither factor falls into the dtype's subnormal range or overflows. A file written with alpha = rank
+        (scale folded into up) needs this: alpha 1 at rank 128 makes up 128× smaller than the trainer stored it.
+        """
+        up, down = self.up, self.down
+        if dtype is not None and up.dtype != dtype and _needs_balance(up, down, dtype):
+            up, down = _balanced(up, down)
+        return LowRank(up.to(device=device, dtype=dtype), down.to(device=device, dtype=dtype))
+
+
+_FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                if hasattr(torch, n))
+
+
+def _needs_balance(up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype) -> bool:
+    if dtype in _FLOAT8:
+        return up.numel() > 0 and down.numel() > 0 and up.device.type != "meta"
+    if dtype != torch.float16 or up.numel() == 0 or down.numel() == 0 or up.device.type == "meta":
+        return False
+    big = [float(t.detach().abs().max()) for t in (up, down)]
+    return min(big) < 2.0 ** -7 or max(big) > 2.0 ** 14
+
+
+def _balanced(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up·2^k, down·2^-k) with 2^k ≈ √(max|down| / max|up|): exact, same ΔW, equal largest entries."""
+    mu, md = float(up.detach().abs().max()), float(down.detach().abs().max())
+    if mu == 0.0 or md == 0.0 or not math.isfinite(mu * md):
+        return up, down
+    k = round(0.5 * math.log2(md / mu))
+    if k == 0:
+        return up, down
+    return torch.ldexp(up, torch.tensor(k)), torch.ldexp(down, torch.tensor(-k))
 
 
 @dataclass
@@ -100,8 +135,12 @@ class SkippedKey:
     key: str
     reason: str
     # "ignored": harmless and reported (e.g. an embedded token); "unknown_layer": a LoRA layer the target
-    # model does not have; "unknown_key": a tensor name no reader understands (load_lora refuses both).
+    # model does not have; "unknown_spelling": a known layer behind a prefix no reader knows (both are left
+    # out, and load_lora refuses the file when they are a large part of it); "unknown_key": a tensor name no
+    # reader understands (load_lora refuses it).
     kind: str = "ignored"
+    # the module (key without its LoRA suffix) the key belongs to, for reports that count modules
+    module: str = ""
 
 
 @dataclass
@@ -121,9 +160,17 @@ class LoRA:
     base: str = "unknown"
     skipped: list[SkippedKey] = field(default_factory=list)
     dtype: torch.dtype | None = None
-    # The alpha each layer had in its file (None: no alpha key), for reporting; ``up`` already carries
-    # alpha/rank, so nothing numeric depends on this.
+    # The alpha each layer had in its file (None: none), for reporting; ``up`` already carries the scale,
+    # so nothing numeric depends on this.
     alphas: dict[str, float | None] = field(default_factory=dict)
+    # The scale folded into each layer's up (alpha/rank, lora_alpha/r, …) and where the file keeps it:
+    # "alpha_tensor", "peft_metadata" (the header's lora_adapter_metadata) or "none" (scale 1).
+    scales: dict[str, float] = field(default_factory=dict)
+    scale_sources: dict[str, str] = field(default_factory=dict)
+    # Dense differences ComfyUI adds to a parameter that is not a low-rank layer: canonical parameter
+    # name (``input_blocks.4.1.norm.bias``, ``te1.text_model.final_layer_norm.weight``) -> float32 tensor of
+    # that parameter's shape (files spell them ``.diff_b``, 1-D ``.diff``, LyCORIS ``.w_norm``/``.b_norm``).
+    patches: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -154,6 +201,9 @@ class LoRA:
             skipped=list(self.skipped),
             dtype=self.dtype,
             alphas=dict(self.alphas),
+            scales=dict(self.scales),
+            scale_sources=dict(self.scale_sources),
+            patches={k: v * factor for k, v in self.patches.items()},
         )
 
     def validate_finite(self) -> list[str]:
@@ -174,3 +224,18 @@ def fold_alpha(up: torch.Tensor, down: torch.Tensor, alpha: float | None) -> tor
     if math.isclose(scale, 1.0):
         return up
     return up * scale
+
+
+def merge_patches(content: dict[str, torch.Tensor], style: dict[str, torch.Tensor], w_c: float = 1.0,
+                  w_s: float = 1.0) -> dict[str, torch.Tensor]:
+    """Bias/norm differences of a merge: w_c·d_c + w_s·d_s where both LoRAs patch a parameter, the one
+    difference unchanged where only one does — the rule every merger applies to layers outside its learned
+    scope (METHOD.md §2), so a merged file patches what its two sources patched."""
+    out: dict[str, torch.Tensor] = {}
+    for name in sorted(set(content) | set(style)):
+        c, s = content.get(name), style.get(name)
+        if c is not None and s is not None:
+            out[name] = (float(w_c) * c.float() + float(w_s) * s.float())
+        else:
+            out[name] = (c if c is not None else s).float().clone()  # type: ignore[union-attr]
+    return out

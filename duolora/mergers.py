@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .config import BASES, DEFAULT_PRUNE_THRESHOLD, METHODS, SCOPES, MergeConfig
-from .lora import TEXT_ENCODER_PREFIXES, LoRA, LowRank
+from .lora import TEXT_ENCODER_PREFIXES, LoRA, LowRank, merge_patches
 from .sdxl import block_of, is_attention_projection
 
 RANK, OUT, IN = "rank", "out", "in"
@@ -266,6 +266,8 @@ class Merger(nn.Module):
         self.export_key_style = content.key_style if content.key_style == style.key_style else "unknown"
         self.export_base = content.base if content.base == style.base else "unknown"
         self.export_dtype = content.dtype if content.dtype == style.dtype else None
+        # Bias/norm differences are not low-rank layers: every method sums them like its fixed layers.
+        self.patches = merge_patches(content.patches, style.patches, self.w_c, self.w_s)
         self.layers = nn.ModuleList()
         self._index: dict[str, int] = {}
         names = sorted(set(content.layers) | set(style.layers))
@@ -364,6 +366,8 @@ class Merger(nn.Module):
         ``base`` and ``dtype`` are the inputs' when both agree. The merger's ``max_rank`` (the opt-in rank
         budget) caps the components each LoRA keeps per LEARNED layer (see ``MergedLayer._kept``); fixed layers
         keep their files' components.
+        ``patches`` are the inputs' bias/norm
+        differences, w_c·d_c + w_s·d_s where both have one (``lora.merge_patches``).
         """
         threshold = self.prune_threshold if prune_threshold is None else float(prune_threshold)
         layers: dict[str, LowRank] = {}
@@ -384,7 +388,7 @@ class Merger(nn.Module):
         if basis is not None:
             metadata["duolora_basis"] = basis
         return LoRA(layers=layers, metadata=metadata, source=None, key_style=self.export_key_style,
-                    base=self.export_base, dtype=self.export_dtype)
+                    base=self.export_base, dtype=self.export_dtype, patches=dict(self.patches))
 
     def kept_ranks(self, prune_threshold: float | None = None) -> dict[str, tuple[int, int]]:
         """Per layer: (kept content components, kept style components) after pruning."""

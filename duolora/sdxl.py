@@ -284,6 +284,9 @@ class Layer:
     spelling ComfyUI writes into LoRA files and ``model_key`` the weight's key in a ComfyUI model
     state dict. ``shape`` is the weight shape: (out, in) for linear, (out, in, kh, kw) for conv.
     ``resolution`` is the feature-map side at ``UNetConfig.latent_size`` (0 for non-spatial layers).
+    ``bias``: whether the module has a bias (a ``.diff_b`` patch may target it). ``kind`` is "linear",
+    "conv", "embedding" (CLIP token/position embeddings: a LoRA patches them as a 2-D weight) or "norm"
+    (GroupNorm/LayerNorm: never a low-rank layer; only bias/norm differences target it).
     """
 
     name: str
@@ -297,13 +300,18 @@ class Layer:
     is_attention: bool
     comfyui: str = ""
     model_key: str = ""
+    bias: bool = True
 
     @property
     def is_text_encoder(self) -> bool:
         return self.name.startswith(("te1.", "te2."))
 
 
-def _unet_layer(name: str, diffusers: str, shape: tuple[int, ...], resolution: int) -> Layer:
+# ComfyUI's CrossAttention builds to_q/to_k/to_v without a bias (comfy/ldm/modules/attention.py).
+_NO_BIAS_RE = re.compile(r"\.attn[12]\.(to_q|to_k|to_v)$")
+
+
+def _unet_layer(name: str, diffusers: str, shape: tuple[int, ...], resolution: int, kind: str = "") -> Layer:
     return Layer(
         name=name,
         diffusers=diffusers,
@@ -312,22 +320,32 @@ def _unet_layer(name: str, diffusers: str, shape: tuple[int, ...], resolution: i
         block=block_of(name),
         resolution=resolution,
         shape=shape,
-        kind="conv" if len(shape) == 4 else "linear",
+        kind=kind or ("conv" if len(shape) == 4 else "linear"),
         is_attention=is_attention_projection(name),
         comfyui="diffusion_model." + name,
         model_key=f"diffusion_model.{name}.weight",
+        bias=not _NO_BIAS_RE.search(name),
     )
 
 
 def _enumerate_unet(cfg: UNetConfig) -> list[tuple[str, str, tuple[int, ...], int]]:
     """(ldm name, diffusers name, weight shape, resolution) for every Linear/Conv2d weight, in module order."""
+    return _enumerate_unet_modules(cfg)[0]
+
+
+def _enumerate_unet_modules(cfg: UNetConfig) -> tuple[list[tuple[str, str, tuple[int, ...], int]],
+                                                       list[tuple[str, str, tuple[int, ...], int]]]:
+    """(Linear/Conv2d weights, GroupNorm/LayerNorm weights) as (ldm name, diffusers name, shape, resolution)."""
     out: list[tuple[str, str, tuple[int, ...], int]] = []
+    norms: list[tuple[str, str, tuple[int, ...], int]] = []
     mc, ted, L = cfg.model_channels, cfg.time_embed_dim, len(cfg.channel_mult)
 
     def side(level: int) -> int:
         return max(cfg.latent_size >> level, 1)
 
     def resblock(ldm: str, diff: str, ch_in: int, ch_out: int, res: int) -> None:
+        norms.append((f"{ldm}.in_layers.0", f"{diff}.norm1", (ch_in,), res))
+        norms.append((f"{ldm}.out_layers.0", f"{diff}.norm2", (ch_out,), res))
         out.append((f"{ldm}.in_layers.2", f"{diff}.conv1", (ch_out, ch_in, 3, 3), res))
         emb_out = 2 * ch_out if cfg.use_scale_shift_norm else ch_out
         out.append((f"{ldm}.emb_layers.1", f"{diff}.time_emb_proj", (emb_out, ted), res))
@@ -343,10 +361,13 @@ def _enumerate_unet(cfg: UNetConfig) -> list[tuple[str, str, tuple[int, ...], in
             proj_out: tuple[int, ...] = (inner, ch)  # ComfyUI builds Linear(in_channels, inner_dim) here
         else:
             proj_in, proj_out = (inner, ch, 1, 1), (ch, inner, 1, 1)
+        norms.append((f"{ldm}.norm", f"{diff}.norm", (ch,), res))
         out.append((f"{ldm}.proj_in", f"{diff}.proj_in", proj_in, res))
         self_kv = ctx if no_self_attn else inner
         for t in range(depth):
             p, q = f"{ldm}.transformer_blocks.{t}", f"{diff}.transformer_blocks.{t}"
+            for k in (1, 2, 3):
+                norms.append((f"{p}.norm{k}", f"{q}.norm{k}", (inner,), res))
             for attn, kv in (("attn1", self_kv), ("attn2", ctx)):
                 out.append((f"{p}.{attn}.to_q", f"{q}.{attn}.to_q", (inner, inner), res))
                 out.append((f"{p}.{attn}.to_k", f"{q}.{attn}.to_k", (inner, kv), res))
@@ -419,8 +440,9 @@ def _enumerate_unet(cfg: UNetConfig) -> list[tuple[str, str, tuple[int, ...], in
                     out.append((f"output_blocks.{n}.{c}.conv", f"up_blocks.{x}.upsamplers.0.conv",
                                 (ch, ch, 3, 3), side(level)))
             n += 1
+    norms.append(("out.0", "conv_norm_out", (mc,), side(0)))
     out.append(("out.2", "conv_out", (cfg.out_channels, mc, 3, 3), side(0)))
-    return out
+    return out, norms
 
 
 @functools.lru_cache(maxsize=16)
@@ -431,6 +453,17 @@ def unet_layers(config: UNetConfig = SDXL) -> dict[str, Layer]:
     The returned dict is shared (cached): do not mutate it.
     """
     return {n: _unet_layer(n, d, s, r) for n, d, s, r in _enumerate_unet(config)}
+
+
+@functools.lru_cache(maxsize=16)
+def unet_norms(config: UNetConfig = SDXL) -> dict[str, Layer]:
+    """Every GroupNorm/LayerNorm of ``config``'s UNet (kind "norm", shape = its 1-D weight's), module order.
+
+    Not LoRA-able; listed so that the bias and norm differences a LoRA file may carry (``.diff``, ``.diff_b``,
+    LyCORIS ``.w_norm``/``.b_norm``: what ComfyUI's own LoRA training and extraction write) resolve by name.
+    SDXL: 256 = 11 transformers' norms + 70 transformer blocks × 3 + 17 res-blocks × 2 + the output norm.
+    """
+    return {n: _unet_layer(n, d, s, r, kind="norm") for n, d, s, r in _enumerate_unet_modules(config)[1]}
 
 
 # SDXL's text encoders (ComfyUI clip_l / clip_g) and the single encoders of SD1.x (CLIP-L) and SD2.x
@@ -495,6 +528,81 @@ def text_encoder_layers(
     return out
 
 
+CLIP_VOCAB = 49408  # CLIP-L and CLIP-G token embeddings (ComfyUI clip_model.CLIPEmbeddings)
+CLIP_POSITIONS = 77
+
+
+def _te_prefixes(which: str, kohya_prefix: str | None, diffusers_prefix: str | None,
+                 clip_name: str | None) -> tuple[str, str, str]:
+    if which not in ("te1", "te2"):
+        raise ValueError(f"text encoder must be 'te1' or 'te2', not {which!r}")
+    kohya_prefix = kohya_prefix if kohya_prefix is not None else f"lora_{which}_"
+    if diffusers_prefix is None:
+        diffusers_prefix = "text_encoder." if which == "te1" else "text_encoder_2."
+    return kohya_prefix, diffusers_prefix, clip_name or ("clip_l" if which == "te1" else "clip_g")
+
+
+def _te_module(which: str, path: str, shape: tuple[int, ...], kind: str, bias: bool, kohya_prefix: str,
+               diffusers_prefix: str, clip_name: str, kohya_mapped: bool) -> Layer:
+    comfyui = f"text_encoders.{clip_name}.transformer.{path}"
+    # ComfyUI's key map knows kohya names (lora_te1_…) only for the attention/MLP projections and the text
+    # projection; every other CLIP weight it maps only as text_encoders.… — so that is how we write them.
+    kohya = kohya_prefix + path.replace(".", "_") if kohya_mapped else comfyui
+    return Layer(name=f"{which}.{path}", diffusers=diffusers_prefix + path, kohya=kohya, kohya_diffusers=kohya,
+                 block=which, resolution=0, shape=shape, kind=kind, is_attention=False, comfyui=comfyui,
+                 model_key=f"{clip_name}.transformer.{path}.weight", bias=bias)
+
+
+def text_encoder_extras(
+    which: str = "te1",
+    hidden: int = 768,
+    *,
+    kohya_prefix: str | None = None,
+    diffusers_prefix: str | None = None,
+    clip_name: str | None = None,
+    vocab: int = CLIP_VOCAB,
+    positions: int = CLIP_POSITIONS,
+) -> dict[str, Layer]:
+    """CLIP weights ComfyUI's stock loader patches from a LoRA file though trainers rarely target them.
+
+    ``te1.text_projection`` (hidden, hidden; no bias) — OneTrainer writes ``lora_te2_text_projection``, and
+    ComfyUI maps it (comfy/lora.py ``model_lora_keys_clip``); ``text_model.embeddings.token_embedding``
+    (vocab, hidden) and ``position_embedding`` (positions, hidden) — ComfyUI's LoRA extraction (LoraSave)
+    writes a LoRA for every 2-D weight, these included. Not part of the layer table trainers enumerate
+    (``Layout.layers``), but read, merged (as text-encoder layers: a plain sum) and written like it.
+    """
+    kohya_prefix, diffusers_prefix, clip_name = _te_prefixes(which, kohya_prefix, diffusers_prefix, clip_name)
+    args = (kohya_prefix, diffusers_prefix, clip_name)
+    # diffusers' CLIPTextModelWithProjection holds text_projection beside text_model, as ComfyUI does
+    return {
+        f"{which}.text_projection": _te_module(which, "text_projection", (hidden, hidden), "linear", False, *args,
+                                               kohya_mapped=True),
+        f"{which}.text_model.embeddings.token_embedding": _te_module(
+            which, "text_model.embeddings.token_embedding", (vocab, hidden), "embedding", False, *args,
+            kohya_mapped=False),
+        f"{which}.text_model.embeddings.position_embedding": _te_module(
+            which, "text_model.embeddings.position_embedding", (positions, hidden), "embedding", False, *args,
+            kohya_mapped=False),
+    }
+
+
+def text_encoder_norms(
+    which: str = "te1",
+    hidden: int = 768,
+    layers: int = 12,
+    *,
+    kohya_prefix: str | None = None,
+    diffusers_prefix: str | None = None,
+    clip_name: str | None = None,
+) -> dict[str, Layer]:
+    """The LayerNorms of one CLIP text encoder (kind "norm"): layer_norm1/2 of every layer, final_layer_norm."""
+    kohya_prefix, diffusers_prefix, clip_name = _te_prefixes(which, kohya_prefix, diffusers_prefix, clip_name)
+    paths = [f"text_model.encoder.layers.{i}.layer_norm{k}" for i in range(layers) for k in (1, 2)]
+    paths.append("text_model.final_layer_norm")
+    return {f"{which}.{p}": _te_module(which, p, (hidden,), "norm", True, kohya_prefix, diffusers_prefix,
+                                       clip_name, kohya_mapped=False) for p in paths}
+
+
 # How an alias spells a layer; formats.py turns (alias kind, LoRA suffix) into a key style.
 ALIAS_LDM = "ldm"  # canonical / bare LDM path
 ALIAS_COMFYUI = "comfyui"  # diffusion_model.… / text_encoders.clip_l.transformer.…
@@ -503,15 +611,45 @@ ALIAS_ATTN_PROCS = "attn_procs"  # …attn1.processor.to_q / …processor.to_out
 ALIAS_KOHYA_LDM = "kohya_ldm"
 ALIAS_KOHYA_DIFFUSERS = "kohya_diffusers"
 ALIAS_KOHYA_TE = "kohya_te"
+# Every other prefix/path combination has the alias kind "<prefix><path style>", e.g. "unet.<ldm>" (how
+# OneTrainer spells SDXL UNet layers) or "model.diffusion_model.<diffusers>".
+
+# Prefixes a LoRA file may put before a UNet module path (README "LoRA files it reads"). Dotted prefixes
+# take the dotted LDM or diffusers path, underscore prefixes the same path with every dot replaced by "_".
+UNET_DOTTED_PREFIXES: tuple[str, ...] = ("", "unet.", "diffusion_model.", "model.diffusion_model.",
+                                         "base_model.model.", "unet.base_model.model.")
+UNET_UNDERSCORE_PREFIXES: tuple[str, ...] = ("lora_unet_", "lycoris_")
+PATH_LDM = "ldm"
+PATH_DIFFUSERS = "diffusers"
+PATH_CLIP = "clip"
+
+
+def _unet_alias_kind(prefix: str, path_style: str) -> str:
+    if prefix in UNET_UNDERSCORE_PREFIXES:
+        if path_style == PATH_DIFFUSERS:
+            return ALIAS_KOHYA_DIFFUSERS
+        if prefix == "lora_unet_":
+            return ALIAS_KOHYA_LDM
+    elif path_style == PATH_LDM:
+        known = {"": ALIAS_LDM, "diffusion_model.": ALIAS_COMFYUI}.get(prefix)
+        if known:
+            return known
+    elif prefix in ("", "unet.", "base_model.model.", "unet.base_model.model."):
+        return ALIAS_DIFFUSERS
+    return f"{prefix}<{path_style}>"
 
 
 @dataclass(frozen=True, eq=False)
 class Layout:
     """The LoRA-able layers of one base model (UNet + text encoders) with lookups from any spelling.
 
-    ``layers`` maps canonical names to Layers (UNet in module order, then te1, then te2).
-    ``resolve(spelling)`` accepts every key spelling a LoRA file may use for a layer (without the LoRA
-    suffix such as ``.lora_down.weight``) and returns the Layer and the alias kind.
+    ``layers`` maps canonical names to Layers (UNet in module order, then te1, then te2): the table trainers
+    enumerate. ``extras`` are CLIP weights ComfyUI also patches from a LoRA file (text projection, token and
+    position embeddings): looked up, read, merged and written like layers, but not enumerated by
+    ``layers``/``text_encoder_layers()``. ``norms`` are the GroupNorm/LayerNorm modules (never low-rank
+    layers; bias and norm differences target them). ``resolve(spelling)`` accepts every key spelling a LoRA
+    file may use for a layer (without the LoRA suffix such as ``.lora_down.weight``) and returns the Layer
+    and the alias kind; ``resolve_module`` also finds norms.
     """
 
     base: str
@@ -519,25 +657,78 @@ class Layout:
     config: UNetConfig
     layers: dict[str, Layer]
     aliases: dict[str, tuple[str, str]] = field(repr=False)
+    extras: dict[str, Layer] = field(default_factory=dict, repr=False)
+    norms: dict[str, Layer] = field(default_factory=dict, repr=False)
+    norm_aliases: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)
+    # bare module paths (no prefix; dotted and underscored) -> canonical name, to recognise a known path
+    # behind a prefix no reader knows
+    bare_paths: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.layers)
 
     def __contains__(self, name: object) -> bool:
-        return name in self.layers
+        return name in self.layers or name in self.extras
 
     def __getitem__(self, name: str) -> Layer:
-        return self.layers[name]
+        layer = self.get(name)
+        if layer is None:
+            raise KeyError(name)
+        return layer
 
     def get(self, name: str) -> Layer | None:
-        return self.layers.get(name)
+        """The layer (or extra layer) of a canonical name, or None."""
+        layer = self.layers.get(name)
+        return layer if layer is not None else self.extras.get(name)
+
+    def module(self, name: str) -> Layer | None:
+        """Any module of a canonical name: a layer, an extra layer or a norm."""
+        layer = self.get(name)
+        return layer if layer is not None else self.norms.get(name)
+
+    def order(self) -> dict[str, int]:
+        """Canonical layer name -> position: the table's module order, then the extras."""
+        return {n: i for i, n in enumerate((*self.layers, *self.extras))}
 
     def resolve(self, spelling: str) -> tuple[Layer, str] | None:
         """(Layer, alias kind) for a layer spelled any known way, or None."""
         hit = self.aliases.get(spelling)
         if hit is None:
             return None
-        return self.layers[hit[0]], hit[1]
+        return self.get(hit[0]), hit[1]  # type: ignore[return-value]
+
+    def resolve_module(self, spelling: str) -> tuple[Layer, str] | None:
+        """Like resolve, also for norm modules (the targets of bias/norm differences)."""
+        hit = self.resolve(spelling)
+        if hit is not None:
+            return hit
+        norm = self.norm_aliases.get(spelling)
+        return (self.norms[norm[0]], norm[1]) if norm is not None else None
+
+    def param_shape(self, param: str) -> tuple[int, ...] | None:
+        """Shape of a canonical parameter ``<module>.weight`` / ``<module>.bias``; None if it does not exist."""
+        module, _, kind = param.rpartition(".")
+        layer = self.module(module)
+        if layer is None:
+            return None
+        if kind == "weight":
+            return layer.shape
+        if kind == "bias" and layer.bias:
+            return (layer.shape[0],)
+        return None
+
+    def find_known_path(self, spelling: str) -> tuple[str, str] | None:
+        """(unrecognised prefix, canonical name) when ``spelling`` ends in a known module path behind a
+        prefix no reader knows (e.g. ``my_tool.input_blocks.4.1.…``); None otherwise."""
+        for sep in (".", "_"):
+            pos = spelling.find(sep)
+            while pos != -1:
+                rest = spelling[pos + 1:]
+                name = self.bare_paths.get(rest)
+                if name is not None:
+                    return spelling[: pos + 1], name
+                pos = spelling.find(sep, pos + 1)
+        return None
 
     def lookup(self, spelling: str) -> Layer | None:
         hit = self.resolve(spelling)
@@ -563,7 +754,19 @@ def _attn_procs_spelling(diffusers: str) -> str | None:
     return f"{diffusers[: m.start()]}.{m.group(1)}.processor.{proj}"
 
 
-def _build_aliases(layers: dict[str, Layer], te_kohya_extra: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, str]]:
+def _build_aliases(
+    layers: dict[str, Layer],
+    te_prefixes: dict[str, tuple[tuple[str, str], ...]],
+    te_kohya: dict[str, tuple[str, ...]],
+    bare: dict[str, str] | None = None,
+) -> dict[str, tuple[str, str]]:
+    """Spelling -> (canonical name, alias kind) for every prefix × path style × separator a file may use.
+
+    UNet: ``UNET_DOTTED_PREFIXES`` × (LDM path, diffusers path) and ``UNET_UNDERSCORE_PREFIXES`` × the same
+    paths with underscores, plus the legacy attention-processor spelling. Text encoders: ``te_prefixes[which]``
+    ((dotted prefix, alias kind) pairs) × the CLIP path and ``te_kohya[which]`` × the underscored path.
+    ``bare`` (when given) collects the prefix-free paths, dotted and underscored.
+    """
     aliases: dict[str, tuple[str, str]] = {}
 
     def add(spelling: str, name: str, kind: str) -> None:
@@ -572,30 +775,40 @@ def _build_aliases(layers: dict[str, Layer], te_kohya_extra: dict[str, tuple[str
 
     for name, layer in layers.items():
         if layer.is_text_encoder:
+            which, path = name.split(".", 1)
             add(name, name, ALIAS_LDM)
-            add(layer.kohya, name, ALIAS_KOHYA_TE)
-            add(layer.comfyui, name, ALIAS_COMFYUI)
-            add(layer.diffusers, name, ALIAS_DIFFUSERS)
-            path = name.split(".", 1)[1]
-            for prefix in te_kohya_extra.get(name.split(".", 1)[0], ()):
+            for prefix, kind in te_prefixes.get(which, ()):
+                add(prefix + path, name, kind)
+            for prefix in te_kohya.get(which, ()):
                 add(prefix + path.replace(".", "_"), name, ALIAS_KOHYA_TE)
+            if bare is not None:
+                _add_bare(bare, path, name)
             continue
-        add(name, name, ALIAS_LDM)
-        add(layer.comfyui, name, ALIAS_COMFYUI)
-        add(layer.kohya, name, ALIAS_KOHYA_LDM)
-        add(layer.kohya_diffusers, name, ALIAS_KOHYA_DIFFUSERS)
-        for d in (layer.diffusers, *_diffusers_variants(layer.diffusers)):
-            add(d, name, ALIAS_DIFFUSERS)
-            add("unet." + d, name, ALIAS_DIFFUSERS)
-            add("base_model.model." + d, name, ALIAS_DIFFUSERS)
-            add("unet.base_model.model." + d, name, ALIAS_DIFFUSERS)
-            add("lora_unet_" + d.replace(".", "_"), name, ALIAS_KOHYA_DIFFUSERS)
-            add("lycoris_" + d.replace(".", "_"), name, ALIAS_KOHYA_DIFFUSERS)
-            procs = _attn_procs_spelling(d)
+        paths = [(PATH_LDM, name)] + [(PATH_DIFFUSERS, d) for d in (layer.diffusers,
+                                                                     *_diffusers_variants(layer.diffusers))]
+        for prefix in UNET_DOTTED_PREFIXES:
+            for style, path in paths:
+                add(prefix + path, name, _unet_alias_kind(prefix, style))
+        for prefix in UNET_UNDERSCORE_PREFIXES:
+            for style, path in paths:
+                add(prefix + path.replace(".", "_"), name, _unet_alias_kind(prefix, style))
+        for _, path in paths[1:]:
+            procs = _attn_procs_spelling(path)
             if procs:
                 add(procs, name, ALIAS_ATTN_PROCS)
                 add("unet." + procs, name, ALIAS_ATTN_PROCS)
+        if bare is not None:
+            for _, path in paths:
+                _add_bare(bare, path, name)
     return aliases
+
+
+def _add_bare(bare: dict[str, str], path: str, name: str) -> None:
+    # Only paths of four or more components: short ones (conv_in, out.2, time_embed.0, text_projection)
+    # could end another model's module names and would be taken for an SDXL layer behind a foreign prefix.
+    if path.count(".") >= 3:
+        bare.setdefault(path, name)
+        bare.setdefault(path.replace(".", "_"), name)
 
 
 def _diffusers_variants(diffusers: str) -> tuple[str, ...]:
@@ -613,26 +826,49 @@ def _guess_base(config: UNetConfig) -> str:
     return "unknown"
 
 
+# Where LDM/SGM checkpoints keep the first text encoder's CLIP module (a LoRA keyed like the checkpoint
+# uses these); SD2.x's OpenCLIP and SDXL's CLIP-G use OpenCLIP's own fused names there, which no LoRA uses.
+_CHECKPOINT_TE1_PREFIX = {"sdxl": "conditioner.embedders.0.transformer.", "sd1": "cond_stage_model.transformer."}
+
+
 @functools.lru_cache(maxsize=16)
 def _layout_cached(
     config: UNetConfig, te_dims: tuple[tuple[str, int, int, int], ...], base: str, label: str
 ) -> Layout:
     layers = dict(unet_layers(config))
-    extra: dict[str, tuple[str, ...]] = {}
+    extras: dict[str, Layer] = {}
+    norms = dict(unet_norms(config))
+    te_prefixes: dict[str, tuple[tuple[str, str], ...]] = {}
+    te_kohya: dict[str, tuple[str, ...]] = {}
     single_te = len(te_dims) == 1
     for which, hidden, n_layers, mlp in te_dims:
-        clip_name = None
-        if single_te:
-            clip_name = "clip_h" if base == "sd2" else "clip_l"
-        # SD1.x/SD2.x kohya files say lora_te_; ComfyUI also maps lora_te1_ onto the first encoder.
-        kohya_prefix = "lora_te_" if single_te else None
-        layers.update(text_encoder_layers(which, hidden, n_layers, mlp, kohya_prefix=kohya_prefix,
-                                          clip_name=clip_name))
-    if single_te:
-        extra["te1"] = ("lora_te1_",)
-    else:
-        extra["te1"] = ("lora_te_",)
-    return Layout(base=base, label=label, config=config, layers=layers, aliases=_build_aliases(layers, extra))
+        clip_name = ("clip_h" if base == "sd2" else "clip_l") if single_te else ("clip_l" if which == "te1"
+                                                                                 else "clip_g")
+        # SD1.x/SD2.x kohya files say lora_te_; ComfyUI also maps lora_te1_ onto the first encoder (and
+        # lora_te_ onto SDXL's first).
+        kohya_prefix = "lora_te_" if single_te else f"lora_{which}_"
+        diffusers_prefix = "text_encoder." if which == "te1" else "text_encoder_2."
+        kw = {"kohya_prefix": kohya_prefix, "diffusers_prefix": diffusers_prefix, "clip_name": clip_name}
+        layers.update(text_encoder_layers(which, hidden, n_layers, mlp, **kw))
+        extras.update(text_encoder_extras(which, hidden, **kw))
+        norms.update(text_encoder_norms(which, hidden, n_layers, **kw))
+        prefixes = [(diffusers_prefix, ALIAS_DIFFUSERS),
+                    (f"text_encoders.{clip_name}.transformer.", ALIAS_COMFYUI),
+                    (f"{clip_name}.transformer.", f"{clip_name}.transformer.<{PATH_CLIP}>"),
+                    (diffusers_prefix + "base_model.model.", f"{diffusers_prefix}base_model.model.<{PATH_CLIP}>")]
+        if which == "te1" and base in _CHECKPOINT_TE1_PREFIX:
+            p = _CHECKPOINT_TE1_PREFIX[base]
+            prefixes.append((p, f"{p}<{PATH_CLIP}>"))
+        te_prefixes[which] = tuple(prefixes)
+        if which == "te1":
+            te_kohya[which] = (kohya_prefix, "lora_te1_" if single_te else "lora_te_")
+        else:
+            te_kohya[which] = (kohya_prefix,)
+    bare: dict[str, str] = {}
+    aliases = _build_aliases({**layers, **extras}, te_prefixes, te_kohya, bare)
+    norm_aliases = _build_aliases(norms, te_prefixes, te_kohya, bare)
+    return Layout(base=base, label=label, config=config, layers=layers, aliases=aliases, extras=extras,
+                  norms=norms, norm_aliases=norm_aliases, bare_paths=bare)
 
 
 def layout_for(

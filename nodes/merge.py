@@ -204,7 +204,7 @@ class ZipRankMerge(io.ComfyNode):
                                   prune_threshold=config.prune_threshold)
         kept = {s.key: {"content": s.mean_kept_c, "style": s.mean_kept_s, "layers": s.layers}
                 for s in rep.by_block()}
-        dtype = DTYPES.get(lora_dtype) or content.dtype or torch.float16
+        dtype = formats.output_dtype(DTYPES.get(lora_dtype), content.dtype)
         metadata = _provenance(config, content_lora, style_lora, merger.trainable_parameters(), result, kept)
         state_dict = LoraStateDict(
             formats.lora_to_state_dict(merged_lora, "kohya_ldm", dtype=dtype, layout=layout))

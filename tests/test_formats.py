@@ -190,17 +190,21 @@ def test_header_only_read_has_the_same_structure(everything: LoRA, tmp_path: Pat
 
 def test_skipped_keys_are_listed_with_reasons(tmp_path: Path) -> None:
     t = LF.kohya_layer(LF.SDXL_TO_Q_KOHYA, 640, 640, rank=4, alpha=4)
-    t[f"{LF.SDXL_TO_Q_KOHYA}.diff_b"] = torch.zeros(640)
+    t["lora_unet_input_blocks_4_1_proj_in.diff_b"] = torch.arange(640, dtype=torch.float32)
+    t[f"{LF.SDXL_TO_Q_KOHYA}.diff_b"] = torch.zeros(640)  # to_q has no bias in SDXL (nor in ComfyUI's model)
     t["bundle_emb.mytoken.string_to_param.*"] = torch.zeros(1, 768)
     lora = load_lora(LF.write(tmp_path / "extras.safetensors", t))
     assert list(lora.layers) == [ATTN_Q]
+    # the bias difference is carried (ComfyUI applies it); the others are reported, not merged
+    assert list(lora.patches) == ["input_blocks.4.1.proj_in.bias"]
+    assert torch.equal(lora.patches["input_blocks.4.1.proj_in.bias"], torch.arange(640, dtype=torch.float32))
     # safetensors stores keys sorted, so skipped keys come in alphabetical order
     assert [(s.key, s.reason, s.kind) for s in lora.skipped] == [
-        ("bundle_emb.mytoken.string_to_param.*", "embedded textual-inversion token: not merged", "ignored"),
-        (f"{LF.SDXL_TO_Q_KOHYA}.diff_b", "bias difference (not a low-rank layer): left out of the merge",
-         "ignored"),
+        ("bundle_emb.mytoken.string_to_param.*", F.EMBEDDING_REASON, "ignored"),
+        (f"{LF.SDXL_TO_Q_KOHYA}.diff_b", F.UNKNOWN_PATCH_REASON.format(label="SDXL"), "ignored"),
     ]
-    assert one_line_summary(lora) == "kohya_ldm · SDXL · 1 layers · rank 4 · 2 keys skipped"
+    assert one_line_summary(lora) == ("kohya_ldm · SDXL · 1 layers · rank 4 · 1 bias/norm difference · "
+                                      "not merged: 1 embedded token, 1 key")
 
 
 def test_tiny_layout_loads_with_its_own_layout(tmp_path: Path) -> None:
@@ -326,6 +330,24 @@ def test_pickle_files_are_refused_without_unpickling(file_name: str, zip_contain
     assert marker.exists()
 
 
+@pytest.mark.parametrize("header_bytes", [640, 896, 1152, 1408])  # 80 02 … to 80 05 …: pickle's magic bytes
+def test_header_length_that_looks_like_pickle_magic(header_bytes: int, tmp_path: Path) -> None:
+    import json
+    import struct
+
+    down, up = torch.randn(1, 640), torch.randn(640, 1)
+    header = json.dumps({
+        f"{LF.SDXL_TO_Q_KOHYA}.lora_down.weight": {"dtype": "F32", "shape": [1, 640], "data_offsets": [0, 2560]},
+        f"{LF.SDXL_TO_Q_KOHYA}.lora_up.weight": {"dtype": "F32", "shape": [640, 1], "data_offsets": [2560, 5120]},
+    }).encode()
+    header += b" " * (header_bytes - len(header))  # the format pads its header with spaces
+    path = tmp_path / "padded.safetensors"
+    path.write_bytes(struct.pack("<Q", header_bytes) + header + down.numpy().tobytes() + up.numpy().tobytes())
+    assert path.read_bytes()[:2] == bytes([0x80, header_bytes >> 8])
+    lora = load_lora(path)
+    assert torch.equal(lora.layers[ATTN_Q].down, down) and torch.equal(lora.layers[ATTN_Q].up, up)
+
+
 def test_checkpoint_is_not_a_lora(tmp_path: Path) -> None:
     path = LF.checkpoint_like(tmp_path / "sd_xl_base.safetensors")
     with pytest.raises(NotALoRAError) as e:
@@ -365,7 +387,8 @@ def test_unknown_keys_beside_lora_layers(tmp_path: Path) -> None:
         load_lora(path)
     assert str(e.value) == (
         "extra.safetensors: 1 tensor name is not a LoRA tensor DuoLoRA can read (e.g. 'some_tool.extra_state'). "
-        "Remove it, or export the LoRA again in kohya or diffusers format.")
+        "What it does to the model is unknown, so DuoLoRA refuses the file rather than merge it without it. "
+        "Export the LoRA again as a plain kohya or diffusers LoRA.")
 
 
 def _loha(module: str, out_f: int, in_f: int) -> dict[str, torch.Tensor]:
@@ -455,7 +478,8 @@ def test_lora_for_another_model_family(tmp_path: Path) -> None:
     assert str(e.value) == (
         "flux.safetensors: this LoRA is not for SDXL: none of its 2 layers (e.g. "
         "'lora_unet_double_blocks_0_img_attn_qkv', 'lora_unet_single_blocks_0_linear1') exists in SDXL, SD1.x "
-        "or SD2.x; it was probably made for another model family. Pick a LoRA trained for SDXL.")
+        "or SD2.x; it was probably made for another model family (its layer names look like Flux ones). Pick a "
+        "LoRA trained for SDXL.")
 
 
 def test_layer_with_wrong_shape(tmp_path: Path) -> None:
@@ -470,13 +494,16 @@ def test_layer_with_wrong_shape(tmp_path: Path) -> None:
 
 
 def test_layer_missing_from_sdxl(tmp_path: Path) -> None:
+    # One layer SDXL does not have (input_blocks.4.1 has 2 transformer blocks) among 560 SDXL layers: the
+    # SDXL part loads and the extra layer is named as left out (issue 15, item 5), not "another model".
     sd = lora_to_state_dict(synthetic_lora(rank=4), "kohya_ldm")
     sd.update(LF.kohya_layer("lora_unet_input_blocks_4_1_transformer_blocks_7_attn1_to_q", 640, 640, rank=4))
-    with pytest.raises(LayerMismatchError) as e:
-        load_lora(LF.write(tmp_path / "extra_layer.safetensors", sd))
-    assert str(e.value) == (
-        "extra_layer.safetensors: 1 layer does not match SDXL: 'lora_unet_input_blocks_4_1_transformer_blocks_7_"
-        "attn1_to_q' does not exist in SDXL. This LoRA was made for a different model.")
+    lora = load_lora(LF.write(tmp_path / "extra_layer.safetensors", sd))
+    assert len(lora.layers) == 560
+    assert F.unknown_modules(lora) == ["lora_unet_input_blocks_4_1_transformer_blocks_7_attn1_to_q"]
+    assert F.not_merged_lines(lora) == [
+        ("1 × layer that does not exist in SDXL: left out of the merge "
+         "(e.g. 'lora_unet_input_blocks_4_1_transformer_blocks_7_attn1_to_q')")]
 
 
 def test_rank_mismatch(tmp_path: Path) -> None:

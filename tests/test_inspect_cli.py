@@ -53,7 +53,8 @@ def test_inspect_full_sdxl_rank64(full_sdxl: LoRA, style: str, tmp_path: Path,
         "  text encoder 1:    0",
         "  text encoder 2:    0",
         "rank:                64",
-        "alpha:               64" if style != "diffusers_peft" else "alpha:               none (scale 1)",
+        ("alpha:               64 from .alpha tensors · scale 1" if style != "diffusers_peft" else
+         "alpha:               none: no .alpha tensor or lora_adapter_metadata · scale 1"),
         "dtype:               float16",
         "parameters:          92,897,280",  # 64 · (Σ out + Σ in) = 64 · (665,600 + 785,920)
     ]

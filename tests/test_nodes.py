@@ -335,9 +335,15 @@ def test_lora_model_from_core_train_lora_loads(host: comfyhost.Host) -> None:
         expected = (up.flatten(1) @ down.flatten(1)) * scale
         worst = max(worst, float((lr.delta().flatten(1) - expected).abs().max()))
     assert worst <= 1e-7
-    # ... and its bias/norm differences are listed as skipped, never silently dropped.
-    skipped = [s.key for s in loaded.lora.skipped]
-    assert sorted(skipped) == sorted(k for k in trained if k.endswith((".diff", ".diff_b")))
+    # ... and its bias/norm differences (ComfyUI applies them) are carried as patches, never dropped.
+    diffs = {k: v for k, v in trained.items() if k.endswith((".diff", ".diff_b"))}
+    assert loaded.lora.skipped == []
+    assert len(loaded.lora.patches) == len(diffs) > 0
+    for key, value in diffs.items():
+        module, suffix = key.rsplit(".", 1)
+        param = module[len("diffusion_model."):] + (".bias" if suffix == "diff_b" else ".weight")
+        assert torch.equal(loaded.lora.patches[param], value.float()), key
+    assert f"{len(diffs)} bias/norm differences" in loaded.summary
     assert result["ui"]["22"]["text"] == [loaded.summary]
 
     # "[None]" without a LORA_MODEL says what to do.
