@@ -30,7 +30,7 @@ from duolora import formats as F
 from duolora.inspect import format_summary, inspect_file
 from duolora.lora import LoRA, LowRank
 from duolora.mergers import build_merger
-from duolora.optimize import MergeConfig
+from duolora.config import MergeConfig
 from duolora.sdxl import ATTENTION_BLOCKS, SDXL_LAYOUT, block_of
 from duolora.synthetic import synthetic_lora
 
