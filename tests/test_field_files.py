@@ -27,10 +27,10 @@ from safetensors.torch import save_file
 
 from duolora import cli
 from duolora import formats as F
+from duolora.config import MergeConfig
 from duolora.inspect import format_summary, inspect_file
 from duolora.lora import LoRA, LowRank
 from duolora.mergers import build_merger
-from duolora.config import MergeConfig
 from duolora.sdxl import ATTENTION_BLOCKS, SDXL_LAYOUT, block_of
 from duolora.synthetic import synthetic_lora
 
