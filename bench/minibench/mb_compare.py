@@ -74,12 +74,43 @@ def _swapped_paper_prior() -> str:
     return "; ".join(parts)
 
 
+# The layer priors and Constyle as METHOD.md §3–4 first specified them (MiniBench 1's defaults) and as the
+# released code's shipped script sets them; the share-hinge candidates the dev split chooses among.
+_LITERAL = {"prior_preset": "paper", "prior_init": True, "prior_loss": True, "prior_loss_kind": "hinge",
+            "margin": 0.0, "lambda_prior": 0.1, "cycle_scale": "fixed", "lambda_cyc": 0.01, "lambda_rev": 0.01}
+_RELEASED = {"prior_preset": "code_literal", "prior_init": False, "prior_loss": True, "prior_loss_kind": "code_compat",
+             "lambda_prior": 0.01, "cycle_scale": "fixed", "lambda_cyc": 0.1, "lambda_rev": 0.1}
+_SHARE = {"prior_preset": "paper", "prior_init": False, "prior_loss": True, "prior_loss_kind": "share_hinge",
+          "margin": 0.2, "lambda_prior": 0.1}
 # Rows run only when named (--methods): ablations and the variants the dev split chooses among.
 VARIANTS: dict[str, dict[str, Any]] = {
     "DuoLoRA, prior roles swapped": {"mode": "paper", "method": "ziprank", "prior_preset": "custom",
                                      "custom_prior": _swapped_paper_prior()},
     "ZipLoRA (in)": {"mode": "paper", "method": "ziplora_in", **_PRIORS_OFF},
+    "ZipRank + literal priors (METHOD §3)": {"mode": "paper", "method": "ziprank", **_LITERAL,
+                                             "constyle_iterations": 0},
+    "DuoLoRA literal (METHOD §3–4)": {"mode": "paper", "method": "ziprank", **_LITERAL, "constyle_iterations": 1},
+    "DuoLoRA, released code's settings": {"mode": "paper", "method": "ziprank", **_RELEASED,
+                                          "constyle_iterations": 1},
+    "dev: ZipRank + share priors δ 0.2": {"mode": "paper", "method": "ziprank", **_SHARE, "constyle_iterations": 0},
+    "dev: ZipRank + share priors δ 0.4": {"mode": "paper", "method": "ziprank", **_SHARE, "margin": 0.4,
+                                          "constyle_iterations": 0},
+    "dev: share priors + Constyle fixed λ 0.01": {"mode": "paper", "method": "ziprank", **_SHARE,
+                                                  "constyle_iterations": 1, "cycle_scale": "fixed",
+                                                  "lambda_cyc": 0.01, "lambda_rev": 0.01},
+    "dev: share priors + Constyle matched λ 0.3": {"mode": "paper", "method": "ziprank", **_SHARE,
+                                                   "constyle_iterations": 1, "cycle_scale": "matched",
+                                                   "lambda_cyc": 0.3, "lambda_rev": 0.3},
+    "dev: weights-only, share priors, keep 0": {"mode": "weights", "method": "ziprank", **_SHARE, "fast_keep": 0.0},
+    "dev: weights-only, share priors, keep 1": {"mode": "weights", "method": "ziprank", **_SHARE, "fast_keep": 1.0},
+    "dev: layer-wise, share priors, keep 0": {"mode": "layerwise", "method": "ziprank", **_SHARE, "fast_keep": 0.0},
+    "dev: layer-wise, share priors, keep 1": {"mode": "layerwise", "method": "ziprank", **_SHARE, "fast_keep": 1.0},
+    "dev: layer-wise + 10 %, share priors, keep 1": {"mode": "layerwise+paper", "method": "ziprank", **_SHARE,
+                                                     "fast_keep": 1.0, "constyle_iterations": 0,
+                                                     "steps_fraction": 0.1},
 }
+DEV_ROWS = ["base (no LoRA)", "content LoRA only", "style LoRA only", "direct merge", "ZipLoRA (out)", "ZipRank",
+            *(r for r in VARIANTS if r.startswith("dev: ")), "DuoLoRA literal (METHOD §3–4)"]
 
 
 def all_rows() -> dict[str, dict[str, Any] | None]:
