@@ -281,7 +281,8 @@ def run_minibench(args: argparse.Namespace) -> int:
     n = args.samples
     labels = [(r["row"], (f"{SHAPE} {round(r['content_hit'] * n)}/{n} · stripes {round(r['style_hit'] * n)}/{n} · "
                           f"both {round(r['both_hit'] * n)}/{n}")) for r in rows_out]
-    header = (f"\"{pair.target}\" · {n} samples per row, the same initial noise in each column · DuoLoRA: node "
+    shown = f"{n} samples" if n <= 8 else f"the first 8 of {n} samples"
+    header = (f"\"{pair.target}\" · {shown} per row, the same initial noise in each column · DuoLoRA: node "
               f"defaults, {steps} merge steps")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
