@@ -116,23 +116,30 @@ def test_project_dependencies_never_pin_what_comfyui_provides() -> None:
     assert {_requirement_name(d) for d in deps} >= {"safetensors"}
 
 
-def test_readme_shows_the_screenshot_right_after_the_two_commands() -> None:
+def test_readme_shows_the_demo_grid_and_the_screenshot_right_after_the_two_commands() -> None:
     shot = REPO / "docs" / "screenshot.png"
     assert shot.is_file(), "docs/screenshot.png is missing: tests/browser/test_end_to_end.py writes it"
     with Image.open(shot) as img:
         assert img.format == "PNG" and 1300 <= img.width <= 1500 and img.height >= 600, (img.format, img.size)
+    grid = REPO / "docs" / "demo_grid.png"
+    assert grid.is_file(), "docs/demo_grid.png is missing: copy demo_output/grid.png after `make demo`"
+    with Image.open(grid) as img:
+        # make demo's grid.png: 5 labelled rows × 8 samples (tests/test_demo.py checks the same geometry).
+        assert img.format == "PNG" and img.size == (300 + 822, 34 + 516), (img.format, img.size)
     assert "<!-- screenshot -->" not in README
     images = re.findall(r"!\[[^\]]+\]\(([^)]+)\)", README)
-    assert images[:1] == ["docs/screenshot.png"], images
-    # Order: title, the two commands, the picture, then the rest.
+    assert images[:2] == ["docs/demo_grid.png", "docs/screenshot.png"], images
+    # Order: title, the two commands, the demo's grid, the screenshot, then the rest.
     commands = README.index("```bash\nmake demo")
-    assert README.index("make test", commands) < README.index("](docs/screenshot.png)") < README.index("## Install")
-    # Nothing in .gitignore keeps the picture out of the repository.
+    assert README.index("make test", commands) < README.index("](docs/demo_grid.png)") < README.index(
+        "](docs/screenshot.png)") < README.index("## Install")
+    # Nothing in .gitignore keeps the pictures out of the repository.
     ignored = [p.strip() for p in (REPO / ".gitignore").read_text(encoding="utf-8").splitlines()
                if p.strip() and not p.startswith("#")]
     for pattern in ignored:
         bare = pattern.rstrip("/")
-        assert not any(fnmatch.fnmatch(part, bare) for part in ("docs", "screenshot.png", "docs/screenshot.png")), pattern
+        for part in ("docs", "screenshot.png", "docs/screenshot.png", "demo_grid.png", "docs/demo_grid.png"):
+            assert not fnmatch.fnmatch(part, bare), pattern
 
 
 def test_readme_install_section_matches_the_metadata() -> None:

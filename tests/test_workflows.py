@@ -235,9 +235,10 @@ def test_example_runs_end_to_end_on_the_tiny_model(name: str, host: comfyhost.Ho
 
 @pytest.mark.slow
 def test_demo_script_writes_the_merge_results(tmp_path: Path) -> None:
-    """scripts/demo.py in a fresh process (its own ComfyUI): files and summary.json from the nodes' outputs."""
+    """scripts/demo.py --workflow (example workflow 1 on the tiny random model) in a fresh process (its own
+    ComfyUI): files and summary.json from the nodes' outputs. `make demo` itself: tests/test_demo.py."""
     out = tmp_path / "demo"
-    cmd = [sys.executable, str(REPO / "scripts" / "demo.py"), "--steps", "2", "--size", "64",
+    cmd = [sys.executable, str(REPO / "scripts" / "demo.py"), "--workflow", "--steps", "2", "--size", "64",
            "--sampler-steps", "2", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)

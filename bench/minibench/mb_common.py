@@ -43,7 +43,7 @@ def alphas_cumprod(model) -> torch.Tensor:
 
 def adm(model, pooled: torch.Tensor) -> torch.Tensor:
     """SDXL's ``y`` for a 32×32 input: pooled (B, 32) + the constant size embedding → (B, 1568)."""
-    import mb_model
+    from miniworld import model as mb_model
 
     return torch.cat([pooled, mb_model.size_embedding(model).expand(pooled.shape[0], -1)], dim=1)
 
