@@ -282,7 +282,7 @@ def run(pairs: list[Pair], rows: list[str], seeds: list[int], out: Path, ckpt: P
         result = host.execute(prompt)
         wall = time.time() - t0
         done.setdefault(r.row, []).append(wall)
-        images = (result["outputs"][ids["image"]][0].permute(0, 3, 1, 2) * 2 - 1).float()
+        images = (result["outputs"][ids["image"]][0].permute(0, 3, 1, 2) * 2 - 1).float().cpu()
         refs_c, refs_s = refs[r.pair.slug]
         per_sample = {
             "content_hit": scorer.hits(images, r.pair.content_word, "shape", refs_c).tolist(),

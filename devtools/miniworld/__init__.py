@@ -38,8 +38,11 @@ def boot(base_dir: Path | None = None):
     its runs, the demo one line per run).
     """
     import comfyhost
+    import torch
 
-    host = comfyhost.boot(base_dir, extra_packs={PACK_NAME: PACK_DIR})
+    # Device selection is automatic: ComfyUI's model management takes a CUDA GPU when there is one (merges and
+    # sampling run there; the classifiers and the scores stay on the CPU), else the CPU.
+    host = comfyhost.boot(base_dir, extra_packs={PACK_NAME: PACK_DIR}, cpu=not torch.cuda.is_available())
     host.require_pack()
     host.require_pack(PACK_NAME)
     import comfy.utils
