@@ -22,6 +22,8 @@ OBJECTIVES: tuple[str, ...] = ("paper", "layerwise", "weights_only", "layerwise_
 # "hinge": METHOD.md §3 literally (κ‖m_dom‖₁ + ν·max(0, ‖m_other‖₁ − ‖m_dom‖₁ + margin));
 # "code_compat": the released code's L2 form.
 PRIOR_LOSS_KINDS: tuple[str, ...] = ("share_hinge", "hinge", "code_compat")
+# Paper mode's share_hinge: "both" moves both LoRAs' shares; "dominant" only raises the block's own LoRA.
+PRIOR_PUSHES: tuple[str, ...] = ("both", "dominant")
 # How the Constyle cycle terms are weighted: "fixed" = λ·L (the paper); "matched" = λ·L scaled so that its
 # gradient is as large as its reconstruction term's (objective.DuoLoRAObjective).
 CYCLE_SCALES: tuple[str, ...] = ("fixed", "matched")
@@ -56,6 +58,7 @@ class MergeConfig:
     kappa: float = 1.0
     nu: float = 1.0
     margin: float = 0.0
+    prior_push: str = "both"
     constyle_iterations: int = 1
     lambda_content: float = 1.0
     lambda_style: float = 1.0
@@ -82,6 +85,7 @@ class MergeConfig:
         choices = {
             "method": METHODS, "basis": BASES, "scope": SCOPES, "objective": OBJECTIVES,
             "prior_preset": PRESET_NAMES, "prior_loss_kind": PRIOR_LOSS_KINDS, "cycle_scale": CYCLE_SCALES,
+            "prior_push": PRIOR_PUSHES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -239,7 +239,8 @@ class DuoLoRAObjective:
                     terms[term] = F.mse_loss(pred.float(), targets[term].float())
         if w["prior"] != 0:
             c = self.config
-            terms["prior"] = layer_prior_loss(self.merger, self.roles, c.prior_loss_kind, c.kappa, c.nu, c.margin)
+            terms["prior"] = layer_prior_loss(self.merger, self.roles, c.prior_loss_kind, c.kappa, c.nu, c.margin,
+                                              c.prior_push)
         if w["similarity"] != 0:
             terms["similarity"] = similarity_loss(self.merger)
 

@@ -12,7 +12,7 @@ import zlib
 
 import torch
 
-from .config import PRIOR_LOSS_KINDS
+from .config import PRIOR_LOSS_KINDS, PRIOR_PUSHES
 from .mergers import OUT, RANK, MergedLayer, Merger
 from .sdxl import CONTENT, STYLE, prior_role
 
@@ -121,6 +121,7 @@ def layer_prior_loss(
     kappa: float = 1.0,
     nu: float = 1.0,
     margin: float = 0.2,
+    push: str = "both",
 ) -> torch.Tensor:
     """The rank-constraint loss L_prior, mean over prior layers (METHOD.md §3, "Rank constraint").
 
@@ -132,7 +133,9 @@ def layer_prior_loss(
     not depend on the LoRAs' ranks, on how a file factors ΔW (zero-padded or split components), on the
     number of prior layers (a mean) or on the loss scale — once the dominant LoRA keeps ``margin`` more of its
     nuclear norm than the other, the penalty and its gradient are zero and reconstruction alone decides
-    (an exact penalty: the same end state for any ν·λ_prior large enough). κ is not used.
+    (an exact penalty: the same end state for any ν·λ_prior large enough). κ is not used. ``push="dominant"``
+    stops the gradient through ρ_other: the prior then only strengthens the block's own LoRA (masks may exceed
+    1) and never weakens the other one; ``push="both"`` moves both.
 
     ``kind="hinge"``: METHOD.md §3 literally, L = κ·‖m_dom‖₁ + ν·max(0, ‖m_other‖₁ − ‖m_dom‖₁ + margin)
     (the nuclear norm of diag(m) is ‖m‖₁). With κ = ν it equals κ·max(‖m_dom‖₁, ‖m_other‖₁ + margin): blind
@@ -145,12 +148,17 @@ def layer_prior_loss(
     """
     if kind not in PRIOR_LOSS_KINDS:
         raise ValueError(f"prior loss kind {kind!r} is not one of {', '.join(PRIOR_LOSS_KINDS)}")
+    if push not in PRIOR_PUSHES:
+        raise ValueError(f"prior push {push!r} is not one of {', '.join(PRIOR_PUSHES)}")
     terms = []
     for layer, role in prior_layers(merger, roles):
         dom, other = _dominant(layer, role)
         if kind == "share_hinge":
             d, o = ("c", "s") if role == CONTENT else ("s", "c")
-            terms.append(nu * torch.relu(kept_share(layer, o) - kept_share(layer, d) + margin))
+            rho_other = kept_share(layer, o)
+            if push == "dominant":
+                rho_other = rho_other.detach()
+            terms.append(nu * torch.relu(rho_other - kept_share(layer, d) + margin))
             continue
         l1_dom = dom.abs().sum()
         if kind == "hinge":

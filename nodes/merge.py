@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 from .. import duolora
 from ..duolora import engine, formats, report
-from ..duolora.config import CYCLE_SCALES, METHODS, PRIOR_LOSS_KINDS, MergeConfig
+from ..duolora.config import CYCLE_SCALES, METHODS, PRIOR_LOSS_KINDS, PRIOR_PUSHES, MergeConfig
 from ..duolora.optimize import MergeResult
 from ..duolora.sdxl import PRESET_NAMES
 from . import comfy_bridge as bridge
@@ -101,6 +101,10 @@ class ZipRankMerge(io.ComfyNode):
                                        "released code's L2 form."),
                 _float("margin", d.margin, "Margin δ of the prior hinge: for share_hinge, how much more of its "
                                            "nuclear norm the block's own LoRA keeps than the other.", hi=10.0),
+                io.Combo.Input("prior_push", options=list(PRIOR_PUSHES), default=d.prior_push,
+                               tooltip="share_hinge in paper mode: both = the prior may lower the other LoRA "
+                                       "and raise the block's own; dominant = it only raises the block's own "
+                                       "LoRA (never weakens the other)."),
                 io.Int.Input("constyle_iterations", default=d.constyle_iterations, min=0, max=8,
                              tooltip="Constyle cycle round trips (1 = the paper, 0 = off)."),
                 io.Combo.Input("cycle_scale", options=list(CYCLE_SCALES), default=d.cycle_scale,
@@ -154,6 +158,7 @@ class ZipRankMerge(io.ComfyNode):
                 seed: int = _DEFAULTS.seed, prior_preset: str = _DEFAULTS.prior_preset, custom_prior: str = "",
                 prior_init: bool = _DEFAULTS.prior_init, prior_loss: bool = _DEFAULTS.prior_loss,
                 prior_loss_kind: str = _DEFAULTS.prior_loss_kind, margin: float = _DEFAULTS.margin,
+                prior_push: str = _DEFAULTS.prior_push,
                 constyle_iterations: int = _DEFAULTS.constyle_iterations, cycle_scale: str = _DEFAULTS.cycle_scale,
                 lambda_cyc: float = _DEFAULTS.lambda_cyc, lambda_rev: float = _DEFAULTS.lambda_rev,
                 lambda_prior: float = _DEFAULTS.lambda_prior, lambda_sim: float = -1.0,
@@ -167,6 +172,7 @@ class ZipRankMerge(io.ComfyNode):
             lr=float(learning_rate),
             seed=int(seed), prior_preset=prior_preset, custom_prior=custom_prior, prior_init=bool(prior_init),
             prior_loss=bool(prior_loss), prior_loss_kind=prior_loss_kind, margin=float(margin),
+            prior_push=prior_push,
             constyle_iterations=int(constyle_iterations), cycle_scale=cycle_scale,
             lambda_cyc=float(lambda_cyc), lambda_rev=float(lambda_rev), lambda_prior=float(lambda_prior),
             lambda_sim=None if lambda_sim < 0 else float(lambda_sim), prune_threshold=float(prune_threshold),

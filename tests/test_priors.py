@@ -236,3 +236,18 @@ def test_share_prior_gives_each_block_its_own_lora() -> None:
                 for layer, role in prior_layers(merger, PAPER)]
     assert sum(dominant) / len(dominant) > 0.9
     assert result.history["prior"][-1] < result.history["prior"][0] / 2
+
+
+def test_share_prior_pushing_only_the_dominant_lora_leaves_the_other_alone() -> None:
+    merger = _two_layer_merger()
+    loss = layer_prior_loss(merger, PAPER, "share_hinge", nu=1.0, margin=0.9, push="dominant")
+    both = layer_prior_loss(_two_layer_merger(), PAPER, "share_hinge", nu=1.0, margin=0.9, push="both")
+    assert loss.item() == pytest.approx(both.item(), abs=1e-7) and loss.item() > 0  # same value, other gradient
+    loss.backward()
+    cl = merger.layer("middle_block.1.transformer_blocks.0.attn1.to_q")
+    sl = merger.layer("input_blocks.4.1.transformer_blocks.0.attn1.to_q")
+    # Only the block's own LoRA moves (content in the content layer, style in the style layer), upwards.
+    assert torch.equal(cl.m_s.grad, torch.zeros(4)) and torch.equal(sl.m_c.grad, torch.zeros(4))
+    assert float(cl.m_c.grad.sum()) < 0 and float(sl.m_s.grad.sum()) < 0
+    with pytest.raises(ValueError, match="prior push 'up' is not one of both, dominant"):
+        layer_prior_loss(merger, PAPER, "share_hinge", push="up")

@@ -101,6 +101,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dev: share priors + Constyle matched λ 0.3": {"mode": "paper", "method": "ziprank", **_SHARE,
                                                    "constyle_iterations": 1, "cycle_scale": "matched",
                                                    "lambda_cyc": 0.3, "lambda_rev": 0.3},
+    "dev: share priors push dominant δ 0.2 + Constyle matched λ 0.3": {
+        "mode": "paper", "method": "ziprank", **_SHARE, "prior_push": "dominant", "constyle_iterations": 1,
+        "cycle_scale": "matched", "lambda_cyc": 0.3, "lambda_rev": 0.3},
+    "dev: share priors push dominant δ 0.4 + Constyle matched λ 0.3": {
+        "mode": "paper", "method": "ziprank", **_SHARE, "prior_push": "dominant", "margin": 0.4,
+        "constyle_iterations": 1, "cycle_scale": "matched", "lambda_cyc": 0.3, "lambda_rev": 0.3},
+    "dev: share priors + Constyle matched λ 1": {"mode": "paper", "method": "ziprank", **_SHARE,
+                                                 "constyle_iterations": 1, "cycle_scale": "matched",
+                                                 "lambda_cyc": 1.0, "lambda_rev": 1.0},
+    "dev: weights-only, share priors, keep 10": {"mode": "weights", "method": "ziprank", **_SHARE, "fast_keep": 10.0},
+    "dev: layer-wise, share priors, keep 10": {"mode": "layerwise", "method": "ziprank", **_SHARE, "fast_keep": 10.0},
+    "dev: layer-wise + 10 %, share priors push dominant, keep 10": {
+        "mode": "layerwise+paper", "method": "ziprank", **_SHARE, "prior_push": "dominant", "fast_keep": 10.0,
+        "constyle_iterations": 0, "steps_fraction": 0.1},
     "dev: weights-only, share priors, keep 0": {"mode": "weights", "method": "ziprank", **_SHARE, "fast_keep": 0.0},
     "dev: weights-only, share priors, keep 1": {"mode": "weights", "method": "ziprank", **_SHARE, "fast_keep": 1.0},
     "dev: layer-wise, share priors, keep 0": {"mode": "layerwise", "method": "ziprank", **_SHARE, "fast_keep": 0.0},
@@ -190,12 +204,19 @@ def merge_widgets(host, row: str, merge_steps: int) -> dict[str, Any]:
     return {k: v for k, v in resolved.items() if not isinstance(v, list) and k != "seed"}
 
 
+_NEUTRAL_WIDGETS: dict[str, Any] = {"prior_push": "both"}
+
+
 def run_key(host, row: str, merge_steps: int) -> str:
     """The cache key of a row's runs: its slug for the rows without a merge, else ``m`` + a hash of every
     resolved merge widget (so equal configurations share runs whatever the row is called)."""
     if all_rows()[row] is None:
         return slug(row)
-    blob = json.dumps(merge_widgets(host, row, merge_steps), sort_keys=True)
+    widgets = merge_widgets(host, row, merge_steps)
+    # Widgets the node gained after runs were cached, at the value that reproduces the older behaviour, do not
+    # enter the key (so adding a widget does not invalidate every cached run).
+    widgets = {k: v for k, v in widgets.items() if _NEUTRAL_WIDGETS.get(k, object()) != v}
+    blob = json.dumps(widgets, sort_keys=True)
     return "m" + hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
