@@ -102,8 +102,9 @@ def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-prior-loss", action="store_true",
                    help="leave out the priors' rank-constraint term (the masks then only reconstruct)")
     p.add_argument("--prior-loss-kind", choices=PRIOR_LOSS_KINDS, default=d.prior_loss_kind,
-                   help="hinge: κ‖m_dom‖₁ + ν·max(0, ‖m_other‖₁ − ‖m_dom‖₁ + margin); code_compat: the released "
-                        "code's L2 form")
+                   help="share_hinge: ν·max(0, ρ_other − ρ_dom + margin), ρ the kept share of each LoRA's nuclear "
+                        "norm; hinge: κ‖m_dom‖₁ + ν·max(0, ‖m_other‖₁ − ‖m_dom‖₁ + margin) (METHOD.md §3 "
+                        "literally); code_compat: the released code's L2 form")
     p.add_argument("--lambda-prior", type=float, default=d.lambda_prior,
                    help="weight of the prior term (per layer, in units of the layer's lost reconstruction)")
     p.add_argument("--kappa", type=float, default=d.kappa, help="κ: weight of the dominant mask's L1 norm")
@@ -114,8 +115,14 @@ def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lambda-style", type=float, default=d.lambda_style, help="weight of the style reconstruction term")
     p.add_argument("--lambda-sim", type=float, default=None,
                    help="weight of the mask-similarity term mean|m_c ⊙ m_s| (default: the method's, 0 for ziprank)")
+    p.add_argument("--fast-keep", type=float, default=d.fast_keep,
+                   help="γ of the keep term γ·Σ shareᵢ·(1 − mᵢ)²: holds each LoRA's strongest singular directions "
+                        "near full strength (0: pure per-layer reconstruction, which halves overlapping LoRAs)")
     p.add_argument("--prune-threshold", type=float, default=DEFAULT_PRUNE_THRESHOLD,
-                   help="rank components with |mask| below this are dropped from the file (adaptive rank)")
+                   help="rank components with |mask| below this are dropped from the file")
+    p.add_argument("--max-rank", type=int, default=d.max_rank,
+                   help="rank budget: keep at most this many components of each LoRA per learned layer, the "
+                        "strongest by σ·|mask| (0: no budget)")
     p.add_argument("--w-c", type=float, default=d.w_c,
                    help="content weight of the layers merged as a plain sum (text encoders, layers out of scope)")
     p.add_argument("--w-s", type=float, default=d.w_s, help="style weight of the layers merged as a plain sum")
@@ -178,6 +185,7 @@ def _merge(args: argparse.Namespace) -> int:
             prior_loss_kind=args.prior_loss_kind, kappa=args.kappa, nu=args.nu, margin=args.margin,
             lambda_content=args.lambda_content, lambda_style=args.lambda_style, lambda_prior=args.lambda_prior,
             lambda_sim=args.lambda_sim, prune_threshold=args.prune_threshold, w_c=args.w_c, w_s=args.w_s,
+            fast_keep=args.fast_keep, max_rank=args.max_rank,
         )
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
         if dtype is None:  # auto: the content file's dtype (formats.output_dtype: never float8)
