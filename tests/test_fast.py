@@ -271,3 +271,43 @@ def test_layerwise_mode_beats_the_direct_merge_on_a_real_denoiser() -> None:
         merged = reconstruction(den)
     # Measured (seed 0): direct 0.0580 -> layer-wise 0.0262 (paper mode, 100 steps: 0.0177). Demand 1.8×.
     assert direct / merged >= 1.8, (direct, merged)
+
+
+@pytest.mark.parametrize("basis", ["svd", "raw"])
+def test_batched_weights_quadratics_equal_the_per_layer_ones(basis: str, tiny_layout) -> None:
+    content, style = (synthetic_lora(tiny_layout, rank=r, seed=sd, std=0.2) for r, sd in ((5, 21), (3, 22)))
+    config = MergeConfig(basis=basis)
+    merger = build_merger("ziprank", content, style, config)
+    layers = merger.learned_layers()
+    batched = solver.weights_quadratics(layers, basis == "svd", batch=7)  # groups split across batches too
+    worst = 0.0
+    for layer, q in zip(layers, batched):
+        single = solver.weights_quadratic(layer, basis == "svd")
+        assert (q.name, q.r_c, q.r_s) == (layer.name, 5, 3)
+        for a, b in ((q.P_c, single.P_c), (q.P_s, single.P_s)):
+            worst = max(worst, float((a - b).abs().max() / b.abs().max()))
+    # Float32 products, batched or not: equal to float32 rounding.
+    assert worst <= 1e-6, worst
+
+
+@pytest.mark.parametrize("kind", ["hinge", "code_compat"])
+def test_solver_history_is_the_mean_of_the_per_layer_objective(kind: str, tiny_layout) -> None:
+    content, style = (synthetic_lora(tiny_layout, rank=r, seed=sd, std=0.2) for r, sd in ((4, 31), (6, 32)))
+    config = MergeConfig(prior_loss_kind=kind, margin=0.3, lambda_sim=0.05, prior_preset="code_literal")
+    merger = build_merger("ziprank", content, style, config)
+    result = solver.solve_weights(merger, config)
+    terms = solver._Terms.from_config(config)
+    roles = config.roles()
+    per_layer: dict[str, list[list[float]]] = {}
+    for layer in merger.learned_layers():
+        quad = solver.weights_quadratic(layer)
+        role = prior_role(layer.name, roles)
+        for point, masks in enumerate(((torch.ones(4), torch.ones(6)), (layer.m_c, layer.m_s))):
+            for k, v in solver.layer_objective(quad, role, *masks, terms).items():
+                per_layer.setdefault(k, [[], []])[point].append(v)
+    assert set(result.history) == set(per_layer) == {"content", "style", "prior", "similarity", "total"}
+    # Both prior layers and layers without a role are in the mean.
+    assert 0 < sum(v > 0 for v in per_layer["prior"][1]) < len(per_layer["prior"][1])
+    for k, (before, after) in per_layer.items():
+        expected = [sum(before) / len(before), sum(after) / len(after)]
+        assert result.history[k] == pytest.approx(expected, rel=1e-10, abs=1e-14), k
