@@ -158,8 +158,8 @@ def run_merge(
     Returns a ``MergeResult`` with the merger (None when streamed), ``history`` (per paper step, or the fast
     objective before and after the solve), ``steps_done``, ``cancelled``, ``config`` (the one it ran with),
     ``merged`` (the export: rank r_c + r_s per layer minus pruned components; float32 factors in memory, in
-    the output dtype when streamed to a file; None after a cancelled stream), ``total_components``, ``path`` (with ``output``) and ``wall_seconds``.
-    ``iterations`` caps the fast solver's steps; ``chunk_layers`` and ``layout`` (the model family files are
+    the output dtype when streamed to a file; None after a cancelled stream), ``total_components``, ``path``
+    (with ``output``) and ``wall_seconds``. ``iterations`` caps the fast solver's steps; ``chunk_layers`` and ``layout`` (the model family files are
     checked against) apply to file sources. See the module docstring for the model hooks, progress and cancel.
 
     Raises ``FastModeError`` for a feature-mask method in a fast mode, ``MissingReferencesError``,

@@ -3,7 +3,9 @@
 One no-grad forward pass per reference image, batched over a few noise levels, with the content-only model on
 the content references and the style-only model on the style references (the target branches of the paper's
 L_c and L_s). Forward pre-hooks on the patched modules keep, per learned layer, only the r×r statistics
-K = Σ_tokens h·hᵀ with h = [A_c; A_s]·x — never the in×in second moment of the inputs.
+K = Σ_tokens h·hᵀ with h = [A_c; A_s]·x — never the in×in second moment of the inputs. The sums stay on the
+model's device (float64) for the whole pass, so no hook waits for the device; they reach the CPU together
+when the pass is over (``ActivationRecorder.statistics``).
 """
 
 from __future__ import annotations
@@ -88,7 +90,9 @@ class ActivationRecorder:
                 h = h.permute(0, 2, 3, 1).reshape(-1, A.shape[0])
             else:
                 h = F.linear(x, A).reshape(-1, A.shape[0])
-            k = (h.T @ h).double().cpu()
+            # Accumulated on the model's device (float64): no host sync per layer and call; ``statistics``
+            # moves every sum to the CPU in one transfer after the pass.
+            k = (h.T @ h).double()
             acc = self.sums.setdefault(name, {})
             acc[self.side] = acc[self.side] + k if self.side in acc else k
             cnt = self.tokens.setdefault(name, {})
@@ -97,15 +101,29 @@ class ActivationRecorder:
         return hook
 
     def statistics(self) -> dict[str, LayerActivations]:
-        """Per recorded layer: K_c, K_s as means over tokens (E[x xᵀ] projected), and the token counts."""
+        """Per recorded layer: K_c, K_s as means over tokens (E[x xᵀ] projected), float64 on the CPU, and the
+        token counts. The sums come to the CPU in one transfer per device and matrix size."""
+        sums = _to_cpu({(name, side): k for name, acc in self.sums.items() for side, k in acc.items()})
         out = {}
         for name, acc in self.sums.items():
             if "content" not in acc or "style" not in acc:
                 continue
             cnt = self.tokens[name]
-            out[name] = LayerActivations(acc["content"] / cnt["content"], acc["style"] / cnt["style"],
-                                         cnt["content"], cnt["style"])
+            out[name] = LayerActivations(sums[name, "content"] / cnt["content"],
+                                         sums[name, "style"] / cnt["style"], cnt["content"], cnt["style"])
         return out
+
+
+def _to_cpu(tensors: Mapping[tuple[str, str], torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
+    """The tensors on the CPU, stacked by (device, shape) so each group crosses to the host in one copy."""
+    groups: dict[tuple, list[tuple[str, str]]] = {}
+    for key, t in tensors.items():
+        groups.setdefault((t.device, tuple(t.shape)), []).append(key)
+    out = {}
+    for keys in groups.values():
+        for key, t in zip(keys, torch.stack([tensors[k] for k in keys]).cpu().unbind(0)):
+            out[key] = t
+    return out
 
 
 def reference_sigmas(denoiser: Denoiser, count: int, generator: torch.Generator) -> torch.Tensor:

@@ -69,7 +69,7 @@ import torch
 
 from .config import MergeConfig
 from .lora import LoRA
-from .mergers import RANK, MergedLayer, Merger, MergerError, build_merger, svd_refactor
+from .mergers import RANK, SVD_BATCH, MergedLayer, Merger, MergerError, build_merger, svd_refactor_many
 from .optimize import MergeResult
 from .sdxl import CONTENT, STYLE, prior_role
 
@@ -154,23 +154,23 @@ def _rank_layer(layer: MergedLayer) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 def _block_gram(x_c: torch.Tensor, x_s: torch.Tensor, diagonal_blocks: bool) -> torch.Tensor:
-    """[x_c | x_s]ᵀ·[x_c | x_s] as float64 (n, n); x_c (d, r_c), x_s (d, r_s).
+    """[x_c | x_s]ᵀ·[x_c | x_s] as float64 (…, n, n); x_c (…, d, r_c), x_s (…, d, r_s) (leading dims: a batch).
 
     ``diagonal_blocks``: the columns of each part are orthogonal (SVD basis), so its own block is the
     diagonal of squared column norms and only the cross block needs a product (a quarter of the work).
     """
-    r_c = x_c.shape[1]
-    n = r_c + x_s.shape[1]
-    g = torch.zeros(n, n, dtype=torch.float64, device=x_c.device)
-    cross = (x_c.T @ x_s).double()
-    g[:r_c, r_c:] = cross
-    g[r_c:, :r_c] = cross.T
+    r_c = x_c.shape[-1]
+    n = r_c + x_s.shape[-1]
+    g = torch.zeros(*x_c.shape[:-2], n, n, dtype=torch.float64, device=x_c.device)
+    cross = (x_c.transpose(-1, -2) @ x_s).double()
+    g[..., :r_c, r_c:] = cross
+    g[..., r_c:, :r_c] = cross.transpose(-1, -2)
     if diagonal_blocks:
-        g[:r_c, :r_c] = torch.diag(x_c.square().sum(0).double())
-        g[r_c:, r_c:] = torch.diag(x_s.square().sum(0).double())
+        g[..., :r_c, :r_c] = torch.diag_embed(x_c.square().sum(-2).double())
+        g[..., r_c:, r_c:] = torch.diag_embed(x_s.square().sum(-2).double())
     else:
-        g[:r_c, :r_c] = (x_c.T @ x_c).double()
-        g[r_c:, r_c:] = (x_s.T @ x_s).double()
+        g[..., :r_c, :r_c] = (x_c.transpose(-1, -2) @ x_c).double()
+        g[..., r_c:, r_c:] = (x_s.transpose(-1, -2) @ x_s).double()
     return g
 
 
@@ -180,18 +180,40 @@ def weights_quadratic(layer: MergedLayer, svd_basis: bool = True) -> LayerQuadra
     ``svd_basis``: the layer's factors are already in the SVD basis (``ZipRankMerger(basis="svd")``), so
     A'_c = A_c and the self Grams are diagonal. Otherwise A'_c, A'_s are computed with ``svd_refactor``.
     """
-    B_c, A_c, B_s, A_s = _rank_layer(layer)
-    r_c = A_c.shape[0]
-    H = _block_gram(B_c, B_s, svd_basis)
-    if svd_basis:
-        G = _block_gram(A_c.T, A_s.T, True)  # A·Aᵀ
-        g_c, g_s = G[:, :r_c], G[:, r_c:]
-    else:
-        A = torch.cat([A_c, A_s])
-        g_c = (A @ svd_refactor(B_c, A_c)[1].to(A).T).double()
-        g_s = (A @ svd_refactor(B_s, A_s)[1].to(A).T).double()
-    return LayerQuadratic(layer.name, r_c, A_s.shape[0], (H * (g_c @ g_c.T)).cpu(), (H * (g_s @ g_s.T)).cpu(),
-                          *_sigmas(layer))
+    return weights_quadratics([layer], svd_basis)[0]
+
+
+def weights_quadratics(layers: Sequence[MergedLayer], svd_basis: bool = True,
+                       batch: int = SVD_BATCH) -> list[LayerQuadratic]:
+    """``weights_quadratic`` of every layer, in order; layers of equal factor shapes (and device) share
+    batched products, up to ``batch`` layers at a time (SDXL's 560 attention layers come in 4 shapes)."""
+    groups: dict[tuple, list[int]] = {}
+    factors = [_rank_layer(layer) for layer in layers]
+    for i, f in enumerate(factors):
+        groups.setdefault((*(tuple(t.shape) for t in f), f[0].device), []).append(i)
+    out: list[LayerQuadratic | None] = [None] * len(layers)
+    for idx in groups.values():
+        for lo in range(0, len(idx), max(1, int(batch))):
+            part = idx[lo:lo + max(1, int(batch))]
+            B_c, A_c, B_s, A_s = (torch.stack([factors[i][k] for i in part]) for k in range(4))
+            r_c = A_c.shape[1]
+            H = _block_gram(B_c, B_s, svd_basis)
+            if svd_basis:
+                G = _block_gram(A_c.transpose(1, 2), A_s.transpose(1, 2), True)  # A·Aᵀ
+                g_c, g_s = G[..., :r_c], G[..., r_c:]
+            else:
+                A = torch.cat([A_c, A_s], dim=1)
+                refactored = svd_refactor_many([(factors[i][0], factors[i][1]) for i in part]
+                                               + [(factors[i][2], factors[i][3]) for i in part])
+                a_c = torch.stack([a for _, a in refactored[:len(part)]]).to(A)
+                a_s = torch.stack([a for _, a in refactored[len(part):]]).to(A)
+                g_c = (A @ a_c.transpose(1, 2)).double()
+                g_s = (A @ a_s.transpose(1, 2)).double()
+            P_c = (H * (g_c @ g_c.transpose(1, 2))).cpu()
+            P_s = (H * (g_s @ g_s.transpose(1, 2))).cpu()
+            for j, i in enumerate(part):
+                out[i] = LayerQuadratic(layers[i].name, r_c, A_s.shape[1], P_c[j], P_s[j], *_sigmas(layers[i]))
+    return out  # type: ignore[return-value]
 
 
 @dataclass
@@ -375,8 +397,9 @@ def _lipschitz(P: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def _matvec(P: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    # (P·m[:, None, :]).sum(-1) is ~2.5× faster than a batched matrix-vector product on the CPU.
-    return (P * m[:, None, :]).sum(-1)
+    """P·m per layer for symmetric P (L, n, n), m (L, n): computed as mᵀ·P, a batched row-vector product, which
+    on the CPU is ~1.5× faster than (P·m[:, None, :]).sum(-1) and ~6× faster than a batched P·m."""
+    return torch.bmm(m[:, None, :], P)[:, 0]
 
 
 def _box_qp(g: _Group, lin: torch.Tensor, m: torch.Tensor, iterations: int, tolerance: float,
@@ -482,18 +505,55 @@ def _solve_group(g: _Group, terms: _Terms, iterations: int, tolerance: float) ->
     return torch.where(kink, m, result)
 
 
-def _group_objective(g: _Group, terms: _Terms, m: torch.Tensor, r_c: int) -> dict[str, torch.Tensor]:
-    """Per-layer objective terms (L,) at masks m (L, n): total, prior (unweighted, per entry)."""
-    quad = (m * _matvec(g.P, m)).sum(1) - 2.0 * (g.q * m).sum(1) + g.const
-    if terms.kind == "share_hinge":
-        raw = terms.nu * torch.relu((m * (g.other - g.dom)).sum(1) + terms.margin)
-    elif terms.kind == "hinge":
-        raw = terms.kappa * (m * g.dom).sum(1) + terms.nu * torch.relu(
-            (m * (g.other - g.dom)).sum(1) + terms.margin)
-    else:
-        raw = terms.kappa * (m * g.dom).sum(1) + terms.nu * ((m * g.other).norm(dim=1) - (m * g.dom).norm(dim=1))
-    prior = torch.where(g.w > 0, raw * g.w / max(terms.lam_prior, 1e-300), torch.zeros_like(raw))
-    return {"total": quad + terms.lam_prior * prior, "prior": prior}
+def _mean_objective(problems: Sequence[LayerQuadratic], roles: Sequence[str | None],
+                    masks: Sequence[tuple[torch.Tensor, torch.Tensor]], terms: _Terms) -> dict[str, float]:
+    """The mean over layers of each term of ``layer_objective`` (content, style, prior, similarity, total),
+    computed for layers of equal ranks at once (float64; equal to the per-layer terms to float64 rounding)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, p in enumerate(problems):
+        groups.setdefault((p.r_c, p.r_s), []).append(i)
+    sums: dict[str, float] = {}
+    for (r_c, r_s), idx in groups.items():
+        n, k = r_c + r_s, min(r_c, r_s)
+        P_c = torch.stack([problems[i].P_c for i in idx])
+        P_s = torch.stack([problems[i].P_s for i in idx])
+        m = torch.stack([torch.cat([masks[i][0].detach().double().cpu(), masks[i][1].detach().double().cpu()])
+                         for i in idx])
+        e_c = torch.zeros(n, dtype=torch.float64)
+        e_c[:r_c] = 1.0
+        dc, ds = m - e_c, m - (1.0 - e_c)
+        L_c = (dc * _matvec(P_c, dc)).sum(1)
+        L_s = (ds * _matvec(P_s, ds)).sum(1)
+        scale = P_c[:, :r_c, :r_c].sum((1, 2)) + P_s[:, r_c:, r_c:].sum((1, 2))
+        scale = torch.where(scale != 0, scale, torch.ones_like(scale))
+        # layer_prior on the (dominant, other) parts of prior layers, per dominant entry; 0 elsewhere.
+        content_role = torch.tensor([roles[i] == CONTENT for i in idx])[:, None]
+        has_role = torch.tensor([roles[i] in (CONTENT, STYLE) for i in idx]) & bool(terms.lam_prior)
+        dom = torch.where(content_role, e_c, 1.0 - e_c)
+        a = m.abs()
+        shares = torch.stack([torch.cat(problems[i].shares()) for i in idx])
+        if terms.kind == "share_hinge":
+            rho_dom, rho_other = (a * shares * dom).sum(1), (a * shares * (1.0 - dom)).sum(1)
+            raw = terms.nu * torch.relu(rho_other - rho_dom + terms.margin)
+            per_entry = torch.ones_like(raw)  # already a fraction of each LoRA
+        else:
+            l1_dom, l1_other = (a * dom).sum(1), (a * (1.0 - dom)).sum(1)
+            if terms.kind == "hinge":
+                raw = terms.kappa * l1_dom + terms.nu * torch.relu(l1_other - l1_dom + terms.margin)
+            elif terms.kind == "code_compat":
+                raw = terms.kappa * l1_dom + terms.nu * ((m * (1.0 - dom)).norm(dim=1) - (m * dom).norm(dim=1))
+            else:
+                raise ValueError(f"prior loss kind {terms.kind!r} is not one of share_hinge, hinge, code_compat")
+            per_entry = dom.sum(1)
+        prior = torch.where(has_role, raw / per_entry, torch.zeros_like(raw))
+        sim = (m[:, :k] * m[:, r_c:r_c + k]).abs().mean(1) if k else torch.zeros(len(idx), dtype=torch.float64)
+        keep = (shares * (1.0 - m) ** 2).sum(1) if terms.keep else torch.zeros(len(idx), dtype=torch.float64)
+        recon = (terms.lam_c * L_c + terms.lam_s * L_s) / scale
+        group = {"content": L_c / scale, "style": L_s / scale, "prior": prior, "similarity": sim, "keep": keep,
+                 "total": recon + terms.lam_prior * prior + terms.lam_sim * sim + terms.keep * keep}
+        for key, value in group.items():
+            sums[key] = sums.get(key, 0.0) + float(value.sum())
+    return {key: value / len(problems) for key, value in sums.items()}
 
 
 def solve_quadratics(problems: Sequence[LayerQuadratic], roles: Sequence[str | None], config: MergeConfig,
@@ -531,18 +591,14 @@ def _apply(merger: Merger, problems: list[LayerQuadratic], config: MergeConfig, 
     roles = [prior_role(p.name, roles_map) for p in problems]
     masks = solve_quadratics(problems, roles, config, iterations)
     terms = _Terms.from_config(config)
-    before: dict[str, list[float]] = {}
-    after: dict[str, list[float]] = {}
+    ones = [(torch.ones(p.r_c), torch.ones(p.r_s)) for p in problems]
     with torch.no_grad():
-        for p, role, (m_c, m_s) in zip(problems, roles, masks):
-            ones_c, ones_s = torch.ones(p.r_c), torch.ones(p.r_s)
-            for acc, (a, b) in ((before, (ones_c, ones_s)), (after, (m_c, m_s))):
-                for k, v in layer_objective(p, role, a, b, terms).items():
-                    acc.setdefault(k, []).append(v)
+        before, after = _mean_objective(problems, roles, ones, terms), _mean_objective(problems, roles, masks, terms)
+        for p, (m_c, m_s) in zip(problems, masks):
             layer = merger.layer(p.name)
             layer.m_c.copy_(m_c.to(layer.m_c.device))
             layer.m_s.copy_(m_s.to(layer.m_s.device))
-    history = {k: [sum(before[k]) / len(before[k]), sum(after[k]) / len(after[k])] for k in after}
+    history = {k: [before[k], after[k]] for k in after}
     return MergeResult(merger=merger, history=history, steps_done=0, cancelled=False,
                        wall_seconds=time.perf_counter() - start)
 
@@ -557,7 +613,7 @@ def solve_weights(merger: Merger, config: MergeConfig, iterations: int = SOLVER_
     layers = _learned_rank_layers(merger, "weights")
     svd_basis = getattr(merger, "basis", "svd") == "svd"
     with torch.no_grad():
-        problems = [weights_quadratic(layer, svd_basis) for layer in layers]
+        problems = weights_quadratics(layers, svd_basis)
     return _apply(merger, problems, config, start, iterations)
 
 

@@ -290,3 +290,86 @@ def test_share_prior_and_keep_term_in_the_fast_solver() -> None:
     assert results["share"][1] <= results["share"][0] - 0.3 + 1e-3, results
     # Without priors the per-layer solve shrinks both LoRAs; a heavy keep term holds both near full strength.
     assert min(results["none"]) < 0.9 and min(results["keep"]) > 0.95, results
+
+
+@pytest.mark.parametrize("basis", ["svd", "raw"])
+def test_batched_weights_quadratics_equal_the_per_layer_ones(basis: str, tiny_layout) -> None:
+    content, style = (synthetic_lora(tiny_layout, rank=r, seed=sd, std=0.2) for r, sd in ((5, 21), (3, 22)))
+    config = MergeConfig(basis=basis)
+    merger = build_merger("ziprank", content, style, config)
+    layers = merger.learned_layers()
+    batched = solver.weights_quadratics(layers, basis == "svd", batch=7)  # groups split across batches too
+    worst = 0.0
+    for layer, q in zip(layers, batched):
+        single = solver.weights_quadratic(layer, basis == "svd")
+        assert (q.name, q.r_c, q.r_s) == (layer.name, 5, 3)
+        for a, b in ((q.P_c, single.P_c), (q.P_s, single.P_s)):
+            worst = max(worst, float((a - b).abs().max() / b.abs().max()))
+    # Float32 products, batched or not: equal to float32 rounding.
+    assert worst <= 1e-6, worst
+
+
+@pytest.mark.parametrize("kind", ["hinge", "code_compat"])
+def test_solver_history_is_the_mean_of_the_per_layer_objective(kind: str, tiny_layout) -> None:
+    content, style = (synthetic_lora(tiny_layout, rank=r, seed=sd, std=0.2) for r, sd in ((4, 31), (6, 32)))
+    config = MergeConfig(prior_loss_kind=kind, margin=0.3, lambda_sim=0.05, prior_preset="code_literal")
+    merger = build_merger("ziprank", content, style, config)
+    result = solver.solve_weights(merger, config)
+    terms = solver._Terms.from_config(config)
+    roles = config.roles()
+    per_layer: dict[str, list[list[float]]] = {}
+    for layer in merger.learned_layers():
+        quad = solver.weights_quadratic(layer)
+        role = prior_role(layer.name, roles)
+        for point, masks in enumerate(((torch.ones(4), torch.ones(6)), (layer.m_c, layer.m_s))):
+            for k, v in solver.layer_objective(quad, role, *masks, terms).items():
+                per_layer.setdefault(k, [[], []])[point].append(v)
+    assert set(result.history) == set(per_layer) == {"content", "style", "prior", "similarity", "total"}
+    # Both prior layers and layers without a role are in the mean.
+    assert 0 < sum(v > 0 for v in per_layer["prior"][1]) < len(per_layer["prior"][1])
+    for k, (before, after) in per_layer.items():
+        expected = [sum(before) / len(before), sum(after) / len(after)]
+        assert result.history[k] == pytest.approx(expected, rel=1e-10, abs=1e-14), k
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_recorder_keeps_its_sums_on_the_models_device_until_the_pass_ends(kind: str) -> None:
+    """No host transfer per layer and call: on the ``meta`` device (where a copy to the CPU is impossible, so
+    any per-call ``.cpu()`` raises) the hooks run and every sum stays on the model's device; ``statistics``
+    then brings all sums to the CPU at once, equal to the sums of the per-call projections."""
+    if kind == "linear":
+        module, shape, name, x = nn.Linear(20, 16), (16, 20), Q, torch.randn(3, 11, 20)
+    else:
+        module, shape, name, x = nn.Conv2d(6, 8, 3, stride=2, padding=1), (8, 6, 3, 3), CONV, torch.randn(2, 6, 9, 9)
+    c, s = random_pair(shape, 4, 3, seed=4)
+    merger = one_layer_merger(name, c, s, "svd")
+    with torch.no_grad(), recording.ActivationRecorder(merger, {name: module.to("meta")}) as rec:
+        for side in ("content", "style", "content"):
+            rec.set_side(side)
+            module(x.to("meta"))
+    assert {t.device.type for acc in rec.sums.values() for t in acc.values()} == {"meta"}
+    assert rec.tokens[name] == {"content": 2 * rec.tokens[name]["style"], "style": rec.tokens[name]["style"]}
+
+    module.to_empty(device="cpu")
+    torch.nn.init.normal_(module.weight)
+    g = torch.Generator().manual_seed(5)
+    calls = [(side, torch.randn(x.shape, generator=g)) for side in ("content", "style", "content")]
+    with torch.no_grad(), recording.ActivationRecorder(merger, {name: module}) as rec:
+        for side, xi in calls:
+            rec.set_side(side)
+            module(xi)
+    stats = rec.statistics()[name]
+    assert stats.K_c.device.type == "cpu" and stats.K_c.dtype == torch.float64
+    # The same projections summed call by call (what the recorder kept on the CPU before): bit for bit.
+    A = torch.cat([merger.layers[0].A_c, merger.layers[0].A_s])
+    expected: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for side, xi in calls:
+            if kind == "linear":
+                h = F.linear(xi, A).reshape(-1, A.shape[0])
+            else:
+                h = F.conv2d(xi, A.reshape(A.shape[0], 6, 3, 3), None, 2, 1).permute(0, 2, 3, 1).reshape(-1, 7)
+            k = (h.T @ h).double()
+            expected[side] = expected[side] + k if side in expected else k
+    assert torch.equal(stats.K_c, expected["content"] / stats.tokens_c)
+    assert torch.equal(stats.K_s, expected["style"] / stats.tokens_s)
