@@ -81,7 +81,8 @@ _LITERAL = {"prior_preset": "paper", "prior_init": True, "prior_loss": True, "pr
 _RELEASED = {"prior_preset": "code_literal", "prior_init": False, "prior_loss": True, "prior_loss_kind": "code_compat",
              "lambda_prior": 0.01, "cycle_scale": "fixed", "lambda_cyc": 0.1, "lambda_rev": 0.1}
 _SHARE = {"prior_preset": "paper", "prior_init": False, "prior_loss": True, "prior_loss_kind": "share_hinge",
-          "margin": 0.2, "lambda_prior": 0.1}
+          "margin": 0.2, "lambda_prior": 0.1, "prior_push": "both", "cycle_scale": "fixed", "lambda_cyc": 0.01,
+          "lambda_rev": 0.01}
 # Rows run only when named (--methods): ablations and the variants the dev split chooses among.
 VARIANTS: dict[str, dict[str, Any]] = {
     "DuoLoRA, prior roles swapped": {"mode": "paper", "method": "ziprank", "prior_preset": "custom",
@@ -204,20 +205,68 @@ def merge_widgets(host, row: str, merge_steps: int) -> dict[str, Any]:
     return {k: v for k, v in resolved.items() if not isinstance(v, list) and k != "seed"}
 
 
+# Widgets the node gained after runs were cached, at the value that reproduces the older behaviour.
 _NEUTRAL_WIDGETS: dict[str, Any] = {"prior_push": "both"}
+_PRIOR_WIDGETS = ("prior_init", "prior_loss", "prior_loss_kind", "margin", "prior_push", "lambda_prior", "custom_prior")
+_CYCLE_WIDGETS = ("constyle_iterations", "cycle_scale", "lambda_cyc", "lambda_rev")
+
+
+def effective_widgets(widgets: dict[str, Any]) -> dict[str, Any]:
+    """The merge widgets that can change a run's result: a widget whose value has no effect given the others
+    (Constyle weights with Constyle off, prior weights with no prior, fast-mode knobs in paper mode, …) is left
+    out, and so is a widget added later at its neutral value. Two rows that merge the same way get the same
+    cache key even when they spell irrelevant widgets differently, and changing a default only re-runs the
+    rows it affects."""
+    w = {k: v for k, v in widgets.items() if _NEUTRAL_WIDGETS.get(k, object()) != v}
+    drop: set[str] = set()
+    mode, method = w.get("mode"), w.get("method")
+    if method in ("direct", "b_lora"):  # nothing learned: only the export's settings matter
+        return {k: w[k] for k in ("method", "scope", "prune_threshold", "lora_dtype") if k in w}
+    if w.get("prior_preset") == "none" or (not w.get("prior_loss") and not w.get("prior_init")):
+        drop.update(_PRIOR_WIDGETS, {"prior_preset"})
+    elif not w.get("prior_loss"):
+        drop.update(("prior_loss_kind", "margin", "prior_push", "lambda_prior"))
+    if w.get("prior_loss_kind") != "share_hinge":
+        drop.add("prior_push")
+    if w.get("prior_preset") != "custom":
+        drop.add("custom_prior")
+    if mode in ("weights", "layerwise") or not w.get("constyle_iterations"):
+        drop.update(_CYCLE_WIDGETS)
+    if mode in ("weights", "layerwise"):
+        drop.update(("steps", "learning_rate", "gradient_checkpointing", "prior_init"))
+    if mode == "paper":
+        drop.add("fast_keep")
+    return {k: v for k, v in w.items() if k not in drop}
 
 
 def run_key(host, row: str, merge_steps: int) -> str:
-    """The cache key of a row's runs: its slug for the rows without a merge, else ``m`` + a hash of every
-    resolved merge widget (so equal configurations share runs whatever the row is called)."""
+    """The cache key of a row's runs: its slug for the rows without a merge, else ``m`` + a hash of the merge
+    widgets that take effect (``effective_widgets``), so equal merges share runs whatever the row is called."""
     if all_rows()[row] is None:
         return slug(row)
-    widgets = merge_widgets(host, row, merge_steps)
-    # Widgets the node gained after runs were cached, at the value that reproduces the older behaviour, do not
-    # enter the key (so adding a widget does not invalidate every cached run).
-    widgets = {k: v for k, v in widgets.items() if _NEUTRAL_WIDGETS.get(k, object()) != v}
-    blob = json.dumps(widgets, sort_keys=True)
+    return widgets_key(merge_widgets(host, row, merge_steps))
+
+
+def widgets_key(widgets: dict[str, Any]) -> str:
+    blob = json.dumps(effective_widgets(widgets), sort_keys=True)
     return "m" + hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def migrate_cache(out: Path) -> int:
+    """Rename cached merge runs to the key of their recorded widgets (after a change of ``effective_widgets``);
+    returns how many moved. A run whose new name is taken is left where it is."""
+    moved = 0
+    for path in sorted((out / "runs").glob("*/m*_s*.json")):
+        rec = json.loads(path.read_text())
+        if "merge_widgets" not in rec:
+            continue
+        target = path.parent / f"{widgets_key(rec['merge_widgets'])}_s{rec['seed']}.json"
+        if target != path and not target.exists():
+            path.rename(target)
+            if path.with_suffix(".pt").exists():
+                path.with_suffix(".pt").rename(target.with_suffix(".pt"))
+            moved += 1
+    return moved
 
 
 def run_path(out: Path, pair: Pair, key: str, seed: int) -> Path:
