@@ -260,10 +260,12 @@ class DuoLoRAObjective:
 
         Both a cycle term and its reconstruction term are MSEs of the same merged prediction (ε_m(x_c, p_c)
         for L_cyc and L_c; ε_m(x_s, p_s) for L_rev and L_s) against different targets, so their gradients
-        share the Jacobian and differ by the residual: ‖∇L‖ ∝ √L. Multiplying L_cyc by √(L_c / L_cyc)
-        (detached) makes λ_cyc·(scaled L_cyc) pull on the masks as hard as λ_cyc·L_c — λ becomes a relative
-        weight (1 = as strong as reconstruction), whatever the loss scale of the model. The reported values
-        stay unscaled.
+        share the Jacobian and differ by the residual: ‖∇L‖ ∝ √L to first order. Multiplying L_cyc by
+        √(L_c / L_cyc) (detached) makes λ_cyc·(scaled L_cyc) pull on the masks with the strength of λ_cyc·L_c up
+        to how differently the two residuals project through the Jacobian — λ becomes a relative weight of the
+        same order as reconstruction at 1, whatever the loss scale of the model (measured on the engine's toy:
+        cycle ÷ reconstruction gradient 0.24 at λ = 1 "matched", 0.0025 at the paper's fixed λ = 0.01). The
+        reported values stay unscaled.
         """
         if self.config.cycle_scale != "matched":
             return {}

@@ -77,7 +77,8 @@ def by_hand(objective: str, content, style, model, config: MergeConfig):
 @pytest.mark.parametrize("objective", ["weights_only", "layerwise", "paper", "layerwise_paper"])
 def test_every_mode_is_exactly_its_parts(objective: str) -> None:
     model, content, style = toy_setup()
-    config = MergeConfig(objective=objective, steps=2)
+    # prior_init on, to check that layerwise+paper switches it off (its start is the layer-wise solve).
+    config = MergeConfig(objective=objective, steps=2, prior_init=True)
     toy = ToyModel(model)
     result = engine.run_merge(content, style, config, open_denoiser=toy, references=inputs())
     expected_merger, expected = by_hand(objective, content, style, model, config)

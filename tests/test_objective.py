@@ -24,7 +24,9 @@ from duolora.objective import (
 from duolora.priors import prior_init
 from duolora.sdxl import preset_roles
 
-ALL_ON = MergeConfig(lambda_sim=0.01)
+# Fixed cycle weights: with "matched" scaling a cycle term's weight depends on its reconstruction term, so
+# the terms are not additive (test_matched_cycle_scale_pulls_as_hard_as_reconstruction covers that).
+ALL_ON = MergeConfig(lambda_sim=0.01, cycle_scale="fixed")
 
 
 @pytest.fixture
@@ -234,3 +236,37 @@ def test_new_batch_order_and_constant_paths_change_only_rounding(setup) -> None:
     for term, value in terms["masks"].items():
         assert terms["auto"][term] == pytest.approx(value, rel=1e-5, abs=1e-9), term
     assert float((grads["auto"] - grads["masks"]).norm()) <= 1e-5 * float(grads["masks"].norm())
+
+
+def _term_grad(merger, den, refs, config: MergeConfig, term: str) -> torch.Tensor:
+    """Gradient of the masks from one weighted term of the total loss (the others switched off)."""
+    off = {t: o for t, o in SWITCH_OFF.items() if t != term}
+    if term in ("cycle", "reverse"):  # "matched" needs the reconstruction term beside it: keep it, subtract it
+        rec = "content" if term == "cycle" else "style"
+        off.pop(rec)
+        with_rec = _grads(merger, den, refs, dataclasses.replace(config, **{k: v for o in off.values() for k, v in o.items()}))
+        only_rec = _grads(merger, den, refs, dataclasses.replace(
+            config, **{k: v for o in off.values() for k, v in o.items()}, **SWITCH_OFF[term]))
+        return with_rec - only_rec
+    return _grads(merger, den, refs, dataclasses.replace(config, **{k: v for o in off.values() for k, v in o.items()}))
+
+
+def test_matched_cycle_scale_pulls_as_hard_as_reconstruction(setup) -> None:
+    merger, den, refs = setup
+    matched = MergeConfig(cycle_scale="matched", lambda_cyc=1.0, lambda_rev=1.0, prior_loss=False)
+    fixed = dataclasses.replace(matched, cycle_scale="fixed", lambda_cyc=0.01, lambda_rev=0.01)
+    ratios = {}
+    for label, cfg in (("matched", matched), ("fixed", fixed)):
+        rec = _term_grad(merger, den, refs, cfg, "content").norm()
+        cyc = _term_grad(merger, den, refs, cfg, "cycle").norm()
+        ratios[label] = float(cyc / rec)
+    # The paper's fixed λ = 0.01 leaves the cycle term's pull hundreds of times below reconstruction (measured
+    # here 0.0025; the issue measured ~1/100 on MiniBench); "matched" at λ = 1 brings it to the same order of
+    # magnitude (measured 0.24: the two residuals project differently through the Jacobian, so √(L_rec/L_cyc)
+    # matches the gradients to a factor, not exactly).
+    assert ratios["fixed"] < 0.01, ratios
+    assert 0.1 < ratios["matched"] < 10.0 and ratios["matched"] > 40 * ratios["fixed"], ratios
+    # The reported values stay unscaled.
+    _, t_matched = DuoLoRAObjective(merger, den, refs, matched)(3, torch.Generator().manual_seed(5))
+    _, t_fixed = DuoLoRAObjective(merger, den, refs, fixed)(3, torch.Generator().manual_seed(5))
+    assert t_matched["cycle"] == pytest.approx(t_fixed["cycle"], rel=1e-6)
