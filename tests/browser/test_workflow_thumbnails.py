@@ -1,6 +1,7 @@
-"""The example workflows in ComfyUI's real front end (ComfyUI 0.3.75 + frontend 1.32.9, Debian's Chromium).
+"""The example workflows in ComfyUI's real front end (ComfyUI 0.3.75 + frontend 1.32.9, or $COMFYUI_DIR's tree
+with its own front end, e.g. 0.8.0 + 1.35.9; Debian's Chromium).
 
-ComfyUI 0.3.75 lists custom-node templates at ``GET /workflow_templates`` ({pack folder: [names]}, from
+ComfyUI (0.3.75 and 0.8.0 alike) lists custom-node templates at ``GET /workflow_templates`` ({pack folder: [names]}, from
 ``custom_nodes/*/example_workflows/*.json``) and serves the folder statically under
 ``/api/workflow_templates/<pack folder>/``; the template browser shows ``<name>.jpg`` as the card's picture.
 These tests open workflow 1 the way a user does (Templates -> comfyui-duolora -> the card), check that no
@@ -91,12 +92,14 @@ def test_workflow_1_opens_from_the_template_browser_and_converts_like_the_front_
     s = browser_session
     page = s.page
     page.evaluate("() => { window.comfyAPI.app.app.graph.clear(); }")
+    # Front end 1.32.9 fetches every pack's card pictures when the dialog opens, 1.35.9 only once the pack's
+    # category is chosen: the picture must arrive by the time our cards are on screen, either way.
     with page.expect_response(lambda r: r.url.endswith(f"/api/workflow_templates/{PACK}/{FIRST}.jpg")) as thumb:
         page.locator(".templates-tab-button").first.click()
+        dialog = page.locator(".workflow-template-selector-dialog")
+        dialog.wait_for(state="visible")
+        dialog.get_by_role("button", name=PACK).click()
     assert thumb.value.status == 200
-    dialog = page.locator(".workflow-template-selector-dialog")
-    dialog.wait_for(state="visible")
-    dialog.get_by_role("button", name=PACK).click()
     # Our three cards show our thumbnails (600 px wide; the front end's fallback picture is 224 px).
     page.wait_for_function(
         """() => {
