@@ -1,19 +1,33 @@
-# The two commands of the README. Each sets up the local virtual environment first (idempotent).
+# The two commands of the README. Each sets up the local virtual environment(s) first (idempotent).
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The second test host: a ComfyUI source tree in its own environment (scripts/setup_venv.sh --comfyui).
+# `make test` runs the suite on ComfyUI 0.3.75 (.venv), then on 0.8.0 (CI clones the repository with shared/
+# beside it); `COMFYUI_DIR=/path/to/ComfyUI make test` runs it on that checkout only.
+COMFY_VENV ?= .venv-comfyui
+COMFYUI_08 ?= ../shared/hosts/comfyui-0.8.0
+COMFYUI_TREE := $(or $(COMFYUI_DIR),$(COMFYUI_08))
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup demo test lint bench
+.PHONY: setup setup-comfyui demo test lint bench
 
 setup:
 	@VENV=$(VENV) bash scripts/setup_venv.sh
+
+setup-comfyui:
+	@COMFY_VENV=$(COMFY_VENV) bash scripts/setup_venv.sh --comfyui "$(COMFYUI_TREE)"
 
 # The demo's own output folder: --force replaces the previous run's four files (scripts/demo.py --help).
 demo: setup
 	$(PY) scripts/demo.py --out demo_output --force
 
-test: setup
-	$(PY) -m pytest -q
+# Each host's pytest run prints its wall time (scripts/test_hosts.sh); both run even if the first fails.
+ifeq ($(strip $(COMFYUI_DIR)),)
+test: setup setup-comfyui
+else
+test: setup-comfyui
+endif
+	@VENV=$(VENV) COMFY_VENV=$(COMFY_VENV) COMFYUI_08=$(COMFYUI_08) bash scripts/test_hosts.sh
 
 lint: setup
 	$(PY) -m ruff check .

