@@ -109,7 +109,9 @@ def test_demo_merges_with_the_nodes_defaults(demo_run, host: comfyhost.Host) -> 
     assert duo["steps_done"] == 2 and duo["trainable_parameters"] == 88 * 16
     assert rows["plain sum (direct)"]["merge"]["steps_done"] == 0
     assert len(duo["kept_rank_by_block"]) == 11
-    assert all(0.0 <= m <= 1.0 for m in duo["mean_mask"].values())
+    # From the all-ones start, 2 Adam steps at lr 0.01 move each mask entry by about 0.02 at most (the prior may
+    # raise the block's own LoRA above 1).
+    assert all(0.95 <= m <= 1.05 for m in duo["mean_mask"].values()), duo["mean_mask"]
     with Image.open(out / "report.png") as img:
         assert img.width >= 600 and img.height >= 400
 
