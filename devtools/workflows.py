@@ -728,7 +728,7 @@ def _prompt(b: WorkflowBuilder, col: Column, text: str, title: str, negative: bo
 
 
 def _merge(b: WorkflowBuilder, col: Column, title: str, **widgets: Any) -> int:
-    return b.add("DuoLoRA_ZipRankMerge", col, {**MERGE_SEED, **widgets}, title=title, width=400, height=930)
+    return b.add("DuoLoRA_ZipRankMerge", col, {**MERGE_SEED, **widgets}, title=title, width=400, height=1072)
 
 
 def _reference_images(b: WorkflowBuilder, vae_src: int, cols: tuple[Column, Column]) -> tuple[int, int, list[int]]:
@@ -1162,7 +1162,10 @@ def page_thumbnail(page: Any, path: str | Path, width: int = 600, quality: int =
 
     from PIL import Image
 
-    style = page.add_style_tag(content=_THUMBNAIL_CSS)
+    # A <style> element put in by hand: Playwright's add_style_tag waits for the element's load event and fails
+    # with whatever the page reports meanwhile (the server's CSP blocking the front end's api.comfy.org lookups).
+    style = page.evaluate_handle("css => { const el = document.createElement('style'); el.textContent = css; "
+                                 "document.head.appendChild(el); return el; }", _THUMBNAIL_CSS)
     try:
         page_fit_view(page)
         png = page.screenshot()

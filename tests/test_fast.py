@@ -325,7 +325,7 @@ def test_solver_history_is_the_mean_of_the_per_layer_objective(kind: str, tiny_l
         for point, masks in enumerate(((torch.ones(4), torch.ones(6)), (layer.m_c, layer.m_s))):
             for k, v in solver.layer_objective(quad, role, *masks, terms).items():
                 per_layer.setdefault(k, [[], []])[point].append(v)
-    assert set(result.history) == set(per_layer) == {"content", "style", "prior", "similarity", "total"}
+    assert set(result.history) == set(per_layer) == {"content", "style", "prior", "similarity", "keep", "total"}
     # Both prior layers and layers without a role are in the mean.
     assert 0 < sum(v > 0 for v in per_layer["prior"][1]) < len(per_layer["prior"][1])
     for k, (before, after) in per_layer.items():

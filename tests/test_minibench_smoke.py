@@ -158,7 +158,8 @@ def test_mask_statistics_of_a_merge_row(smoke_dir: Path) -> None:
     (rec,) = json.loads((smoke_dir / "masks.json").read_text())
     assert rec["method"] == "ZipRank + priors" and rec["seed"] == 0 and rec["pair"] == "star×diagonal"
     for which in ("m_c", "m_s"):
-        assert 0.0 <= rec[f"{which}_mean"] <= 1.0
+        # Masks start at 1 (prior_init off) and one Adam step of lr 0.01 moves each entry by at most lr.
+        assert abs(rec[f"{which}_mean"] - 1.0) <= 0.0101, rec
         assert 0.0 <= rec[f"{which}_pruned"] <= rec[f"{which}_pruned"] + rec[f"{which}_above_half"] <= 1.0
     # One entry per attention block (11), each with the mean kept rank of both rank-8 LoRAs.
     assert len(rec["kept_rank_by_block"]) == 11
