@@ -52,8 +52,10 @@ OUTPUT_FILES = ("grid.png", "report.png", "merged_lora.safetensors", "summary.js
 WORKFLOW_OUTPUT_FILES = ("merged_lora.safetensors", "report.png", "image.png", "summary.json")
 MERGE = "DuoLoRA_ZipRankMerge"
 
-# The demo's pair: MiniBench's star content LoRA and diagonal-stripes style LoRA.
+# The demo's pair: MiniBench's star content LoRA and diagonal-stripes style LoRA (--pair picks another of
+# MiniBench's held-out pairs: shapes star, heart, moon × textures diagonal, zigzag, grid).
 SHAPE, TEXTURE = "star", "diagonal"
+HELD_OUT_SHAPES, HELD_OUT_TEXTURES = ("star", "heart", "moon"), ("diagonal", "zigzag", "grid")
 # The merge runs at most this many steps unless --steps says otherwise: the node's default (the paper's 100)
 # takes about 1 min of CPU for the merge alone here, which would double the demo's time.
 DEMO_MAX_MERGE_STEPS = 50
@@ -61,11 +63,12 @@ SAMPLER_STEPS, CFG = 20, 2.0  # MiniBench's comparison sampler (bench/minibench/
 # Grid geometry: 32×32 samples upscaled 3× (nearest), 2 px (6 px after upscaling) between tiles, the labels
 # in a column on the left, the prompt in a band on top. Tests check the PNG's size against these numbers.
 TILE_SCALE, TILE_PAD, LABEL_WIDTH, HEADER_HEIGHT = 3, 2, 300, 34
-# (name in the grid and summary, what it is, merge widgets over the node's defaults or None, single LoRA)
+# (name in the grid and summary, what it is, merge widgets over the node's defaults or None, single LoRA);
+# {shape} and {texture} stand for the pair's names.
 ROWS: tuple[tuple[str, str, dict | None, str | None], ...] = (
     ("base model", "the trained base, no LoRA", None, None),
-    ("content LoRA (star)", "the star LoRA alone (ComfyUI's LoraLoaderModelOnly)", None, "content"),
-    ("style LoRA (diagonal)", "the diagonal-stripes LoRA alone (ComfyUI's LoraLoaderModelOnly)", None, "style"),
+    ("content LoRA ({shape})", "the {shape} LoRA alone (ComfyUI's LoraLoaderModelOnly)", None, "content"),
+    ("style LoRA ({texture})", "the {texture} LoRA alone (ComfyUI's LoraLoaderModelOnly)", None, "style"),
     ("plain sum (direct)", ("ZipRank Merge with method direct (the plain sum of both LoRAs), other widgets "
                             "at the node's defaults"), {"method": "direct"}, None),
     ("DuoLoRA merge", "ZipRank Merge with the node's default settings (merge steps as in merge.steps)", {}, None),
@@ -91,6 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=8, help="samples per row (default 8)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the merge and of the initial noise (default 0, the node's default seed)")
+    parser.add_argument("--pair", default=f"{SHAPE}:{TEXTURE}", metavar="SHAPE:TEXTURE",
+                        help=f"which of MiniBench's held-out pairs (shape one of {', '.join(HELD_OUT_SHAPES)}; "
+                             f"texture one of {', '.join(HELD_OUT_TEXTURES)}; default {SHAPE}:{TEXTURE})")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the tiny models gain little from more, and extra "
                              "threads only compete with each other on a busy machine)")
@@ -108,6 +114,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--samples must be between 1 and 64")
     if args.size < 64 or args.size % 8:
         parser.error("--size must be a multiple of 8, at least 64")
+    shape, _, texture = args.pair.partition(":")
+    if shape not in HELD_OUT_SHAPES or texture not in HELD_OUT_TEXTURES:
+        parser.error(f"--pair must be SHAPE:TEXTURE with SHAPE one of {', '.join(HELD_OUT_SHAPES)} and TEXTURE "
+                     f"one of {', '.join(HELD_OUT_TEXTURES)}, not {args.pair!r}")
+    args.shape, args.texture = shape, texture
     return args
 
 
@@ -195,7 +206,8 @@ def run_minibench(args: argparse.Namespace) -> int:
     import torch
     from miniworld import classify, graph, loras
 
-    pair = graph.builtin_pair(SHAPE, TEXTURE)
+    shape, texture = args.shape, args.texture
+    pair = graph.builtin_pair(shape, texture)
     lora_files = {role: miniworld.CHECKPOINTS / f"{spec.name}.safetensors"
                   for role, spec in (("content", pair.content), ("style", pair.style))}
     problem = _missing_files_message([miniworld.BASE, miniworld.CLASSIFIERS, *lora_files.values()])
@@ -228,13 +240,14 @@ def run_minibench(args: argparse.Namespace) -> int:
     rows_out, images = [], []
     merged_lora = report_png = None
     for index, (name, what, overrides, single) in enumerate(ROWS, 1):
+        name, what = name.format(shape=shape, texture=texture), what.format(shape=shape, texture=texture)
         merge = None if overrides is None else {**defaults, **overrides, "steps": steps}
         prompt, ids = graph.build_prompt(host, pair, args.seed, args.samples, str(miniworld.BASE), sampler_steps,
                                          CFG, merge=merge, single=single)
         is_duolora = overrides == {}  # the row at the node's defaults saves the LoRA and renders the report
         if is_duolora:
             for nid, cls, inputs in (("save", "DuoLoRA_SaveMergedLoRA", {"merged_lora": ["merge", 0],
-                                                                         "filename_prefix": "duolora_demo/star_diagonal"}),
+                                                                         "filename_prefix": f"duolora_demo/{shape}_{texture}"}),
                                      ("report", "DuoLoRA_MergeReport", {"stats": ["merge", 1]})):
                 prompt[nid] = {"class_type": cls, "inputs": {**widget_defaults(host, cls), **inputs}}
         row_wall, row_cpu = time.perf_counter(), time.process_time()
@@ -246,8 +259,8 @@ def run_minibench(args: argparse.Namespace) -> int:
 
         result = host.execute(prompt, on_progress=on_progress)
         x = (result["outputs"][ids["image"]][0].permute(0, 3, 1, 2) * 2 - 1).float()
-        content_hit = scorer.hits(x, SHAPE, "shape", refs_c)
-        style_hit = scorer.hits(x, TEXTURE, "texture", refs_s)
+        content_hit = scorer.hits(x, shape, "shape", refs_c)
+        style_hit = scorer.hits(x, texture, "texture", refs_s)
         row = {
             "row": name, "what": what,
             "content_hit": float(content_hit.mean()), "style_hit": float(style_hit.mean()),
@@ -275,12 +288,12 @@ def run_minibench(args: argparse.Namespace) -> int:
         rows_out.append(row)
         images.append(x)
         n = args.samples
-        print(f"demo: [{index}/{len(ROWS)}] {name}: {SHAPE} {int(content_hit.sum())}/{n}, {TEXTURE} stripes "
+        print(f"demo: [{index}/{len(ROWS)}] {name}: {shape} {int(content_hit.sum())}/{n}, {texture} texture "
               f"{int(style_hit.sum())}/{n}, both {int((content_hit * style_hit).sum())}/{n}  "
               f"[{_fmt(row['wall_s'])}, CPU {_fmt(row['cpu_s'])}]", flush=True)
 
     n = args.samples
-    labels = [(r["row"], (f"{SHAPE} {round(r['content_hit'] * n)}/{n} · stripes {round(r['style_hit'] * n)}/{n} · "
+    labels = [(r["row"], (f"{shape} {round(r['content_hit'] * n)}/{n} · {texture} {round(r['style_hit'] * n)}/{n} · "
                           f"both {round(r['both_hit'] * n)}/{n}")) for r in rows_out]
     shown = f"{n} samples" if n <= 8 else f"the first 8 of {n} samples"
     header = (f"\"{pair.target}\" · {shown} per row, the same initial noise in each column · DuoLoRA: node "
@@ -297,7 +310,7 @@ def run_minibench(args: argparse.Namespace) -> int:
 
     summary = {
         "prompt": pair.target,
-        "pair": {"content": SHAPE, "style": TEXTURE, "content_prompt": pair.p_c, "style_prompt": pair.p_s},
+        "pair": {"content": shape, "style": texture, "content_prompt": pair.p_c, "style_prompt": pair.p_s},
         "model": rel(miniworld.BASE),
         "loras": {role: rel(path) for role, path in lora_files.items()},
         "classifiers": rel(miniworld.CLASSIFIERS),

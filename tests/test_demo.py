@@ -150,3 +150,13 @@ def test_demo_refuses_to_overwrite_without_force(demo_run) -> None:
     assert again.stderr.strip() == (
         f"demo: {out}/ already holds grid.png, report.png, merged_lora.safetensors, summary.json; "
         "use --force to replace them or --out to choose another folder")
+
+
+@pytest.mark.parametrize("value", ["star", "star:plaid", "circle:zigzag", "moon:zigzag:grid"])
+def test_demo_pair_must_be_a_held_out_pair(value: str) -> None:
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py"), "--pair", value], check=False,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1] == (
+        "demo.py: error: --pair must be SHAPE:TEXTURE with SHAPE one of star, heart, moon and TEXTURE one of "
+        f"diagonal, zigzag, grid, not {value!r}")
