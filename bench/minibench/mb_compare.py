@@ -495,7 +495,8 @@ def report(out: Path, splits: dict[str, list[Pair]], rows: list[str], seeds: dic
         t = tables(summary, f"{split} split ({', '.join(p.name for p in pairs)}; seeds {seeds[split][0]}–{seeds[split][-1]})")
         (out / f"{split}_table.md").write_text(t)
         drawn = grid(out, pairs[0], rows, seeds[split][0], out / f"{split}_grid.png", keys)
-        (out / f"{split}_grid_rows.txt").write_text(f"pair {pairs[0].name}, seed {seeds[split][0]}; rows:\n"
+        if drawn:  # a fresh clone has the runs' JSON but not their images (.pt, not committed): keep the grid
+            (out / f"{split}_grid_rows.txt").write_text(f"pair {pairs[0].name}, seed {seeds[split][0]}; rows:\n"
                                                     + "\n".join(drawn) + "\n")
         text.append(t)
     (out / "summary.json").write_text(json.dumps(full, indent=1, default=str) + "\n")
