@@ -55,6 +55,8 @@ MERGE = "DuoLoRA_ZipRankMerge"
 # The demo's pair: MiniBench's star content LoRA and diagonal-stripes style LoRA (--pair picks another of
 # MiniBench's held-out pairs: shapes star, heart, moon × textures diagonal, zigzag, grid).
 SHAPE, TEXTURE = "star", "diagonal"
+# = miniworld.world.HELD_OUT_SHAPES / HELD_OUT_TEXTURES, spelled out so that argument checks need no torch import
+# (tests/test_demo.py checks they agree).
 HELD_OUT_SHAPES, HELD_OUT_TEXTURES = ("star", "heart", "moon"), ("diagonal", "zigzag", "grid")
 # The merge runs at most this many steps unless --steps says otherwise: the node's default (the paper's 100)
 # takes about 1 min of CPU for the merge alone here, which would double the demo's time.

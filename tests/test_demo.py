@@ -160,3 +160,14 @@ def test_demo_pair_must_be_a_held_out_pair(value: str) -> None:
     assert run.stderr.strip().splitlines()[-1] == (
         "demo.py: error: --pair must be SHAPE:TEXTURE with SHAPE one of star, heart, moon and TEXTURE one of "
         f"diagonal, zigzag, grid, not {value!r}")
+
+
+def test_demo_pairs_are_the_worlds_held_out_concepts() -> None:
+    from miniworld import world
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import demo
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    assert (demo.HELD_OUT_SHAPES, demo.HELD_OUT_TEXTURES) == (world.HELD_OUT_SHAPES, world.HELD_OUT_TEXTURES)
