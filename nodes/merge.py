@@ -71,8 +71,9 @@ class ZipRankMerge(io.ComfyNode):
                                        "latents and prompts; seconds). weights: from the two LoRAs alone "
                                        "(no latents or prompts needed). layerwise+paper: the layer-wise "
                                        "solve replaces the prior initialisation, then `steps` paper steps "
-                                       "(try 5–10; needs what paper needs). The fast modes lost the subject "
-                                       "in the README's MiniBench test: use paper when it matters."),
+                                       "(try 5–10; needs what paper needs). The fast modes trail paper mode on "
+                                       "MiniBench 2's test split (README): use them to preview, paper when it "
+                                       "matters."),
                 io.Combo.Input("method", options=list(METHODS), default=d.method,
                                tooltip="ziprank: DuoLoRA's rank masks. ziplora_out / ziplora_in: ZipLoRA's "
                                        "per-column masks. direct: plain sum. b_lora: B-LoRA's two blocks."),
