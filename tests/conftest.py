@@ -62,6 +62,18 @@ def tiny_clip(host: comfyhost.Host):
     return comfyhost.build_tiny_clip(seed=0)
 
 
+@pytest.fixture(scope="module")
+def unet(host: comfyhost.Host):
+    """One seeded tiny SDXL ``ModelPatcher`` per test module, for tests that only read its keys and weights."""
+    return comfyhost.build_tiny_model(seed=0)
+
+
+@pytest.fixture(scope="module")
+def clip(host: comfyhost.Host):
+    """One seeded tiny SDXL CLIP per test module, for tests that only read it."""
+    return comfyhost.build_tiny_clip(seed=0)
+
+
 @pytest.fixture
 def tiny_vae(host: comfyhost.Host):
     """A fresh seeded tiny TAESD ``comfy.sd.VAE`` (seed 0)."""

@@ -12,22 +12,11 @@ from __future__ import annotations
 
 import logging
 
-import comfyhost
 import pytest
 import torch
 
 from duolora import formats, sdxl
 from duolora.lora import LoRA, LowRank
-
-
-@pytest.fixture(scope="module")
-def unet(host):
-    return comfyhost.build_tiny_model(seed=0)
-
-
-@pytest.fixture(scope="module")
-def clip(host):
-    return comfyhost.build_tiny_clip(seed=0)
 
 
 def patchable(layout: sdxl.Layout, modules: dict[str, sdxl.Layer]) -> dict[str, tuple[int, ...]]:

@@ -31,18 +31,6 @@ ATTENTION_UNMAPPED_BY_COMFY = {"diffusers_peft", "diffusers"}
 SDXL_UNET_PARAMETERS = 2_567_463_684
 
 
-@pytest.fixture(scope="module")
-def unet(host):
-    """One tiny SDXL ModelPatcher for the whole module: these tests only read its keys and weights."""
-    return comfyhost.build_tiny_model(seed=0)
-
-
-@pytest.fixture(scope="module")
-def clip(host):
-    """One tiny SDXL CLIP for the whole module (read only)."""
-    return comfyhost.build_tiny_clip(seed=0)
-
-
 def linear_conv_weights(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """Name -> weight shape of every Linear/Conv2d in ``module``, in module order."""
     return {
