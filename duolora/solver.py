@@ -1,12 +1,13 @@
 """The per-layer solver of the fast merge modes (METHOD.md §5): ZipRank masks without the paper's 100 steps.
 
 Both modes choose, layer by layer, the rank masks m = [m_c; m_s] (n = r_c + r_s entries) of the merged update
-ΔW_m = B_c·diag(m_c)·A_c + B_s·diag(m_s)·A_s by minimising the per-layer version of the paper's two
-reconstruction terms,
+ΔW_m = B_c·diag(m_c)·A_c + B_s·diag(m_s)·A_s by minimising a per-layer version of the paper's two
+reconstruction terms, each seen through its own LoRA's output space,
 
-    L_c(m) = ‖(ΔW_m − ΔW_c)·X_c‖²,    L_s(m) = ‖(ΔW_m − ΔW_s)·X_s‖²,
+    L_c(m) = ‖Π_c·(ΔW_m − ΔW_c)·X_c‖²,    L_s(m) = ‖Π_s·(ΔW_m − ΔW_s)·X_s‖²,
 
-where X_c, X_s are the layer's inputs on the content and on the style side:
+where Π_c, Π_s project onto col(B_c), col(B_s) (the directions each LoRA writes) and X_c, X_s are the layer's
+inputs on the content and on the style side:
 
 * ``weights`` (no model, no images): X_c = A'_cᵀ, the content LoRA's own input subspace, weighted by its
   singular values (A'_c = Σ_c^½·V_cᵀ is the SVD-basis down factor, so X_c·X_cᵀ = (ΔW_cᵀΔW_c)^½ does not
@@ -19,17 +20,23 @@ where X_c, X_s are the layer's inputs on the content and on the style side:
   A = [A_c; A_s] (``duolora.recording``).
 
 **Gram form (exact, no dense ΔW).** ΔW_m − ΔW_c = B·diag(m − e_c)·A with B = [B_c | B_s], A = [A_c; A_s] and
-e_c = [1…1; 0…0], so L_c(m) = (m − e_c)ᵀ·(H ∘ K_c)·(m − e_c) with H = BᵀB and K_c = A·X_c·X_cᵀ·Aᵀ, both n×n
-(``∘``: element-wise product). In the SVD basis the diagonal blocks of H and of A·Aᵀ are diag(σ), so a layer
-costs two thin (out·r_c·r_s and in·r_c·r_s) products. The tests check the Gram form against the dense loss.
+e_c = [1…1; 0…0], so L_c(m) = (m − e_c)ᵀ·(H_c ∘ K_c)·(m − e_c) with H_c = (Π_c·B)ᵀ(Π_c·B) and
+K_c = A·X_c·X_cᵀ·Aᵀ, both n×n (``∘``: element-wise product). H_c differs from BᵀB only in its style block,
+C_csᵀ·(B_cᵀB_c)⁺·C_cs with C_cs = B_cᵀB_s (``own_output_grams``), so no out×out projector is formed. In the
+SVD basis the diagonal blocks of BᵀB and of A·Aᵀ are diag(σ), so a layer costs two thin (out·r_c·r_s and
+in·r_c·r_s) products. The tests check the Gram form against the dense loss.
 
-**Why this objective is not trivial [decided].** A pure self-reconstruction ‖ΔW_m − ΔW_c‖_F² + ‖ΔW_m − ΔW_s‖_F²
-is minimised at ΔW_m = (ΔW_c + ΔW_s)/2: it halves both LoRAs even where they never meet. Restricted to each
-LoRA's own inputs, L_c + L_s is zero at the direct merge (all masks 1) exactly when the two LoRAs do not
-interfere (A_c·A_sᵀ = 0 in ``weights``; each LoRA silent on the other's inputs in ``layerwise``); so the
-self terms alone would keep every mask at 1, and it is the CROSS terms — the style LoRA's action on the
-content inputs (B_s·diag(m_s)·A_s·X_c) and vice versa — that move the masks. The minimiser trades exactly
-those off, per singular direction.
+**Why this objective [decided, measured].** A pure self-reconstruction ‖ΔW_m − ΔW_c‖_F² + ‖ΔW_m − ΔW_s‖_F² is
+minimised at ΔW_m = (ΔW_c + ΔW_s)/2: it halves both LoRAs even where they never meet. Restricting each term
+to its LoRA's own inputs (X_c, X_s) is not enough: the style LoRA acting on the content inputs is exactly
+what a merge is for (the subject drawn in the style), yet ‖(ΔW_m − ΔW_c)·X_c‖² counts all of it as error,
+and where both LoRAs read similar inputs (every layer of a real model, and both sides of the layer-wise
+mode) the minimiser sits near m = ½ — both LoRAs at half strength; on MiniBench 2 that full-output form
+lost the style (layer-wise style hit 14.8 % vs the direct merge's 41.1 %, test split, 2026-11-30). Seen
+through its own output space, each term counts only what the other LoRA writes INTO the directions this
+LoRA writes — real interference. L_c + L_s is then zero at the direct merge (all masks 1) whenever the two
+LoRAs write disjoint output spaces or read disjoint input spaces, and the minimiser trades off, per
+singular direction, only where they collide in both.
 
 **Scale and priors [decided].** Per layer the reconstruction is divided by N = ‖ΔW_c·X_c‖² + ‖ΔW_s·X_s‖² (what
 is lost when both masks are 0), so it reads "fraction of the two LoRAs' own effect lost" and needs no unit.
@@ -174,6 +181,29 @@ def _block_gram(x_c: torch.Tensor, x_s: torch.Tensor, diagonal_blocks: bool) -> 
     return g
 
 
+# Singular values of a LoRA's up factor below this fraction of its largest one span no output direction (a
+# zero-padded or numerically dependent component), so the projector onto its outputs ignores them.
+OUTPUT_RTOL = 1e-6
+
+
+def own_output_grams(H: torch.Tensor, r_c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H_c, H_s): the Gram H = BᵀB of B = [B_c | B_s] (…, n, n) seen through each LoRA's own output space.
+
+    H_c = (Π_c·B)ᵀ(Π_c·B) with Π_c the orthogonal projector onto col(B_c): only the style block changes,
+    to C_csᵀ·(B_cᵀB_c)⁺·C_cs with C_cs = B_cᵀB_s, so everything stays r-sized (no out×out projector), and
+    Π_c depends only on col(B_c) — not on how a file factors ΔW_c, nor on zero-padded components (the
+    pseudo-inverse drops singular values below ``OUTPUT_RTOL`` of the largest). Likewise H_s with Π_s.
+    """
+    H = H.double()
+    C = H[..., :r_c, r_c:]
+    H_c, H_s = H.clone(), H.clone()
+    H_c[..., r_c:, r_c:] = C.transpose(-1, -2) @ torch.linalg.pinv(H[..., :r_c, :r_c], rtol=OUTPUT_RTOL ** 2,
+                                                                    hermitian=True) @ C
+    H_s[..., :r_c, :r_c] = C @ torch.linalg.pinv(H[..., r_c:, r_c:], rtol=OUTPUT_RTOL ** 2, hermitian=True) \
+        @ C.transpose(-1, -2)
+    return H_c, H_s
+
+
 def weights_quadratic(layer: MergedLayer, svd_basis: bool = True) -> LayerQuadratic:
     """The weights-only problem of one rank-mask layer (module docstring): K_c = g_c·g_cᵀ, g_c = A·A'_cᵀ.
 
@@ -209,8 +239,9 @@ def weights_quadratics(layers: Sequence[MergedLayer], svd_basis: bool = True,
                 a_s = torch.stack([a for _, a in refactored[len(part):]]).to(A)
                 g_c = (A @ a_c.transpose(1, 2)).double()
                 g_s = (A @ a_s.transpose(1, 2)).double()
-            P_c = (H * (g_c @ g_c.transpose(1, 2))).cpu()
-            P_s = (H * (g_s @ g_s.transpose(1, 2))).cpu()
+            H_c, H_s = own_output_grams(H, r_c)
+            P_c = (H_c * (g_c @ g_c.transpose(1, 2))).cpu()
+            P_s = (H_s * (g_s @ g_s.transpose(1, 2))).cpu()
             for j, i in enumerate(part):
                 out[i] = LayerQuadratic(layers[i].name, r_c, A_s.shape[1], P_c[j], P_s[j], *_sigmas(layers[i]))
     return out  # type: ignore[return-value]
@@ -230,9 +261,9 @@ def activation_quadratic(layer: MergedLayer, stats: LayerActivations) -> LayerQu
     """The layer-wise problem of one rank-mask layer from its recorded statistics: P = H ∘ K."""
     B_c, _, B_s, _ = _rank_layer(layer)
     svd_like = False  # the recorder's K is exact in any basis; H's blocks are only diagonal in the SVD one
-    H = _block_gram(B_c, B_s, svd_like).cpu()
-    return LayerQuadratic(layer.name, layer.rank("c"), layer.rank("s"), H * stats.K_c.cpu(), H * stats.K_s.cpu(),
-                          *_sigmas(layer))
+    H_c, H_s = own_output_grams(_block_gram(B_c, B_s, svd_like).cpu(), layer.rank("c"))
+    return LayerQuadratic(layer.name, layer.rank("c"), layer.rank("s"), H_c * stats.K_c.cpu(),
+                          H_s * stats.K_s.cpu(), *_sigmas(layer))
 
 
 def _sigmas(layer: MergedLayer) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,12 +43,19 @@ def one_layer_merger(name: str, c: LowRank, s: LowRank, basis: str) -> ZipRankMe
                          basis=basis, scope="all")
 
 
+def output_projector(lr: LowRank) -> torch.Tensor:
+    """Π = B·B⁺ (out×out, float64): the orthogonal projector onto the LoRA's output space col(B)."""
+    B = lr.B.double().reshape(lr.B.shape[0], -1)
+    return B @ torch.linalg.pinv(B)
+
+
 def dense_weights_loss(c: LowRank, s: LowRank, delta_m: torch.Tensor) -> tuple[float, float]:
-    """‖(ΔW_m − ΔW_c)·A'_cᵀ‖², ‖(ΔW_m − ΔW_s)·A'_sᵀ‖² in float64 with dense out×in matrices."""
+    """‖Π_c·(ΔW_m − ΔW_c)·A'_cᵀ‖², ‖Π_s·(ΔW_m − ΔW_s)·A'_sᵀ‖² in float64 with dense out×in matrices."""
     out = []
     for lr in (c, s):
         a_svd = svd_refactor(lr.B, lr.A)[1].double()
-        out.append(float(((delta_m - lr.B.double() @ lr.A.double()) @ a_svd.T).square().sum()))
+        residual = output_projector(lr) @ (delta_m - lr.B.double() @ lr.A.double())
+        out.append(float((residual @ a_svd.T).square().sum()))
     return out[0], out[1]
 
 
@@ -101,8 +108,11 @@ def test_recorded_layerwise_loss_equals_the_dense_loss(kind: str) -> None:
     quad = solver.activation_quadratic(layer, rec.statistics()[name])
     gram = quad.losses(layer.m_c, layer.m_s)
     delta_m = layer.delta().detach().double()
-    dense = (dense_activation_loss(module, delta_m - c.delta().double(), x_c),
-             dense_activation_loss(module, delta_m - s.delta().double(), x_s))
+    def own(lr: LowRank) -> torch.Tensor:  # Π·(ΔW_m − ΔW), in the module's weight shape
+        residual = (delta_m - lr.delta().double()).reshape(shape[0], -1)
+        return (output_projector(lr) @ residual).reshape(shape)
+
+    dense = (dense_activation_loss(module, own(c), x_c), dense_activation_loss(module, own(s), x_s))
     for a, b in zip(gram, dense):
         assert abs(a - b) <= 1e-5 * b, (gram, dense)
 
@@ -125,6 +135,24 @@ def test_non_interfering_loras_keep_every_mask_at_one() -> None:
     assert torch.allclose(layer.m_c, torch.ones(4), atol=1e-6)
     assert torch.allclose(layer.m_s, torch.ones(4), atol=1e-6)
     assert result.history["total"][0] <= 1e-12 and result.history["total"][1] <= 1e-12
+
+
+@pytest.mark.parametrize("padding", [0, 3])
+def test_loras_writing_disjoint_outputs_keep_every_mask_at_one(padding: int) -> None:
+    """Both LoRAs read the SAME inputs but write disjoint output coordinates: each one's action on the other's
+    inputs is the merge's purpose (the style applied to the subject), not an error, so nothing is cut — also
+    when the content file pads its rank with zero components. (Measured before the own-output projection:
+    masks ≈ 0.5, the "half strength" of both LoRAs.)"""
+    g = torch.Generator().manual_seed(9)
+    a = torch.randn(4, 20, generator=g)
+    b_c, b_s = torch.zeros(16, 4 + padding), torch.zeros(16, 4)
+    b_c[:8, :4] = torch.randn(8, 4, generator=g)
+    b_s[8:] = torch.randn(8, 4, generator=g)
+    a_c = torch.cat([a, torch.zeros(padding, 20)])
+    merger = one_layer_merger(Q, LowRank(b_c, a_c), LowRank(b_s, a.clone()), "raw")
+    solver.solve_weights(merger, MergeConfig(prior_preset="none"))
+    layer = merger.layers[0]
+    assert float(layer.m_c[:4].min()) > 1 - 1e-5 and float(layer.m_s.min()) > 1 - 1e-5, (layer.m_c, layer.m_s)
 
 
 def box_kkt_violation(quad: solver.LayerQuadratic, m: torch.Tensor) -> float:
@@ -289,8 +317,9 @@ def test_share_prior_and_keep_term_in_the_fast_solver() -> None:
         results[label] = (float(kept_share(layer, "c").detach()), float(kept_share(layer, "s").detach()))
     # A heavy share hinge holds ρ_s ≤ ρ_c − margin (to the solver's tolerance).
     assert results["share"][1] <= results["share"][0] - 0.3 + 1e-3, results
-    # Without priors the per-layer solve shrinks both LoRAs; a heavy keep term holds both near full strength.
-    assert min(results["none"]) < 0.9 and min(results["keep"]) > 0.95, results
+    # Without priors the per-layer solve shrinks both LoRAs (12 outputs, 4 + 4 directions: their output spaces
+    # overlap; measured 0.941 / 0.947); a heavy keep term holds both near full strength.
+    assert max(results["none"]) < 0.96 and min(results["keep"]) > 0.995, results
 
 
 @pytest.mark.parametrize("basis", ["svd", "raw"])

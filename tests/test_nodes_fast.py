@@ -105,8 +105,11 @@ def test_layerwise_mode_lowers_the_held_out_reconstruction(host: comfyhost.Host,
     assert 0.0 <= float(masks.min()) and float(masks.max()) <= 1.0 and float(masks.mean()) < 0.99
     r_direct = held_out_reconstruction(model, direct, latents, prompts)
     r_learned = held_out_reconstruction(model, learned, latents, prompts)
-    # Measured (these seeds, 6 held-out draws): direct 0.0551 -> layer-wise 0.0272, 2.03×. Demand 1.5×.
-    assert r_direct / r_learned >= 1.5, (r_direct, r_learned)
+    # Measured (these seeds, 6 held-out draws): direct 0.0551 -> layer-wise 0.0461, 1.19×. The paper's
+    # reconstruction also counts each LoRA's action on the other's references as error; the layer-wise
+    # solve deliberately does not (duolora.solver: own output spaces), so it lowers it less than a solve of
+    # the full-output form did (2.03×, which lost the style on MiniBench 2). Demand 1.1×.
+    assert r_direct / r_learned >= 1.1, (r_direct, r_learned)
 
 
 def test_layerwise_plus_paper_starts_from_the_layerwise_solve(host: comfyhost.Host, tiny_layout) -> None:
@@ -144,7 +147,7 @@ def test_layerwise_plus_paper_starts_from_the_layerwise_solve(host: comfyhost.Ho
 
 def test_layerwise_plus_paper_names_the_missing_combined_prompt(host: comfyhost.Host, tiny_layout) -> None:
     content, style = tiny_pair(host, tiny_layout, "fast_lwp_missing")
-    prompt = merge_prompt(host, content.name, style.name, mode="layerwise+paper", steps=2)
+    prompt = merge_prompt(host, content.name, style.name, mode="layerwise+paper", steps=2, constyle_iterations=1)
     del prompt[MERGE_ID]["inputs"]["combined_prompt"]
     prompt["13"] = node(host, "PreviewAny", source=[MERGE_ID, 0])
     with pytest.raises(comfyhost.NodeExecutionError) as info:
