@@ -49,7 +49,7 @@ def _paper_step_times(t: TinySetup, steps: int, checkpointing: bool, unbatched: 
     from duolora.optimize import optimize
 
     b = bridge()
-    config = MergeConfig(steps=steps + 1)
+    config = MergeConfig(steps=steps + 1, constyle_iterations=1)  # the 8-evaluation step (Constyle is off by default)
     merger = build_merger(config.method, t.content, t.style, config)
     stamps: list[float] = []
     with torch.inference_mode(False), b.ComfyDenoiser(t.model, merger, gradient_checkpointing=checkpointing) as den:

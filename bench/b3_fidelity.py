@@ -4,7 +4,7 @@ The yardstick is the paper objective's two reconstruction terms, L_c = MSE(ε_m(
 L_s = MSE(ε_m(x_s, p_s), ε_s(x_s, p_s)), averaged over ``draws`` held-out (σ, ε) pairs that no method saw
 (seed 9999; the methods use seed 0), through the real ComfyUI model. Methods: the direct merge, ZipLoRA
 (``ziplora_out``, 100 steps, its λ_sim = 0.01, no priors, no Constyle), DuoLoRA paper mode (every default:
-ZipRank, SVD basis, paper priors, Constyle k = 1, 100 steps), layer-wise and weights-only (defaults), and
+ZipRank, SVD basis, the share prior, Constyle off, 100 steps), layer-wise and weights-only (defaults), and
 the layer-wise solve followed by 5 % or 10 % of paper mode's steps (the node's ``layerwise+paper`` mode).
 Wall time per method runs from building its merger to its final masks (model hooks included).
 Gap closed = (L_direct − L_method) ÷ (L_direct − L_paper).

@@ -32,8 +32,8 @@ read by Load Content / Load Style LoRA, seeded 1024-px references (latents 1×4�
 model's space) and seeded prompts of SDXL's shapes (77×2048 context, 1280 pooled) from three bench-only
 nodes registered at run time. Then, in this order, each phase with its own deadline:
 
-* ``paper``: ZipRank Merge, mode paper, every default (ZipRank, priors, Constyle k = 1, gradient
-  checkpointing on), ``--steps`` steps (100): seconds per step (median from the progress messages, first
+* ``paper``: ZipRank Merge, mode paper, every default (ZipRank, priors, gradient checkpointing on) but with
+  Constyle on (k = 1; off by default since 2026-12-01), the step issue 11 measured, ``--steps`` steps (100): seconds per step (median from the progress messages, first
   step excluded), the node's wall time, the time for 100 steps (measured, or setup + 100 × the median when
   the guard stopped it early), peak GPU memory;
 * ``static``: the same 8 UNet evaluations and 2 backwards per step (a no-grad batch of 4, a no-grad batch
@@ -270,6 +270,9 @@ def _per_step(stamps: list[float]) -> float:
 # ---------------------------------------------------------------------------------------------------
 
 def phase_paper(steps: int, deadline: float, checkpointing: bool = True, **widgets: Any) -> dict[str, float]:
+    # Constyle on (k = 1): the 8-evaluation step issue 11 measured and the static floor mirrors, although the
+    # node's default turned it off on 2026-12-01 (a default step is cheaper: no cycle branches).
+    widgets.setdefault("constyle_iterations", 1)
     r = run_prompt(merge_prompt(mode="paper", steps=steps, gradient_checkpointing=checkpointing, **widgets),
                    deadline, MERGE)
     done = len(r["stamps"])

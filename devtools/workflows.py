@@ -912,7 +912,7 @@ def workflow_baseline_comparison(info: dict) -> dict:
         "Three merges of the same two LoRAs, sampled with the same prompt, seed and canvas:\n"
         "- direct: the plain sum of both LoRAs (nothing learned)\n"
         "- ZipLoRA: a learned mask per output column (no priors, no cycle loss)\n"
-        "- DuoLoRA: ZipRank masks, SDXL layer priors and the Constyle cycle loss\n\n"
+        "- DuoLoRA: ZipRank masks and SDXL layer priors (the defaults; the Constyle cycle loss is an option)\n\n"
         "Each column encodes the prompt with its own merged CLIP, as a Load LoRA node would."), height=230)
     enc_c, enc_s, ref_nodes = _reference_images(b, ckpt, (c0, c1))
     p_c = _prompt(b, c2, P_C, "p_c: content LoRA prompt")
@@ -930,7 +930,7 @@ def workflow_baseline_comparison(info: dict) -> dict:
         ("ziplora", "ZipLoRA (per-column masks)", {
             "method": "ziplora_out", "prior_preset": "none", "prior_init": False, "prior_loss": False,
             "constyle_iterations": 0}),
-        ("duolora", "DuoLoRA (ZipRank + priors + Constyle)", {"method": "ziprank"}),
+        ("duolora", "DuoLoRA (ZipRank + priors, defaults)", {"method": "ziprank"}),
     )
     x = 1120
     for key, title, widgets in methods:

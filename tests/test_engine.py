@@ -101,17 +101,17 @@ def test_every_mode_is_exactly_its_parts(objective: str) -> None:
 
 
 @pytest.mark.parametrize(("objective", "config", "given", "stage", "missing"), [
-    ("paper", {}, (), "paper", ["content_latents", "style_latents", "content_prompt", "style_prompt",
-                                "combined_prompt"]),
-    ("paper", {"constyle_iterations": 0}, (), "paper",
+    ("paper", {"constyle_iterations": 1}, (), "paper",
+     ["content_latents", "style_latents", "content_prompt", "style_prompt", "combined_prompt"]),
+    ("paper", {}, (), "paper",  # Constyle is off by default: no combined_prompt
      ["content_latents", "style_latents", "content_prompt", "style_prompt"]),
-    ("paper", {}, ("content_prompt", "style_prompt", "content_latents", "style_latents"), "paper",
-     ["combined_prompt"]),
-    ("layerwise", {}, ("combined_prompt",), "record",
+    ("paper", {"constyle_iterations": 1}, ("content_prompt", "style_prompt", "content_latents", "style_latents"),
+     "paper", ["combined_prompt"]),
+    ("layerwise", {"constyle_iterations": 1}, ("combined_prompt",), "record",
      ["content_latents", "style_latents", "content_prompt", "style_prompt"]),
     # layerwise_paper asks for the Constyle prompt first, before the recording's references.
-    ("layerwise_paper", {}, (), "cycle", ["combined_prompt"]),
-    ("layerwise_paper", {"constyle_iterations": 0}, (), "record",
+    ("layerwise_paper", {"constyle_iterations": 1}, (), "cycle", ["combined_prompt"]),
+    ("layerwise_paper", {}, (), "record",
      ["content_latents", "style_latents", "content_prompt", "style_prompt"]),
     ("layerwise_paper", {"steps": 0}, (), "record",
      ["content_latents", "style_latents", "content_prompt", "style_prompt"]),

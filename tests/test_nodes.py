@@ -90,7 +90,7 @@ def test_cancel_stops_the_merge_and_leaves_everything_as_it_was(host: comfyhost.
 
 def test_one_progress_update_and_one_message_per_step(host: comfyhost.Host, pair) -> None:
     content, style = pair
-    prompt = merge_prompt(host, content.name, style.name, steps=4)
+    prompt = merge_prompt(host, content.name, style.name, steps=4, constyle_iterations=1)  # every loss term
     prompt["14"] = node(host, "DuoLoRA_MergeReport", stats=[MERGE_ID, 1])
     with real_prompt_server(client_id="browser-1") as server:
         result = host.execute(prompt)
@@ -137,7 +137,7 @@ def test_paper_mode_without_references_names_the_missing_inputs(host: comfyhost.
     assert (err.node_id, err.node_type, err.exception_type) == (MERGE_ID, "DuoLoRA_ZipRankMerge", "ValueError")
     assert err.exception_message == (
         "ZipRank Merge in 'paper' mode learns from reference images and prompts; connect content_latents, "
-        "style_latents, content_prompt, style_prompt, combined_prompt (VAE Encode of your content and style "
+        "style_latents, content_prompt, style_prompt (VAE Encode of your content and style "
         "images, CLIP Text Encode of the prompts), or choose method 'direct' to merge without learning.\n")
 
 

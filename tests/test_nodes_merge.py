@@ -61,9 +61,10 @@ class MergeRun:
 def run(host: comfyhost.Host, tiny_layout) -> MergeRun:
     content, style = tiny_pair(host, tiny_layout, "merge")
     # prior_init on (METHOD §3's thresholded start; the default starts at all ones): it zeroes components, so
-    # the pruning and adaptive-rank arithmetic below is exercised.
+    # the pruning and adaptive-rank arithmetic below is exercised. Constyle on (off by default): every loss
+    # term runs through the real model.
     prompt = merge_prompt(host, content.name, style.name, steps=STEPS, lora_dtype="fp32",
-                          prune_threshold=PRUNE, prior_init=True)
+                          prune_threshold=PRUNE, prior_init=True, constyle_iterations=1)
     prompt.update({
         "13": node(host, "DuoLoRA_ApplyMergedLoRA", model=["1", 0], clip=["1", 1], merged_lora=[MERGE_ID, 0],
                    strength_model=STRENGTH_MODEL, strength_clip=STRENGTH_CLIP),

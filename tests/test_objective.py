@@ -26,7 +26,7 @@ from duolora.sdxl import preset_roles
 
 # Fixed cycle weights: with "matched" scaling a cycle term's weight depends on its reconstruction term, so
 # the terms are not additive (test_matched_cycle_scale_pulls_as_hard_as_reconstruction covers that).
-ALL_ON = MergeConfig(lambda_sim=0.01, cycle_scale="fixed")
+ALL_ON = MergeConfig(lambda_sim=0.01, cycle_scale="fixed", constyle_iterations=1)  # every term on
 
 
 @pytest.fixture
@@ -253,7 +253,8 @@ def _term_grad(merger, den, refs, config: MergeConfig, term: str) -> torch.Tenso
 
 def test_matched_cycle_scale_pulls_as_hard_as_reconstruction(setup) -> None:
     merger, den, refs = setup
-    matched = MergeConfig(cycle_scale="matched", lambda_cyc=1.0, lambda_rev=1.0, prior_loss=False)
+    matched = MergeConfig(cycle_scale="matched", lambda_cyc=1.0, lambda_rev=1.0, prior_loss=False,
+                          constyle_iterations=1)
     fixed = dataclasses.replace(matched, cycle_scale="fixed", lambda_cyc=0.01, lambda_rev=0.01)
     ratios = {}
     for label, cfg in (("matched", matched), ("fixed", fixed)):

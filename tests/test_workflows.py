@@ -248,8 +248,9 @@ def test_demo_script_writes_the_merge_results(tmp_path: Path) -> None:
     assert summary["method"] == "ziprank" and summary["steps"] == 2
     # 560 attention layers of the tiny SDXL layout, one mask value per rank component of each LoRA.
     assert summary["trainable_parameters"] == 560 * (RANK_C + RANK_S)
-    terms = {"total", "content", "style", "cycle"}
-    assert terms <= set(summary["loss_first"]) and set(summary["loss_first"]) == set(summary["loss_last"])
+    # The workflow's merge runs the node's defaults: reconstruction + the layer prior, Constyle off.
+    terms = {"total", "content", "style", "prior"}
+    assert terms == set(summary["loss_first"]) and set(summary["loss_first"]) == set(summary["loss_last"])
     assert all(v > 0 for v in summary["loss_first"].values())
     blocks = summary["kept_rank"]["content"]
     assert len(blocks) == 11 and set(blocks) == set(summary["kept_rank"]["style"])

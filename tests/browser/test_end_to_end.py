@@ -423,7 +423,7 @@ def test_workflow_1_runs_end_to_end_from_the_ui(browser_session: BrowserSession,
     progress = [p for p in log["progress"] if p["node"] == str(merge_id)]
     assert [(p["step"], p["total"]) for p in progress] == [(i, MERGE_STEPS) for i in range(1, MERGE_STEPS + 1)]
     assert all(math.isfinite(v) for p in progress for v in p["losses"].values())
-    assert {"total", "content", "style", "cycle"} <= set(progress[0]["losses"])
+    assert set(progress[0]["losses"]) == {"total", "content", "style", "prior"}  # the defaults: Constyle off
     page.evaluate("() => window.comfyAPI.app.app.canvas.setDirty(true, true)")
     curve = page.evaluate(_JS_LOSS, merge_id)
     assert curve is not None, "the merge node has no loss curve"
