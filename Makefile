@@ -41,4 +41,4 @@ bench: setup
 # images and compares the methods on that pair alone; SPLIT=dev runs only the dev split; SEEDS="0 1 …" other seeds.
 .PHONY: minibench
 minibench: setup
-	OMP_NUM_THREADS=1 $(PY) bench/minibench/minibench.py $(if $(PAIR),--pair "$(PAIR)",) $(if $(SPLIT),--split $(SPLIT),) $(if $(SEEDS),--seeds $(SEEDS),)
+	OMP_NUM_THREADS=1 $(PY) bench/minibench/minibench.py $(if $(PAIR),--pair "$(PAIR)",) $(if $(SPLIT),--split $(SPLIT),) $(if $(SEEDS),--seeds $(SEEDS),) $(if $(WORKERS),--workers $(WORKERS),)

@@ -69,7 +69,7 @@ def test_loras_are_ordinary_kohya_files(smoke_dir: Path) -> None:
         assert set(lora.ranks()) == {8}
 
 
-SMOKE_ROWS = ["base (no LoRA)", "direct merge", "ZipRank", "DuoLoRA (+ Constyle)", "DuoLoRA, prior roles swapped",
+SMOKE_ROWS = ["base (no LoRA)", "direct merge", "ZipRank", "DuoLoRA + Constyle (matched λ 0.3)", "DuoLoRA, prior roles swapped",
               "fast: weights-only", "layer-wise + 10 % paper steps"]
 
 
@@ -90,7 +90,7 @@ def test_paired_comparison_through_the_executor(smoke_dir: Path) -> None:
                 d = r["vs ZipRank"]["both_hit"]
                 assert d["units"] == 2 and d["lo"] <= d["diff"] <= d["hi"]
         # ZipRank learns one mask entry per rank component and LoRA: 88 layers × (8 + 8).
-        assert rows["DuoLoRA (+ Constyle)"]["trainable_parameters"] == 88 * 16
+        assert rows["DuoLoRA + Constyle (matched λ 0.3)"]["trainable_parameters"] == 88 * 16
         assert rows["direct merge"]["trainable_parameters"] == 0
         table = (results / f"{split}_table.md").read_text()
         assert [ln.split(" | ")[0] for ln in table.splitlines() if ln.startswith("| ") and " | 2 | " in ln] == [
@@ -122,7 +122,16 @@ def test_every_method_of_a_unit_samples_from_the_same_noise(smoke_dir: Path) -> 
     assert lwp["merge_steps_done"] == 1 and len(lwp["per_sample"]["content_hit"]) == 2
     # A merge run records every widget it ran with, the node's defaults included.
     assert runs[("ZipRank", 0)]["merge_widgets"]["prior_loss"] is False
-    assert set(runs[("DuoLoRA (+ Constyle)", 0)]["merge_widgets"]) >= {"prior_loss_kind", "margin", "cycle_scale"}
+    assert set(runs[("DuoLoRA + Constyle (matched λ 0.3)", 0)]["merge_widgets"]) >= {"prior_loss_kind", "margin", "cycle_scale"}
+
+
+@pytest.mark.slow
+def test_worker_processes_compute_what_one_process_computes(smoke_dir: Path) -> None:
+    parallel = _runs(smoke_dir / "results" / "runs" / "heart__zigzag")  # the smoke run's 2 workers
+    serial = _runs(smoke_dir / "serial" / "runs" / "heart__zigzag")
+    assert len(serial) == 3 * 2
+    for key, rec in serial.items():
+        assert parallel[key]["per_sample"] == rec["per_sample"], key
 
 
 @pytest.mark.slow
@@ -156,7 +165,7 @@ def test_classifiers_are_a_plain_safetensors_file(smoke_dir: Path) -> None:
 @pytest.mark.slow
 def test_mask_statistics_of_a_merge_row(smoke_dir: Path) -> None:
     (rec,) = json.loads((smoke_dir / "masks.json").read_text())
-    assert rec["method"] == "ZipRank + priors" and rec["seed"] == 0 and rec["pair"] == "star×diagonal"
+    assert rec["method"] == "DuoLoRA (shipped defaults)" and rec["seed"] == 0 and rec["pair"] == "star×diagonal"
     for which in ("m_c", "m_s"):
         # Masks start at 1 (prior_init off) and one Adam step of lr 0.01 moves each entry by at most lr.
         assert abs(rec[f"{which}_mean"] - 1.0) <= 0.0101, rec

@@ -24,8 +24,12 @@ import hashlib
 import itertools
 import json
 import math
+import os
+import pickle
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,8 +59,10 @@ ROWS: dict[str, dict[str, Any] | None] = {
     "direct merge": {"mode": "paper", "method": "direct", **_PRIORS_OFF},
     "ZipLoRA (out)": {"mode": "paper", "method": "ziplora_out", **_PRIORS_OFF},
     "ZipRank": {"mode": "paper", "method": "ziprank", **_PRIORS_OFF},
-    "ZipRank + priors": {"mode": "paper", "method": "ziprank", "constyle_iterations": 0},
-    "DuoLoRA (+ Constyle)": {"mode": "paper", "method": "ziprank"},
+    # The shipped defaults ARE ZipRank + the share prior (Constyle is off by default since 2026-12-01).
+    "DuoLoRA (shipped defaults)": {"mode": "paper", "method": "ziprank"},
+    "DuoLoRA + Constyle (matched λ 0.3)": {"mode": "paper", "method": "ziprank", "constyle_iterations": 1,
+                                           "cycle_scale": "matched", "lambda_cyc": 0.3, "lambda_rev": 0.3},
     "fast: weights-only": {"mode": "weights", "method": "ziprank"},
     "fast: layer-wise": {"mode": "layerwise", "method": "ziprank"},
     "layer-wise + 10 % paper steps": {"mode": "layerwise+paper", "method": "ziprank", "steps_fraction": 0.1},
@@ -85,6 +91,7 @@ _SHARE = {"prior_preset": "paper", "prior_init": False, "prior_loss": True, "pri
           "lambda_rev": 0.01}
 # Rows run only when named (--methods): ablations and the variants the dev split chooses among.
 VARIANTS: dict[str, dict[str, Any]] = {
+    "ZipRank + priors": {"mode": "paper", "method": "ziprank", "constyle_iterations": 0},
     "DuoLoRA, prior roles swapped": {"mode": "paper", "method": "ziprank", "prior_preset": "custom",
                                      "custom_prior": _swapped_paper_prior()},
     "ZipLoRA (in)": {"mode": "paper", "method": "ziplora_in", **_PRIORS_OFF},
@@ -111,6 +118,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dev: share priors + Constyle matched λ 1": {"mode": "paper", "method": "ziprank", **_SHARE,
                                                  "constyle_iterations": 1, "cycle_scale": "matched",
                                                  "lambda_cyc": 1.0, "lambda_rev": 1.0},
+    "dev: shipped priors + Constyle matched λ 0.1": {"mode": "paper", "method": "ziprank", "constyle_iterations": 1,
+                                                     "cycle_scale": "matched", "lambda_cyc": 0.1, "lambda_rev": 0.1},
     "dev: weights-only, share priors, keep 10": {"mode": "weights", "method": "ziprank", **_SHARE, "fast_keep": 10.0},
     "dev: layer-wise, share priors, keep 10": {"mode": "layerwise", "method": "ziprank", **_SHARE, "fast_keep": 10.0},
     "dev: layer-wise + 10 %, share priors push dominant, keep 10": {
@@ -211,6 +220,13 @@ _PRIOR_WIDGETS = ("prior_init", "prior_loss", "prior_loss_kind", "margin", "prio
 _CYCLE_WIDGETS = ("constyle_iterations", "cycle_scale", "lambda_cyc", "lambda_rev")
 
 
+# The fast modes' per-layer objective is engine code, not a widget: its version joins their cache key, so a
+# change of the solver re-runs them. 2: each LoRA's reconstruction seen through its own output space
+# (duolora.solver.own_output_grams); runs of version 1 (the full-output objective) are keyed without it.
+FAST_SOLVER_MODES = ("weights", "layerwise", "layerwise+paper")
+FAST_SOLVER_VERSION = 2
+
+
 def effective_widgets(widgets: dict[str, Any]) -> dict[str, Any]:
     """The merge widgets that can change a run's result: a widget whose value has no effect given the others
     (Constyle weights with Constyle off, prior weights with no prior, fast-mode knobs in paper mode, …) is left
@@ -236,7 +252,10 @@ def effective_widgets(widgets: dict[str, Any]) -> dict[str, Any]:
         drop.update(("steps", "learning_rate", "gradient_checkpointing", "prior_init"))
     if mode == "paper":
         drop.add("fast_keep")
-    return {k: v for k, v in w.items() if k not in drop}
+    out = {k: v for k, v in w.items() if k not in drop}
+    if mode in FAST_SOLVER_MODES:
+        out["fast_solver"] = FAST_SOLVER_VERSION
+    return out
 
 
 def run_key(host, row: str, merge_steps: int) -> str:
@@ -323,20 +342,91 @@ def _estimate(todo: list[RunPlan], done: dict[str, list[float]], samples: int) -
     return total
 
 
+def default_workers() -> int:
+    """Worker processes of a run when none is asked: one per CPU core (each samples on one thread), at most 8;
+    one on a CUDA GPU (the runs share the device)."""
+    if torch.cuda.is_available():
+        return 1
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 def run(pairs: list[Pair], rows: list[str], seeds: list[int], out: Path, ckpt: Path, loras: Path,
         classifiers: Path, samples: int, merge_steps: int, sampler_steps: int, cfg: float,
-        force: bool = False) -> None:
-    """Run every missing (pair, row, seed) through the executor and cache its per-sample scores."""
-    from miniworld import classify as mb_classify
+        force: bool = False, workers: int = 1) -> None:
+    """Run every missing (pair, row, seed) through the executor and cache its per-sample scores.
+
+    ``workers`` > 1: the runs are dealt round-robin to that many worker processes, each booting its own
+    ComfyUI on one thread; this process shows one progress bar over all of them. Every run is cached as it
+    finishes, so a failed or interrupted worker loses only its current run; a worker's failure raises
+    RuntimeError after the others have finished."""
     from tqdm import tqdm
 
     host = mb_common.boot()
     todo, cached = plan(pairs, rows, seeds, out, host, merge_steps, force)
-    est = _estimate(todo, {}, samples)
+    workers = max(1, min(int(workers), len(todo)))
+    est = _estimate(todo, {}, samples) / workers
     print(f"MiniBench: {len(pairs)} pair(s) × {len(seeds)} seed(s) × {len(rows)} row(s): {cached} cached, "
-          f"{len(todo)} to run, expected ≈ {est / 60:.0f} min on this machine", flush=True)
+          f"{len(todo)} to run on {workers} worker(s), expected ≈ {est / 60:.0f} min on this machine", flush=True)
     if not todo:
         return
+    settings = (out, ckpt, loras, classifiers, samples, merge_steps, sampler_steps, cfg)
+    if workers == 1:
+        _run_runs(host, todo, *settings, show=True)
+        return
+    # Each worker is a fresh `python mb_compare.py --worker PLAN` process (booting ComfyUI exactly as a serial
+    # run does); its plan is a pickle of its runs and the settings, its output goes to a log beside the plan.
+    scratch = Path(tempfile.mkdtemp(prefix="minibench-workers-"))
+    procs, logs = [], []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for i in range(workers):
+        plan_file, log = scratch / f"worker{i}.pkl", scratch / f"worker{i}.log"
+        plan_file.write_bytes(pickle.dumps((todo[i::workers], settings)))
+        with log.open("w") as fh:
+            procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(plan_file)],
+                                          stdout=fh, stderr=subprocess.STDOUT, env=env))
+        logs.append(log)
+    bar = tqdm(total=len(todo), unit="run", file=sys.stdout, dynamic_ncols=True, mininterval=5)
+    t0 = time.time()
+    try:
+        while any(proc.poll() is None for proc in procs):
+            time.sleep(2.0)
+            done = sum(r.path.exists() for r in todo)
+            bar.update(done - bar.n)
+            if done:
+                left = (time.time() - t0) / done * (len(todo) - done)
+                bar.set_postfix_str(f"{workers} workers; ≈ {left / 60:.0f} min left")
+        bar.update(sum(r.path.exists() for r in todo) - bar.n)
+    finally:
+        for proc in procs:  # Ctrl-C or an error here: stop the workers too; finished runs stay cached
+            if proc.poll() is None:
+                proc.terminate()
+            proc.wait()
+        bar.close()
+    failed = [i for i, proc in enumerate(procs) if proc.returncode != 0]
+    if failed:
+        missing = sum(not r.path.exists() for r in todo)
+        tail = logs[failed[0]].read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"MiniBench: worker(s) {failed} failed (exit codes {[procs[i].returncode for i in failed]}; "
+                           f"logs in {scratch}); {missing} run(s) are missing and the others are cached — run the "
+                           f"same command again to finish them. End of worker {failed[0]}'s log:\n{tail}")
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _worker_main(plan_file: Path) -> int:
+    """``--worker PLAN``: run the pickled runs of one worker of ``run`` (its own ComfyUI, one thread, no bar)."""
+    todo, settings = pickle.loads(Path(plan_file).read_bytes())
+    torch.set_num_threads(1)
+    _run_runs(mb_common.boot(), todo, *settings, show=False)
+    return 0
+
+
+def _run_runs(host, todo: list[RunPlan], out: Path, ckpt: Path, loras: Path, classifiers: Path, samples: int,
+              merge_steps: int, sampler_steps: int, cfg: float, show: bool) -> None:
+    """Execute and cache the planned runs in order (``show``: a progress bar with the expected time left)."""
+    from miniworld import classify as mb_classify
+    from tqdm import tqdm
+
+    pairs = list({r.pair.slug: r.pair for r in todo}.values())
     for pair in pairs:
         for spec in (pair.content, pair.style):
             shutil.copyfile(loras / f"{spec.name}.safetensors", host.loras_dir / f"{spec.name}.safetensors")
@@ -344,7 +434,7 @@ def run(pairs: list[Pair], rows: list[str], seeds: list[int], out: Path, ckpt: P
     refs = {pair.slug: (mb_lora.reference_images(pair.content)[0], mb_lora.reference_images(pair.style)[0])
             for pair in pairs}
     done: dict[str, list[float]] = {}
-    bar = tqdm(todo, unit="run", file=sys.stdout, dynamic_ncols=True, mininterval=5)
+    bar = tqdm(todo, unit="run", file=sys.stdout, dynamic_ncols=True, mininterval=5, disable=not show)
     for i, r in enumerate(bar):
         bar.set_postfix_str(f"{r.pair.name} s{r.seed} {r.row[:28]}; ≈ {_estimate(todo[i:], done, samples) / 60:.0f} min left")
         prompt, ids = build_prompt(host, r.row, r.pair, r.seed, samples, str(ckpt), merge_steps, sampler_steps, cfg)
@@ -373,6 +463,8 @@ def run(pairs: list[Pair], rows: list[str], seeds: list[int], out: Path, ckpt: P
         torch.save(images[:8].clone(), r.path.with_suffix(".pt"))
         r.path.write_text(json.dumps(rec) + "\n")
     bar.close()
+
+
 
 
 def _mask_stats(masks: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -519,7 +611,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=mb_common.RESULTS)
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="only print the tables of the cached runs")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="processes running comparisons side by side; 0 = one per CPU core (max 8), 1 on a GPU")
+    ap.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)  # internal: one worker of run()
     args = ap.parse_args(argv)
+    if args.worker is not None:
+        return _worker_main(args.worker)
     torch.set_num_threads(1)
     splits = load_splits()
     if args.split != "all":
@@ -529,7 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         for split, pairs in splits.items():
             run(pairs, rows, seeds[split], args.out, args.ckpt, args.loras, args.classifiers, args.samples,
-                args.merge_steps, args.sampler_steps, args.cfg, args.force)
+                args.merge_steps, args.sampler_steps, args.cfg, args.force,
+                args.workers if args.workers > 0 else default_workers())
     report(args.out, splits, rows, seeds, args.merge_steps)
     return 0
 

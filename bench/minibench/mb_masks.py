@@ -1,7 +1,7 @@
 """What the learned masks look like: re-run some comparison rows' merges through the real ZipRankMerge node and print
 their mask statistics (mean, share above 0.5, share pruned) and the kept rank per attention block.
 
-    OMP_NUM_THREADS=1 python bench/minibench/mb_masks.py --seed 0 --methods "ZipRank" "ZipRank + priors"
+    OMP_NUM_THREADS=1 python bench/minibench/mb_masks.py --seed 0 --methods "ZipRank" "DuoLoRA (shipped defaults)"
 
 The merges are the comparison's own prompts (mb_compare.build_prompt, same pair and seed, 100 paper steps) with
 one sample; nothing is written unless ``--json`` names a file. A mask entry scales one singular direction of one LoRA in one
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoints", type=Path, default=mb_common.CHECKPOINTS)
     ap.add_argument("--json", type=Path, default=None, help="also write the records (a JSON list) here")
     ap.add_argument("--pair", default="star×diagonal", help="a held-out pair, e.g. heart×zigzag")
-    ap.add_argument("--methods", nargs="+", default=["ZipRank", "ZipRank + priors", "DuoLoRA (+ Constyle)",
+    ap.add_argument("--methods", nargs="+", default=["ZipRank", "DuoLoRA (shipped defaults)", "DuoLoRA + Constyle (matched λ 0.3)",
                                                       "fast: layer-wise"])
     args = ap.parse_args(argv)
     torch.set_num_threads(1)

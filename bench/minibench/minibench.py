@@ -49,7 +49,8 @@ def full(args: argparse.Namespace) -> int:
     base, classifiers = prepare(args.checkpoints, args.base_steps, args.lora_steps, args.train_base)
     rows = mb_compare.select_rows(args.methods)
     common = {"ckpt": base, "classifiers": classifiers, "samples": args.samples, "merge_steps": args.merge_steps,
-                  "sampler_steps": args.sampler_steps, "cfg": args.cfg}
+                  "sampler_steps": args.sampler_steps, "cfg": args.cfg,
+              "workers": args.workers if args.workers > 0 else mb_compare.default_workers()}
     if args.pair:
         content_dir, sep, style_dir = args.pair.partition(":")
         if not sep:
@@ -99,14 +100,16 @@ def smoke(out: Path) -> int:
     import mb_masks
 
     mb_masks.main(["--merge-steps", "1", "--checkpoints", str(out), "--json", str(out / "masks.json"),
-                   "--methods", "ZipRank + priors"])
-    rows = ["base (no LoRA)", "direct merge", "ZipRank", "DuoLoRA (+ Constyle)", "DuoLoRA, prior roles swapped",
+                   "--methods", "DuoLoRA (shipped defaults)"])
+    rows = ["base (no LoRA)", "direct merge", "ZipRank", "DuoLoRA + Constyle (matched λ 0.3)", "DuoLoRA, prior roles swapped",
             "fast: weights-only", "layer-wise + 10 % paper steps"]
     common = {"ckpt": base, "loras": out, "classifiers": classifiers, "samples": 2, "merge_steps": 1,
               "sampler_steps": 2, "cfg": 2.0}
     splits = {"dev": pairs[:1], "test": pairs[1:]}
-    for ps in splits.values():
-        mb_compare.run(ps, rows, [0, 1], out / "results", **common)
+    for split, ps in splits.items():  # the test split through two worker processes, the dev split in this one
+        mb_compare.run(ps, rows, [0, 1], out / "results", workers=2 if split == "test" else 1, **common)
+    # The same test-split runs once more in this process: the workers must have computed exactly these.
+    mb_compare.run(splits["test"], rows[:3], [0, 1], out / "serial", workers=1, **common)
     mb_compare.report(out / "results", splits, rows, {"dev": [0, 1], "test": [0, 1]}, merge_steps=1)
     # Bring your own pair: two folders of PNGs (a held-out glyph on a known texture; a known shape in a new
     # texture), captions from a captions.txt and from the folder name.
@@ -145,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--cfg", type=float, default=2.0)
         p.add_argument("--methods", nargs="*", default=[])
         p.add_argument("--force", action="store_true", help="re-run cached comparison runs")
+        p.add_argument("--workers", type=int, default=0,
+                       help="processes running comparisons side by side; 0 = one per CPU core (max 8), 1 on a GPU")
     args = ap.parse_args(argv)
     if args.cmd == "smoke":
         return smoke(args.out)
