@@ -166,18 +166,22 @@ def _block_gram(x_c: torch.Tensor, x_s: torch.Tensor, diagonal_blocks: bool) -> 
     ``diagonal_blocks``: the columns of each part are orthogonal (SVD basis), so its own block is the
     diagonal of squared column norms and only the cross block needs a product (a quarter of the work).
     """
+    # float64 products: the own-output projector pseudo-inverts the up factors' Grams down to (1e-6)² of their
+    # largest eigenvalue, far below float32's resolution of a Gram (~1e-7 of it) — in the raw basis an
+    # ill-conditioned up factor would otherwise give an indefinite P. The factors are r columns wide: cheap.
+    x_c, x_s = x_c.double(), x_s.double()
     r_c = x_c.shape[-1]
     n = r_c + x_s.shape[-1]
     g = torch.zeros(*x_c.shape[:-2], n, n, dtype=torch.float64, device=x_c.device)
-    cross = (x_c.transpose(-1, -2) @ x_s).double()
+    cross = x_c.transpose(-1, -2) @ x_s
     g[..., :r_c, r_c:] = cross
     g[..., r_c:, :r_c] = cross.transpose(-1, -2)
     if diagonal_blocks:
-        g[..., :r_c, :r_c] = torch.diag_embed(x_c.square().sum(-2).double())
-        g[..., r_c:, r_c:] = torch.diag_embed(x_s.square().sum(-2).double())
+        g[..., :r_c, :r_c] = torch.diag_embed(x_c.square().sum(-2))
+        g[..., r_c:, r_c:] = torch.diag_embed(x_s.square().sum(-2))
     else:
-        g[..., :r_c, :r_c] = (x_c.transpose(-1, -2) @ x_c).double()
-        g[..., r_c:, r_c:] = (x_s.transpose(-1, -2) @ x_s).double()
+        g[..., :r_c, :r_c] = x_c.transpose(-1, -2) @ x_c
+        g[..., r_c:, r_c:] = x_s.transpose(-1, -2) @ x_s
     return g
 
 

@@ -76,6 +76,31 @@ def test_weights_only_gram_loss_equals_the_dense_loss(basis: str, shape: tuple[i
         assert abs(a - b) <= 1e-5 * b, (gram, dense)
 
 
+def test_own_output_projector_is_exact_for_an_ill_conditioned_raw_up_factor() -> None:
+    """Raw basis, content up factor with singular values 1 … 1e-5 (all above the projector's 1e-6 cut): the
+    Gram form still equals the dense projected loss and P stays positive semidefinite (float32 Grams gave an
+    indefinite P here)."""
+    g = torch.Generator().manual_seed(11)
+    u, _ = torch.linalg.qr(torch.randn(16, 4, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(4, 4, generator=g))
+    b_c = u @ torch.diag(torch.tensor([1.0, 1e-2, 1e-4, 1e-5])) @ v.T
+    c = LowRank(b_c, torch.randn(4, 12, generator=g) / 3)
+    s = LowRank(torch.randn(16, 3, generator=g), torch.randn(3, 12, generator=g) / 3)
+    merger = one_layer_merger(Q, c, s, "raw")
+    layer = merger.layers[0]
+    with torch.no_grad():
+        layer.m_c.copy_(torch.rand(4, generator=g))
+        layer.m_s.copy_(torch.rand(3, generator=g))
+    quad = solver.weights_quadratic(layer, svd_basis=False)
+    for P in (quad.P_c, quad.P_s):
+        eig = torch.linalg.eigvalsh(P)
+        assert float(eig.min()) >= -1e-9 * float(eig.max()), eig
+    gram = quad.losses(layer.m_c, layer.m_s)
+    dense = dense_weights_loss(c, s, layer.delta().detach().double())
+    for a, b in zip(gram, dense):
+        assert abs(a - b) <= 1e-5 * b, (gram, dense)
+
+
 def dense_activation_loss(module: nn.Module, delta: torch.Tensor, x: torch.Tensor) -> float:
     """Mean over output positions of ‖Δ·x_position‖², Δ applied as the module would apply a weight."""
     if isinstance(module, nn.Conv2d):
