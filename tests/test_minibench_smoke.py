@@ -129,7 +129,7 @@ def test_every_method_of_a_unit_samples_from_the_same_noise(smoke_dir: Path) -> 
 def test_worker_processes_compute_what_one_process_computes(smoke_dir: Path) -> None:
     parallel = _runs(smoke_dir / "results" / "runs" / "heart__zigzag")  # the smoke run's 2 workers
     serial = _runs(smoke_dir / "serial" / "runs" / "heart__zigzag")
-    assert len(serial) == 3 * 2
+    assert len(serial) == len(SMOKE_ROWS) * 2
     for key, rec in serial.items():
         assert parallel[key]["per_sample"] == rec["per_sample"], key
 

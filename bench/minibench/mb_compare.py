@@ -46,6 +46,8 @@ from miniworld import world as mb_world
 # with them too).
 from miniworld.graph import Pair, builtin_pair, noise_seed, slug
 
+from duolora.config import MergeConfig
+
 SPLITS_FILE = mb_common.HERE / "splits.json"
 
 _PRIORS_OFF = {"prior_preset": "none", "prior_init": False, "prior_loss": False, "constyle_iterations": 0}
@@ -335,7 +337,8 @@ def _estimate(todo: list[RunPlan], done: dict[str, list[float]], samples: int) -
         merge = 0.0
         if w.get("mode") in ("paper", "layerwise+paper") and w.get("method") != "direct":
             frac = w.get("steps_fraction", 1.0)
-            merge = (_DEFAULT_RUN_S["constyle"] if w.get("constyle_iterations", 1) else _DEFAULT_RUN_S["paper"]) * frac
+            constyle = w.get("constyle_iterations", MergeConfig().constyle_iterations)
+            merge = (_DEFAULT_RUN_S["constyle"] if constyle else _DEFAULT_RUN_S["paper"]) * frac
         elif w:
             merge = _DEFAULT_RUN_S["fast"]
         total += merge + _DEFAULT_RUN_S["sample"] * samples / 32
@@ -387,24 +390,33 @@ def run(pairs: list[Pair], rows: list[str], seeds: list[int], out: Path, ckpt: P
         logs.append(log)
     bar = tqdm(total=len(todo), unit="run", file=sys.stdout, dynamic_ncols=True, mininterval=5)
     t0 = time.time()
+
+    def finished(r: RunPlan) -> bool:  # written by this invocation (--force re-runs files that exist)
+        return r.path.exists() and r.path.stat().st_mtime >= t0
+
     try:
         while any(proc.poll() is None for proc in procs):
             time.sleep(2.0)
-            done = sum(r.path.exists() for r in todo)
+            done = sum(finished(r) for r in todo)
             bar.update(done - bar.n)
             if done:
                 left = (time.time() - t0) / done * (len(todo) - done)
                 bar.set_postfix_str(f"{workers} workers; ≈ {left / 60:.0f} min left")
-        bar.update(sum(r.path.exists() for r in todo) - bar.n)
+        bar.update(sum(finished(r) for r in todo) - bar.n)
     finally:
         for proc in procs:  # Ctrl-C or an error here: stop the workers too; finished runs stay cached
             if proc.poll() is None:
                 proc.terminate()
-            proc.wait()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         bar.close()
     failed = [i for i, proc in enumerate(procs) if proc.returncode != 0]
     if failed:
-        missing = sum(not r.path.exists() for r in todo)
+        missing = sum(not finished(r) for r in todo)
         tail = logs[failed[0]].read_text(errors="replace")[-3000:]
         raise RuntimeError(f"MiniBench: worker(s) {failed} failed (exit codes {[procs[i].returncode for i in failed]}; "
                            f"logs in {scratch}); {missing} run(s) are missing and the others are cached — run the "
@@ -461,7 +473,9 @@ def _run_runs(host, todo: list[RunPlan], out: Path, ckpt: Path, loras: Path, cla
                        mask_stats=_mask_stats(stats.extra["masks"]))
         r.path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(images[:8].clone(), r.path.with_suffix(".pt"))
-        r.path.write_text(json.dumps(rec) + "\n")
+        tmp = r.path.with_name(r.path.name + ".part")  # a run stopped mid-write leaves no truncated cache entry
+        tmp.write_text(json.dumps(rec) + "\n")
+        os.replace(tmp, r.path)
     bar.close()
 
 
