@@ -1,4 +1,4 @@
-"""DuoLoRA for ComfyUI: merge a content LoRA and a style LoRA for SDXL (ZipRank, layer priors, Constyle).
+"""DuoLoRA for ComfyUI: merge a content LoRA and a style LoRA for SDXL (ZipRank, layer priors, optional Constyle).
 
 ComfyUI imports this package from ``custom_nodes/``. Only the V3 entry point is exported (ComfyUI ignores
 ``comfy_entrypoint`` when a module also exports ``NODE_CLASS_MAPPINGS``).

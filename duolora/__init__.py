@@ -1,3 +1,3 @@
-"""DuoLoRA engine: content–style LoRA merging (ZipRank, layer priors, Constyle). Pure torch; never imports ComfyUI."""
+"""DuoLoRA engine: content–style LoRA merging (ZipRank, layer priors, optional Constyle). Pure torch; never imports ComfyUI."""
 
 __version__ = "0.1.0"

@@ -12,7 +12,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="duolora",
-        description="DuoLoRA: merge a content LoRA and a style LoRA for SDXL (ZipRank, layer priors, Constyle).",
+        description="DuoLoRA: merge a content LoRA and a style LoRA for SDXL (ZipRank, layer priors, optional Constyle).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,7 +117,7 @@ def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
                    help="weight of the mask-similarity term mean|m_c ⊙ m_s| (default: the method's, 0 for ziprank)")
     p.add_argument("--fast-keep", type=float, default=d.fast_keep,
                    help="γ of the keep term γ·Σ shareᵢ·(1 − mᵢ)²: holds each LoRA's strongest singular directions "
-                        "near full strength (0: pure per-layer reconstruction, which halves overlapping LoRAs)")
+                        "near full strength (0: pure per-layer reconstruction, which weakens LoRAs where they collide)")
     p.add_argument("--prune-threshold", type=float, default=DEFAULT_PRUNE_THRESHOLD,
                    help="rank components with |mask| below this are dropped from the file")
     p.add_argument("--max-rank", type=int, default=d.max_rank,

@@ -133,7 +133,8 @@ class ZipRankMerge(io.ComfyNode):
                                      "slightly less exact merged LoRA."),
                 _float("fast_keep", d.fast_keep, "Fast modes only: how strongly each LoRA's strongest "
                                                  "directions are held at full strength (0 = pure per-layer "
-                                                 "reconstruction, which halves overlapping LoRAs).", hi=100.0),
+                                                 "reconstruction, which weakens LoRAs where they collide).",
+                       hi=100.0),
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Recompute UNet blocks in the backward pass: much less memory, "
                                          "a little slower."),
