@@ -38,7 +38,8 @@ bench: setup
 # MiniBench 2 (bench/minibench/README.md): the paper's evaluation in miniature on CPU (or a CUDA GPU when there
 # is one). Uses the committed base, classifiers and LoRAs, then the paired comparison on the dev and test splits
 # (cached runs are reused). `make minibench PAIR=content_dir:style_dir` trains two LoRAs from your folders of
-# images and compares the methods on that pair alone; SPLIT=dev runs only the dev split; SEEDS="0 1 …" other seeds.
+# images and compares the methods on that pair alone; SPLIT=dev runs only the dev split; SEEDS="0 1 …" other seeds;
+# WORKERS=N processes side by side (default: one per CPU core, one on a GPU).
 .PHONY: minibench
 minibench: setup
 	OMP_NUM_THREADS=1 $(PY) bench/minibench/minibench.py $(if $(PAIR),--pair "$(PAIR)",) $(if $(SPLIT),--split $(SPLIT),) $(if $(SEEDS),--seeds $(SEEDS),) $(if $(WORKERS),--workers $(WORKERS),)
