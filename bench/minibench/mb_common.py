@@ -1,4 +1,5 @@
-"""Shared plumbing for the MiniBench scripts: paths, ComfyUI boot, the noise schedule, a DDIM sampler.
+"""Shared plumbing for the MiniBench scripts: paths, ComfyUI boot, the noise schedule and training target, the
+benchmark's sampler.
 
 Run the scripts by path (``python bench/minibench/<script>.py``): this folder and devtools/ go on sys.path.
 """
@@ -39,9 +40,23 @@ def boot():
 
 
 def alphas_cumprod(model) -> torch.Tensor:
-    """ᾱ_t (1000,) of the model's own ComfyUI schedule (SDXL's scaled-linear betas): ᾱ = 1 / (1 + σ²)."""
-    sig = model.model_sampling.sigmas.detach().float()
-    return 1.0 / (1.0 + sig * sig)
+    """ᾱ_t (1000,) of the model's own ComfyUI schedule (SDXL's scaled-linear betas, rescaled to zero terminal
+    SNR for a "v_zsnr" model): ᾱ = 1 / (1 + σ²)."""
+    sig = model.model_sampling.sigmas.detach().double()
+    return (1.0 / (1.0 + sig * sig)).float()
+
+
+def noisy_and_target(model, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet's input x_t = √ᾱ x0 + √(1−ᾱ) ε at timesteps ``t`` (B,) and its regression target: ε for an
+    ε-model, v = √ᾱ ε − √(1−ᾱ) x0 for a v-model. Both are what ComfyUI's EPS / V_PREDICTION model sampling
+    assumes (its input scaling 1/√(σ²+1) turns x0 + σε into x_t), so a trained model samples in ComfyUI as is."""
+    from miniworld import model as mb_model
+
+    ab = alphas_cumprod(model)[t].view(-1, *([1] * (x0.dim() - 1)))
+    xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    if mb_model.prediction_of(model) == "eps":
+        return xt, eps
+    return xt, ab.sqrt() * eps - (1 - ab).sqrt() * x0
 
 
 def adm(model, pooled: torch.Tensor) -> torch.Tensor:
@@ -51,30 +66,25 @@ def adm(model, pooled: torch.Tensor) -> torch.Tensor:
     return torch.cat([pooled, mb_model.size_embedding(model).expand(pooled.shape[0], -1)], dim=1)
 
 
-@torch.no_grad()
-def ddim_sample(unet: torch.nn.Module, model, ctx: torch.Tensor, pooled: torch.Tensor,
-                uctx: torch.Tensor, upooled: torch.Tensor, seed: int, steps: int = 20,
-                cfg: float = 2.0) -> torch.Tensor:
-    """Deterministic DDIM (η = 0) with classifier-free guidance; returns (B, 3, 32, 32) in [-1, 1].
+# The benchmark's sampler (mb_compare, the demo and the base check): ComfyUI's KSampler settings.
+SAMPLER = {"sampler_name": "euler", "scheduler": "normal", "steps": 20, "cfg": 2.0}
 
-    Used for quick checks during development and classifier validation; the benchmark itself samples
-    with ComfyUI's KSampler inside the executor.
-    """
-    b = ctx.shape[0]
-    ab = alphas_cumprod(model)
-    g = torch.Generator().manual_seed(int(seed))
-    x = torch.randn(b, 3, 32, 32, generator=g)
-    ts = torch.linspace(999, 0, steps).round().long()
-    y = adm(model, pooled)
-    uy = adm(model, upooled.expand(b, -1))
-    uc = uctx.expand(b, -1, -1)
-    for i, t in enumerate(ts):
-        tt = torch.full((2 * b,), float(t))
-        eps = unet(torch.cat([x, x]), timesteps=tt, context=torch.cat([ctx, uc]), y=torch.cat([y, uy]))
-        e_c, e_u = eps.chunk(2)
-        e = e_u + cfg * (e_c - e_u)
-        a = ab[t]
-        x0 = ((x - (1 - a).sqrt() * e) / a.sqrt()).clamp(-1, 1)
-        a_prev = ab[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
-        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * e
-    return x.clamp(-1, 1)
+
+def comfy_sample(patcher, text, prompts: list[str], seed: int, per_prompt: int, steps: int = SAMPLER["steps"],
+                 cfg: float = SAMPLER["cfg"]) -> torch.Tensor:
+    """``per_prompt`` samples of each prompt with ComfyUI's own KSampler code (``nodes.common_ksampler``: euler,
+    normal schedule, x0 clipped to [-1, 1] as MiniBenchCheckpoint sets it), the noise of prompt i drawn from seed
+    ``seed + i``; returns (len(prompts) · per_prompt, 3, 32, 32) in [-1, 1], prompt-major."""
+    import nodes
+
+    out = []
+    with torch.inference_mode(False), torch.no_grad():
+        uctx, upooled = text.encode([""])
+        negative = [[uctx, {"pooled_output": upooled}]]
+        for i, prompt in enumerate(prompts):
+            ctx, pooled = text.encode([prompt])
+            latent = {"samples": torch.zeros(per_prompt, 3, 32, 32)}
+            (res,) = nodes.common_ksampler(patcher, seed + i, steps, cfg, SAMPLER["sampler_name"],
+                                           SAMPLER["scheduler"], [[ctx, {"pooled_output": pooled}]], negative, latent)
+            out.append(res["samples"].float().clamp(-1, 1))
+    return torch.cat(out)

@@ -69,7 +69,6 @@ def train_lora(model, text: mb_model.MiniTextEncoder, spec: LoRASpec, steps: int
     x_ref, caps = reference_images(spec)
     with torch.no_grad():
         ctx_all, pooled_all = text.encode(caps)
-    ab = mb_common.alphas_cumprod(model)
     opt = torch.optim.Adam(hooks.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed + 99)
     try:
@@ -78,10 +77,9 @@ def train_lora(model, text: mb_model.MiniTextEncoder, spec: LoRASpec, steps: int
             x0 = x_ref[idx]
             t = torch.randint(0, 1000, (batch,), generator=g)
             eps = torch.randn(x0.shape, generator=g)
-            a = ab[t].view(-1, 1, 1, 1)
-            xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+            xt, target = mb_common.noisy_and_target(model, x0, t, eps)
             pred = unet(xt, timesteps=t.float(), context=ctx_all[idx], y=mb_common.adm(model, pooled_all[idx]))
-            loss = F.mse_loss(pred, eps)
+            loss = F.mse_loss(pred, target)
             opt.zero_grad()
             loss.backward()
             opt.step()

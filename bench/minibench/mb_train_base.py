@@ -39,27 +39,34 @@ def make_batch(step: int, seed: int, batch: int, text: mb_model.MiniTextEncoder,
 
 def diffusion_loss(unet: torch.nn.Module, model, text: mb_model.MiniTextEncoder, x0: torch.Tensor,
                    ids: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """ε-prediction MSE at a uniform timestep: x_t = √ᾱ x0 + √(1−ᾱ) ε (ComfyUI's EPS, same schedule)."""
-    ab = mb_common.alphas_cumprod(model)
+    """MSE of the model's prediction (ε or v, mb_common.noisy_and_target) at a uniform timestep of its own
+    ComfyUI schedule."""
     b = x0.shape[0]
     t = torch.randint(0, 1000, (b,), generator=g)
     eps = torch.randn(x0.shape, generator=g)
-    a = ab[t].view(b, 1, 1, 1)
-    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    xt, target = mb_common.noisy_and_target(model, x0, t, eps)
     ctx, pooled = text(ids)
     pred = unet(xt, timesteps=t.float(), context=ctx, y=mb_common.adm(model, pooled))
-    return torch.nn.functional.mse_loss(pred, eps)
+    return torch.nn.functional.mse_loss(pred, target)
 
 
-def export_ema(ema: dict[str, torch.Tensor], path: Path) -> None:
-    """Write EMA weights as safetensors (keys ``unet.*`` and ``text.*``, float32)."""
+def export_ema(ema: dict[str, torch.Tensor], path: Path, prediction: str) -> None:
+    """Write EMA weights as safetensors (keys ``unet.*`` and ``text.*``, float32; metadata: the prediction)."""
     import safetensors.torch
 
-    safetensors.torch.save_file({k: v.contiguous() for k, v in ema.items()}, str(path))
+    tmp = path.with_name(path.name + ".tmp")
+    safetensors.torch.save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp),
+                                metadata={mb_model.PREDICTION_KEY: prediction})
+    tmp.replace(path)
 
 
-def init_from_ema(path: Path, unet: torch.nn.Module, text: torch.nn.Module) -> tuple[int, float, list[str]]:
-    """Load EMA weights written by :func:`export_ema`; return (step, wall time, history) from its MANIFEST."""
+def init_from_ema(path: Path, unet: torch.nn.Module, text: torch.nn.Module, prediction: str
+                  ) -> tuple[int, float, list[str]]:
+    """Load EMA weights written by :func:`export_ema`; return (step, wall time, history) from its MANIFEST.
+
+    The weights may have been trained for another prediction (ε → v on a zero-terminal-SNR schedule, the way
+    v-prediction SDXL checkpoints were fine-tuned from ε ones); the history says so.
+    """
     import safetensors.torch
 
     sd = safetensors.torch.load_file(str(path))
@@ -67,8 +74,12 @@ def init_from_ema(path: Path, unet: torch.nn.Module, text: torch.nn.Module) -> t
     text.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("text.")})
     manifest = json.loads((path.parent / "MANIFEST.json").read_text())
     history = list(manifest.get("history", []))
+    history.append(f"{manifest.get('command', '')} (to step {manifest['steps_done']}, "
+                   f"{manifest.get('prediction', 'eps')})")
+    was = mb_model.checkpoint_prediction(str(path))
+    switch = f", switching the prediction from {was} to {prediction}" if was != prediction else ""
     history.append(f"step {manifest['steps_done']}: continued from these steps' EMA weights (fresh Adam state, "
-                   "100-step re-warm-up) by the command above")
+                   f"100-step re-warm-up){switch} by the command above")
     return int(manifest["steps_done"]), float(manifest["wall_time_s"]), history
 
 
@@ -82,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--out", type=Path, default=mb_common.CHECKPOINTS)
     ap.add_argument("--time-limit", type=float, default=0.0, help="stop (with a checkpoint) after this many s")
+    ap.add_argument("--prediction", choices=tuple(mb_model.PREDICTIONS), default="v_zsnr",
+                    help="what the model predicts (miniworld.model.PREDICTIONS; default v on a zero-terminal-SNR "
+                         "schedule: with ε on SDXL's schedule the model reads the image's mean colour out of x_T)")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="when no base_state.pt exists: continue from these EMA weights (base_ema.safetensors) at "
                          "the step recorded in MANIFEST.json, with a fresh optimiser and a 100-step re-warm-up")
@@ -92,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     mb_common.boot()
     torch.manual_seed(args.seed)
-    model = mb_model.build_model_base(args.seed)
+    model = mb_model.build_model_base(args.seed, args.prediction)
     unet = model.diffusion_model
     unet.train()
     text = mb_model.MiniTextEncoder()
@@ -116,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         warm_start, history = st.get("warm_start", 0), st.get("history", [])
         print(f"resumed at step {step} ({wall:.0f} s so far)", flush=True)
     elif args.init_from is not None:
-        step, wall, history = init_from_ema(args.init_from, unet, text)
+        step, wall, history = init_from_ema(args.init_from, unet, text, args.prediction)
         warm_start = step
         print(f"continuing from the EMA weights of step {step} in {args.init_from}", flush=True)
     if ema is None:  # a fresh start, or the loaded EMA weights as the new EMA's start
@@ -127,12 +141,12 @@ def main(argv: list[str] | None = None) -> int:
                     "step": step, "wall": wall, "losses": losses, "args": vars(args),
                     "warm_start": warm_start, "history": history}, str(state_path) + ".tmp")
         Path(str(state_path) + ".tmp").replace(state_path)
-        export_ema(ema, args.out / "base_ema.safetensors")
+        export_ema(ema, args.out / "base_ema.safetensors", args.prediction)
         recent = losses[-50:]
         manifest = {
             "command": "OMP_NUM_THREADS=1 python bench/minibench/mb_train_base.py " + " ".join(
                 a for a in (sys.argv[1:] if argv is None else argv)),
-            "seed": args.seed, "steps_done": step, "steps_target": args.steps, "batch": args.batch,
+            "seed": args.seed, "prediction": args.prediction, "steps_done": step, "steps_target": args.steps, "batch": args.batch,
             "lr": args.lr, "ema_decay": args.ema, "wall_time_s": round(wall, 1),
             "loss_last50_mean": round(sum(recent) / max(len(recent), 1), 5),
             "unet_config": mb_model.MINI_UNET_CONFIG,
@@ -147,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     while step < args.steps:
         t0 = time.time()
         warm = min(1.0, (step - warm_start + 1) / 100)
-        lr = args.lr * warm * (0.5 * (1 + math.cos(math.pi * step / args.steps)) * 0.9 + 0.1)
+        # Cosine from this run's first step (0, or the step it continued from) to --steps, down to 10 %.
+        progress = (step - warm_start) / max(args.steps - warm_start, 1)
+        lr = args.lr * warm * (0.5 * (1 + math.cos(math.pi * progress)) * 0.9 + 0.1)
         for group in opt.param_groups:
             group["lr"] = lr
         x0, ids, g = make_batch(step, args.seed, args.batch, text)

@@ -3,8 +3,11 @@
 The UNet keeps SDXL's block layout and module names (input_blocks.4.1 … output_blocks.5.1, one transformer
 block each), so SDXL LoRA keys, ``duolora.sdxl.layout_for`` and the ``paper`` prior preset apply verbatim:
 at 32×32 input its attention runs at 16×16 (SDXL's 64×64 "style" blocks) and 8×8 (SDXL's 32×32 "content"
-blocks and the middle). It predicts ε like SDXL base and uses SDXL's discrete noise schedule; the "latent"
-is the RGB image itself in [-1, 1] (a pixel latent format with scale 1).
+blocks and the middle). It uses SDXL's discrete noise schedule and predicts either ε (like SDXL base) or v on the
+zero-terminal-SNR version of that schedule (like the v-prediction SDXL checkpoints, e.g. NoobAI-XL V-Pred): a
+checkpoint says which in its metadata (:data:`PREDICTIONS`), and ComfyUI builds the matching model sampling from
+the same state-dict markers it reads in such checkpoints. The "latent" is the RGB image itself in [-1, 1] (a pixel
+latent format with scale 1).
 
 The text encoder is learned from scratch: a 5-token context ("a <shape> in <texture> style") of learned
 word + position embeddings, and a pooled vector. ComfyUI modules are imported inside functions, after
@@ -139,12 +142,40 @@ def _model_config():
     return cfg
 
 
-def build_model_base(seed: int = 0):
-    """A ``comfy.model_base.SDXL`` (ε-prediction) with MINI_UNET_CONFIG and seeded initial weights."""
+# How a checkpoint predicts (safetensors metadata key ``minibench.prediction``; absent means "eps"):
+# "eps": ε on SDXL's scaled-linear schedule. "v_zsnr": v on the same schedule rescaled to zero terminal SNR
+# (Lin et al., "Common Diffusion Noise Schedules and Sample Steps Are Flawed"), so that x_T carries nothing of the
+# image; ComfyUI reads the same two state-dict markers ("v_pred", "ztsnr") in v-prediction SDXL checkpoints.
+PREDICTIONS: dict[str, dict[str, torch.Tensor]] = {
+    "eps": {},
+    "v_zsnr": {"v_pred": torch.tensor([]), "ztsnr": torch.tensor([])},
+}
+PREDICTION_KEY = "minibench.prediction"
+
+
+def build_model_base(seed: int = 0, prediction: str = "eps"):
+    """A ``comfy.model_base.SDXL`` with MINI_UNET_CONFIG and seeded initial weights; ``prediction`` is a key of
+    :data:`PREDICTIONS` (ComfyUI picks the model type and its model sampling from those markers)."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r} (one of {', '.join(PREDICTIONS)})")
     cfg = _model_config()
-    model = cfg.get_model({}, "model.diffusion_model.", device=torch.device("cpu"))
+    model = cfg.get_model(dict(PREDICTIONS[prediction]), "model.diffusion_model.", device=torch.device("cpu"))
     init_weights_(model.diffusion_model, seed)
     return model
+
+
+def prediction_of(model) -> str:
+    """"v_zsnr" for a v-prediction model on a zero-terminal-SNR schedule, "eps" for an ε model; else ValueError."""
+    import comfy.model_sampling
+
+    sampling = model.model_sampling
+    if isinstance(sampling, comfy.model_sampling.V_PREDICTION):
+        if not getattr(sampling, "zsnr", False):
+            raise ValueError("a v-prediction MiniBench model without zero terminal SNR is not a MiniBench model")
+        return "v_zsnr"
+    if isinstance(sampling, comfy.model_sampling.EPS):
+        return "eps"
+    raise ValueError(f"MiniBench models predict ε or v, not {type(sampling).__name__}")
 
 
 def init_weights_(unet: torch.nn.Module, seed: int) -> None:
@@ -188,15 +219,23 @@ def build_patcher(model):
     )
 
 
+def checkpoint_prediction(path: str) -> str:
+    """The prediction a MiniBench checkpoint was trained for (its ``minibench.prediction`` metadata; "eps" if none)."""
+    import safetensors
+
+    with safetensors.safe_open(path, "pt") as f:
+        return (f.metadata() or {}).get(PREDICTION_KEY, "eps")
+
+
 def load_checkpoint(path: str) -> tuple[Any, MiniTextEncoder]:
     """Build the model_base and text encoder and load a MiniBench checkpoint (safetensors) into them.
 
-    Keys: ``unet.<diffusion_model key>`` and ``text.<encoder key>``.
+    Keys: ``unet.<diffusion_model key>`` and ``text.<encoder key>``; the metadata says how it predicts.
     """
     import safetensors.torch
 
     sd = safetensors.torch.load_file(path)
-    model = build_model_base(0)
+    model = build_model_base(0, checkpoint_prediction(path))
     text = MiniTextEncoder()
     unet_sd = {k[5:]: v for k, v in sd.items() if k.startswith("unet.")}
     text_sd = {k[5:]: v for k, v in sd.items() if k.startswith("text.")}
