@@ -245,7 +245,7 @@ def run_minibench(args: argparse.Namespace) -> int:
         name, what = name.format(shape=shape, texture=texture), what.format(shape=shape, texture=texture)
         merge = None if overrides is None else {**defaults, **overrides, "steps": steps}
         prompt, ids = graph.build_prompt(host, pair, args.seed, args.samples, str(miniworld.BASE), sampler_steps,
-                                         CFG, merge=merge, single=single)
+                                         CFG, merge=merge, stack=((single, 1.0),) if single else ())
         is_duolora = overrides == {}  # the row at the node's defaults saves the LoRA and renders the report
         if is_duolora:
             for nid, cls, inputs in (("save", "DuoLoRA_SaveMergedLoRA", {"merged_lora": ["merge", 0],

@@ -25,7 +25,7 @@ def smoke_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("minibench")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(DRIVER), "smoke", "--out", str(out)], cwd=str(out), env=env, check=False,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
@@ -67,10 +67,17 @@ def test_loras_are_ordinary_kohya_files(smoke_dir: Path) -> None:
         assert lora.key_style == "kohya_ldm"
         assert len(lora.layers) == 88
         assert set(lora.ranks()) == {8}
+    # The ceiling's LoRAs: one per pair, trained on renders of the target at the merged rank.
+    for name in ("minibench_joint_star_diagonal", "minibench_joint_heart_zigzag"):
+        lora = formats.load_lora(smoke_dir / f"{name}.safetensors", layout)
+        assert len(lora.layers) == 88 and set(lora.ranks()) == {16}
 
 
-SMOKE_ROWS = ["base (no LoRA)", "direct merge", "ZipRank", "DuoLoRA + Constyle (matched λ 0.3)", "DuoLoRA, prior roles swapped",
-              "fast: weights-only", "layer-wise + 10 % paper steps"]
+SMOKE_ROWS = ["base (no LoRA)", "content LoRA only", "ceiling (LoRA trained on the target)", "tuned plain sum",
+              "direct merge", "ZipRank", "DuoLoRA (shipped defaults)", "DuoLoRA + Constyle (matched λ 0.3)",
+              "DuoLoRA, prior roles swapped", "fast: weights-only", "layer-wise + 10 % paper steps"]
+# The grid the tuned plain sum is chosen from runs on the dev split only.
+GRID_ROWS = [f"dev: two loaders, content {c:g}, style {s:g}" for c in (0.75, 1.0, 1.25) for s in (0.25, 0.5, 0.75, 1.0)]
 
 
 @pytest.mark.slow
@@ -80,21 +87,23 @@ def test_paired_comparison_through_the_executor(smoke_dir: Path) -> None:
     assert summary["dev"]["pairs"] == ["star×diagonal"] and summary["test"]["pairs"] == ["heart×zigzag"]
     for split in ("dev", "test"):
         rows = summary[split]["rows"]
-        assert list(rows) == SMOKE_ROWS
+        assert list(rows) == SMOKE_ROWS + (GRID_ROWS if split == "dev" else [])
         assert all(r["units"] == 2 for r in rows.values())  # 1 pair × 2 seeds
         for row, r in rows.items():
             for m in ("content_hit", "style_hit", "both_hit"):
                 assert 0.0 <= r[m] <= 1.0
             assert -1.0 <= r["content_cos"] <= 1.0 and -1.0 <= r["style_cos"] <= 1.0
-            if row not in ("direct merge", "ZipRank"):
-                d = r["vs ZipRank"]["both_hit"]
-                assert d["units"] == 2 and d["lo"] <= d["diff"] <= d["hi"]
+            for ref in ("tuned plain sum", "DuoLoRA (shipped defaults)"):
+                if row != ref:
+                    d = r[f"vs {ref}"]["both_hit"]
+                    assert d["units"] == 2 and d["lo"] <= d["diff"] <= d["hi"]
         # ZipRank learns one mask entry per rank component and LoRA: 88 layers × (8 + 8).
         assert rows["DuoLoRA + Constyle (matched λ 0.3)"]["trainable_parameters"] == 88 * 16
         assert rows["direct merge"]["trainable_parameters"] == 0
         table = (results / f"{split}_table.md").read_text()
         assert [ln.split(" | ")[0] for ln in table.splitlines() if ln.startswith("| ") and " | 2 | " in ln] == [
-            f"| {r}" for r in SMOKE_ROWS]
+            f"| {r}" for r in SMOKE_ROWS + (GRID_ROWS if split == "dev" else [])]
+        assert "| method | Δ both % vs tuned plain sum |" in table
         assert (results / f"{split}_grid.png").stat().st_size > 1000
 
 
@@ -123,6 +132,40 @@ def test_every_method_of_a_unit_samples_from_the_same_noise(smoke_dir: Path) -> 
     # A merge run records every widget it ran with, the node's defaults included.
     assert runs[("ZipRank", 0)]["merge_widgets"]["prior_loss"] is False
     assert set(runs[("DuoLoRA + Constyle (matched λ 0.3)", 0)]["merge_widgets"]) >= {"prior_loss_kind", "margin", "cycle_scale"}
+
+
+@pytest.mark.slow
+def test_tuned_plain_sum_is_chosen_on_dev_by_the_written_rule(smoke_dir: Path) -> None:
+    choice = json.loads((smoke_dir / "choices.json").read_text())["tuned_plain_sum"]
+    assert choice["pairs"] == ["star×diagonal"] and choice["seeds"] == [0, 1]
+    assert len(choice["both_hit"]) == 12
+    chosen = choice["chosen"]
+    best = max(choice["both_hit"].values())
+    tied = {k: v for k, v in choice["both_hit"].items() if v >= best - 0.01}
+    # The rule: the best dev both-hit; within 1 point, the point nearest to (1, 1), then the stronger style.
+    key = f"content {chosen['content']:g}, style {chosen['style']:g}"
+    assert key in tied
+    dist = abs(chosen["content"] - 1) + abs(chosen["style"] - 1)
+    for other in tied:
+        c, s = (float(part.split()[1]) for part in other.split(", "))
+        assert dist < abs(c - 1) + abs(s - 1) or (dist == abs(c - 1) + abs(s - 1) and chosen["style"] >= s)
+    # The test split's tuned runs stack exactly the chosen strengths; their key names them.
+    tuned = _runs(smoke_dir / "results" / "runs" / "heart__zigzag")[("tuned plain sum", 0)]
+    assert tuned["pair"] == "heart×zigzag"
+    path = next((smoke_dir / "results" / "runs" / "heart__zigzag").glob(
+        f"stack_content{chosen['content']:g}_style{chosen['style']:g}_s0.json"))
+    assert json.loads(path.read_text())["row"] == "tuned plain sum"
+
+
+@pytest.mark.slow
+def test_runs_record_the_world_they_ran_in(smoke_dir: Path) -> None:
+    runs = _runs(smoke_dir / "results" / "runs" / "heart__zigzag")
+    worlds = {row: {runs[(row, seed)]["world"] for seed in (0, 1)} for row in SMOKE_ROWS}
+    # One world per row across seeds; rows that read other LoRA files run in other worlds.
+    assert all(len(w) == 1 and len(next(iter(w))) == 12 for w in worlds.values())
+    assert worlds["base (no LoRA)"] != worlds["content LoRA only"] != worlds["direct merge"]
+    assert worlds["direct merge"] == worlds["ZipRank"]  # both read the base, the classifiers and the pair's LoRAs
+    assert worlds["ceiling (LoRA trained on the target)"] != worlds["content LoRA only"]
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The MiniBench 2 comparison: every merge method through the REAL ComfyUI executor, paired, on 9 held-out pairs.
+"""The MiniBench comparison: every merge method through the REAL ComfyUI executor, paired, on 9 held-out pairs.
 
 A *pair* is one held-out content (a shape the base never saw, learned by a content LoRA) × one held-out style
 (a texture the base never saw, learned by a style LoRA): 3 × 3 = 9 pairs, split once into a dev split (used to
@@ -6,13 +6,16 @@ choose defaults and hyper-parameters) and a test split (only reported) by the se
 A *unit* is one (pair, seed). For every unit and method one API prompt runs in ComfyUI's own PromptExecutor:
 MiniBenchCheckpoint → DuoLoRA_LoadContentLoRA / DuoLoRA_LoadStyleLoRA → DuoLoRA_ZipRankMerge (reference images
 and prompts from the bench pack; the node's seed = the unit's seed) → DuoLoRA_ApplyMergedLoRA → ComfyUI's
-KSampler on the target prompt "a <shape> in <texture> style" → MiniBenchToImage. Every method of a unit samples
+KSampler on the target prompt "a <shape> in <texture> style" → MiniBenchToImage; rows without a merge stack LoRAs
+with ComfyUI's LoraLoaderModelOnly (``Stack``), as a user does. Every method of a unit samples
 from the SAME initial noise (the KSampler seed depends on the unit only) with the same sampler, so method
 differences are paired. The images are scored per sample (mb_classify.Scorer): content hit, style hit, both,
 content-feature cosine to the content references (DINO-like) and style-feature cosine to the style references
 (CSD-like). Each run is cached as JSON under ``<results>/runs/<pair>/<key>_s<seed>.json``, where the key of a
 merge row is a hash of ALL its resolved ZipRankMerge widgets (defaults included): two rows that merge the same
-way share their runs, and a row whose configuration changed (e.g. after a default changed) runs again.
+way share their runs, and a row whose configuration changed (e.g. after a default changed) runs again. A run also
+records the world it ran in (``world_id``: the base, the classifiers and the LoRA files); a cached run of another
+world is run again.
 
     OMP_NUM_THREADS=1 python bench/minibench/mb_compare.py --split dev --seeds 0 1 2 3
 """
@@ -51,24 +54,74 @@ from duolora.config import MergeConfig
 SPLITS_FILE = mb_common.HERE / "splits.json"
 
 _PRIORS_OFF = {"prior_preset": "none", "prior_init": False, "prior_loss": False, "constyle_iterations": 0}
-# Row name → ZipRankMerge widgets over the node's own defaults (None: no merge node; the "… only" rows apply one
-# LoRA with ComfyUI's LoraLoaderModelOnly). Rows that say nothing about priors or Constyle run the node's
-# DEFAULTS, so they follow the shipped defaults whenever those change.
-ROWS: dict[str, dict[str, Any] | None] = {
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A row without a merge: LoRAs applied one after another with ComfyUI's LoraLoaderModelOnly, each at its
+    strength, as a user stacks loaders. Roles: "content", "style", "joint" (the pair's ceiling LoRA)."""
+
+    parts: tuple[tuple[str, float], ...]
+
+    @property
+    def key(self) -> str:
+        return "stack_" + "_".join(f"{role}{strength:g}" for role, strength in self.parts)
+
+
+# The row a user's own recipe gives: two stacked loaders at the strengths chosen on the dev split (CHOICES_FILE).
+TUNED = "tuned plain sum"
+# MINIBENCH_CHOICES moves it (the smoke test's own choices; worker processes inherit the environment).
+CHOICES_FILE = Path(os.environ.get("MINIBENCH_CHOICES", mb_common.HERE / "choices.json"))
+# The small grid the tuned plain sum is chosen from: what a user tries by hand, style strength turned down first.
+PLAIN_SUM_GRID = [(c, s) for c in (0.75, 1.0, 1.25) for s in (0.25, 0.5, 0.75, 1.0)]
+# Row name → ZipRankMerge widgets over the node's own defaults, a Stack, TUNED's stack, or None (the base).
+# Rows that say nothing about priors or Constyle run the node's DEFAULTS, so they follow the shipped defaults
+# whenever those change.
+ROWS: dict[str, dict[str, Any] | Stack | None] = {
     "base (no LoRA)": None,
-    "content LoRA only": None,
-    "style LoRA only": None,
+    "content LoRA only": Stack((("content", 1.0),)),
+    "style LoRA only": Stack((("style", 1.0),)),
+    "ceiling (LoRA trained on the target)": Stack((("joint", 1.0),)),
+    TUNED: None,  # resolved from CHOICES_FILE (tuned_stack)
     "direct merge": {"mode": "paper", "method": "direct", **_PRIORS_OFF},
     "ZipLoRA (out)": {"mode": "paper", "method": "ziplora_out", **_PRIORS_OFF},
     "ZipRank": {"mode": "paper", "method": "ziprank", **_PRIORS_OFF},
-    # The shipped defaults ARE ZipRank + the share prior (Constyle is off by default since 2026-12-01).
+    # The shipped defaults ARE ZipRank + the share prior (Constyle off by default).
     "DuoLoRA (shipped defaults)": {"mode": "paper", "method": "ziprank"},
     "DuoLoRA + Constyle (matched λ 0.3)": {"mode": "paper", "method": "ziprank", "constyle_iterations": 1,
                                            "cycle_scale": "matched", "lambda_cyc": 0.3, "lambda_rev": 0.3},
     "fast: weights-only": {"mode": "weights", "method": "ziprank"},
     "fast: layer-wise": {"mode": "layerwise", "method": "ziprank"},
-    "layer-wise + 10 % paper steps": {"mode": "layerwise+paper", "method": "ziprank", "steps_fraction": 0.1},
 }
+
+
+def tuned_stack(path: Path | None = None) -> Stack | None:
+    """The tuned plain sum's strengths as chosen on the dev split (``choose_plain_sum``), None before the choice."""
+    path = path or CHOICES_FILE
+    if not path.exists():
+        return None
+    chosen = json.loads(path.read_text()).get("tuned_plain_sum", {}).get("chosen")
+    if not chosen:
+        return None
+    return Stack((("content", float(chosen["content"])), ("style", float(chosen["style"]))))
+
+
+def stack_of(row: str) -> Stack | None:
+    """The Stack a row applies (TUNED resolved), or None for the base and the merge rows."""
+    spec = _tuned_or_exit() if row == TUNED else all_rows()[row]
+    return spec if isinstance(spec, Stack) else None
+
+
+def _tuned_or_exit() -> Stack:
+    chosen = tuned_stack()
+    if chosen is None:
+        raise SystemExit(f"MiniBench: the '{TUNED}' row needs its strengths, chosen on the dev split: run the dev split "
+                         f"first (make minibench SPLIT=dev), which writes {CHOICES_FILE.name}")
+    return chosen
+
+
+def plain_sum_row(content: float, style: float) -> str:
+    return f"dev: two loaders, content {content:g}, style {style:g}"
 
 
 def _swapped_paper_prior() -> str:
@@ -134,12 +187,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dev: layer-wise + 10 %, share priors, keep 1": {"mode": "layerwise+paper", "method": "ziprank", **_SHARE,
                                                      "fast_keep": 1.0, "constyle_iterations": 0,
                                                      "steps_fraction": 0.1},
+    "layer-wise + 10 % paper steps": {"mode": "layerwise+paper", "method": "ziprank", "steps_fraction": 0.1},
+    # The grid the tuned plain sum is chosen from (dev split only).
+    **{plain_sum_row(c, s): Stack((("content", c), ("style", s))) for c, s in PLAIN_SUM_GRID},
 }
-DEV_ROWS = ["base (no LoRA)", "content LoRA only", "style LoRA only", "direct merge", "ZipLoRA (out)", "ZipRank",
-            *(r for r in VARIANTS if r.startswith("dev: ")), "DuoLoRA literal (METHOD §3–4)"]
 
 
-def all_rows() -> dict[str, dict[str, Any] | None]:
+def all_rows() -> dict[str, dict[str, Any] | Stack | None]:
     return {**ROWS, **VARIANTS}
 
 
@@ -191,12 +245,22 @@ def make_splits(seed: int = 2026) -> dict[str, Any]:
 def build_prompt(host, row: str, pair: Pair, seed: int, samples: int, ckpt: str, merge_steps: int,
                  sampler_steps: int, cfg: float) -> tuple[dict, dict]:
     """The API prompt of one (row, pair, seed) run and the ids of its image / merge nodes (miniworld.graph)."""
-    widgets = all_rows()[row]
-    single = None
-    if widgets is None and row != "base (no LoRA)":
-        single = "content" if row.startswith("content") else "style"
-    merge = merge_widgets(host, row, merge_steps) if widgets is not None else None
-    return graph.build_prompt(host, pair, seed, samples, ckpt, sampler_steps, cfg, merge=merge, single=single)
+    stack = stack_of(row)
+    merge = merge_widgets(host, row, merge_steps) if is_merge_row(row) else None
+    return graph.build_prompt(host, pair, seed, samples, ckpt, sampler_steps, cfg, merge=merge,
+                              stack=stack.parts if stack else ())
+
+
+def is_merge_row(row: str) -> bool:
+    return isinstance(all_rows()[row], dict)
+
+
+def lora_roles(row: str) -> list[str]:
+    """The pair's LoRAs a row reads ("content", "style", "joint")."""
+    stack = stack_of(row)
+    if stack is not None:
+        return [role for role, _ in stack.parts]
+    return ["content", "style"] if is_merge_row(row) else []
 
 
 def merge_widgets(host, row: str, merge_steps: int) -> dict[str, Any]:
@@ -263,8 +327,9 @@ def effective_widgets(widgets: dict[str, Any]) -> dict[str, Any]:
 def run_key(host, row: str, merge_steps: int) -> str:
     """The cache key of a row's runs: its slug for the rows without a merge, else ``m`` + a hash of the merge
     widgets that take effect (``effective_widgets``), so equal merges share runs whatever the row is called."""
-    if all_rows()[row] is None:
-        return slug(row)
+    if not is_merge_row(row):
+        stack = stack_of(row)
+        return stack.key if stack else slug(row)
     return widgets_key(merge_widgets(host, row, merge_steps))
 
 
@@ -294,6 +359,29 @@ def run_path(out: Path, pair: Pair, key: str, seed: int) -> Path:
     return out / "runs" / pair.slug / f"{key}_s{seed}.json"
 
 
+_FILE_HASHES: dict[Path, str] = {}
+
+
+def _file_hash(path: Path) -> str:
+    path = Path(path).resolve()
+    if path not in _FILE_HASHES:
+        _FILE_HASHES[path] = hashlib.sha1(path.read_bytes()).hexdigest()
+    return _FILE_HASHES[path]
+
+
+def world_id(ckpt: Path, classifiers: Path, loras: Path, pair: Pair, row: str) -> str:
+    """What a run's numbers depend on besides its row: the base, the classifiers and the LoRA files it reads.
+    Files missing here (a bring-your-own pair before training) count as their names."""
+    files = [Path(ckpt), Path(classifiers), *(Path(loras) / pair.lora_file(r) for r in lora_roles(row))]
+    blob = "|".join(_file_hash(f) if f.exists() else f.name for f in files)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def is_current(path: Path, world: str) -> bool:
+    """A cached run exists and was run in this world."""
+    return path.exists() and json.loads(path.read_text()).get("world") == world
+
+
 @dataclass
 class RunPlan:
     row: str
@@ -303,10 +391,11 @@ class RunPlan:
 
 
 def plan(pairs: list[Pair], rows: list[str], seeds: list[int], out: Path, host, merge_steps: int,
-         force: bool) -> tuple[list[RunPlan], int]:
+         force: bool, world: dict[tuple[str, str], str]) -> tuple[list[RunPlan], int]:
     """Runs still to do (seed-major, so a run cut short has every row at the first seeds) and the cached count.
 
-    Two rows with the same configuration are planned once."""
+    Two rows with the same configuration are planned once. ``world``: (pair slug, row) → ``world_id``; a cached
+    run of another world is run again."""
     todo, cached, seen = [], 0, set()
     for seed in seeds:
         for pair in pairs:
@@ -315,7 +404,7 @@ def plan(pairs: list[Pair], rows: list[str], seeds: list[int], out: Path, host, 
                 if path in seen:
                     continue
                 seen.add(path)
-                if path.exists() and not force:
+                if not force and is_current(path, world[(pair.slug, row)]):
                     cached += 1
                     continue
                 todo.append(RunPlan(row, pair, seed, path))
@@ -333,7 +422,7 @@ def _estimate(todo: list[RunPlan], done: dict[str, list[float]], samples: int) -
         if done.get(r.row):
             total += sum(done[r.row]) / len(done[r.row])
             continue
-        w = all_rows()[r.row] or {}
+        w = all_rows()[r.row] if is_merge_row(r.row) else {}
         merge = 0.0
         if w.get("mode") in ("paper", "layerwise+paper") and w.get("method") != "direct":
             frac = w.get("steps_fraction", 1.0)
@@ -365,14 +454,15 @@ def run(pairs: list[Pair], rows: list[str], seeds: list[int], out: Path, ckpt: P
     from tqdm import tqdm
 
     host = mb_common.boot()
-    todo, cached = plan(pairs, rows, seeds, out, host, merge_steps, force)
+    world = {(pair.slug, row): world_id(ckpt, classifiers, loras, pair, row) for pair in pairs for row in rows}
+    todo, cached = plan(pairs, rows, seeds, out, host, merge_steps, force, world)
     workers = max(1, min(int(workers), len(todo)))
     est = _estimate(todo, {}, samples) / workers
     print(f"MiniBench: {len(pairs)} pair(s) × {len(seeds)} seed(s) × {len(rows)} row(s): {cached} cached, "
           f"{len(todo)} to run on {workers} worker(s), expected ≈ {est / 60:.0f} min on this machine", flush=True)
     if not todo:
         return
-    settings = (out, ckpt, loras, classifiers, samples, merge_steps, sampler_steps, cfg)
+    settings = (out, ckpt, loras, classifiers, samples, merge_steps, sampler_steps, cfg, world)
     if workers == 1:
         _run_runs(host, todo, *settings, show=True)
         return
@@ -424,6 +514,21 @@ def run(pairs: list[Pair], rows: list[str], seeds: list[int], out: Path, ckpt: P
     shutil.rmtree(scratch, ignore_errors=True)
 
 
+def run_splits(splits: dict[str, list[Pair]], rows: list[str], seeds: dict[str, list[int]], out: Path, **kw: Any
+               ) -> None:
+    """``run`` on each split (its rows by ``rows_of_split``). Before the tuned plain sum's strengths exist, the dev
+    split runs its other rows first, then chooses them (``choose_plain_sum``); the test split refuses to run it."""
+    for split, pairs in splits.items():
+        split_rows = rows_of_split(rows, split)
+        if TUNED in rows and tuned_stack() is None:
+            if split != "dev":
+                raise SystemExit(f"MiniBench: the {TUNED!r} row is chosen on the dev split; run the dev split first "
+                                 "(make minibench SPLIT=dev)")
+            run(pairs, [r for r in split_rows if r != TUNED], seeds[split], out, **kw)
+            choose_plain_sum(out, pairs, seeds[split], kw["ckpt"], kw["classifiers"], kw["loras"])
+        run(pairs, split_rows, seeds[split], out, **kw)
+
+
 def _worker_main(plan_file: Path) -> int:
     """``--worker PLAN``: run the pickled runs of one worker of ``run`` (its own ComfyUI, one thread, no bar)."""
     todo, settings = pickle.loads(Path(plan_file).read_bytes())
@@ -433,15 +538,15 @@ def _worker_main(plan_file: Path) -> int:
 
 
 def _run_runs(host, todo: list[RunPlan], out: Path, ckpt: Path, loras: Path, classifiers: Path, samples: int,
-              merge_steps: int, sampler_steps: int, cfg: float, show: bool) -> None:
+              merge_steps: int, sampler_steps: int, cfg: float, world: dict[tuple[str, str], str], show: bool) -> None:
     """Execute and cache the planned runs in order (``show``: a progress bar with the expected time left)."""
     from miniworld import classify as mb_classify
     from tqdm import tqdm
 
     pairs = list({r.pair.slug: r.pair for r in todo}.values())
-    for pair in pairs:
-        for spec in (pair.content, pair.style):
-            shutil.copyfile(loras / f"{spec.name}.safetensors", host.loras_dir / f"{spec.name}.safetensors")
+    needed = {r.pair.lora_file(role) for r in todo for role in lora_roles(r.row)}
+    for name in sorted(needed):
+        shutil.copyfile(loras / name, host.loras_dir / name)
     scorer = mb_classify.Scorer(classifiers)
     refs = {pair.slug: (mb_lora.reference_images(pair.content)[0], mb_lora.reference_images(pair.style)[0])
             for pair in pairs}
@@ -462,7 +567,8 @@ def _run_runs(host, todo: list[RunPlan], out: Path, ckpt: Path, loras: Path, cla
             "content_cos": [round(v, 5) for v in scorer.cosine(images, refs_c, "shape").tolist()],
             "style_cos": [round(v, 5) for v in scorer.cosine(images, refs_s, "texture").tolist()],
         }
-        rec = {"row": r.row, "pair": r.pair.name, "seed": r.seed, "samples": samples, "sampler": "euler",
+        rec = {"row": r.row, "pair": r.pair.name, "seed": r.seed, "world": world[(r.pair.slug, r.row)],
+               "samples": samples, "sampler": "euler",
                "sampler_steps": sampler_steps, "cfg": cfg, "noise_seed": noise_seed(r.pair, r.seed),
                "prompt_wall_s": round(wall, 2), **{k: round(v, 5) for k, v in mb_stats.unit_means(per_sample).items()},
                "per_sample": per_sample}
@@ -495,19 +601,23 @@ def _mask_stats(masks: dict[str, torch.Tensor]) -> dict[str, float]:
 # Tables
 # ------------------------------------------------------------------------------------------------------------
 
-REFERENCES = ("direct merge", "ZipRank")
+# The comparisons every row gets an interval against: what a user does by hand, and the pack's default merge.
+REFERENCES = (TUNED, "DuoLoRA (shipped defaults)")
 
 
-def collect(out: Path, pairs: list[Pair], rows: list[str], seeds: list[int],
-            keys: dict[str, str]) -> dict[str, dict[tuple, dict]]:
-    """row → unit (pair name, seed) → record, for the runs present on disk (``keys``: row → run_key)."""
+def collect(out: Path, pairs: list[Pair], rows: list[str], seeds: list[int], keys: dict[str, str],
+            world: dict[tuple[str, str], str] | None = None) -> dict[str, dict[tuple, dict]]:
+    """row → unit (pair name, seed) → record, for the runs present on disk (``keys``: row → run_key); with
+    ``world`` ((pair slug, row) → world_id) only the runs of that world."""
     data: dict[str, dict[tuple, dict]] = {}
     for row in rows:
         for pair in pairs:
             for seed in seeds:
                 path = run_path(out, pair, keys[row], seed)
                 if path.exists():
-                    data.setdefault(row, {})[(pair.name, seed)] = json.loads(path.read_text())
+                    rec = json.loads(path.read_text())
+                    if world is None or rec.get("world") == world[(pair.slug, row)]:
+                        data.setdefault(row, {})[(pair.name, seed)] = rec
     return data
 
 
@@ -553,12 +663,13 @@ def tables(summary: dict[str, Any], title: str) -> str:
         ms = f"{s['merge_wall_s']:.1f}" if s.get("merge_wall_s") is not None else "–"
         lines.append(f"| {row} | {s['units']} | {_pct(s['content_hit'])} | {_pct(s['style_hit'])} | "
                      f"{_pct(s['both_hit'])} | {s['content_cos']:.3f} | {s['style_cos']:.3f} | {tp} | {ms} |")
+    ra, rb = (_short(r) for r in REFERENCES)
     lines += ["", f"#### {title}: paired differences, mean [95 % bootstrap interval over units]", "",
-              ("| method | Δ both % vs direct | Δ content cos vs direct | Δ style cos vs direct | "
-              "Δ both % vs ZipRank | Δ content cos vs ZipRank | Δ style cos vs ZipRank |"),
+              (f"| method | Δ both % vs {ra} | Δ content cos vs {ra} | Δ style cos vs {ra} | "
+               f"Δ both % vs {rb} | Δ content cos vs {rb} | Δ style cos vs {rb} |"),
               "|---|---|---|---|---|---|---|"]
     for row, s in summary.items():
-        a, b = s.get("vs direct merge"), s.get("vs ZipRank")
+        a, b = (s.get(f"vs {r}") for r in REFERENCES)
         lines.append(f"| {row} | {_d(a and a['both_hit'], True)} | {_d(a and a['content_cos'], False)} | "
                      f"{_d(a and a['style_cos'], False)} | {_d(b and b['both_hit'], True)} | "
                      f"{_d(b and b['content_cos'], False)} | {_d(b and b['style_cos'], False)} |")
@@ -569,6 +680,10 @@ def tables(summary: dict[str, Any], title: str) -> str:
         cos = max(w for w, m in widths if m != "both_hit")
         lines += ["", f"Widest interval half-width: both {100 * both:.1f} points, cosines {cos:.4f}."]
     return "\n".join(lines) + "\n"
+
+
+def _short(row: str) -> str:
+    return row.split(" (")[0]
 
 
 def grid(out: Path, pair: Pair, rows: list[str], seed: int, path: Path, keys: dict[str, str]) -> list[str]:
@@ -586,21 +701,29 @@ def grid(out: Path, pair: Pair, rows: list[str], seed: int, path: Path, keys: di
 
 
 def report(out: Path, splits: dict[str, list[Pair]], rows: list[str], seeds: dict[str, list[int]],
-           merge_steps: int = 100) -> dict:
-    """Tables, summary.json and one grid per split into ``out``; prints the tables."""
+           merge_steps: int = 100, ckpt: Path = mb_common.CHECKPOINTS / "base_ema.safetensors",
+           classifiers: Path = mb_common.CLASSIFIERS, loras: Path = mb_common.CHECKPOINTS) -> dict:
+    """Tables, summary.json and one grid per split into ``out`` from the runs of this world; prints the tables."""
     host = mb_common.boot()
+    if TUNED in rows and tuned_stack() is None:
+        print(f"({TUNED!r} is left out: its strengths are chosen on the dev split, which has not run yet)")
+        rows = [r for r in rows if r != TUNED]
     keys = {row: run_key(host, row, merge_steps) for row in rows}
     full: dict[str, Any] = {}
     text = []
     for split, pairs in splits.items():
-        data = collect(out, pairs, rows, seeds[split], keys)
+        split_rows = rows_of_split(rows, split)
+        world = {(pair.slug, row): world_id(ckpt, classifiers, loras, pair, row) for pair in pairs for row in split_rows}
+        keys.update({row: run_key(host, row, merge_steps) for row in split_rows if row not in keys})
+        data = collect(out, pairs, split_rows, seeds[split], keys, world)
         if not data:
             continue
         summary = summarise(data)
         full[split] = {"pairs": [p.name for p in pairs], "seeds": seeds[split], "rows": summary}
         t = tables(summary, f"{split} split ({', '.join(p.name for p in pairs)}; seeds {seeds[split][0]}–{seeds[split][-1]})")
         (out / f"{split}_table.md").write_text(t)
-        drawn = grid(out, pairs[0], rows, seeds[split][0], out / f"{split}_grid.png", keys)
+        drawn = grid(out, pairs[0], [r for r in split_rows if r in data], seeds[split][0],
+                     out / f"{split}_grid.png", keys)
         if drawn:  # a fresh clone has the runs' JSON but not their images (.pt, not committed): keep the grid
             (out / f"{split}_grid_rows.txt").write_text(f"pair {pairs[0].name}, seed {seeds[split][0]}; rows:\n"
                                                     + "\n".join(drawn) + "\n")
@@ -638,12 +761,61 @@ def main(argv: list[str] | None = None) -> int:
     rows = select_rows(args.methods)
     seeds = {k: args.seeds or mb_common.SEEDS[k] for k in splits}
     if not args.report_only:
-        for split, pairs in splits.items():
-            run(pairs, rows, seeds[split], args.out, args.ckpt, args.loras, args.classifiers, args.samples,
-                args.merge_steps, args.sampler_steps, args.cfg, args.force,
-                args.workers if args.workers > 0 else default_workers())
-    report(args.out, splits, rows, seeds, args.merge_steps)
+        run_splits(splits, rows, seeds, args.out, ckpt=args.ckpt, loras=args.loras, classifiers=args.classifiers,
+                   samples=args.samples, merge_steps=args.merge_steps, sampler_steps=args.sampler_steps, cfg=args.cfg,
+                   force=args.force, workers=args.workers if args.workers > 0 else default_workers())
+    report(args.out, splits, rows, seeds, args.merge_steps, args.ckpt, args.classifiers, args.loras)
     return 0
+
+
+def byo_rows(rows: list[str]) -> list[str]:
+    """The rows a bring-your-own pair can run: no ceiling (there is no render of its target to train on), and the
+    tuned plain sum only once the dev split has chosen its strengths."""
+    return [r for r in rows if not (r == TUNED and tuned_stack() is None) and "joint" not in lora_roles(r)]
+
+
+def rows_of_split(rows: list[str], split: str) -> list[str]:
+    """The rows a split runs: on the dev split, the plain-sum grid the tuned plain sum is chosen from joins them."""
+    if split == "dev" and TUNED in rows:
+        return [*rows, *(plain_sum_row(c, s) for c, s in PLAIN_SUM_GRID)]
+    return list(rows)
+
+
+PLAIN_SUM_RULE = (
+    "The tuned plain sum is the point of the grid PLAIN_SUM_GRID (content strength 0.75, 1 or 1.25 × style strength "
+    "0.25, 0.5, 0.75 or 1, two LoraLoaderModelOnly nodes) with the highest mean both-hit over the dev split's units; "
+    "points within 1 percentage point of the best are tied, and a tie goes to the point nearest to (1, 1) in "
+    "|content − 1| + |style − 1|, then to the higher style strength. It is chosen once, from the dev runs at "
+    "mb_common.SEEDS['dev'], and written to choices.json; the test split only reports it.")
+
+
+def choose_plain_sum(out: Path, pairs: list[Pair], seeds: list[int], ckpt: Path, classifiers: Path,
+                     loras: Path, path: Path | None = None) -> Stack:
+    """Apply PLAIN_SUM_RULE to the dev runs of the grid and record the choice (with every candidate's both-hit)."""
+    path = path or CHOICES_FILE
+    rows = [plain_sum_row(c, s) for c, s in PLAIN_SUM_GRID]
+    world = {(pair.slug, row): world_id(ckpt, classifiers, loras, pair, row) for pair in pairs for row in rows}
+    data = collect(out, pairs, rows, seeds, {row: stack_of(row).key for row in rows}, world)
+    want = len(pairs) * len(seeds)
+    missing = [row for row in rows if len(data.get(row, {})) < want]
+    if missing:
+        raise RuntimeError(f"choose_plain_sum: the dev runs of {len(missing)} grid point(s) are missing "
+                           f"({missing[0]!r} …); run the dev split first")
+    both = {cs: mb_stats.mean([mb_stats.unit_means(rec["per_sample"])["both_hit"] for rec in data[row].values()])
+            for cs, row in zip(PLAIN_SUM_GRID, rows, strict=True)}
+    best = max(both.values())
+    tied = [cs for cs, v in both.items() if v >= best - 0.01]
+    chosen = min(tied, key=lambda cs: (abs(cs[0] - 1) + abs(cs[1] - 1), -cs[1]))
+    record = json.loads(path.read_text()) if path.exists() else {}
+    record["tuned_plain_sum"] = {
+        "rule": PLAIN_SUM_RULE, "pairs": [p.name for p in pairs], "seeds": seeds,
+        "both_hit": {f"content {c:g}, style {s:g}": round(v, 4) for (c, s), v in both.items()},
+        "chosen": {"content": chosen[0], "style": chosen[1]},
+    }
+    path.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+    print(f"tuned plain sum (dev split): content {chosen[0]:g}, style {chosen[1]:g} "
+          f"(both-hit {100 * both[chosen]:.1f} %; best {100 * best:.1f} %)")
+    return tuned_stack(path)
 
 
 def select_rows(names: list[str]) -> list[str]:

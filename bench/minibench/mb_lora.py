@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from miniworld import model as mb_model
 
 # The specs and their images moved to devtools/miniworld/loras.py (the demo uses them too).
-from miniworld.loras import ALL_SPECS, LoRASpec, reference_images
+from miniworld.loras import ALL_SPECS, JOINT_SPECS, LoRASpec, reference_images
 
 
 class LoRAHooks:
@@ -110,10 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=mb_common.CHECKPOINTS)
     ap.add_argument("--force", action="store_true", help="retrain even if the files exist")
     ap.add_argument("--only", nargs="*", default=[], help="names of the LoRAs to train (default: every held-out one)")
+    ap.add_argument("--joint", action="store_true",
+                    help="the ceiling rows' LoRAs instead (one per held-out pair, trained on renders of the target; "
+                         "rank 2 × --rank, the rank a merge of a content and a style LoRA has)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    return train_missing([s for s in ALL_SPECS if not args.only or s.name in args.only], args.ckpt, args.out,
-                         args.steps, args.rank, args.lr, args.force)
+    specs, rank = (JOINT_SPECS, 2 * args.rank) if args.joint else (ALL_SPECS, args.rank)
+    return train_missing([s for s in specs if not args.only or s.name in args.only], args.ckpt, args.out,
+                         args.steps, rank, args.lr, args.force)
 
 
 def train_missing(specs: list[LoRASpec], ckpt: Path, out: Path, steps: int, rank: int = 8, lr: float = 1e-3,

@@ -24,8 +24,10 @@ from pathlib import Path
 import mb_common
 
 
-def prepare(ck: Path, base_steps: int, lora_steps: int, train_base: bool = False) -> tuple[Path, Path]:
-    """Stages 1–3: the base, the classifiers and every held-out LoRA (what is missing). Returns (base, classifiers)."""
+def prepare(ck: Path, base_steps: int, lora_steps: int, train_base: bool = False, held_out: bool = True
+            ) -> tuple[Path, Path]:
+    """Stages 1–3: the base, the classifiers and (``held_out``) every held-out LoRA and ceiling LoRA, what is
+    missing. Returns (base, classifiers)."""
     import mb_classify
     import mb_lora
     import mb_train_base
@@ -38,7 +40,10 @@ def prepare(ck: Path, base_steps: int, lora_steps: int, train_base: bool = False
     classifiers = ck / mb_common.CLASSIFIERS.name
     if not classifiers.exists():
         mb_classify.main(["--steps", "1000", "--out", str(classifiers)])
-    mb_lora.train_missing(mb_lora.ALL_SPECS, base, ck, lora_steps)
+    if held_out:
+        mb_lora.train_missing(mb_lora.ALL_SPECS, base, ck, lora_steps)
+        # The ceiling rows' LoRAs: one per held-out pair, trained on renders of the target at the merged rank.
+        mb_lora.train_missing(mb_lora.JOINT_SPECS, base, ck, lora_steps, rank=16)
     return base, classifiers
 
 
@@ -46,7 +51,9 @@ def full(args: argparse.Namespace) -> int:
     import mb_compare
     import mb_lora
 
-    base, classifiers = prepare(args.checkpoints, args.base_steps, args.lora_steps, args.train_base)
+    # A bring-your-own pair trains its own two LoRAs below; it needs only the base and the classifiers.
+    base, classifiers = prepare(args.checkpoints, args.base_steps, args.lora_steps, args.train_base,
+                                held_out=not args.pair)
     rows = mb_compare.select_rows(args.methods)
     common = {"ckpt": base, "classifiers": classifiers, "samples": args.samples, "merge_steps": args.merge_steps,
                   "sampler_steps": args.sampler_steps, "cfg": args.cfg,
@@ -63,21 +70,25 @@ def full(args: argparse.Namespace) -> int:
               f"({len(pair.content.captions)} images), style {pair.p_s!r} ({len(pair.style.captions)} images)")
         mb_lora.train_missing([pair.content, pair.style], base, loras, args.lora_steps)
         seeds = args.seeds or mb_common.SEEDS["dev"]
+        rows = mb_compare.byo_rows(rows)
         mb_compare.run([pair], rows, seeds, out, loras=loras, force=args.force, **common)
-        mb_compare.report(out, {"pair": [pair]}, rows, {"pair": seeds}, args.merge_steps)
+        mb_compare.report(out, {"pair": [pair]}, rows, {"pair": seeds}, args.merge_steps, base, classifiers, loras)
         return 0
     splits = mb_compare.load_splits()
     if args.split != "all":
         splits = {args.split: splits[args.split]}
     seeds = {k: args.seeds or mb_common.SEEDS[k] for k in splits}
-    for split, pairs in splits.items():
-        mb_compare.run(pairs, rows, seeds[split], args.results, loras=args.checkpoints, force=args.force, **common)
-    mb_compare.report(args.results, splits, rows, seeds, args.merge_steps)
+    mb_compare.run_splits(splits, rows, seeds, args.results, loras=args.checkpoints, force=args.force, **common)
+    mb_compare.report(args.results, splits, rows, seeds, args.merge_steps, base, classifiers, args.checkpoints)
     return 0
 
 
 def smoke(out: Path) -> int:
     """A few steps of every stage into ``out`` (the test suite runs this so the bench code never rots)."""
+    import os
+
+    # The tuned plain sum's choice goes to the smoke run's own file (read at import; workers inherit it).
+    os.environ["MINIBENCH_CHOICES"] = str(out / "choices.json")
     import mb_classify
     import mb_compare
     import mb_lora
@@ -97,20 +108,26 @@ def smoke(out: Path) -> int:
     base = out / "base_ema.safetensors"
     pairs = [mb_compare.builtin_pair("star", "diagonal"), mb_compare.builtin_pair("heart", "zigzag")]
     mb_lora.train_missing([spec for p in pairs for spec in (p.content, p.style)], base, out, 2)
+    mb_lora.train_missing([p.joint for p in pairs], base, out, 2, rank=16)
     import mb_masks
 
     mb_masks.main(["--merge-steps", "1", "--checkpoints", str(out), "--json", str(out / "masks.json"),
                    "--methods", "DuoLoRA (shipped defaults)"])
-    rows = ["base (no LoRA)", "direct merge", "ZipRank", "DuoLoRA + Constyle (matched λ 0.3)", "DuoLoRA, prior roles swapped",
+    rows = ["base (no LoRA)", "content LoRA only", "ceiling (LoRA trained on the target)", mb_compare.TUNED,
+            "direct merge", "ZipRank", "DuoLoRA (shipped defaults)", "DuoLoRA + Constyle (matched λ 0.3)",
+            "DuoLoRA, prior roles swapped",
             "fast: weights-only", "layer-wise + 10 % paper steps"]
     common = {"ckpt": base, "loras": out, "classifiers": classifiers, "samples": 2, "merge_steps": 1,
               "sampler_steps": 2, "cfg": 2.0}
     splits = {"dev": pairs[:1], "test": pairs[1:]}
-    for split, ps in splits.items():  # the test split through two worker processes, the dev split in this one
-        mb_compare.run(ps, rows, [0, 1], out / "results", workers=2 if split == "test" else 1, **common)
+    seeds = {"dev": [0, 1], "test": [0, 1]}
+    # The dev split in this process (it chooses the tuned plain sum), the test split through two worker processes.
+    mb_compare.run_splits({"dev": splits["dev"]}, rows, seeds, out / "results", workers=1, **common)
+    mb_compare.run_splits({"test": splits["test"]}, rows, seeds, out / "results", workers=2, **common)
     # The same test-split runs once more in this process: the workers must have computed exactly these.
     mb_compare.run(splits["test"], rows, [0, 1], out / "serial", workers=1, **common)
-    mb_compare.report(out / "results", splits, rows, {"dev": [0, 1], "test": [0, 1]}, merge_steps=1)
+    mb_compare.report(out / "results", splits, rows, seeds, merge_steps=1, ckpt=base, classifiers=classifiers,
+                      loras=out)
     # Bring your own pair: two folders of PNGs (a held-out glyph on a known texture; a known shape in a new
     # texture), captions from a captions.txt and from the folder name.
     byo_c, byo_s = out / "byo" / "glyph", out / "byo" / "a_circle_in_wavy_style"

@@ -1,14 +1,15 @@
 """The API prompt of one MiniBench sampling run through the real nodes, shared by the benchmark and the demo.
 
-One run: MiniBenchCheckpoint → (nothing | one LoRA through ComfyUI's LoraLoaderModelOnly | DuoLoRA_LoadContentLoRA
-/ DuoLoRA_LoadStyleLoRA → DuoLoRA_ZipRankMerge (reference images and prompts from the MiniBench pack) →
-DuoLoRA_ApplyMergedLoRA) → ComfyUI's KSampler on the target prompt "a <shape> in <texture> style" →
+One run: MiniBenchCheckpoint → (nothing | LoRAs stacked through ComfyUI's LoraLoaderModelOnly, each at its own
+strength, as a user stacks loaders | DuoLoRA_LoadContentLoRA / DuoLoRA_LoadStyleLoRA → DuoLoRA_ZipRankMerge
+(reference images and prompts from the MiniBench pack) → DuoLoRA_ApplyMergedLoRA) → ComfyUI's KSampler on the target prompt "a <shape> in <texture> style" →
 MiniBenchToImage. The KSampler seed depends on the pair and the seed only (:func:`noise_seed`), so every run of
 one (pair, seed) starts from the same initial noise, whatever it merges.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,18 @@ class Pair:
     def target(self) -> str:
         return mb_world.caption(self.content_word, self.style_word)
 
+    @property
+    def joint(self) -> mb_lora.LoRASpec:
+        """The ceiling's LoRA: trained on renders of the target itself (built-in pairs only)."""
+        return mb_lora.joint_spec(self.content_word, self.style_word)
+
+    def lora_file(self, role: str) -> str:
+        """The models/loras file name of the pair's ``role`` LoRA: "content", "style" or "joint"."""
+        spec = {"content": self.content, "style": self.style}.get(role) or (self.joint if role == "joint" else None)
+        if spec is None:
+            raise ValueError(f"unknown LoRA role {role!r} (content, style or joint)")
+        return f"{spec.name}.safetensors"
+
 
 def builtin_pair(shape: str, texture: str) -> Pair:
     return Pair(mb_lora.content_spec(shape), mb_lora.style_spec(texture), shape, texture,
@@ -68,21 +81,20 @@ def merge_defaults(host) -> dict[str, Any]:
 
 
 def build_prompt(host, pair: Pair, seed: int, samples: int, ckpt: str, sampler_steps: int, cfg: float, *,
-                 merge: dict[str, Any] | None = None, single: str | None = None) -> tuple[dict, dict]:
+                 merge: dict[str, Any] | None = None, stack: Sequence[tuple[str, float]] = ()) -> tuple[dict, dict]:
     """The API prompt of one run and the ids of its image and merge nodes (``{"image": ..., "merge": ...}``).
 
     ``merge``: every ZipRankMerge widget but ``seed`` (the node's seed is ``seed``), or None for no merge.
-    ``single``: ``"content"`` or ``"style"`` applies that LoRA alone (``LoraLoaderModelOnly``, strength 1);
-    None with no ``merge`` samples the base. ``samples`` images (batch), euler / normal, ``sampler_steps``
-    steps, CFG ``cfg``, from the seed :func:`noise_seed` (pair, seed). The LoRA files must be in ComfyUI's
-    models/loras as ``<spec name>.safetensors``. Raises ValueError for both ``merge`` and ``single``.
+    ``stack``: (role, strength) pairs, role "content", "style" or "joint" (``Pair.lora_file``): those LoRAs are
+    applied one after another with ``LoraLoaderModelOnly`` at those strengths, as a user stacks LoRA loaders.
+    Neither: the base. ``samples`` images (batch), euler / normal, ``sampler_steps`` steps, CFG ``cfg``, from the
+    seed :func:`noise_seed` (pair, seed). The LoRA files must be in ComfyUI's models/loras under
+    ``Pair.lora_file``'s names. Raises ValueError for both ``merge`` and ``stack``.
     """
     from comfyhost import widget_defaults
 
-    if merge is not None and single is not None:
-        raise ValueError("build_prompt: give merge widgets or a single LoRA, not both")
-    if single not in (None, "content", "style"):
-        raise ValueError(f"build_prompt: single must be 'content', 'style' or None, not {single!r}")
+    if merge is not None and stack:
+        raise ValueError("build_prompt: give merge widgets or a stack of LoRAs, not both")
     p: dict[str, dict] = {}
 
     def add(nid: str, cls: str, **inputs: Any) -> list:
@@ -93,10 +105,9 @@ def build_prompt(host, pair: Pair, seed: int, samples: int, ckpt: str, sampler_s
     model = ["ckpt", 0]
     text = ["ckpt", 1]
     ids: dict[str, Any] = {"image": "img", "merge": None}
-    content_file, style_file = f"{pair.content.name}.safetensors", f"{pair.style.name}.safetensors"
     if merge is not None:
-        add("lc", "DuoLoRA_LoadContentLoRA", lora_name=content_file, strength=1.0)
-        add("ls", "DuoLoRA_LoadStyleLoRA", lora_name=style_file, strength=1.0)
+        add("lc", "DuoLoRA_LoadContentLoRA", lora_name=pair.lora_file("content"), strength=1.0)
+        add("ls", "DuoLoRA_LoadStyleLoRA", lora_name=pair.lora_file("style"), strength=1.0)
         add("xc", "MiniBenchImages", spec=pair.content.images, seed=pair.content.seed,
             folder=pair.content.folder)
         add("xs", "MiniBenchImages", spec=pair.style.images, seed=pair.style.seed, folder=pair.style.folder)
@@ -110,10 +121,9 @@ def build_prompt(host, pair: Pair, seed: int, samples: int, ckpt: str, sampler_s
             strength_clip=0.0)
         model = ["apply", 0]
         ids["merge"] = "merge"
-    elif single is not None:
-        name = content_file if single == "content" else style_file
-        add("single", "LoraLoaderModelOnly", model=model, lora_name=name, strength_model=1.0)
-        model = ["single", 0]
+    for i, (role, strength) in enumerate(stack):
+        model = add(f"lora{i}", "LoraLoaderModelOnly", model=model, lora_name=pair.lora_file(role),
+                    strength_model=float(strength))
     add("neg", "MiniBenchTextEncode", text_encoder=text, prompt="")
     add("empty", "MiniBenchEmpty", batch_size=samples)
     add("pos", "MiniBenchTextEncode", text_encoder=text, prompt=pair.target)

@@ -75,7 +75,16 @@ def style_spec(texture: str) -> LoRASpec:
     return LoRASpec(f"minibench_style_{texture}", f"circle:{texture};square:{texture}", STYLE_SEEDS[texture])
 
 
+def joint_spec(shape: str, texture: str) -> LoRASpec:
+    """The ceiling's LoRA of a held-out pair: 5 images of the target itself ("a <shape> in <texture> style"),
+    rendered with a seed of the pair's own."""
+    return LoRASpec(f"minibench_joint_{shape}_{texture}", f"{shape}:{texture}*5",
+                    100 + 10 * CONTENT_SEEDS[shape] + STYLE_SEEDS[texture])
+
+
 ALL_SPECS = [*(content_spec(s) for s in mb_world.HELD_OUT_SHAPES), *(style_spec(t) for t in mb_world.HELD_OUT_TEXTURES)]
+# The ceiling rows' LoRAs, one per held-out pair (trained with the content and style LoRAs' rank added).
+JOINT_SPECS = [joint_spec(s, t) for s, t in mb_world.HELD_OUT_PAIRS]
 # MiniBench 1's pair (star × diagonal stripes): the demo's LoRAs.
 CONTENT = content_spec("star")
 STYLE = style_spec("diagonal")
