@@ -15,7 +15,7 @@ weight update (METHOD.md §1).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -68,8 +68,8 @@ class LowRank:
 
     @property
     def A(self) -> torch.Tensor:
-        """down as a 2-D (r, in·kh·kw) matrix."""
-        return self.down.reshape(self.down.shape[0], -1)
+        """down as a 2-D (r, in·kh·kw) matrix (the width spelled out: reshape cannot infer it for rank 0)."""
+        return self.down.reshape(self.down.shape[0], math.prod(self.down.shape[1:]))
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -187,6 +187,15 @@ class LoRA:
     def ranks(self) -> list[int]:
         return sorted({lr.rank for lr in self.layers.values()})
 
+    def without_empty_layers(self) -> LoRA:
+        """This LoRA without its rank-0 layers (ΔW = 0, nothing to merge); itself when it has none."""
+        if all(lr.rank for lr in self.layers.values()):
+            return self
+        keep = {k: v for k, v in self.layers.items() if v.rank}
+        return replace(self, layers=keep, alphas={k: v for k, v in self.alphas.items() if k in keep},
+                       scales={k: v for k, v in self.scales.items() if k in keep},
+                       scale_sources={k: v for k, v in self.scale_sources.items() if k in keep})
+
     def num_parameters(self) -> int:
         return sum(lr.up.numel() + lr.down.numel() for lr in self.layers.values())
 
@@ -217,7 +226,7 @@ class LoRA:
 
 def fold_alpha(up: torch.Tensor, down: torch.Tensor, alpha: float | None) -> torch.Tensor:
     """Return ``up`` scaled by alpha/rank (kohya/ComfyUI convention; scale 1 when there is no alpha)."""
-    if alpha is None:
+    if alpha is None or down.shape[0] == 0:  # rank 0: ΔW = 0 whatever the scale
         return up
     rank = down.shape[0]
     scale = float(alpha) / rank

@@ -297,6 +297,9 @@ class Merger(nn.Module):
         max_rank: int = 0,
     ) -> None:
         super().__init__()
+        # A rank-0 layer changes nothing: merged as absent, so no layer has an empty factor (the solver, the
+        # recorder and the adapter all assume r ≥ 1 per present LoRA).
+        content, style = content.without_empty_layers(), style.without_empty_layers()
         if scope not in SCOPES:
             raise MergerError(f"merge scope {scope!r} is not one of {', '.join(SCOPES)}")
         self.scope = scope

@@ -412,8 +412,11 @@ def _group(problems: list[LayerQuadratic], roles: list[str | None], terms: _Term
             w[i] = terms.lam_prior / (r_c if role == CONTENT else n - r_c)
     # Jacobi preconditioning: u = s ⊙ m, s = √diag(P), so the Hessian in u has a unit diagonal (the
     # two LoRAs interfere weakly, so it is close to the identity and a few steps converge).
+    # A layer whose two ΔW are zero (P = 0: factors saved before training) has a constant objective; s = 1
+    # there, as a floor of ~1e-150 would underflow to 0 in the float32 iterations and divide 0 by 0.
     diag = torch.diagonal(P, dim1=1, dim2=2).clamp_min(0)
-    floor = diag.amax(dim=1, keepdim=True).clamp_min(1e-300) * 1e-12
+    top = diag.amax(dim=1, keepdim=True)
+    floor = torch.where(top > 0, top * 1e-12, torch.ones_like(top))
     s = diag.clamp_min(floor).sqrt()
     return _Group(P, q, const, dom, other, w, s, (1.0 / _lipschitz(P, s))[:, None])
 
