@@ -244,6 +244,9 @@ def _read_header(path: str | os.PathLike[str]) -> tuple[dict[str, dict], dict[st
     if not isinstance(meta, dict):
         raise NotSafetensorsError(f"{name} has a corrupt safetensors header: __metadata__ is not a mapping. "
                                   "Re-export the file.", path)
+    not_strings = {k: v for k, v in meta.items() if not isinstance(v, str)}
+    if not_strings:
+        raise NotSafetensorsError(_metadata_not_strings_message(name, not_strings, len(meta)), path)
     end = 0
     for key, entry in header.items():
         try:
@@ -265,6 +268,21 @@ def _read_header(path: str | os.PathLike[str]) -> tuple[dict[str, dict], dict[st
             f"{name} is truncated: its header describes {end} bytes of tensor data but only {available} "
             "are present. Re-download the file or export it again.", path)
     return header, {str(k): str(v) for k, v in meta.items()}
+
+
+_JSON_KINDS = ((bool, "a boolean"), (int, "a number"), (float, "a number"), (list, "a list"), (dict, "an object"))
+
+
+def _metadata_not_strings_message(name: str, not_strings: Mapping[str, object], total: int) -> str:
+    key, value = next(iter(not_strings.items()))
+    kind = "null" if value is None else next(k for t, k in _JSON_KINDS if isinstance(value, t))
+    shown = json.dumps(value)
+    shown = shown if len(shown) <= 40 else shown[:39] + "…"
+    n = len(not_strings)
+    return (f"{name}: {n} of the {total} metadata values in its header {'is' if n == 1 else 'are'} not a string "
+            f"(e.g. '{key}': {shown}, {kind}). The safetensors format allows only strings there, so safetensors "
+            "readers (ComfyUI's loader too) refuse the file; its tensors are intact. Re-saving it with every "
+            "metadata value written as a string (\"16\", not 16) fixes it.")
 
 
 def _pickle_message(name: str) -> str:
@@ -322,6 +340,8 @@ _LORA_SUFFIXES: tuple[tuple[str, str, str], ...] = (
     (".lora_B.default.weight", "up", "peft"),
     (".lora_down.weight", "down", "kohya"),
     (".lora_up.weight", "up", "kohya"),
+    # LyCORIS LoCon with use_tucker: lora_down (r, in, 1, 1) → lora_mid (r, r, kh, kw) → lora_up (out, r, 1, 1)
+    (".lora_mid.weight", "mid", "kohya"),
     (".lora_A.weight", "down", "peft"),
     (".lora_B.weight", "up", "peft"),
     ("_lora.down.weight", "down", "procs"),
@@ -341,7 +361,6 @@ _ADAPTER_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".hada_t1", "LoHa"), (".hada_t2", "LoHa"),
     (".lokr_w1", "LoKr"), (".lokr_w1_a", "LoKr"), (".lokr_w1_b", "LoKr"), (".lokr_w2", "LoKr"),
     (".lokr_w2_a", "LoKr"), (".lokr_w2_b", "LoKr"), (".lokr_t2", "LoKr"),
-    (".lora_mid.weight", "Tucker"),
     # DoRA's magnitude vector in every spelling: LyCORIS/kohya/ComfyUI ".dora_scale"; PEFT/diffusers
     # ".lora_magnitude_vector" (PEFT's state dict drops the ".weight" and the adapter name, in-memory
     # models keep them; diffusers' kohya conversion keeps the PEFT name on kohya modules)
@@ -354,7 +373,6 @@ _ADAPTER_SUFFIXES: tuple[tuple[str, str], ...] = (
 _ADAPTER_NAMES = {
     "LoHa": "a LyCORIS LoHa (Hadamard-product) file",
     "LoKr": "a LyCORIS LoKr (Kronecker-product) file",
-    "Tucker": "a LyCORIS LoCon file with Tucker decomposition (lora_mid)",
     "DoRA": "a DoRA (weight-decomposed LoRA) file",
     "OFT": "an OFT/BOFT (orthogonal fine-tuning) file",
     "GLoRA": "a LyCORIS GLoRA file",
@@ -499,11 +517,29 @@ PEFT_METADATA_KEY = "lora_adapter_metadata"
 # (loaders/lora_base.py _pack_dict_with_prefix); a config without prefixes covers every module.
 _PEFT_COMPONENTS = (("unet.", "unet"), ("text_encoder.", "te1"), ("text_encoder_2.", "te2"))
 _PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}  # peft.LoraConfig's own defaults
+# PEFT's save_pretrained writes a folder: the tensors as adapter_model.safetensors (keys
+# base_model.model.<module>.lora_A/lora_B.weight, no alpha) and the LoraConfig as adapter_config.json beside
+# them, which PeftModel.from_pretrained reads for the scale (peft utils/constants.py SAFETENSORS_WEIGHTS_NAME,
+# CONFIG_NAME; tuners/lora/layer.py update_layer).
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"
+# Module prefixes PEFT's state dict gives a model it wraps: a file spelled so and holding no scale of its
+# own is likely a save_pretrained adapter whose scale stayed in its adapter_config.json.
+_PEFT_WRAPPED_PREFIXES = ("base_model.model.", "unet.base_model.model.", "text_encoder.base_model.model.",
+                          "text_encoder_2.base_model.model.")
 SCALE_SOURCES = {
     "alpha_tensor": ".alpha tensors",
     "peft_metadata": "the header's lora_adapter_metadata (PEFT lora_alpha / r)",
+    "peft_config": "the adapter_config.json beside the file (PEFT save_pretrained: lora_alpha / r)",
     "none": "nothing (no .alpha tensor, no lora_adapter_metadata): scale 1",
+    "peft_config_missing": ("nothing, but the file looks like a PEFT adapter whose adapter_config.json "
+                            "(lora_alpha / r) is not beside it: scale 1, which may be wrong"),
 }
+PEFT_CONFIG_MISSING_NOTE = (
+    "it looks like a PEFT adapter (base_model.model.… lora_A/lora_B keys or the name adapter_model.safetensors, "
+    "no .alpha tensors), whose scale lora_alpha / r PEFT keeps in an adapter_config.json beside it; none is "
+    "there, so it is read at scale 1, which may be wrong. Keep the folder save_pretrained wrote "
+    "(adapter_model.safetensors with its adapter_config.json) together")
 
 
 @functools.lru_cache(maxsize=32)
@@ -520,6 +556,37 @@ def _file_metadata(source: str | os.PathLike[str] | None) -> dict[str, str]:
         return dict(_cached_metadata(os.path.abspath(source), st.st_mtime_ns, st.st_size))
     except (OSError, ValueError, LoRAError):
         return {}
+
+
+def peft_sidecar(source: str | os.PathLike[str] | None) -> Path | None:
+    """The adapter_config.json beside ``source`` when ``source`` is a PEFT adapter_model.safetensors, else None.
+
+    Only PEFT's own pair of names counts: a loras folder may hold one adapter_config.json beside many files,
+    and only the adapter_model.safetensors save_pretrained wrote with it is described by it.
+    """
+    if source is None:
+        return None
+    p = Path(source)
+    if p.name != PEFT_WEIGHTS_NAME:
+        return None
+    config = p.with_name(PEFT_CONFIG_NAME)
+    return config if config.is_file() else None
+
+
+def _sidecar_configs(source: str | None, name: str) -> dict[str, dict] | None:
+    """The LoraConfig of the adapter_config.json beside ``source`` as {"*": config}, or None."""
+    path = peft_sidecar(source)
+    if path is None:
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise TypeError(f"a JSON {type(config).__name__}, not an object")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
+        raise MalformedLoRAError(
+            f"{name}: the {PEFT_CONFIG_NAME} beside it is not a JSON object ({e}), so the scale its writer meant "
+            f"(PEFT lora_alpha / r) cannot be read. Save the adapter again with save_pretrained.", source) from None
+    return {"*": config}
 
 
 def _peft_configs(metadata: Mapping[str, str], name: str, source: str | None) -> dict[str, dict] | None:
@@ -553,6 +620,14 @@ def _peft_configs(metadata: Mapping[str, str], name: str, source: str | None) ->
     return parts
 
 
+def _looks_like_peft_adapter(source: str | None, modules: Iterable[str], families: Mapping[str, str]) -> bool:
+    """True when a file without a scale of its own looks like a PEFT save_pretrained adapter: PEFT's file name,
+    or lora_A/lora_B keys of a model PEFT wrapped (``base_model.model.…``)."""
+    if source is not None and Path(source).name == PEFT_WEIGHTS_NAME:
+        return True
+    return any(m.startswith(_PEFT_WRAPPED_PREFIXES) and families.get(m) == "peft" for m in modules)
+
+
 def _pattern_key(patterns: Mapping[str, object], module: str) -> str | None:
     """PEFT's get_pattern_key: the first pattern p (in order) with re.match(rf"(.*\\.)?({p})$", module)."""
     for p in patterns:
@@ -572,11 +647,17 @@ def _peft_module_name(layer: Layer) -> str:
     return layer.diffusers
 
 
+# Where a LoraConfig was found, as messages name it, and the reader that would refuse a contradiction.
+_PEFT_PLACES = {"peft_metadata": (f"its header's {PEFT_METADATA_KEY}", "diffusers"),
+                "peft_config": (f"the {PEFT_CONFIG_NAME} beside it", "PEFT")}
+
+
 def _peft_scale(config: Mapping, layer: Layer, rank: int, module: str, name: str,
-                source: str | None) -> tuple[float, float, str]:
+                source: str | None, place: str = "peft_metadata") -> tuple[float, float, str]:
     """(alpha, scale, detail) of one layer under a component's LoraConfig, as peft's LoraLayer sets it:
     scale = lora_alpha / r (lora_alpha / √r with use_rslora), r and lora_alpha from rank_pattern/alpha_pattern
-    where a pattern matches."""
+    where a pattern matches. ``place``: where the config was found (a key of ``_PEFT_PLACES``)."""
+    where, reader = _PEFT_PLACES[place]
     peft_name = _peft_module_name(layer)
     try:
         r = config.get("r", _PEFT_DEFAULTS["r"])
@@ -596,27 +677,29 @@ def _peft_scale(config: Mapping, layer: Layer, rank: int, module: str, name: str
         rslora = bool(config.get("use_rslora", False))
     except (TypeError, ValueError, AttributeError) as e:
         raise MalformedLoRAError(
-            f"{name}: its header's {PEFT_METADATA_KEY} has a value that is not a number or a pattern mapping "
+            f"{name}: {where} has a value that is not a number or a pattern mapping "
             f"({e}), so the scale its writer meant cannot be read. Re-export the LoRA.", source) from None
     if r != rank:
         raise MalformedLoRAError(
-            f"{name}: layer '{module}' has rank {rank}, but its header's {PEFT_METADATA_KEY} says r = {r} for it, "
-            "so diffusers could not load this file either and its scale is unknown. Re-export the LoRA.", source)
+            f"{name}: layer '{module}' has rank {rank}, but {where} says r = {r} for it, "
+            f"so {reader} could not load this file either and its scale is unknown. Re-export the LoRA.", source)
     scale = alpha / math.sqrt(r) if rslora else alpha / r
     detail = f"lora_alpha {alpha:g} / {'√' if rslora else ''}r {r}" + (f" ({', '.join(via)})" if via else "")
     return alpha, scale, detail
 
 
 def _layer_scale(layer: Layer, module: str, rank: int, alpha_tensor: torch.Tensor | None,
-                 peft: dict[str, dict] | None, name: str, source: str | None
-                 ) -> tuple[float | None, float, str]:
+                 peft: dict[str, dict] | None, name: str, source: str | None,
+                 sidecar: dict[str, dict] | None = None) -> tuple[float | None, float, str]:
     """(alpha, scale, source) of one layer, applied as the writer's own loader applies it.
 
     kohya (networks/lora.py), ComfyUI (comfy/weight_adapter/lora.py) and diffusers' kohya conversion all read a
     per-module ``.alpha`` tensor as scale alpha/rank and use scale 1 without one — kohya's loader sets
     alpha = rank for modules without alpha, so a file's ``ss_network_alpha`` metadata is NOT applied. diffusers'
-    own files keep the scale in ``lora_adapter_metadata`` instead; a file holding both is ambiguous (diffusers
-    refuses it, ComfyUI applies only the tensor) and is refused unless both give the same scale.
+    own files keep the scale in ``lora_adapter_metadata`` instead, PEFT's save_pretrained folders in the
+    ``adapter_config.json`` beside the file (``sidecar``). A file whose places disagree is ambiguous (each
+    reader applies only its own: diffusers refuses it, ComfyUI applies only the tensor) and is refused unless
+    they all give the same scale.
     """
     alpha = None
     if alpha_tensor is not None:
@@ -627,22 +710,28 @@ def _layer_scale(layer: Layer, module: str, rank: int, alpha_tensor: torch.Tenso
                 source)
         if alpha_tensor.device.type != "meta":
             alpha = float(alpha_tensor.detach().to(torch.float64).item())
-    config = None
-    if peft is not None:
-        component = "te1" if layer.name.startswith("te1.") else "te2" if layer.name.startswith("te2.") else "unet"
-        config = peft.get(component, peft.get("*"))
-    if config is not None:
-        p_alpha, p_scale, detail = _peft_scale(config, layer, rank, module, name, source)
-        if alpha is not None and not math.isclose(alpha / rank, p_scale, rel_tol=1e-6):
-            raise MalformedLoRAError(
-                f"{name}: layer '{module}' has an .alpha tensor ({alpha:g}, scale {alpha / rank:g}) and its "
-                f"header's {PEFT_METADATA_KEY} says {detail} (scale {p_scale:g}). diffusers refuses a file with "
-                "both and ComfyUI applies only the tensor, so what the file means is ambiguous. Re-export the "
-                "LoRA.", source)
-        if alpha is None:
-            return p_alpha, p_scale, "peft_metadata"
+    # (source, alpha, scale, how a message states it), in the order that names the result
+    found: list[tuple[str, float | None, float, str]] = []
     if alpha is not None:
-        return alpha, alpha / rank, "alpha_tensor"
+        found.append(("alpha_tensor", alpha, alpha / rank, f"an .alpha tensor ({alpha:g}, scale {alpha / rank:g})"))
+    component = "te1" if layer.name.startswith("te1.") else "te2" if layer.name.startswith("te2.") else "unet"
+    for place, parts in (("peft_metadata", peft), ("peft_config", sidecar)):
+        config = None if parts is None else parts.get(component, parts.get("*"))
+        if config is not None:
+            p_alpha, p_scale, detail = _peft_scale(config, layer, rank, module, name, source, place)
+            found.append((place, p_alpha, p_scale, f"{_PEFT_PLACES[place][0]} says {detail} (scale {p_scale:g})"))
+    if len(found) > 1 and not all(math.isclose(f[2], found[0][2], rel_tol=1e-6) for f in found[1:]):
+        a, b = found[0], next(f for f in found[1:] if not math.isclose(f[2], found[0][2], rel_tol=1e-6))
+        why = {("alpha_tensor", "peft_metadata"): "diffusers refuses a file with both and ComfyUI applies only "
+                                                   "the tensor",
+               ("alpha_tensor", "peft_config"): "PEFT ignores the tensor and ComfyUI applies only the tensor",
+               ("peft_metadata", "peft_config"): "diffusers applies the header's and PEFT the adapter_config.json's"
+               }[(a[0], b[0])]
+        raise MalformedLoRAError(
+            f"{name}: layer '{module}' has {a[3]} and {b[3]}. {why}, so what the file means is ambiguous. "
+            "Re-export the LoRA.", source)
+    if found:
+        return found[0][1], found[0][2], found[0][0]
     return None, 1.0, "none"
 
 
@@ -657,6 +746,10 @@ UNKNOWN_LAYER_REASON = "layer that does not exist in {label}: left out of the me
 UNKNOWN_SPELLING_REASON = "layer spelled with a prefix DuoLoRA does not recognise: left out of the merge"
 UNKNOWN_PATCH_REASON = ("bias/norm difference of a parameter {label} does not have (ComfyUI does not apply it "
                         "either): left out of the merge")
+RANK_ZERO_REASON = ("rank-0 layer (lora_down (0, in), lora_up (out, 0): a tool pruned all of its components): its "
+                    "ΔW is zero, so it is left out")
+ALPHA_ONLY_REASON = ("alpha without its layer's lora_down/lora_up (a tool removed the factors, e.g. the text "
+                     "encoder's): an alpha alone does nothing in any loader, so it is ignored")
 
 
 def state_dict_to_lora(
@@ -670,12 +763,15 @@ def state_dict_to_lora(
 
     Detects the key style and the base model ("sdxl", "sd1", "sd2", "unknown") but does not refuse a
     wrong base: that is load_lora's job. Raises LoRAError subclasses for inputs that are not low-rank
-    LoRAs or are malformed. Every key that is not loaded is listed in ``LoRA.skipped`` with a reason.
+    LoRAs or are malformed. Every key that is not loaded is listed in ``LoRA.skipped`` with a reason:
+    rank-0 layers (ΔW = 0) and alphas without factors are left out this way, not refused.
     ``layouts`` are the candidate bases, tried in order (default: SDXL, SD1.x, SD2.x).
 
-    The scale of each layer comes from where its writer keeps it (``_layer_scale``): ``.alpha`` tensors, or
-    the header's PEFT ``lora_adapter_metadata``. Without ``metadata``, a ``source`` naming a safetensors file
-    has its header's metadata read, so a caller passing some of a file's tensors gets the file's scale.
+    The scale of each layer comes from where its writer keeps it (``_layer_scale``): ``.alpha`` tensors, the
+    header's PEFT ``lora_adapter_metadata``, or the ``adapter_config.json`` PEFT's save_pretrained writes beside
+    an ``adapter_model.safetensors``. Without ``metadata``, a ``source`` naming a safetensors file has its
+    header's metadata read, so a caller passing some of a file's tensors gets the file's scale.
+    LyCORIS Tucker convs (``lora_mid``) are folded into plain conv layers (``_fold_tucker``).
     Bias/norm differences (``.diff_b``, 1-D ``.diff``, ``.w_norm``, ``.b_norm``) become ``LoRA.patches``.
     """
     metadata = dict(metadata or {}) or _file_metadata(source)
@@ -720,30 +816,49 @@ def state_dict_to_lora(
     if peft is not None and any(bool(c.get("use_dora")) for c in peft.values()):
         raise _adapter_error(sd, dict.fromkeys(m for m, g in groups.items() if "down" in g), groups, metadata,
                              layouts, source, algorithm="DoRA", evidence=f"its {PEFT_METADATA_KEY} says use_dora")
+    sidecar = _sidecar_configs(source, name)
+    if sidecar is not None:
+        _check_sidecar_type(sidecar["*"], sd, groups, metadata, layouts, source)
 
-    lora_modules = {m: g for m, g in groups.items() if "up" in g or "down" in g}
+    lora_modules = {m: g for m, g in groups.items() if g.keys() & {"up", "down", "mid"}}
+    alpha_only = [m for m in groups if m not in lora_modules]
     if not lora_modules:
         if patch_keys:
             raise EmptyLoRAError(
                 f"{name} holds only bias/norm differences ({len(patch_keys)} tensors, e.g. "
                 f"{_examples(sorted(k for k, _, _ in patch_keys))}) and no low-rank layer, so there is nothing "
                 "to merge. Pick a LoRA file that has layers.", source)
+        if alpha_only and not skipped:
+            raise EmptyLoRAError(
+                f"{name} holds only .alpha tensors ({len(alpha_only)}, e.g. "
+                f"{_examples(sorted(groups[m]['alpha'] for m in alpha_only))}) and no lora_down/lora_up factors: "
+                "an alpha alone does nothing, so there is nothing to merge. Pick a LoRA file that has layers.",
+                source)
         raise _not_lora_error(keys, source)
-    for module, g in groups.items():
-        if module not in lora_modules:
-            skipped.append(SkippedKey(g["alpha"], "alpha without lora_up/lora_down tensors", "unknown_key",
-                                      module=module))
+    for module in alpha_only:
+        skipped.append(SkippedKey(groups[module]["alpha"], ALPHA_ONLY_REASON, "ignored", module=module))
 
     # shapes and ranks first (they decide the base), values later
     shapes: dict[str, tuple[int, ...]] = {}
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    empty: set[str] = set()
     for module, g in lora_modules.items():
         if "up" not in g or "down" not in g:
-            have, miss = ("up", "down") if "up" in g else ("down", "up")
+            have = [p for p in ("down", "mid", "up") if p in g]
+            miss = [p for p in ("down", "up") if p not in g]
             raise MalformedLoRAError(
-                f"{name}: layer '{module}' has a {have} tensor but no {miss} tensor, so the file is "
-                "incomplete. Re-download it or export it again.", source)
+                f"{name}: layer '{module}' has a {' and a '.join(have)} tensor but no {' or '.join(miss)} tensor, "
+                "so the file is incomplete. Re-download it or export it again.", source)
         up, down = sd[g["up"]], sd[g["down"]]
+        rank = int(down.shape[0]) if down.dim() else -1
+        if "mid" in g:
+            mid = sd[g["mid"]]
+            down = _fold_tucker(module, mid, down, name, source)
+            rank = min(rank, *(int(x) for x in mid.shape[:2]))
         shapes[module] = _weight_shape(module, up, down, name, source)
+        factors[module] = (up, down)
+        if rank == 0 or int(down.shape[0]) == 0:
+            empty.add(module)
 
     hint = _base_hint(metadata, lora_modules)
     layout, matched = _detect(shapes, layouts, hint)
@@ -758,14 +873,15 @@ def state_dict_to_lora(
     te_styles: Counter[str] = Counter()
     dtypes: Counter[torch.dtype] = Counter()
     for module, g in lora_modules.items():
+        if module in empty:
+            skipped.extend(SkippedKey(key, RANK_ZERO_REASON, "ignored", module=module) for key in g.values())
+            continue
         hit = layout.resolve(module)
         family = families.get(module, "")
         if hit is None:
             styles[_syntactic_style(module, family)] += 1
             kind, reason = _unknown_module(module, layout, layouts)
-            for part in ("down", "up", "alpha"):
-                if part in g:
-                    skipped.append(SkippedKey(g[part], reason, kind, module=module))
+            skipped.extend(SkippedKey(key, reason, kind, module=module) for key in g.values())
             continue
         layer, alias_kind = hit
         if layer.name in spelled:
@@ -774,10 +890,13 @@ def state_dict_to_lora(
                 "A LoRA file must hold each layer once; re-export it.", source)
         spelled[layer.name] = module
         (te_styles if layer.is_text_encoder else styles)[_style_of(alias_kind, family)] += 1
-        up, down = sd[g["up"]], sd[g["down"]]
-        dtypes[down.dtype] += 1
-        alpha, scale, scale_source = _layer_scale(layer, module, int(down.shape[0]),
-                                                  sd[g["alpha"]] if "alpha" in g else None, peft, name, source)
+        up, down = factors[module]
+        dtypes[sd[g["down"]].dtype] += 1
+        # the scale's rank is the file's lora_down rank, as every loader divides by it (for a Tucker layer
+        # also lora_mid's, which is square)
+        alpha, scale, scale_source = _layer_scale(layer, module, int(sd[g["down"]].shape[0]),
+                                                  sd[g["alpha"]] if "alpha" in g else None, peft, name, source,
+                                                  sidecar)
         up32, down32 = up.to(torch.float32), down.to(torch.float32)
         if down32.dim() == 4 and up32.dim() == 2:
             up32 = up32.reshape(*up32.shape, 1, 1)
@@ -789,6 +908,9 @@ def state_dict_to_lora(
         alphas[layer.name] = alpha
         scales[layer.name] = scale
         sources[layer.name] = scale_source
+    if sidecar is None and peft is None and "none" in sources.values() and _looks_like_peft_adapter(
+            source, lora_modules, families):
+        sources = {k: "peft_config_missing" if v == "none" else v for k, v in sources.items()}
 
     patches: dict[str, torch.Tensor] = {}
     patched_by: dict[str, str] = {}
@@ -852,6 +974,36 @@ def _family_hint(modules: Iterable[str]) -> str | None:
                 votes[family] += 1
                 break
     return votes.most_common(1)[0][0] if votes else None
+
+
+def _fold_tucker(module: str, mid: torch.Tensor, down: torch.Tensor, name: str, source: str | None) -> torch.Tensor:
+    """The down factor of a LyCORIS Tucker conv folded into a plain conv LoRA: down' = mid ∘ down.
+
+    LyCORIS (``use_tucker``) writes lora_down (r, in, 1, 1), lora_mid (r, r, kh, kw) and lora_up (out, r, 1, 1): a
+    1×1 conv into r channels, the kh×kw conv among them, a 1×1 conv out. Their composition is one kh×kw conv
+    with down'[a, i, h, w] = Σ_b mid[a, b, h, w]·down[b, i], so up·down' is exactly the ΔW that LyCORIS, A1111
+    and ComfyUI (comfy/weight_adapter/lora.py) apply, and the layer merges like any conv LoRA. Folded in
+    float64, returned in float32; a ``meta`` (header-only) read gets a meta tensor of the folded shape.
+    """
+    if not (mid.is_floating_point() and down.is_floating_point()):
+        raise MalformedLoRAError(
+            f"{name}: layer '{module}' stores {down.dtype}/{mid.dtype} factors; LoRA factors must be "
+            "floating point. Re-export the file.", source)
+    if mid.dim() != 4 or down.dim() not in (2, 4) or (down.dim() == 4 and tuple(down.shape[2:]) != (1, 1)):
+        raise MalformedLoRAError(
+            f"{name}: layer '{module}' has a lora_mid of shape {tuple(mid.shape)} with a lora_down of shape "
+            f"{tuple(down.shape)}; a LyCORIS Tucker layer needs lora_down (rank, in, 1, 1) and lora_mid (rank, "
+            "rank, kh, kw). Re-export the file.", source)
+    if mid.shape[1] != down.shape[0]:
+        raise RankMismatchError(
+            f"{name}: layer '{module}' has a lora_mid of shape {tuple(mid.shape)} but a lora_down of rank "
+            f"{down.shape[0]} {tuple(down.shape)}; lora_mid's second dimension must be lora_down's rank. The "
+            "file is damaged; re-download or re-export it.", source, layer=module)
+    shape = (int(mid.shape[0]), int(down.shape[1]), int(mid.shape[2]), int(mid.shape[3]))
+    if mid.device.type == "meta" or down.device.type == "meta":
+        return torch.empty(shape, dtype=torch.float32, device="meta")
+    d = down.reshape(down.shape[0], down.shape[1]).to(torch.float64)
+    return torch.einsum("abhw,bi->aihw", mid.to(torch.float64), d).to(torch.float32)
 
 
 def _weight_shape(module: str, up: torch.Tensor, down: torch.Tensor, name: str,
@@ -940,7 +1092,13 @@ def _adapter_error(sd: Mapping[str, torch.Tensor], adapters: dict[str, str | Non
     if len(algos) > 1:
         what += " (also " + ", ".join(a for a in algos if a != algo) + ")"
     made_for = f", made for {BASE_LABELS[base]}" if base != "unknown" else ""
-    head = f"{name} is {what} with {len(adapters)} modules{made_for}, not a low-rank LoRA."
+    # the file's modules: the adapters' and the plain LoRA layers beside them (a DoRA module is both)
+    total = len(set(adapters) | {m for m, g in groups.items() if g.keys() & {"up", "down", "mid"}})
+    if total > len(adapters):
+        head = (f"{name} is {what}{made_for}, not a low-rank LoRA: {len(adapters)} of its {total} modules are "
+                f"{algo} modules (the other {total - len(adapters)} are low-rank LoRA layers).")
+    else:
+        head = f"{name} is {what} with {len(adapters)} modules{made_for}, not a low-rank LoRA."
     if algo == "DoRA":
         suffixes = sorted({"dora_scale" if k.endswith(".dora_scale") else "lora_magnitude_vector"
                            for k in sd if (hit := _adapter_of(k)) is not None and hit[1] == "DoRA"})
@@ -954,6 +1112,21 @@ def _adapter_error(sd: Mapping[str, torch.Tensor], adapters: dict[str, str | Non
     return UnsupportedAdapterError(
         f"{head} DuoLoRA merges only low-rank LoRA layers (lora_down/lora_up or lora_A/lora_B): use a "
         f"standard LoRA, or convert this {algo} to one first.", source, algorithm=algo, base=base)
+
+
+def _check_sidecar_type(config: Mapping, sd: Mapping[str, torch.Tensor], groups: dict[str, dict[str, str]],
+                        metadata: Mapping[str, str], layouts: tuple[Layout, ...], source: str | None) -> None:
+    """Refuse a PEFT adapter whose adapter_config.json says it is not a plain LoRA (DoRA, another peft_type)."""
+    where = f"the {PEFT_CONFIG_NAME} beside it"
+    if config.get("use_dora"):
+        raise _adapter_error(sd, dict.fromkeys(m for m, g in groups.items() if "down" in g), groups, metadata,
+                             layouts, source, algorithm="DoRA", evidence=f"{where} says use_dora")
+    peft_type = config.get("peft_type")
+    if peft_type is not None and str(peft_type).upper() != "LORA":
+        raise UnsupportedAdapterError(
+            f"{_display(source)}: {where} says peft_type '{peft_type}', a PEFT adapter that is not a LoRA, so "
+            "its tensors do not mean ΔW = lora_B·lora_A. DuoLoRA merges only low-rank LoRA layers: use a LoRA "
+            "adapter (peft_type LORA) instead.", source, algorithm=str(peft_type))
 
 
 def _adapter_shape(sd: Mapping[str, torch.Tensor], module: str) -> tuple[int, ...] | None:
@@ -1106,12 +1279,47 @@ def validate_lora(lora: LoRA, layout: Layout = SDXL_LAYOUT, *, text_encoders: bo
                  and not (_all_finite(v.up) and _all_finite(v.down))]
     nonfinite += [k for k, v in lora.patches.items() if v.device.type != "meta" and not _all_finite(v)]
     if nonfinite:
-        more = f" (and {len(nonfinite) - 1} more layers)" if len(nonfinite) > 1 else ""
-        raise NonFiniteError(
-            f"{name}: layer '{nonfinite[0]}' contains NaN or Inf values{more}. The file is damaged (often a "
-            "training run that diverged); use another epoch or export.", src, layers=nonfinite)
+        raise non_finite_error(name, src, nonfinite)
     if not lora.layers:
+        empty = list(dict.fromkeys(s.module for s in lora.skipped if s.reason == RANK_ZERO_REASON))
+        if empty:
+            raise EmptyLoRAError(
+                f"{name}: all {len(empty)} of its layers have rank 0 (lora_down (0, in), lora_up (out, 0), e.g. "
+                f"{_examples(empty, 2)}), so it changes nothing and there is nothing to merge. Pick a LoRA file "
+                "that has layers (a tool that pruned this one removed every component).", src)
         raise EmptyLoRAError(f"{name} contains no LoRA layers. Pick a LoRA file that has layers.", src)
+
+
+def non_finite_error(name: str, source: str | None, layers: list[str]) -> NonFiniteError:
+    """The refusal of a file with NaN/Inf in ``layers`` (canonical layer or parameter names), naming how many:
+    the same message from inspect, ``duolora merge`` and the nodes."""
+    if len(layers) == 1:
+        what = f"layer '{layers[0]}' contains"
+    else:
+        what = f"{len(layers)} layers ({_examples(layers, 2)}) contain"
+    return NonFiniteError(
+        f"{name}: {what} NaN or Inf values. The file is damaged (often a training run that diverged); use "
+        "another epoch or export.", source, layers=layers)
+
+
+def non_finite_layers(path: str | os.PathLike[str], layout: Layout = SDXL_LAYOUT) -> list[str]:
+    """The layers and bias/norm differences a merge reads from ``path`` that hold NaN or Inf, one tensor at a
+    time: canonical names in ``layout``'s order. A NaN alpha counts for its layer (it scales the whole ΔW);
+    tensors no merge reads (unknown layers, embedded tokens) do not count."""
+    header, _ = _read_header(path)
+    order = layout.order()
+    found: dict[str, None] = {}
+    with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+        for key in header:
+            split = _split_key(key)
+            patch = None if split is not None else _patch_of(key, header[key]["shape"])
+            hit = layout.resolve_module(split[0] if split else patch[0]) if split or patch else None
+            if hit is None:
+                continue
+            t = f.get_tensor(key)
+            if t.is_floating_point() and not _all_finite(t):
+                found[hit[0].name if patch is None else f"{hit[0].name}.{patch[1]}"] = None
+    return sorted(found, key=lambda n: (n not in order, order.get(n, 0), n))
 
 
 def _spelling_of(module: str) -> tuple[str, str, Layout] | None:
@@ -1197,6 +1405,7 @@ def lora_to_state_dict(
     a loader's alpha/rank is exactly 1. Bias/norm differences (``lora.patches``) are written as ``.diff``
     (1-D weights) and ``.diff_b`` (biases), spelled as ComfyUI's key map reads them.
     Names come from ``layout`` (default: the layout of ``lora.base``; spellings depend only on structure).
+    Rank-0 layers (ΔW = 0) are not written.
     """
     if key_style not in KEY_STYLES:
         raise ValueError(f"unknown key style {key_style!r}; choose one of {', '.join(KEY_STYLES)}")
@@ -1216,6 +1425,8 @@ def lora_to_state_dict(
         return t
 
     for lname, lr in lora.layers.items():
+        if lr.rank == 0:
+            continue  # ΔW = 0; written with alpha = rank = 0 it would make loaders divide by zero
         layer = layout.get(lname)
         if layer is None:
             raise LayerMismatchError(
@@ -1319,8 +1530,9 @@ def save_lora(
     if p.exists() and not overwrite:
         raise OutputExistsError(
             f"{p.name} already exists in {p.parent}; choose another file name or allow overwriting.", p)
-    if not lora.layers:
-        raise EmptyLoRAError(f"{lora.name} has no layers; nothing to save to {p.name}.", lora.source)
+    if not any(lr.rank for lr in lora.layers.values()):
+        raise EmptyLoRAError(f"{lora.name} has no layers of rank 1 or more; nothing to save to {p.name}.",
+                             lora.source)
     md = {**lora.metadata, **(metadata or {})}
     tensors = lora_to_state_dict(lora, key_style, dtype, alpha, layout=layout)
     return save_state_dict(tensors, p, metadata=md, overwrite=overwrite)
@@ -1370,10 +1582,14 @@ def save_state_dict(
 _METADATA_SHOWN = ("ss_output_name", "ss_base_model_version", "ss_sd_model_name", "ss_network_module",
                    "ss_network_dim", "ss_network_alpha", "ss_network_args", "modelspec.architecture",
                    "modelspec.title", "format", "duolora_method", PEFT_METADATA_KEY)
-# Short words for the one-line summary, by SkippedKey kind (the reason gives the long form).
+# Short words for the one-line summary, by SkippedKey reason where a reason has its own, else by kind (the
+# reason gives the long form).
+_SHORT_BY_REASON = {EMBEDDING_REASON: ("embedded token", "embedded tokens"),
+                    RANK_ZERO_REASON: ("rank-0 layer", "rank-0 layers"),
+                    ALPHA_ONLY_REASON: ("alpha without factors", "alphas without factors")}
 _SHORT = {"ignored": ("key", "keys"), "unknown_layer": ("layer not in the base model", "layers not in the base model"),
           "unknown_spelling": ("layer with an unrecognised prefix", "layers with an unrecognised prefix"),
-          "unknown_key": ("unknown tensor", "unknown tensors"), "embedding": ("embedded token", "embedded tokens")}
+          "unknown_key": ("unknown tensor", "unknown tensors")}
 
 
 def not_merged(lora: LoRA) -> list[dict]:
@@ -1394,14 +1610,29 @@ def not_merged(lora: LoRA) -> list[dict]:
 
 
 def scale_note(lora: LoRA) -> str | None:
-    """Why a scale the metadata mentions is not applied (kohya ``ss_network_alpha`` on modules without
-    ``.alpha``), or None."""
+    """What a user should know about the scale beyond its value, or None: a scale the metadata mentions that
+    is not applied (kohya ``ss_network_alpha`` on modules without ``.alpha``), or a PEFT adapter read
+    without the adapter_config.json that holds its scale."""
+    notes = []
     without = sum(1 for s in lora.scale_sources.values() if s == "none")
     value = lora.metadata.get("ss_network_alpha")
-    if not without or value is None:
+    if without and value is not None:
+        notes.append(f"the metadata's ss_network_alpha {value} is not applied to the {without} layers without "
+                     ".alpha: kohya's and ComfyUI's loaders use scale 1 (alpha = rank) for them")
+    if "peft_config_missing" in lora.scale_sources.values():
+        notes.append(PEFT_CONFIG_MISSING_NOTE)
+    return "; ".join(notes) or None
+
+
+def scale_origin(lora: LoRA) -> str | None:
+    """Where a scale kept outside the file came from, for the merge's notes: "scale 2 from the
+    adapter_config.json beside it (lora_alpha 32 / r 16)", or None when the file holds its own scale."""
+    if "peft_config" not in lora.scale_sources.values():
         return None
-    return (f"the metadata's ss_network_alpha {value} is not applied to the {without} layers without .alpha: "
-            "kohya's and ComfyUI's loaders use scale 1 (alpha = rank) for them")
+    scales = sorted({round(s, 9) for k, s in lora.scales.items() if lora.scale_sources[k] == "peft_config"})
+    details = _peft_details(lora, "peft_config")
+    return (f"scale {', '.join(f'{s:g}' for s in scales)} from the {PEFT_CONFIG_NAME} beside it "
+            f"({'; '.join(details)}), as PEFT applies it")
 
 
 def summary(lora: LoRA) -> dict:
@@ -1434,7 +1665,9 @@ def summary(lora: LoRA) -> dict:
         "scales": sorted({round(s, 9) for s in lora.scales.values()}),
         "scale_sources": dict(Counter(lora.scale_sources.values()).most_common()),
         "scale_details": _peft_details(lora),
+        "scale_config": _peft_details(lora, "peft_config"),
         "scale_note": scale_note(lora),
+        "scale_origin": scale_origin(lora),
         "dtype": str(lora.dtype).replace("torch.", "") if lora.dtype is not None else None,
         "parameters": lora.num_parameters(),
         "patches": {"bias": patch_kinds["bias"], "norm_weight": patch_kinds["weight"]},
@@ -1450,19 +1683,23 @@ def summary(lora: LoRA) -> dict:
     }
 
 
-def _peft_details(lora: LoRA) -> list[str]:
-    """The lora_adapter_metadata entries that decided scales, e.g. ["unet: lora_alpha 64 / r 16"]."""
-    if "peft_metadata" not in lora.scale_sources.values():
+def _peft_details(lora: LoRA, place: str = "peft_metadata") -> list[str]:
+    """The LoraConfig entries that decided scales, e.g. ["unet: lora_alpha 64 / r 16"]: of the header's
+    lora_adapter_metadata (``place`` "peft_metadata") or of the adapter_config.json beside the file
+    ("peft_config", one config: ["lora_alpha 32 / r 16"])."""
+    if place not in lora.scale_sources.values():
         return []
     try:
-        parts = _peft_configs(lora.metadata, lora.name, lora.source) or {}
+        parts = (_peft_configs(lora.metadata, lora.name, lora.source) if place == "peft_metadata"
+                 else _sidecar_configs(lora.source, lora.name)) or {}
     except LoRAError:
         return []
     out = []
     for component, config in parts.items():
         r = config.get("r", _PEFT_DEFAULTS["r"])
         alpha = config.get("lora_alpha", _PEFT_DEFAULTS["lora_alpha"])
-        text = f"{'all' if component == '*' else component}: lora_alpha {alpha} / {'√' if config.get('use_rslora') else ''}r {r}"
+        text = (("" if place == "peft_config" else f"{'all' if component == '*' else component}: ")
+                + f"lora_alpha {alpha} / {'√' if config.get('use_rslora') else ''}r {r}")
         patterns = [k for k in ("rank_pattern", "alpha_pattern") if config.get(k)]
         if patterns:
             text += " (with " + " and ".join(f"{len(config[k])} {k} entries" for k in patterns) + ")"
@@ -1491,9 +1728,16 @@ def scale_text(info: Mapping) -> str:
         detail = "; ".join(info["scale_details"])
         parts.append(f"from the header's lora_adapter_metadata ({detail})" + (
             f" ({sources['peft_metadata']} layers)" if len(sources) > 1 else ""))
+    if sources.get("peft_config"):
+        detail = "; ".join(info["scale_config"])
+        parts.append(f"from the {PEFT_CONFIG_NAME} beside the file ({detail})" + (
+            f" ({sources['peft_config']} layers)" if len(sources) > 1 else ""))
     if sources.get("none"):
         parts.append("none" + (f" ({sources['none']} layers)" if len(sources) > 1 else "")
                      + ": no .alpha tensor or lora_adapter_metadata")
+    if sources.get("peft_config_missing"):
+        parts.append("none" + (f" ({sources['peft_config_missing']} layers)" if len(sources) > 1 else "")
+                     + f": no .alpha tensor, lora_adapter_metadata or {PEFT_CONFIG_NAME} beside the file")
     text = "; ".join(parts) if parts else "–"
     if scales:
         text += f" · scale {scales}"
@@ -1526,15 +1770,19 @@ def one_line_summary(lora: LoRA) -> str:
         scales = sorted({round(s, 9) for k, s in lora.scales.items()
                          if lora.scale_sources[k] == "peft_metadata"})
         parts.append("scale " + ", ".join(f"{s:g}" for s in scales) + " from lora_adapter_metadata")
-    note = scale_note(lora)
-    if note:
+    if "peft_config" in lora.scale_sources.values():
+        scales = sorted({round(s, 9) for k, s in lora.scales.items() if lora.scale_sources[k] == "peft_config"})
+        parts.append("scale " + ", ".join(f"{s:g}" for s in scales) + f" from {PEFT_CONFIG_NAME}")
+    if "peft_config_missing" in lora.scale_sources.values():
+        parts.append(f"PEFT adapter without its {PEFT_CONFIG_NAME}: scale may be missing")
+    if "none" in lora.scale_sources.values() and "ss_network_alpha" in lora.metadata:
         parts.append(f"ss_network_alpha {lora.metadata['ss_network_alpha']} not applied")
     if lora.patches:
         parts.append(_plural(len(lora.patches), ("bias/norm difference", "bias/norm differences")))
     groups = not_merged(lora)
     if groups:
         parts.append("not merged: " + ", ".join(
-            _plural(g["count"], _SHORT["embedding" if g["reason"] == EMBEDDING_REASON else g["kind"]])
+            _plural(g["count"], _SHORT_BY_REASON.get(g["reason"], _SHORT.get(g["kind"], _SHORT["ignored"])))
             for g in groups))
     return " · ".join(parts)
 
@@ -1553,13 +1801,14 @@ def not_merged_lines(lora_or_info: LoRA | Mapping) -> list[str]:
 # ---------------------------------------------------------------------------------- merge reporting
 def merge_notes(content: LoRA, style: LoRA) -> list[str]:
     """What ``duolora merge`` says about its two inputs: per file, every group of keys that is not merged
-    (the same list inspect shows) and any scale in the metadata that is not applied."""
+    (the same list inspect shows), a scale read from outside the file (PEFT's adapter_config.json) and
+    ``scale_note``: a scale in the metadata that is not applied, or one that may be missing."""
     lines = []
     for role, lora in (("content", content), ("style", style)):
         lines += [f"{role} {lora.name}: not merged: {line}" for line in not_merged_lines(lora)]
-        note = scale_note(lora)
-        if note:
-            lines.append(f"{role} {lora.name}: {note}")
+        for note in (scale_origin(lora), scale_note(lora)):
+            if note:
+                lines.append(f"{role} {lora.name}: {note}")
     return lines
 
 

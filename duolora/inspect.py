@@ -9,7 +9,9 @@ from typing import Any, TextIO
 
 from .formats import (
     LoRAError,
+    non_finite_error,
     non_finite_keys,
+    non_finite_layers,
     not_merged_lines,
     read_lora,
     scale_text,
@@ -34,10 +36,9 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     except LoRAError as e:
         refusal = str(e)
     if refusal is None and info["non_finite_keys"]:
-        bad = info["non_finite_keys"]
-        refusal = (f"{info['file']}: {len(bad)} tensor{'' if len(bad) == 1 else 's'} contain NaN or Inf values "
-                   f"(e.g. '{bad[0]}'). The file is damaged (often a training run that diverged); use another "
-                   "epoch or export.")
+        # the layers a merge reads (a NaN in a key no merge reads, e.g. an embedded token, refuses nothing)
+        bad = non_finite_layers(path, SDXL_LAYOUT)
+        refusal = str(non_finite_error(info["file"], os.fspath(path), bad)) if bad else None
     info["for_merge"] = refusal
     return info
 

@@ -826,6 +826,9 @@ def _guess_base(config: UNetConfig) -> str:
     return "unknown"
 
 
+# The encoder names OneTrainer's OMI key format puts before a CLIP module path.
+OMI_TE_NAMES = {"te1": "clip_l", "te2": "clip_g"}
+
 # Where LDM/SGM checkpoints keep the first text encoder's CLIP module (a LoRA keyed like the checkpoint
 # uses these); SD2.x's OpenCLIP and SDXL's CLIP-G use OpenCLIP's own fused names there, which no LoRA uses.
 _CHECKPOINT_TE1_PREFIX = {"sdxl": "conditioner.embedders.0.transformer.", "sd1": "cond_stage_model.transformer."}
@@ -856,6 +859,11 @@ def _layout_cached(
                     (f"text_encoders.{clip_name}.transformer.", ALIAS_COMFYUI),
                     (f"{clip_name}.transformer.", f"{clip_name}.transformer.<{PATH_CLIP}>"),
                     (diffusers_prefix + "base_model.model.", f"{diffusers_prefix}base_model.model.<{PATH_CLIP}>")]
+        # OneTrainer's OMI keys: the encoder's name + its transformers module path (clip_l.text_model.…,
+        # clip_g.text_projection), one-to-one with kohya's lora_te1_/lora_te2_ names (OneTrainer's
+        # convert_sdxl_lora key sets). OneTrainer names an SD1.x/SD2.x encoder clip_l whatever it is.
+        for omi in dict.fromkeys((OMI_TE_NAMES[which] if not single_te else "clip_l", clip_name)):
+            prefixes.append((f"{omi}.", f"{omi}.<{PATH_CLIP}>"))
         if which == "te1" and base in _CHECKPOINT_TE1_PREFIX:
             p = _CHECKPOINT_TE1_PREFIX[base]
             prefixes.append((p, f"{p}<{PATH_CLIP}>"))

@@ -64,10 +64,9 @@ class _LayerReader:
         # One float64 sum per factor is finite exactly when every entry is (much cheaper than isfinite).
         bad = [k for k, lr in part.layers.items()
                if not all(bool(torch.isfinite(t.sum(dtype=torch.float64))) for t in (lr.up, lr.down))]
-        if bad:
-            raise formats.NonFiniteError(
-                f"{self.meta.name}: layer '{bad[0]}' contains NaN or Inf values. The file is damaged (often a "
-                "training run that diverged); use another epoch or export.", self.path, layers=bad)
+        if bad:  # name every such layer of the file, not only this chunk's, as inspect does
+            raise formats.non_finite_error(self.meta.name, self.path,
+                                           formats.non_finite_layers(self.path, self.layout) or bad)
         return LoRA(layers=part.layers, metadata={}, source=self.path, key_style=self.meta.key_style,
                     base=self.meta.base, dtype=self.meta.dtype)
 

@@ -14,8 +14,9 @@ from ..duolora.sdxl import SDXL_LAYOUT
 from . import comfy_bridge as bridge
 from .types import LoraModelType, SourceLoRA, SourceLoRAType
 
-# Module-level cache (V3 nodes keep no instance state): (path, mtime_ns, size) -> (LoRA, sha256).
-_CACHE: dict[tuple[str, int, int], tuple[LoRA, str]] = {}
+# Module-level cache (V3 nodes keep no instance state): (path, mtime_ns, size, mtime_ns of a PEFT
+# adapter_config.json beside it or None) -> (LoRA, sha256).
+_CACHE: dict[tuple[str, int, int, int | None], tuple[LoRA, str]] = {}
 _CACHE_LOCK = threading.Lock()
 _CACHE_SIZE = 4
 # The combo entry for "no file" (ComfyUI's Train LoRA node spells it the same way): with an upstream
@@ -32,9 +33,11 @@ def _sha256(path: str) -> str:
 
 
 def read_cached(path: str) -> tuple[LoRA, str]:
-    """The parsed LoRA and its file hash, re-read only when the file's mtime or size changed."""
+    """The parsed LoRA and its file hash, re-read only when the file's mtime or size changed, or the PEFT
+    adapter_config.json beside it (which holds its scale) appeared, changed or went."""
     st = os.stat(path)
-    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+    sidecar = formats.peft_sidecar(path)
+    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size, sidecar.stat().st_mtime_ns if sidecar else None)
     with _CACHE_LOCK:
         hit = _CACHE.get(key)
     if hit is not None:
