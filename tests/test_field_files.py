@@ -1,5 +1,6 @@
-"""LoRA files shaped like those in the field (issue 15): every scale a file means, every key spelling, every
-layer accounted for — each kind of fault as a table, with the issue's right values.
+"""LoRA files shaped like those in the field: every scale a file means, every key spelling, every layer
+accounted for — each kind of fault as a table, with the right values. Sections 8–12: rank-0 layers, OneTrainer's
+OMI keys, LyCORIS Tucker convs, PEFT save_pretrained folders, and messages that name what is wrong.
 
 Every LoRA here is SYNTHETIC (seeded noise with SDXL's real layer names and shapes), built by the test in the
 shape a writer produces (diffusers/PEFT, kohya, OneTrainer, ComfyUI, LyCORIS): no real SDXL LoRA is small enough
@@ -7,7 +8,8 @@ to ship (shared/fixtures/SOURCES.md). What each writer and its own loader do was
 diffusers ``loaders/lora_base.py`` + ``utils/peft_utils.py`` and peft ``LoraConfig``/``get_pattern_key``
 (lora_adapter_metadata), kohya sd-scripts ``networks/lora.py`` (alpha = rank without ``.alpha``), ComfyUI
 ``comfy/lora.py`` + ``comfy/weight_adapter/lora.py`` in 0.3.75 and 0.8.0 (alpha tensors, ``.diff``/``.diff_b``/
-``w_norm``/``b_norm``, text projection keys).
+``w_norm``/``b_norm``, text projection keys, ``lora_mid``), OneTrainer ``modules/util/convert/lora`` (OMI key
+sets), LyCORIS LoCon ``use_tucker``, peft ``save_pretrained`` (adapter_model.safetensors + adapter_config.json).
 """
 
 from __future__ import annotations
@@ -22,48 +24,33 @@ from pathlib import Path
 import lorafiles as LF
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from lorafiles import (
+    ADM,
+    CONV,
+    DORA_KINDS,
+    K2,
+    SUFFIXES,
+    TE1_Q,
+    TE2_FC1,
+    Q,
+    dora_case,
+    factors,
+    factors_any,
+    onetrainer_sdxl,
+    pair,
+    peft_file,
+    rich_file,
+)
+from safetensors import SafetensorError, safe_open
 
-from duolora import cli
+from duolora import cli, solver
 from duolora import formats as F
 from duolora.config import MergeConfig
 from duolora.inspect import format_summary, inspect_file
-from duolora.lora import LoRA, LowRank
+from duolora.lora import LoRA, LowRank, SkippedKey, fold_alpha
 from duolora.mergers import build_merger
-from duolora.sdxl import ATTENTION_BLOCKS, SDXL_LAYOUT, block_of
+from duolora.sdxl import SDXL_LAYOUT
 from duolora.synthetic import synthetic_lora
-
-Q = "input_blocks.4.1.transformer_blocks.0.attn1.to_q"  # (640, 640)
-K2 = "middle_block.1.transformer_blocks.9.attn2.to_k"  # (1280, 2048)
-CONV = "output_blocks.2.2.conv"  # (1280, 1280, 3, 3)
-ADM = "label_emb.0.0"  # (1280, 2816)
-TE1_Q = "te1.text_model.encoder.layers.0.self_attn.q_proj"  # (768, 768)
-TE2_FC1 = "te2.text_model.encoder.layers.31.mlp.fc1"  # (5120, 1280)
-
-SUFFIXES = {
-    "lora_down/up": (".lora_down.weight", ".lora_up.weight"),
-    "lora_A/B": (".lora_A.weight", ".lora_B.weight"),
-    "lora.down/up": (".lora.down.weight", ".lora.up.weight"),
-}
-
-
-def factors(name: str, rank: int, seed: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up, down) of seeded noise for the SDXL layer ``name`` (conv: down (r, in, kh, kw), up (out, r, 1, 1))."""
-    shape = SDXL_LAYOUT[name].shape
-    g = torch.Generator().manual_seed(seed)
-    down = (torch.randn(rank, *shape[1:], generator=g) / math.sqrt(math.prod(shape[1:]))).to(dtype)
-    up = (0.02 * torch.randn(shape[0], rank, *((1, 1) if len(shape) == 4 else ()), generator=g)).to(dtype)
-    return up, down
-
-
-def pair(module: str, suffix: str, up: torch.Tensor, down: torch.Tensor,
-         alpha: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    d, u = SUFFIXES[suffix]
-    t = {module + d: down, module + u: up}
-    if alpha is not None:
-        t[module + ".alpha"] = alpha
-    return t
 
 
 def run_main(*argv: str) -> tuple[int, str, str]:
@@ -74,21 +61,6 @@ def run_main(*argv: str) -> tuple[int, str, str]:
 
 
 # ============================================================================ 1. scales outside the tensors
-def peft_file(path: Path, metadata: dict | None, names: tuple[str, ...] = (Q, K2), rank: int = 16,
-              ranks: dict[str, int] | None = None, dtype: torch.dtype = torch.float16) -> tuple[Path, dict]:
-    """A diffusers/PEFT SDXL LoRA (unet.<diffusers path>.lora_A/B, no .alpha) with lora_adapter_metadata."""
-    tensors, raw = {}, {}
-    for i, name in enumerate(names):
-        layer = SDXL_LAYOUT[name]
-        module = (layer.diffusers if layer.is_text_encoder else "unet." + layer.diffusers)
-        up, down = factors(name, (ranks or {}).get(name, rank), seed=i, dtype=dtype)
-        tensors.update(pair(module, "lora_A/B", up, down))
-        raw[name] = (up.float(), down.float())
-    md = {F.PEFT_METADATA_KEY: json.dumps(metadata)} if metadata is not None else None
-    save_file(tensors, os.fspath(path), metadata=md)
-    return path, raw
-
-
 UNET_R16_A64 = {"unet.r": 16, "unet.lora_alpha": 64, "unet.target_modules": ["to_q", "to_k"], "unet.use_dora": False}
 
 
@@ -262,10 +234,10 @@ def test_every_unet_spelling_resolves(prefix: str, path: str, suffix: str) -> No
     assert lora.key_style != "unknown" and "+" not in lora.key_style
 
 
-TE_SPELLINGS = {
-    "te1": ("te1.", "text_encoder.", "text_encoders.clip_l.transformer.", "clip_l.transformer.",
+TE_SPELLINGS = {  # "clip_l." / "clip_g.": OneTrainer's OMI format
+    "te1": ("te1.", "text_encoder.", "text_encoders.clip_l.transformer.", "clip_l.transformer.", "clip_l.",
             "conditioner.embedders.0.transformer.", "text_encoder.base_model.model.", "lora_te1_", "lora_te_"),
-    "te2": ("te2.", "text_encoder_2.", "text_encoders.clip_g.transformer.", "clip_g.transformer.",
+    "te2": ("te2.", "text_encoder_2.", "text_encoders.clip_g.transformer.", "clip_g.transformer.", "clip_g.",
             "text_encoder_2.base_model.model.", "lora_te2_"),
 }
 TE_CASES = [(w, p, s) for w, ps in TE_SPELLINGS.items() for p in ps for s in (*SUFFIXES, "lora_linear_layer")]
@@ -286,16 +258,6 @@ def test_every_text_encoder_spelling_resolves(which: str, prefix: str, suffix: s
     lora = F.state_dict_to_lora(sd, {}, "te.safetensors")
     assert (lora.base, sorted(lora.layers), lora.skipped) == ("sdxl", sorted((name, other)), [])
     assert torch.equal(lora.layers[name].up, up) and torch.equal(lora.layers[name].down, down)
-
-
-def onetrainer_sdxl(path: Path) -> Path:
-    """OneTrainer's SDXL LoRA: unet. + LDM path + kohya suffixes, 722 transformer layers, fp16, rank 4, alpha 1."""
-    names = [n for n in SDXL_LAYOUT.unet_layers() if block_of(n) in ATTENTION_BLOCKS]
-    tensors = {}
-    for i, name in enumerate(names):
-        up, down = factors(name, 4, seed=i, dtype=torch.float16)
-        tensors.update(pair("unet." + name, "lora_down/up", up, down, torch.tensor(1.0, dtype=torch.float16)))
-    return LF.write(path, tensors, metadata={"ss_base_model_version": "sdxl_base_v1-0"})
 
 
 def test_onetrainer_sdxl_file_resolves_722_layers(tmp_path: Path) -> None:
@@ -341,33 +303,6 @@ def test_nothing_resolves_names_the_spelling(case: str, modules: list[str], meta
 
 
 # ============================================================================================ 3. DoRA
-def dora_case(kind: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    peft = "unet." + SDXL_LAYOUT[Q].diffusers
-    up, down = factors(Q, 4, seed=1)
-    mag = torch.ones(640)
-    if kind == "peft lora_magnitude_vector":
-        return {**pair(peft, "lora_A/B", up, down), peft + ".lora_magnitude_vector": mag}, {}
-    if kind == "peft .lora_magnitude_vector.weight":
-        return {**pair(peft, "lora_A/B", up, down), peft + ".lora_magnitude_vector.weight": mag}, {}
-    if kind == "peft in-memory .lora_magnitude_vector.default.weight":
-        return {peft + ".lora_A.default.weight": down, peft + ".lora_B.default.weight": up,
-                peft + ".lora_magnitude_vector.default.weight": mag}, {}
-    if kind == "kohya names keeping lora_magnitude_vector":
-        return {**pair(LF.SDXL_TO_Q_KOHYA, "lora_down/up", up, down, torch.tensor(4.0)),
-                LF.SDXL_TO_Q_KOHYA + ".lora_magnitude_vector": mag}, {}
-    if kind == "kohya/LyCORIS dora_scale":
-        return {**pair(LF.SDXL_TO_Q_KOHYA, "lora_down/up", up, down, torch.tensor(4.0)),
-                LF.SDXL_TO_Q_KOHYA + ".dora_scale": mag.reshape(1, 640)}, {}
-    assert kind == "metadata use_dora only"
-    return pair(peft, "lora_A/B", up, down), {F.PEFT_METADATA_KEY: json.dumps({"unet.r": 4, "unet.lora_alpha": 4,
-                                                                               "unet.use_dora": True})}
-
-
-DORA_KINDS = ["peft lora_magnitude_vector", "peft .lora_magnitude_vector.weight",
-              "peft in-memory .lora_magnitude_vector.default.weight", "kohya names keeping lora_magnitude_vector",
-              "kohya/LyCORIS dora_scale", "metadata use_dora only"]
-
-
 @pytest.mark.parametrize("kind", DORA_KINDS)
 def test_dora_is_refused_by_name_in_every_spelling(kind: str, tmp_path: Path) -> None:
     tensors, metadata = dora_case(kind)
@@ -389,8 +324,6 @@ def test_dora_is_refused_by_name_in_every_spelling(kind: str, tmp_path: Path) ->
 REFUSED = {
     "unknown tensor names": lambda: {**pair(LF.SDXL_TO_Q_KOHYA, "lora_down/up", *factors(Q, 2, 1)),
                                      "tool.scale": torch.ones(3)},
-    "alpha without factors": lambda: {**pair(LF.SDXL_TO_Q_KOHYA, "lora_down/up", *factors(Q, 2, 1)),
-                                      "lora_unet_x.alpha": torch.tensor(1.0)},
     "LoHa": lambda: {f"{LF.SDXL_TO_Q_KOHYA}.hada_w1_a": torch.zeros(640, 2), f"{LF.SDXL_TO_Q_KOHYA}.hada_w1_b":
                      torch.zeros(2, 640)},
     "full .diff": lambda: {f"{LF.SDXL_TO_Q_KOHYA}.diff": torch.zeros(640, 640)},
@@ -408,36 +341,6 @@ def test_no_refusal_advises_deleting_tensors(case: str, tmp_path: Path) -> None:
 
 
 # ==================================================== 4. what ComfyUI applies survives the merge or is said
-def rich_file(path: Path, seed: int, scale: float = 1.0) -> tuple[Path, dict[str, torch.Tensor]]:
-    """An SDXL kohya LoRA with what ComfyUI's own training/extraction and OneTrainer also write: a text
-    projection layer, bias and norm differences in every spelling, and a bundled embedding."""
-    g = torch.Generator().manual_seed(seed)
-    t = {}
-    for name in (Q, "te2.text_projection"):
-        t.update(pair(SDXL_LAYOUT[name].kohya, "lora_down/up", *factors_any(name, 2, seed)))
-    diffs = {
-        "input_blocks.4.1.proj_in.bias": ("lora_unet_input_blocks_4_1_proj_in.diff_b", (640,)),
-        "input_blocks.4.1.norm.weight": ("diffusion_model.input_blocks.4.1.norm.diff", (640,)),
-        "out.0.weight": ("lora_unet_out_0.w_norm", (320,)),
-        "out.0.bias": ("lora_unet_out_0.b_norm", (320,)),
-        "input_blocks.0.0.bias": ("diffusion_model.input_blocks.0.0.bias.diff", (320,)),
-        "te1.text_model.final_layer_norm.weight": ("text_encoders.clip_l.transformer.text_model.final_layer_norm.diff",
-                                                   (768,)),
-    }
-    values = {}
-    for param, (key, shape) in diffs.items():
-        values[param] = scale * torch.randn(shape, generator=g)
-        t[key] = values[param]
-    t["bundle_emb.sks.string_to_param.*"] = torch.zeros(1, 768)
-    return LF.write(path, t), values
-
-
-def factors_any(name: str, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = SDXL_LAYOUT[name].shape
-    g = torch.Generator().manual_seed(seed)
-    return 0.02 * torch.randn(shape[0], rank, generator=g), torch.randn(rank, shape[1], generator=g) / 40
-
-
 def test_rich_file_reads_every_part(tmp_path: Path) -> None:
     path, values = rich_file(tmp_path / "rich.safetensors", seed=1)
     lora = F.load_lora(path)
@@ -633,6 +536,453 @@ def test_inspect_says_plainly_when_the_family_is_unknown(tmp_path: Path) -> None
                          "SD2.x: none of its 300 layers is one of theirs. DuoLoRA merges SDXL LoRAs.")
 
 
+# ============================================================================== 8. rank-0 layers
+def merged_delta(path: Path, name: str) -> torch.Tensor:
+    return F.load_lora(path).layers[name].delta(torch.float64)
+
+
+def style_file(folder: Path, names: tuple[str, ...] = (Q, K2, CONV, TE1_Q), seed: int = 9) -> Path:
+    """A plain kohya SDXL style LoRA (rank 2, alpha = rank) sharing ``names`` with the content files here."""
+    lora = LoRA(layers={n: LowRank(*factors(n, 2, seed=seed + i)) for i, n in enumerate(names)}, base="sdxl")
+    return F.save_lora(lora, folder / "style.safetensors", overwrite=True)
+
+
+RANK_ZERO = {  # case -> (layer, spelling): every spelling a pruned layer takes
+    "kohya with .alpha": (K2, "kohya+alpha"),
+    "kohya without .alpha": (K2, "kohya"),
+    "diffusers/PEFT lora_A/lora_B": (K2, "peft"),
+    "conv": (CONV, "kohya+alpha"),
+    "LyCORIS Tucker conv": (CONV, "tucker"),
+    "text encoder": (TE1_Q, "kohya+alpha"),
+}
+
+
+def rank_zero_file(path: Path, case: str) -> tuple[Path, torch.Tensor]:
+    """A kohya SDXL LoRA with a rank-4 attn1.to_q (alpha 8: scale 2) and the rank-0 layer of ``case``."""
+    up, down = factors(Q, 4, seed=1)
+    sd = {**pair(LF.SDXL_TO_Q_KOHYA, "lora_down/up", up, down, torch.tensor(8.0)), **LF.rank_zero(*RANK_ZERO[case])}
+    return LF.write(path, sd), 2.0 * up.double() @ down.double()
+
+
+@pytest.mark.parametrize("case", list(RANK_ZERO))
+def test_rank_zero_layer_contributes_nothing_and_is_named(case: str, tmp_path: Path) -> None:
+    path, q_delta = rank_zero_file(tmp_path / "pruned.safetensors", case)
+    name, spelling = RANK_ZERO[case]
+    keys = sorted(LF.rank_zero(name, spelling))  # a safetensors file lists its keys sorted
+    module = F._split_key(keys[0])[0]
+    lora = F.load_lora(path)
+    assert list(lora.layers) == [Q] and torch.equal(lora.layers[Q].delta(torch.float64), q_delta)
+    assert lora.skipped == [SkippedKey(k, F.RANK_ZERO_REASON, "ignored", module=module) for k in keys]
+    assert F.not_merged_lines(lora) == [f"1 × {F.RANK_ZERO_REASON} (e.g. '{module}')"]
+    assert F.one_line_summary(lora) == "kohya_ldm · SDXL · 1 layers · rank 4 · not merged: 1 rank-0 layer"
+    info = inspect_file(path)
+    assert (info["for_merge"], info["ranks"], info["not_merged"][0]["count"]) == (None, [4], 1)
+    style = style_file(tmp_path)
+    for method in ("direct", "ziprank"):
+        out = tmp_path / f"{method}.safetensors"
+        code, _, err = run_main("merge", str(path), str(style), "-o", str(out), "--method", method, "--dtype",
+                                "fp32", "--quiet", "--scope", "all")
+        assert (code, err.splitlines()) == (0, [(f"note: content pruned.safetensors: not merged: "
+                                                f"{F.not_merged_lines(lora)[0]}")]), method
+        # the rank-0 layer is absent from the content: the style's layer passes through unchanged
+        want = F.load_lora(style).layers[name].delta(torch.float64)
+        assert rel_error(merged_delta(out, name), want) < 1e-6, method
+    sd = F.lora_to_state_dict(F.load_lora(tmp_path / "direct.safetensors"), "kohya_ldm")
+    assert all(t.shape[0] > 0 for k, t in sd.items() if k.endswith(".lora_down.weight"))
+
+
+def test_all_layers_rank_zero_is_refused_in_one_line(tmp_path: Path) -> None:
+    path = LF.write(tmp_path / "empty.safetensors", {**LF.rank_zero(Q, "kohya+alpha"), **LF.rank_zero(K2, "kohya")})
+    message = ("empty.safetensors: all 2 of its layers have rank 0 (lora_down (0, in), lora_up (out, 0), e.g. "
+               f"'{LF.SDXL_TO_Q_KOHYA}', '{SDXL_LAYOUT[K2].kohya}'), so it changes nothing and there is nothing to "
+               "merge. Pick a LoRA file that has layers (a tool that pruned this one removed every component).")
+    with pytest.raises(F.EmptyLoRAError) as e:
+        F.load_lora(path)
+    assert str(e.value) == message
+    assert inspect_file(path)["for_merge"] == message
+    code, _, err = run_main("merge", str(path), str(style_file(tmp_path)), "-o", str(tmp_path / "o.safetensors"))
+    assert (code, err) == (2, f"error: {message}\n")
+
+
+def test_rank_zero_in_memory_reaches_no_division_or_reshape(tmp_path: Path) -> None:
+    """Every engine site that divides by a rank or reshapes a factor, with rank-0 factors."""
+    conv = LowRank(torch.zeros(1280, 0, 1, 1), torch.zeros(0, 1280, 3, 3))
+    lin = LowRank(torch.zeros(640, 0), torch.zeros(0, 640))
+    assert (tuple(conv.A.shape), tuple(lin.A.shape)) == ((0, 11520), (0, 640))
+    assert torch.equal(conv.delta(), torch.zeros(1280, 1280, 3, 3)) and torch.equal(lin.delta(), torch.zeros(640, 640))
+    assert fold_alpha(lin.up, lin.down, 8.0) is lin.up
+    assert conv.with_factors(conv.B, conv.A).weight_shape == (1280, 1280, 3, 3)
+    # the writer leaves a rank-0 layer out: alpha = rank = 0 would make a loader divide by zero
+    c = LoRA(layers={Q: LowRank(*factors(Q, 3, 1)), K2: LowRank(*factors(K2, 0, 2)), CONV: conv}, base="sdxl")
+    assert {k.rsplit(".", 2)[0] for k in F.lora_to_state_dict(c)} == {LF.SDXL_TO_Q_KOHYA}
+    with pytest.raises(F.EmptyLoRAError) as e:
+        F.save_lora(LoRA(layers={CONV: conv}, base="sdxl"), tmp_path / "x.safetensors")
+    assert str(e.value) == "<in-memory LoRA> has no layers of rank 1 or more; nothing to save to x.safetensors."
+    # every merger treats a rank-0 layer as absent, also on both sides of a learned layer
+    s = LoRA(layers={Q: LowRank(*factors(Q, 2, 3)), K2: LowRank(*factors(K2, 0, 4)), CONV: LowRank(*factors(CONV, 2, 5))},
+             base="sdxl")
+    for method in ("direct", "ziprank", "ziplora_out", "ziplora_in", "b_lora"):
+        config = MergeConfig(method=method, scope="all")
+        got = build_merger(method, c, s, config).export()
+        want = build_merger(method, c.without_empty_layers(), s.without_empty_layers(), config).export()
+        assert got.layers.keys() == want.layers.keys() == {Q, CONV} - ({Q, CONV} if method == "b_lora" else set())
+        assert all(torch.equal(got.layers[n].delta(), want.layers[n].delta()) for n in got.layers), method
+    solved = solver.merge_weights_only(c, s, MergeConfig(scope="all")).merger.export()
+    assert set(solved.layers) == {Q, CONV}
+
+
+@pytest.mark.parametrize("kind", ["share_hinge", "hinge", "code_compat"])
+@pytest.mark.parametrize("zeros", ["both factors", "lora_up (saved before training)"])
+def test_zero_valued_layers_get_finite_masks(zeros: str, kind: str) -> None:
+    """Both LoRAs' ΔW zero on a learned layer: the weights-only problem is constant there (P = 0); the solve
+    must still give masks in [0, 1], not 0/0 from its preconditioner."""
+    down = torch.zeros(2, 640) if zeros == "both factors" else factors(Q, 2, 1)[1]
+    c = LoRA(layers={Q: LowRank(torch.zeros(640, 2), down), K2: LowRank(*factors(K2, 2, 2))}, base="sdxl")
+    s = LoRA(layers={Q: LowRank(torch.zeros(640, 3), torch.zeros(3, 640)), K2: LowRank(*factors(K2, 2, 3))}, base="sdxl")
+    result = solver.merge_weights_only(c, s, MergeConfig(prior_loss_kind=kind))
+    for name in (Q, K2):
+        masks = torch.cat([result.merger.layer(name).m_c.detach(), result.merger.layer(name).m_s.detach()])
+        assert bool(((masks >= 0) & (masks <= 1)).all()), (name, masks)
+    assert all(math.isfinite(v) for pair_ in result.history.values() for v in pair_)
+    assert torch.equal(result.merger.export().layers.get(Q, LowRank(torch.zeros(640, 0), torch.zeros(0, 640))).delta(),
+                       torch.zeros(640, 640))
+
+
+# ======================================================================= 9. OneTrainer's OMI keys
+def test_omi_file_reads_as_its_kohya_twin(tmp_path: Path) -> None:
+    """OneTrainer's enable_omi_format file reads exactly as the same tensors under kohya names (OneTrainer's own
+    key sets map clip_l./clip_g./unet. one-to-one to lora_te1_/lora_te2_/lora_unet_)."""
+    omi, kohya = LF.omi_sdxl()
+    a, b = (F.load_lora(LF.write(tmp_path / f"{n}.safetensors", sd)) for n, sd in (("omi", omi), ("kohya", kohya)))
+    assert list(a.layers) == list(b.layers) and len(a.layers) == 28
+    assert all(torch.equal(a.layers[n].up, b.layers[n].up) and torch.equal(a.layers[n].down, b.layers[n].down)
+               for n in a.layers)
+    assert (a.scales, a.alphas) == (b.scales, b.alphas) and set(a.scales.values()) == {0.5}
+    assert (a.key_style, a.skipped) == ("unet.<ldm>.lora_down", b.skipped)
+    assert [s.reason for s in a.skipped] == [F.EMBEDDING_REASON] * 2
+    info = inspect_file(tmp_path / "omi.safetensors")
+    assert (info["counts"], info["for_merge"]) == (
+        {"unet_attention": 2, "unet_other": 1, "te1": 12, "te2": 13}, None)  # te2: 12 + its text projection
+
+
+@pytest.mark.parametrize("module", ["clip_g.text_projection", "clip_l.text_projection", "lora_te2_text_projection",
+                                    "text_encoders.clip_g.transformer.text_projection"])
+def test_text_projection_spellings(module: str, tmp_path: Path) -> None:
+    name = ("te1." if "clip_l" in module else "te2.") + "text_projection"
+    up, down = factors_any(name, 2, seed=3)
+    sd = {**pair(module, "lora_down/up", up, down), **pair(LF.SDXL_TO_Q_KOHYA, "lora_down/up", *factors(Q, 2, 1))}
+    lora = F.load_lora(LF.write(tmp_path / "p.safetensors", sd))
+    assert (sorted(lora.layers), lora.skipped) == (sorted([Q, name]), [])
+    assert torch.equal(lora.layers[name].up, up) and torch.equal(lora.layers[name].down, down)
+
+
+def test_omi_merge_sums_the_text_encoders(tmp_path: Path) -> None:
+    omi, _ = LF.omi_sdxl()
+    path = LF.write(tmp_path / "omi.safetensors", omi)
+    style = style_file(tmp_path, names=(Q, TE1_Q, "te2.text_projection"))
+    out = tmp_path / "merged.safetensors"
+    code, _, err = run_main("merge", str(path), str(style), "-o", str(out), "--method", "direct", "--dtype", "fp32",
+                            "--quiet")
+    assert code == 0, err
+    c, s = F.load_lora(path), F.load_lora(style)
+    for name in (TE1_Q, "te2.text_projection", "te2.text_model.encoder.layers.11.mlp.fc2"):
+        want = c.layers[name].delta(torch.float64) + (s.layers[name].delta(torch.float64) if name in s.layers else 0)
+        assert rel_error(merged_delta(out, name), want) < 1e-6, name
+
+
+# ================================================================= 10. LyCORIS LoCon Tucker convs
+TUCKER_CONVS = {  # SDXL 3×3 convs: a res-block conv, a downsampler, an upsampler
+    "input_blocks.1.0.in_layers.2": "down_blocks.0.resnets.0.conv1",
+    "input_blocks.3.0.op": "down_blocks.0.downsamplers.0.conv",
+    CONV: "up_blocks.0.upsamplers.0.conv",
+}
+TUCKER_SPELLINGS = {
+    "kohya LDM names": lambda n: "lora_unet_" + n.replace(".", "_"),
+    "kohya diffusers names (LyCORIS)": lambda n: "lora_unet_" + TUCKER_CONVS[n].replace(".", "_"),
+    "lycoris_ (SimpleTuner)": lambda n: "lycoris_" + TUCKER_CONVS[n].replace(".", "_"),
+    "ComfyUI diffusion_model.": lambda n: "diffusion_model." + n,
+}
+
+
+@pytest.mark.parametrize("alpha", [None, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("spelling", list(TUCKER_SPELLINGS))
+def test_tucker_conv_folds_exactly(spelling: str, dtype: torch.dtype, alpha: float | None, tmp_path: Path) -> None:
+    """A LoCon file (plain linear layers + Tucker convs): each conv reads as up·down' with the dense ΔW of
+    the three convs to float32 rounding, scale alpha / rank included."""
+    sd, dense = pair(LF.SDXL_TO_Q_KOHYA, "lora_down/up", *factors(Q, 4, 1)), {}
+    for i, name in enumerate(TUCKER_CONVS):
+        t, dense[name] = LF.tucker_conv(TUCKER_SPELLINGS[spelling](name), name, 4, seed=i, alpha=alpha, dtype=dtype)
+        sd.update(t)
+    path = LF.write(tmp_path / "locon.safetensors", sd)
+    lora = F.load_lora(path)
+    assert (sorted(lora.layers), lora.skipped) == (sorted([Q, *TUCKER_CONVS]), [])
+    for name, want in dense.items():
+        lr = lora.layers[name]
+        assert (tuple(lr.up.shape), tuple(lr.down.shape)) == ((want.shape[0], 4, 1, 1), (4, *want.shape[1:]))
+        assert rel_error(lr.delta(torch.float64), want) < 1e-6, name
+        assert lora.scales[name] == (alpha / 4 if alpha else 1.0)
+    info = inspect_file(path)
+    assert (info["for_merge"], info["conv_layers"], info["layers"]) == (None, 3, 4)
+    style = style_file(tmp_path, names=(Q, CONV))
+    out = tmp_path / "merged.safetensors"
+    code, _, err = run_main("merge", str(path), str(style), "-o", str(out), "--method", "direct", "--dtype", "fp32",
+                            "--quiet")
+    assert (code, err) == (0, "")
+    want = dense[CONV] + F.load_lora(style).layers[CONV].delta(torch.float64)
+    assert rel_error(merged_delta(out, CONV), want) < 1e-6
+
+
+def test_tucker_dense_delta_is_the_three_convs() -> None:
+    """The oracle: the dense ΔW of tucker_conv applies what lora_up(lora_mid(lora_down(x))) computes."""
+    name = "input_blocks.1.0.in_layers.2"
+    t, dense = LF.tucker_conv("m", name, 3, seed=5, alpha=6.0)
+    x = torch.randn(2, 320, 9, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    h = torch.nn.functional.conv2d(x, t["m.lora_down.weight"].double())
+    h = torch.nn.functional.conv2d(h, t["m.lora_mid.weight"].double(), padding=1)
+    y = torch.nn.functional.conv2d(h, t["m.lora_up.weight"].double()) * 2.0  # alpha 6 / rank 3
+    assert rel_error(torch.nn.functional.conv2d(x, dense, padding=1), y) < 1e-12
+
+
+@pytest.mark.parametrize(("case", "mid_shape", "error", "message"), [
+    ("lora_mid of another rank", (4, 5, 3, 3), F.RankMismatchError,
+     ("t.safetensors: layer 'lora_unet_output_blocks_2_2_conv' has a lora_mid of shape (4, 5, 3, 3) but a lora_down of "
+     "rank 4 (4, 1280, 1, 1); lora_mid's second dimension must be lora_down's rank. The file is damaged; re-download "
+     "or re-export it.")),
+    ("lora_mid of two dimensions", (4, 4), F.MalformedLoRAError,
+     ("t.safetensors: layer 'lora_unet_output_blocks_2_2_conv' has a lora_mid of shape (4, 4) with a lora_down of shape "
+     "(4, 1280, 1, 1); a LyCORIS Tucker layer needs lora_down (rank, in, 1, 1) and lora_mid (rank, rank, kh, kw). "
+     "Re-export the file.")),
+])
+def test_malformed_tucker_is_refused_in_one_line(case: str, mid_shape: tuple, error: type, message: str,
+                                                 tmp_path: Path) -> None:
+    t, _ = LF.tucker_conv(SDXL_LAYOUT[CONV].kohya, CONV, 4, seed=1)
+    t[f"{SDXL_LAYOUT[CONV].kohya}.lora_mid.weight"] = torch.zeros(mid_shape)
+    with pytest.raises(error) as e:
+        F.read_lora(LF.write(tmp_path / "t.safetensors", t))
+    assert str(e.value) == message, case
+
+
+def test_adapter_refusal_counts_the_whole_file(tmp_path: Path) -> None:
+    """A file with a few LoHa modules among plain LoRA layers is refused, and says how many of its modules are
+    LoHa rather than counting only those as if they were the file."""
+    sd = {**pair(LF.SDXL_TO_Q_KOHYA, "lora_down/up", *factors(Q, 2, 1)),
+          **pair(SDXL_LAYOUT[K2].kohya, "lora_down/up", *factors(K2, 2, 2)),
+          **pair(SDXL_LAYOUT[CONV].kohya, "lora_down/up", *factors(CONV, 2, 3))}
+    for name in (TE1_Q, ADM):
+        out_f, in_f = SDXL_LAYOUT[name].shape
+        sd.update({f"{SDXL_LAYOUT[name].kohya}.hada_w1_a": torch.zeros(out_f, 2),
+                   f"{SDXL_LAYOUT[name].kohya}.hada_w1_b": torch.zeros(2, in_f)})
+    with pytest.raises(F.UnsupportedAdapterError) as e:
+        F.read_lora(LF.write(tmp_path / "mixed.safetensors", sd))
+    assert str(e.value) == (
+        "mixed.safetensors is a LyCORIS LoHa (Hadamard-product) file, made for SDXL, not a low-rank LoRA: 2 of its 5 "
+        "modules are LoHa modules (the other 3 are low-rank LoRA layers). DuoLoRA merges only low-rank LoRA layers "
+        "(lora_down/lora_up or lora_A/lora_B): use a standard LoRA, or convert this LoHa to one first.")
+
+
+# ======================================================= 11. PEFT save_pretrained folders (adapter_config.json)
+PEFT_CONFIGS = [  # (case, adapter_config.json scale entries, ranks, expected scale per layer) — peft's own rules
+    ("the reported file: lora_alpha 32 / r 16 (read at scale 1 it was 0.5× the intended ΔW)",
+     {"r": 16, "lora_alpha": 32}, {}, {Q: 2.0, K2: 2.0, CONV: 2.0}),
+    ("alpha_pattern: first pattern matching the module name's end",
+     {"r": 16, "lora_alpha": 16, "alpha_pattern": {"attn1.to_q": 64, "to_q": 8}}, {}, {Q: 4.0, K2: 1.0, CONV: 1.0}),
+    ("rank_pattern for a rank-4 conv", {"r": 16, "lora_alpha": 32, "rank_pattern": {"up_blocks.0.upsamplers.0.conv": 4}},
+     {CONV: 4}, {Q: 2.0, K2: 2.0, CONV: 8.0}),
+    ("use_rslora: lora_alpha / √r", {"r": 16, "lora_alpha": 8, "use_rslora": True}, {}, {Q: 2.0, K2: 2.0, CONV: 2.0}),
+    ("no lora_alpha: peft's default 8", {"r": 16}, {}, {Q: 0.5, K2: 0.5, CONV: 0.5}),
+]
+
+
+@pytest.mark.parametrize(("case", "config", "ranks", "expected"), PEFT_CONFIGS, ids=[c[0][:40] for c in PEFT_CONFIGS])
+def test_peft_folder_scale_comes_from_its_config(case: str, config: dict, ranks: dict, expected: dict,
+                                                 tmp_path: Path) -> None:
+    path, raw = LF.peft_folder(tmp_path / "adapter", {k: v for k, v in config.items()}, ranks=ranks)
+    lora = F.load_lora(path)
+    assert (lora.scales, set(lora.scale_sources.values())) == (expected, {"peft_config"}), case
+    for name, scale in expected.items():
+        up, down = raw[name]
+        assert torch.equal(lora.layers[name].up, up * scale) and torch.equal(lora.layers[name].down, down), name
+    assert F.read_lora(path, load_tensors=False).scales == expected  # inspect's header-only read
+
+
+def test_peft_folder_says_where_the_scale_came_from(tmp_path: Path) -> None:
+    path, raw = LF.peft_folder(tmp_path / "adapter", {"r": 16, "lora_alpha": 32})
+    info = inspect_file(path)
+    assert format_summary(info).splitlines()[9] == (
+        "alpha:               from the adapter_config.json beside the file (lora_alpha 32 / r 16) · scale 2")
+    origin = "scale 2 from the adapter_config.json beside it (lora_alpha 32 / r 16), as PEFT applies it"
+    assert (info["scale_origin"], info["scale_note"], info["for_merge"]) == (origin, None, None)
+    assert F.one_line_summary(F.read_lora(path)) == (
+        "diffusers_peft · SDXL · 3 layers · rank 16 · scale 2 from adapter_config.json")
+    style = style_file(tmp_path)
+    out = tmp_path / "merged.safetensors"
+    code, _, err = run_main("merge", str(path), str(style), "-o", str(out), "--method", "direct", "--dtype", "fp32",
+                            "--quiet")
+    assert (code, err) == (0, f"note: content adapter_model.safetensors: {origin}\n")
+    s = F.load_lora(style)
+    for name, (up, down) in raw.items():
+        want = 2.0 * up.double().flatten(1) @ down.double().flatten(1) + s.layers[name].delta(torch.float64).flatten(1)
+        assert rel_error(merged_delta(out, name).flatten(1), want) < 1e-6, name
+
+
+@pytest.mark.parametrize("case", ["adapter_model.safetensors without its adapter_config.json",
+                                  "base_model.model. keys renamed away from adapter_config.json"])
+def test_peft_adapter_without_its_config_says_the_scale_may_be_missing(case: str, tmp_path: Path) -> None:
+    renamed = case.startswith("base_model")
+    path, _ = LF.peft_folder(tmp_path / "adapter", {"r": 16, "lora_alpha": 32} if renamed else None,
+                             file_name="my_adapter.safetensors" if renamed else "adapter_model.safetensors")
+    lora = F.load_lora(path)
+    assert (set(lora.scales.values()), set(lora.scale_sources.values())) == ({1.0}, {"peft_config_missing"})
+    info = inspect_file(path)
+    assert info["scale_note"] == F.PEFT_CONFIG_MISSING_NOTE
+    assert format_summary(info).splitlines()[9] == (
+        "alpha:               none: no .alpha tensor, lora_adapter_metadata or adapter_config.json beside the file "
+        f"· scale 1; {F.PEFT_CONFIG_MISSING_NOTE}")
+    assert F.one_line_summary(lora).endswith(" · PEFT adapter without its adapter_config.json: scale may be missing")
+    code, _, err = run_main("merge", str(path), str(style_file(tmp_path)), "-o", str(tmp_path / "m.safetensors"),
+                            "--quiet")
+    assert (code, err) == (0, f"note: content {path.name}: {F.PEFT_CONFIG_MISSING_NOTE}\n")
+
+
+def test_diffusers_file_without_metadata_is_not_taken_for_a_peft_adapter(tmp_path: Path) -> None:
+    path, _ = peft_file(tmp_path / "pytorch_lora_weights.safetensors", None)  # unet.… lora_A: scale 1 is right
+    assert (F.summary(F.load_lora(path))["scale_note"], F.load_lora(path).scale_sources[Q]) == (None, "none")
+
+
+PEFT_REFUSED = [
+    ("use_dora", {"r": 16, "lora_alpha": 16, "use_dora": True}, None, F.UnsupportedAdapterError,
+     ("adapter_model.safetensors is a DoRA (weight-decomposed LoRA) file with 3 modules, made for SDXL, not a low-rank "
+     "LoRA. Besides its low-rank factors it stores a magnitude per output channel (the adapter_config.json beside it "
+     "says use_dora) that rescales every patched weight after the low-rank update, so its effect is not a low-rank ΔW "
+     "and DuoLoRA cannot merge it. Use the same subject or style as a plain LoRA (trained with DoRA off) instead. Do "
+     "not delete the magnitude tensors to make it load: without them the file is a different LoRA.")),
+    ("peft_type LOHA", {"peft_type": "LOHA"}, None, F.UnsupportedAdapterError,
+     ("adapter_model.safetensors: the adapter_config.json beside it says peft_type 'LOHA', a PEFT adapter that is not "
+     "a LoRA, so its tensors do not mean ΔW = lora_B·lora_A. DuoLoRA merges only low-rank LoRA layers: use a LoRA "
+     "adapter (peft_type LORA) instead.")),
+    ("r is not the tensors' rank", {"r": 8, "lora_alpha": 16}, None, F.MalformedLoRAError,
+     ("adapter_model.safetensors: layer 'base_model.model.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q' "
+     "has rank 16, but the adapter_config.json beside it says r = 8 for it, so PEFT could not load this file either "
+     "and its scale is unknown. Re-export the LoRA.")),
+    ("config and lora_adapter_metadata disagree", {"r": 16, "lora_alpha": 32}, {"r": 16, "lora_alpha": 16},
+     F.MalformedLoRAError,
+     ("adapter_model.safetensors: layer 'base_model.model.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q' "
+     "has its header's lora_adapter_metadata says lora_alpha 16 / r 16 (scale 1) and the adapter_config.json beside it "
+     "says lora_alpha 32 / r 16 (scale 2). diffusers applies the header's and PEFT the adapter_config.json's, so what "
+     "the file means is ambiguous. Re-export the LoRA.")),
+]
+
+
+@pytest.mark.parametrize(("case", "config", "metadata", "error", "message"), PEFT_REFUSED, ids=[c[0] for c in PEFT_REFUSED])
+def test_peft_config_contradictions_are_refused(case: str, config: dict, metadata: dict | None, error: type,
+                                                message: str, tmp_path: Path) -> None:
+    md = {F.PEFT_METADATA_KEY: json.dumps(metadata)} if metadata is not None else None
+    path, _ = LF.peft_folder(tmp_path / "adapter", config, metadata=md)
+    with pytest.raises(error) as e:
+        F.read_lora(path)
+    assert str(e.value) == message, case
+    assert run_main("inspect", str(path))[::2] == (2, f"error: {message}\n")
+
+
+def test_unreadable_peft_config_is_named(tmp_path: Path) -> None:
+    path, _ = LF.peft_folder(tmp_path / "adapter", {"r": 16})
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{r: 16")
+    code, _, err = run_main("inspect", str(path))
+    assert (code, err) == (2, ("error: adapter_model.safetensors: the adapter_config.json beside it is not a JSON object "
+                              "(Expecting property name enclosed in double quotes: line 1 column 2 (char 1)), so the "
+                              "scale its writer meant (PEFT lora_alpha / r) cannot be read. Save the adapter again "
+                              "with save_pretrained.\n"))
+
+
+def test_peft_config_agreeing_with_the_header_is_read(tmp_path: Path) -> None:
+    md = {F.PEFT_METADATA_KEY: json.dumps({"r": 16, "lora_alpha": 32})}
+    path, _ = LF.peft_folder(tmp_path / "adapter", {"r": 16, "lora_alpha": 32}, metadata=md)
+    lora = F.load_lora(path)
+    assert (set(lora.scales.values()), set(lora.scale_sources.values())) == ({2.0}, {"peft_metadata"})
+
+
+# ============================================================================ 12. messages that mislead
+@pytest.mark.parametrize(("value", "shown"), [
+    (16, "16, a number"), (0.5, "0.5, a number"), (True, "true, a boolean"), (None, "null, null"),
+    (["a", "b"], '["a", "b"], a list'), ({"img": {"sks dog": 12}}, '{"img": {"sks dog": 12}}, an object'),
+])
+def test_metadata_that_is_not_strings_is_named_and_the_fix_said(value: object, shown: str, tmp_path: Path) -> None:
+    path = LF.with_raw_metadata(
+        LF.write(tmp_path / "md.safetensors", pair(LF.SDXL_TO_Q_KOHYA, "lora_down/up", *factors(Q, 2, 1))),
+        {"ss_output_name": "md", "ss_tag_frequency": value})
+    message = ("md.safetensors: 1 of the 2 metadata values in its header is not a string (e.g. 'ss_tag_frequency': "
+               f"{shown}). The safetensors format allows only strings there, so safetensors readers (ComfyUI's "
+               "loader too) refuse the file; its tensors are intact. Re-saving it with every metadata value "
+               'written as a string ("16", not 16) fixes it.')
+    for command in (["inspect", str(path)], ["merge", str(path), str(style_file(tmp_path)), "-o",
+                                               str(tmp_path / "o.safetensors")]):
+        assert run_main(*command)[::2] == (2, f"error: {message}\n"), command
+    with pytest.raises(SafetensorError):
+        safe_open(os.fspath(path), "pt")  # what every safetensors reader does with it
+
+
+def nan_file(path: Path, n: int) -> Path:
+    sd = F.lora_to_state_dict(synthetic_lora(rank=1, seed=4), "kohya_ldm")
+    names = list(synthetic_lora(rank=1, seed=4).layers)
+    for name in names[:n]:
+        sd[SDXL_LAYOUT[name].kohya + ".lora_up.weight"][0, 0] = float("nan")
+    sd["bundle_emb.sks.string_to_param.*"] = torch.full((1, 768), float("inf"))  # no merge reads it
+    return LF.write(path, sd)
+
+
+@pytest.mark.parametrize("n", [1, 40])
+def test_nan_in_many_layers_is_counted_alike_everywhere(n: int, tmp_path: Path) -> None:
+    path = nan_file(tmp_path / "nan.safetensors", n)
+    names = list(synthetic_lora(rank=1, seed=4).layers)[:n]
+    shown = f"layer '{names[0]}' contains" if n == 1 else f"{n} layers ('{names[0]}', '{names[1]}' and {n - 2} more) contain"
+    message = (f"nan.safetensors: {shown} NaN or Inf values. The file is damaged (often a training run that "
+               "diverged); use another epoch or export.")
+    with pytest.raises(F.NonFiniteError) as e:
+        F.load_lora(path)  # the nodes' check
+    assert (str(e.value), e.value.layers) == (message, names)
+    info = inspect_file(path)
+    assert (info["for_merge"], len(info["non_finite_keys"])) == (message, n + 1)
+    code, _, err = run_main("merge", str(path), str(style_file(tmp_path)), "-o", str(tmp_path / "o.safetensors"))
+    assert (code, err) == (2, f"error: {message}\n")
+
+
+def test_nan_only_where_no_merge_reads_refuses_nothing(tmp_path: Path) -> None:
+    path = nan_file(tmp_path / "emb.safetensors", 0)
+    info = inspect_file(path)
+    assert (info["for_merge"], info["non_finite_keys"]) == (None, ["bundle_emb.sks.string_to_param.*"])
+
+
+def test_alphas_without_factors_are_ignored_with_a_note(tmp_path: Path) -> None:
+    """A kohya SDXL file whose text-encoder factors a tool stripped, leaving their .alpha tensors."""
+    sd = pair(LF.SDXL_TO_Q_KOHYA, "lora_down/up", *factors(Q, 2, 1), torch.tensor(2.0))
+    stripped = [SDXL_LAYOUT[n].kohya for n in (TE1_Q, TE2_FC1, "te1.text_model.encoder.layers.3.mlp.fc1",
+                                                "te2.text_model.encoder.layers.0.self_attn.k_proj")]
+    stripped.append("text_encoders.clip_l.transformer.text_model.encoder.layers.5.self_attn.v_proj")  # ComfyUI's
+    sd.update({f"{m}.alpha": torch.tensor(4.0) for m in stripped})
+    stripped.sort()  # a safetensors file lists its keys sorted
+    path = LF.write(tmp_path / "stripped.safetensors", sd)
+    lora = F.load_lora(path)
+    assert list(lora.layers) == [Q]
+    assert F.not_merged_lines(lora) == [(f"5 × {F.ALPHA_ONLY_REASON} (e.g. '{stripped[0]}', '{stripped[1]}', "
+                                        f"'{stripped[2]}' and 2 more)")]
+    assert F.one_line_summary(lora).endswith(" · not merged: 5 alphas without factors")
+    assert inspect_file(path)["for_merge"] is None
+    code, _, err = run_main("merge", str(path), str(style_file(tmp_path)), "-o", str(tmp_path / "o.safetensors"),
+                            "--quiet")
+    assert (code, err) == (0, f"note: content stripped.safetensors: not merged: {F.not_merged_lines(lora)[0]}\n")
+
+
+def test_a_file_of_only_alphas_is_empty(tmp_path: Path) -> None:
+    path = LF.write(tmp_path / "alphas.safetensors", {f"{SDXL_LAYOUT[n].kohya}.alpha": torch.tensor(4.0) for n in (Q, K2)})
+    with pytest.raises(F.EmptyLoRAError) as e:
+        F.read_lora(path)
+    assert str(e.value) == (
+        f"alphas.safetensors holds only .alpha tensors (2, e.g. '{LF.SDXL_TO_Q_KOHYA}.alpha', "
+        f"'{SDXL_LAYOUT[K2].kohya}.alpha') and no lora_down/lora_up factors: an alpha alone does nothing, so there is "
+        "nothing to merge. Pick a LoRA file that has layers.")
+
+
 # =========================================== done when: inspect, merge and the loaders agree on every file
 def agreement_files(folder: Path) -> dict[str, Path]:
     files = {
@@ -649,6 +999,11 @@ def agreement_files(folder: Path) -> dict[str, Path]:
     files["dora"] = LF.write(folder / "dora.safetensors", dora_case("peft lora_magnitude_vector")[0])
     files["unknown prefix"] = LF.write(folder / "prefix.safetensors", pair(
         "my_tool." + Q, "lora_down/up", *factors(Q, 2, 1)))
+    files["PEFT folder"] = LF.peft_folder(folder / "peft", {"r": 16, "lora_alpha": 32})[0]
+    files["PEFT adapter without its config"] = LF.peft_folder(folder / "peft_bare", None)[0]
+    files["OMI"] = LF.write(folder / "omi.safetensors", LF.omi_sdxl()[0])
+    files["stripped alphas"] = LF.write(folder / "alphas.safetensors", {
+        **pair(LF.SDXL_TO_Q_KOHYA, "lora_down/up", *factors(Q, 2, 1)), f"{SDXL_LAYOUT[TE1_Q].kohya}.alpha": torch.tensor(1.0)})
     files["old kohya"] = LF.write(folder / "old.safetensors", pair(LF.SDXL_TO_Q_KOHYA, "lora_down/up", *factors(Q, 2, 1)),
                                   metadata={"ss_network_alpha": "1"})
     return files
@@ -656,8 +1011,8 @@ def agreement_files(folder: Path) -> dict[str, Path]:
 
 def test_inspect_merge_and_loader_agree_on_every_file(tmp_path: Path) -> None:
     style = F.save_lora(LoRA(layers={Q: LowRank(*factors(Q, 2, seed=9))}, base="sdxl"), tmp_path / "style.safetensors")
-    for case, path in agreement_files(tmp_path).items():
-        out = tmp_path / f"out_{path.stem}.safetensors"
+    for i, (case, path) in enumerate(agreement_files(tmp_path).items()):
+        out = tmp_path / f"out_{i}.safetensors"
         code, _, err = run_main("merge", str(path), str(style), "-o", str(out), "--method", "direct", "--quiet")
         try:
             info = inspect_file(path)
@@ -676,8 +1031,7 @@ def test_inspect_merge_and_loader_agree_on_every_file(tmp_path: Path) -> None:
         assert code == 0, (case, err)
         lora = F.read_lora(path)
         notes = [f"note: content {path.name}: not merged: {line}" for line in F.not_merged_lines(info)]
-        if info["scale_note"]:
-            notes.append(f"note: content {path.name}: {info['scale_note']}")
+        notes += [f"note: content {path.name}: {info[k]}" for k in ("scale_origin", "scale_note") if info[k]]
         assert err.splitlines() == notes, case
         summary = F.one_line_summary(lora)  # what the loader nodes show
         n = sum(g["count"] for g in info["not_merged"])
