@@ -1,7 +1,7 @@
 """Evaluate a merger inside any torch model, with masks that differ per batch element.
 
 For every canonical layer name given with its module (``nn.Linear`` or ``nn.Conv2d``, subclasses such as
-ComfyUI's ops included) the adapter adds the low-rank path of both LoRAs to the module's output:
+ComfyUI's ops included) the adapter adds the low-rank path of every LoRA of the merger to the module's output:
 
     rank masks:  y += ((x·Aᵀ) ⊙ m)·Bᵀ          out masks: y += ((x·Aᵀ)·Bᵀ) ⊙ m          in masks: y += ((x ⊙ m)·Aᵀ)·Bᵀ
 
@@ -10,10 +10,12 @@ dilation, the up projection a 1×1 convolution). The mask of each batch element 
 (METHOD.md §4: "all three LoRA configurations are the same adapter with different masks"):
 
 * ``"merged"``  — the merger's own masks (learned ones carry gradient);
-* ``"content"`` — the content LoRA alone, mask (1, 0);
+* ``"content"`` — the content LoRA alone, mask (1, 0); with several content LoRAs the first one alone,
+  ``"content2"``, ``"content3"``, … the others (``content_branch``);
 * ``"style"``   — the style LoRA alone, mask (0, 1);
 * ``"base"``    — no LoRA at all, mask (0, 0);
-* ``(a, b)``    — constant masks (a, b), e.g. (1.0, 1.0) for the plain direct merge.
+* ``(a, b)``    — constant masks (a, b), e.g. (1.0, 1.0) for the plain direct merge; one weight per LoRA of
+  the merger, in its tag order (content LoRAs, then the style LoRA).
 
 So ε_m, ε_c and ε_s come from ONE batched forward. What a call costs depends on whether its masks need a
 gradient (a step's cost should be what the model costs; issue 11):
@@ -39,15 +41,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mergers import IN, OUT, RANK, MergedLayer, Merger
+from .mergers import IN, OUT, RANK, STYLE_TAG, MergedLayer, Merger
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-Branch = str | tuple[float, float]
+Branch = str | tuple[float, ...]
 MERGED, CONTENT, STYLE, BASE = "merged", "content", "style", "base"
 BRANCH_NAMES: tuple[str, ...] = (MERGED, CONTENT, STYLE, BASE)
-_CONSTANT = {CONTENT: (1.0, 0.0), STYLE: (0.0, 1.0), BASE: (0.0, 0.0)}
 # How a call with constant masks is evaluated: "auto" folds ΔW into the weight where that is cheaper,
 # "fold" wherever the module allows it, "lowrank" never folds, "masks" uses the per-element mask path for
 # every call (how every call was evaluated before issue 11; kept to measure against and to test with).
@@ -67,14 +68,46 @@ class AdapterError(ValueError):
     """A module or branch the adapter cannot work with; the message names the layer."""
 
 
-def _check_branch(b: Branch) -> Branch:
+def content_branch(index: int) -> str:
+    """The branch of the content LoRA at ``index`` (0-based) alone: "content", then "content2", "content3", …"""
+    return CONTENT if index == 0 else f"{CONTENT}{index + 1}"
+
+
+def _content_index(b: str) -> int | None:
+    """0 for "content", k − 1 for "content<k>" (k ≥ 2), None for any other name."""
+    if b == CONTENT:
+        return 0
+    if b.startswith(CONTENT) and b[len(CONTENT):].isdigit() and int(b[len(CONTENT):]) >= 2:
+        return int(b[len(CONTENT):]) - 1
+    return None
+
+
+def _check_branch(b: Branch, n_loras: int = 2) -> Branch:
     if isinstance(b, str):
-        if b not in BRANCH_NAMES:
-            raise AdapterError(f"unknown branch {b!r}; use one of {', '.join(BRANCH_NAMES)} or a pair (w_c, w_s)")
+        index = _content_index(b)
+        if b not in BRANCH_NAMES and index is None:
+            raise AdapterError(f"unknown branch {b!r}; use one of {', '.join(BRANCH_NAMES)}, content2, content3, … "
+                               "or a tuple of one weight per LoRA")
+        if index is not None and index >= n_loras - 1:
+            raise AdapterError(f"branch {b!r} names content LoRA {index + 1}, but the merger has "
+                               f"{n_loras - 1} content LoRA(s)")
         return b
-    if isinstance(b, tuple) and len(b) == 2:
-        return (float(b[0]), float(b[1]))
-    raise AdapterError(f"branch {b!r} must be a name ({', '.join(BRANCH_NAMES)}) or a pair (w_c, w_s)")
+    if isinstance(b, tuple) and len(b) == n_loras:
+        return tuple(float(x) for x in b)
+    raise AdapterError(f"branch {b!r} must be a name ({', '.join(BRANCH_NAMES)}, content2, …) or a tuple of "
+                       f"{n_loras} weights, one per LoRA of the merger")
+
+
+def branch_weights(branch: Branch, tags: Sequence[str]) -> tuple[float, ...]:
+    """The constant mask weight of each LoRA (in ``tags`` order) under a branch other than ``"merged"``."""
+    if isinstance(branch, tuple):
+        return branch
+    if branch == BASE:
+        return (0.0,) * len(tags)
+    if branch == STYLE:
+        return tuple(1.0 if t == STYLE_TAG else 0.0 for t in tags)
+    index = _content_index(branch)
+    return tuple(1.0 if i == index else 0.0 for i in range(len(tags)))
 
 
 def plain_weight(module: nn.Module) -> bool:
@@ -192,7 +225,8 @@ class Adapter:
         branches tiled k times, in the order ``torch.cat`` would produce. Put elements of the same branch
         next to each other: each run of equal branches is one ΔW for the constant-mask paths.
         """
-        self._branches = None if branches is None else [_check_branch(b) for b in branches]
+        n = len(self.merger.tags)
+        self._branches = None if branches is None else [_check_branch(b, n) for b in branches]
 
     @property
     def branches(self) -> list[Branch] | None:
@@ -242,7 +276,7 @@ class Adapter:
         n = x.shape[0] if x.dim() > (3 if conv else 1) else 1
         runs = self._runs(n, name)
         grad = torch.is_grad_enabled()
-        learned = any(m is not None and m.requires_grad for m in (layer.m_c, layer.m_s))
+        learned = any(m is not None and m.requires_grad for m in map(layer.mask, layer.tags))
         if self.constant_path == "masks" or (grad and learned and any(b == MERGED for _, _, b in runs)):
             # The masks need a gradient here (or the old path was asked for): the per-element mask path.
             out = inner(x, *args, **kwargs)
@@ -260,42 +294,40 @@ class Adapter:
     def _coefficient(self, layer: MergedLayer, branch: Branch, which: str) -> float | torch.Tensor:
         if branch == MERGED:
             return layer.mask(which).detach()
-        pair = _CONSTANT[branch] if isinstance(branch, str) else branch
-        return pair[0 if which == "c" else 1]
+        return branch_weights(branch, layer.tags)[layer.tags.index(which)]
 
     def _lora_factors(self, layer: MergedLayer, which: str, device: torch.device,
                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, A) of one LoRA on (device, dtype): views into the cached concatenation when both exist."""
-        both = self._factors(layer, "cs" if layer.factors("c") is not None and layer.factors("s") is not None
-                             else which, device, dtype)
-        if len(both[2]) == 1:
-            return both[0], both[1]
-        r_c = both[2][0]
-        if which == "c":
-            return both[0][:, :r_c], both[1][:r_c]
-        return both[0][:, r_c:], both[1][r_c:]
+        """(B, A) of one LoRA on (device, dtype): views into the cached concatenation of every LoRA the layer
+        has when it has several."""
+        present = layer.present
+        every = self._factors(layer, present if len(present) > 1 else (which,), device, dtype)
+        if len(every[2]) == 1:
+            return every[0], every[1]
+        i = present.index(which)
+        lo, hi = sum(every[2][:i]), sum(every[2][:i + 1])
+        return every[0][:, lo:hi], every[1][lo:hi]
 
     def _run_factors(self, layer: MergedLayer, branch: Branch, device: torch.device,
                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
         """ΔW of one run as (B (out, k), A (k, in·kh·kw)) on (device, dtype), or None when it is zero.
 
         Cached per branch, except for the merger's own masks while they may still change (learned layers)."""
-        learned = any(isinstance(m, nn.Parameter) for m in (layer.m_c, layer.m_s))
+        learned = any(isinstance(m, nn.Parameter) for m in map(layer.mask, layer.tags))
         key = ("run", layer.name, branch, device, dtype)
         cacheable = branch != MERGED or not learned
         if cacheable and key in self._cache:
             return self._cache[key]
         parts: list[tuple[str, float | torch.Tensor]] = []
-        for which in ("c", "s"):
-            if layer.factors(which) is None:
-                continue
+        for which in layer.present:
             coef = self._coefficient(layer, branch, which)
             if not (isinstance(coef, float) and coef == 0.0):
                 parts.append((which, coef))
         result = None
-        if parts and all(isinstance(c, float) and c == 1.0 for _, c in parts):
-            if len(parts) == 2:
-                B, A, _ = self._factors(layer, "cs", device, dtype)
+        if parts and all(isinstance(c, float) and c == 1.0 for _, c in parts) and (
+                len(parts) == 1 or len(parts) == len(layer.present)):
+            if len(parts) > 1:
+                B, A, _ = self._factors(layer, layer.present, device, dtype)
                 result = (B, A)
             else:
                 result = self._lora_factors(layer, parts[0][0], device, dtype)
@@ -393,10 +425,10 @@ class Adapter:
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     # -- masks with gradient -------------------------------------------------------------------------------
-    def _factors(self, layer: MergedLayer, which: str, device: torch.device,
+    def _factors(self, layer: MergedLayer, which: tuple[str, ...], device: torch.device,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
-        """(B, A, ranks) of ``which`` ("c", "s" or "cs": both concatenated) on (device, dtype), frozen, built
-        once and cached until ``remove``."""
+        """(B, A, ranks) of the LoRAs tagged ``which`` (one or several, concatenated in that order) on (device,
+        dtype), frozen, built once and cached until ``remove``."""
         key = ("factors", layer.name, which, device, dtype)
         cached = self._cache.get(key)
         if cached is None:
@@ -418,10 +450,11 @@ class Adapter:
         plan = self._cache.get(key)
         if plan is None:
             merged = [b == MERGED for b in self._branches]
+            tags = self.merger.tags
+            weights = [None if b == MERGED else branch_weights(b, tags) for b in self._branches]
             plan = {}
-            for slot, which in enumerate(("c", "s")):
-                consts = [0.0 if b == MERGED else (_CONSTANT[b][slot] if isinstance(b, str) else b[slot])
-                          for b in self._branches]
+            for slot, which in enumerate(tags):
+                consts = [0.0 if w is None else w[slot] for w in weights]
                 if not any(merged) and all(c == 0.0 for c in consts):
                     plan[which] = None
                     continue
@@ -464,18 +497,18 @@ class Adapter:
         xc = x.to(dtype)
         conv = isinstance(module, nn.Conv2d)
         active = []
-        for which in ("c", "s"):
-            if layer.factors(which) is not None:
-                rows = masks(layer, which, device, dtype)
-                if rows is not None:
-                    active.append((which, rows))
+        for which in layer.present:
+            rows = masks(layer, which, device, dtype)
+            if rows is not None:
+                active.append((which, rows))
         if not active:
             return None
-        if layer.kind == RANK and len(active) == 2:
-            # Both LoRAs as one rank-(r_c + r_s) LoRA: half the kernel launches (METHOD.md §2, export form).
-            groups = [("cs", torch.cat([active[0][1], active[1][1]], dim=-1))]
+        if layer.kind == RANK and len(active) >= 2:
+            # Every LoRA as one rank-(r_c + r_s) LoRA: a fraction of the kernel launches (METHOD.md §2, export
+            # form).
+            groups = [(tuple(a[0] for a in active), torch.cat([a[1] for a in active], dim=-1))]
         else:
-            groups = active
+            groups = [((which,), rows) for which, rows in active]
         total = None
         for which, rows in groups:
             m = self._shape_mask(rows, xc, conv)

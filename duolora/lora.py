@@ -15,6 +15,7 @@ weight update (METHOD.md §1).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -235,16 +236,22 @@ def fold_alpha(up: torch.Tensor, down: torch.Tensor, alpha: float | None) -> tor
     return up * scale
 
 
-def merge_patches(content: dict[str, torch.Tensor], style: dict[str, torch.Tensor], w_c: float = 1.0,
-                  w_s: float = 1.0) -> dict[str, torch.Tensor]:
-    """Bias/norm differences of a merge: w_c·d_c + w_s·d_s where both LoRAs patch a parameter, the one
-    difference unchanged where only one does — the rule every merger applies to layers outside its learned
-    scope (METHOD.md §2), so a merged file patches what its two sources patched."""
+def merge_patches(content: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]],
+                  style: Mapping[str, torch.Tensor], w_c: float = 1.0, w_s: float = 1.0) -> dict[str, torch.Tensor]:
+    """Bias/norm differences of a merge: w_c·d_c + w_s·d_s where several LoRAs patch a parameter (w_c on each
+    content LoRA's when ``content`` is a sequence of them), the one difference unchanged where only one
+    does — the rule every merger applies to layers outside its learned scope (METHOD.md §2), so a merged file
+    patches what its sources patched."""
+    contents = [content] if isinstance(content, Mapping) else list(content)
+    sources = [(float(w_c), c) for c in contents] + [(float(w_s), style)]
     out: dict[str, torch.Tensor] = {}
-    for name in sorted(set(content) | set(style)):
-        c, s = content.get(name), style.get(name)
-        if c is not None and s is not None:
-            out[name] = (float(w_c) * c.float() + float(w_s) * s.float())
-        else:
-            out[name] = (c if c is not None else s).float().clone()  # type: ignore[union-attr]
+    for name in sorted(set().union(*(d for _, d in sources))):
+        present = [(w, d[name]) for w, d in sources if name in d]
+        if len(present) == 1:
+            out[name] = present[0][1].float().clone()
+            continue
+        total = present[0][0] * present[0][1].float() + present[1][0] * present[1][1].float()
+        for w, d in present[2:]:
+            total = total + w * d.float()
+        out[name] = total
     return out

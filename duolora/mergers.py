@@ -1,6 +1,8 @@
-"""Mergers of a content LoRA and a style LoRA (METHOD.md §2 and §7).
+"""Mergers of K ≥ 1 content LoRAs and a style LoRA (METHOD.md §2 and §7).
 
-A merger holds, for every layer either LoRA patches, the frozen factors of both LoRAs and two masks:
+A merger holds, for every layer any of its LoRAs patches, the frozen factors of each LoRA and one mask per
+LoRA. The formulas below are written for one content LoRA; with several (multi-concept) every content LoRA
+adds its own term B_ci·diag(m_ci)·A_ci, and every statement about "both LoRAs" holds for each of them:
 
 * ``rank`` masks (ZipRank, the direct merge, B-LoRA):  ΔW = B_c·diag(m_c)·A_c + B_s·diag(m_s)·A_s,
   m_c ∈ R^{r_c}, m_s ∈ R^{r_s};
@@ -10,17 +12,22 @@ A merger holds, for every layer either LoRA patches, the frozen factors of both 
 
 Masks are ``nn.Parameter`` where the method learns them and fixed buffers elsewhere, so one adapter
 (``duolora.adapter``) evaluates every method, and every merger exports exactly as a standard LoRA of
-rank r_c + r_s (METHOD.md §2, last paragraph): B_m = [B_c·diag(m_c) | B_s·diag(m_s)], A_m = [A_c; A_s].
+rank r_c + r_s (METHOD.md §2, last paragraph): B_m = [B_c·diag(m_c) | B_s·diag(m_s)], A_m = [A_c; A_s]; with
+K content LoRAs, rank Σ r_i: B_m = [B_c1·diag(m_c1) | … | B_cK·diag(m_cK) | B_s·diag(m_s)].
 
-Which layers learn: layers both files patch, inside ``scope`` ("attention": the 560 attention
+Each LoRA of a merger has a *tag*: "c" for the (first) content LoRA, "c2", "c3", … for further content
+LoRAs, "s" for the style LoRA (``content_tag``). A layer's factors and mask of LoRA ``t`` are its buffers
+``B_t``, ``A_t``, ``m_t``, so a one-pair merger has exactly ``m_c`` and ``m_s``.
+
+Which layers learn: layers at least two files patch, inside ``scope`` ("attention": the 560 attention
 projections of SDXL, as in the paper; "all": every shared UNet layer). Other shared layers and the
-text-encoder parts (``te1.``/``te2.``) are a fixed direct merge with weights (w_c, w_s); layers only one
-file has pass through unchanged.
+text-encoder parts (``te1.``/``te2.``) are a fixed direct merge with weights (w_c for every content LoRA,
+w_s); layers only one file has pass through unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -36,6 +43,30 @@ MASK_KINDS: tuple[str, ...] = (RANK, OUT, IN)
 # B-LoRA (Frenkel et al.; METHOD.md §7): the one block that carries content and the one that carries style.
 B_LORA_CONTENT_BLOCK = "output_blocks.0.1"
 B_LORA_STYLE_BLOCK = "output_blocks.1.1"
+
+
+STYLE_TAG = "s"
+# Methods that can merge several content LoRAs; B-LoRA keeps one block for THE content LoRA.
+MULTI_CONTENT_METHODS: tuple[str, ...] = ("ziprank", "ziplora_out", "ziplora_in", "direct")
+
+
+def content_tag(index: int) -> str:
+    """The tag of the content LoRA at ``index`` (0-based): "c", then "c2", "c3", …"""
+    return "c" if index == 0 else f"c{index + 1}"
+
+
+def lora_tags(n_content: int) -> tuple[str, ...]:
+    """Every tag of a merger of ``n_content`` content LoRAs and a style LoRA, in export order."""
+    return (*(content_tag(i) for i in range(n_content)), STYLE_TAG)
+
+
+def describe_lora(tag: str, name: str, n_content: int = 1) -> str:
+    """How messages name one LoRA of a merge: "the content LoRA 'a.safetensors'", "content LoRA 2 'b…'"."""
+    if tag == STYLE_TAG:
+        return f"the style LoRA {name!r}"
+    if n_content == 1:
+        return f"the content LoRA {name!r}"
+    return f"content LoRA {1 if tag == 'c' else int(tag[1:])} {name!r}"
 
 
 class MergerError(ValueError):
@@ -110,11 +141,12 @@ def _ordinary(t: torch.Tensor) -> torch.Tensor:
 
 
 class MergedLayer(nn.Module):
-    """One layer of a merger: frozen factors of both LoRAs and their masks.
+    """One layer of a merger: frozen factors of each LoRA and their masks.
 
-    Buffers ``B_c`` (out, r_c), ``A_c`` (r_c, in·kh·kw) and ``B_s``, ``A_s`` likewise (``None`` when the file
-    has no such layer), all float32. Masks ``m_c``/``m_s``: parameters when ``learned`` else buffers, of
-    length r (kind "rank"), out (kind "out") or in channels (kind "in").
+    ``parts``: tag -> ((B, A), mask) or None when that file has no such layer, in the merger's tag order
+    (content tags, then "s"). Buffers ``B_<tag>`` (out, r), ``A_<tag>`` (r, in·kh·kw), float32 (``None``
+    when the file lacks the layer); masks ``m_<tag>``: parameters when ``learned`` else buffers, of length r
+    (kind "rank"), out (kind "out") or in channels (kind "in").
     """
 
     def __init__(
@@ -122,10 +154,7 @@ class MergedLayer(nn.Module):
         name: str,
         template: LowRank,
         kind: str,
-        content: tuple[torch.Tensor, torch.Tensor] | None,
-        style: tuple[torch.Tensor, torch.Tensor] | None,
-        m_c: torch.Tensor | None,
-        m_s: torch.Tensor | None,
+        parts: Mapping[str, tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor] | None],
         learned: bool,
     ) -> None:
         super().__init__()
@@ -134,6 +163,7 @@ class MergedLayer(nn.Module):
         self.name = name
         self.kind = kind
         self.learned = learned
+        self.tags: tuple[str, ...] = tuple(parts)
         # Shape-only copy of a file layer, so the export can rebuild the same layer kind (linear/conv).
         self.template = LowRank(torch.empty(template.up.shape, device="meta"),
                                 torch.empty(template.down.shape, device="meta"))
@@ -144,17 +174,22 @@ class MergedLayer(nn.Module):
         # Hosts build mergers under torch.inference_mode(); inference tensors cannot take part in the
         # autograd graph of the optimisation, so every tensor kept here is an ordinary one.
         with torch.inference_mode(False):
-            for tag, factors, mask in (("c", content, m_c), ("s", style, m_s)):
-                B, A = factors if factors is not None else (None, None)
+            for tag, part in parts.items():
+                B, A = part[0] if part is not None else (None, None)
                 # Factors are not part of state_dict(): it holds just the masks (a small, savable result).
                 self.register_buffer(f"B_{tag}", None if B is None else _ordinary(B), persistent=False)
                 self.register_buffer(f"A_{tag}", None if A is None else _ordinary(A), persistent=False)
-                if factors is None:
+                if part is None:
                     self.register_buffer(f"m_{tag}", None)
                 elif learned:
-                    setattr(self, f"m_{tag}", nn.Parameter(mask.detach().to(torch.float32).clone()))
+                    setattr(self, f"m_{tag}", nn.Parameter(part[1].detach().to(torch.float32).clone()))
                 else:
-                    self.register_buffer(f"m_{tag}", mask.detach().to(torch.float32).clone())
+                    self.register_buffer(f"m_{tag}", part[1].detach().to(torch.float32).clone())
+
+    @property
+    def present(self) -> tuple[str, ...]:
+        """The tags of the LoRAs that patch this layer, in order."""
+        return tuple(t for t in self.tags if getattr(self, f"B_{t}") is not None)
 
     # -- shapes --------------------------------------------------------------------------------------
     @property
@@ -164,7 +199,8 @@ class MergedLayer(nn.Module):
         return (self.out_features, self.in_channels)
 
     def factors(self, which: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(B, A) of ``which`` ("c" or "s") as 2-D tensors, or None when that file lacks the layer."""
+        """(B, A) of LoRA ``which`` (a tag: "c", "c2", …, "s") as 2-D tensors, or None when that file lacks
+        the layer."""
         B = getattr(self, f"B_{which}")
         return None if B is None else (B, getattr(self, f"A_{which}"))
 
@@ -200,16 +236,15 @@ class MergedLayer(nn.Module):
         """Dense ΔW with the patched weight's shape. For tests and tiny layers only."""
         total = torch.zeros(self.out_features, self.in_channels * self.kernel_size[0] * self.kernel_size[1])
         total = total.to(device=self._device())
-        for which in ("c", "s"):
+        for which in self.tags:
             mf = self.masked_factors(which)
             if mf is not None:
                 total = total + mf[0] @ mf[1]
         return total.reshape(self.weight_shape)
 
     def _device(self) -> torch.device:
-        for t in (self.B_c, self.B_s):
-            if t is not None:
-                return t.device
+        for tag in self.present:
+            return getattr(self, f"B_{tag}").device
         return torch.device("cpu")
 
     def _kept(self, which: str, threshold: float,
@@ -239,19 +274,19 @@ class MergedLayer(nn.Module):
             keep = (B_eff.abs().amax(dim=0) > 0) & (A_eff.abs().amax(dim=1) > 0)
         return keep, B_eff.detach(), A_eff.detach()
 
-    def kept_components(self, threshold: float = DEFAULT_PRUNE_THRESHOLD, max_rank: int = 0) -> tuple[int, int]:
-        """How many rank components of the content and of the style LoRA the export keeps."""
+    def kept_components(self, threshold: float = DEFAULT_PRUNE_THRESHOLD, max_rank: int = 0) -> tuple[int, ...]:
+        """How many rank components of each LoRA the export keeps, in tag order ((content, style) for a pair)."""
         out = []
-        for which in ("c", "s"):
+        for which in self.tags:
             k = self._kept(which, threshold, max_rank)
             out.append(0 if k is None else int(k[0].sum()))
-        return out[0], out[1]
+        return tuple(out)
 
     def export(self, threshold: float = DEFAULT_PRUNE_THRESHOLD,
                max_rank: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The exported factors (out, k), (k, in·kh·kw), k = kept components; None if nothing is kept."""
         Bs, As = [], []
-        for which in ("c", "s"):
+        for which in self.tags:
             k = self._kept(which, threshold, max_rank)
             if k is None:
                 continue
@@ -267,7 +302,20 @@ class MergedLayer(nn.Module):
         return torch.cat(Bs, dim=1).contiguous(), torch.cat(As, dim=0).contiguous()
 
     def extra_repr(self) -> str:
-        return f"{self.name}, kind={self.kind}, r_c={self.rank('c')}, r_s={self.rank('s')}, learned={self.learned}"
+        ranks = ", ".join(f"r_{t}={self.rank(t)}" for t in self.tags)
+        return f"{self.name}, kind={self.kind}, {ranks}, learned={self.learned}"
+
+
+def content_list(content: LoRA | Sequence[LoRA]) -> list[LoRA]:
+    """One content LoRA or a sequence of them, as a list (refused when empty)."""
+    contents = [content] if isinstance(content, LoRA) else list(content)
+    if not contents:
+        raise MergerError("a merge needs at least one content LoRA")
+    return contents
+
+
+def _agreed(values: Sequence[Any], default: Any) -> Any:
+    return values[0] if all(v == values[0] for v in values) else default
 
 
 def _ones_mask(kind: str, lr: LowRank) -> torch.Tensor:
@@ -276,10 +324,11 @@ def _ones_mask(kind: str, lr: LowRank) -> torch.Tensor:
 
 
 class Merger(nn.Module):
-    """Base merger: every layer of either LoRA, learned where the method learns, fixed elsewhere.
+    """Base merger: every layer of any of its LoRAs, learned where the method learns, fixed elsewhere.
 
-    Layers are kept in sorted name order in ``self.layers`` (an ``nn.ModuleList``; names contain dots,
-    which ``nn.ModuleDict`` refuses). Subclasses decide the learned layers in ``_learned_layer``.
+    ``content`` is one LoRA or a sequence of K ≥ 1 content LoRAs (multi-concept). Layers are kept in sorted
+    name order in ``self.layers`` (an ``nn.ModuleList``; names contain dots, which ``nn.ModuleDict``
+    refuses). Subclasses decide the learned layers in ``_learned_layer``.
     """
 
     method = "merger"
@@ -287,7 +336,7 @@ class Merger(nn.Module):
 
     def __init__(
         self,
-        content: LoRA,
+        content: LoRA | Sequence[LoRA],
         style: LoRA,
         *,
         scope: str = "attention",
@@ -297,47 +346,67 @@ class Merger(nn.Module):
         max_rank: int = 0,
     ) -> None:
         super().__init__()
-        # A rank-0 layer changes nothing: merged as absent, so no layer has an empty factor (the solver, the
-        # recorder and the adapter all assume r ≥ 1 per present LoRA).
-        content, style = content.without_empty_layers(), style.without_empty_layers()
         if scope not in SCOPES:
             raise MergerError(f"merge scope {scope!r} is not one of {', '.join(SCOPES)}")
+        # A rank-0 layer changes nothing: merged as absent, so no layer has an empty factor (the solver, the
+        # recorder and the adapter all assume r ≥ 1 per present LoRA).
+        contents = [c.without_empty_layers() for c in content_list(content)]
+        style = style.without_empty_layers()
         self.scope = scope
         self.w_c = float(w_c)
         self.w_s = float(w_s)
         self.prune_threshold = float(prune_threshold)
         self.max_rank = int(max_rank)
-        self.content_name = content.name
+        self.tags: tuple[str, ...] = lora_tags(len(contents))
+        self.content_tags: tuple[str, ...] = self.tags[:-1]
+        self.content_names: list[str] = [c.name for c in contents]
+        self.content_name = " + ".join(self.content_names)
         self.style_name = style.name
-        # The export is spelled and typed like the inputs when they agree (a writer may override both).
-        self.export_key_style = content.key_style if content.key_style == style.key_style else "unknown"
-        self.export_base = content.base if content.base == style.base else "unknown"
-        self.export_dtype = content.dtype if content.dtype == style.dtype else None
+        loras = [*contents, style]
+        self._names = dict(zip(self.tags, [lora.name for lora in loras]))
+        # The export is spelled and typed like the inputs when they all agree (a writer may override both).
+        self.export_key_style = _agreed([lora.key_style for lora in loras], "unknown")
+        self.export_base = _agreed([lora.base for lora in loras], "unknown")
+        self.export_dtype = _agreed([lora.dtype for lora in loras], None)
         # Bias/norm differences are not low-rank layers: every method sums them like its fixed layers.
-        self.patches = merge_patches(content.patches, style.patches, self.w_c, self.w_s)
+        self.patches = merge_patches([c.patches for c in contents], style.patches, self.w_c, self.w_s)
         self.layers = nn.ModuleList()
         self._index: dict[str, int] = {}
-        names = sorted(set(content.layers) | set(style.layers))
+        names = sorted(set().union(*(lora.layers for lora in loras)))
         for name in names:
-            c, s = content.layers.get(name), style.layers.get(name)
-            if c is not None and s is not None:
-                self._check_compatible(name, c, s)
-        self._prepare(content, style, names)
+            self._check_compatible(name, {t: lora.layers.get(name) for t, lora in zip(self.tags, loras)})
+        self._prepare(dict(zip(self.tags, loras)), names)
         for name in names:
-            layer = self._make_layer(name, content.layers.get(name), style.layers.get(name))
+            layer = self._make_layer(name, {t: lora.layers.get(name) for t, lora in zip(self.tags, loras)})
             self._index[name] = len(self.layers)
             self.layers.append(layer)
 
-    # -- construction ----------------------------------------------------------------------------------
-    def _check_compatible(self, name: str, c: LowRank, s: LowRank) -> None:
-        if c.weight_shape != s.weight_shape:
-            raise MergerError(
-                f"layer {name}: the content LoRA {self.content_name!r} patches a weight of shape "
-                f"{tuple(c.weight_shape)} but the style LoRA {self.style_name!r} one of shape "
-                f"{tuple(s.weight_shape)}; both LoRAs must be made for the same base model"
-            )
+    @property
+    def n_content(self) -> int:
+        return len(self.content_tags)
 
-    def _prepare(self, content: LoRA, style: LoRA, names: list[str]) -> None:
+    def lora_name(self, tag: str) -> str:
+        """The file name (or description) of the LoRA with this tag."""
+        return self._names[tag]
+
+    def describe(self, tag: str) -> str:
+        """The LoRA with this tag as messages name it (``describe_lora``)."""
+        return describe_lora(tag, self._names[tag], self.n_content)
+
+    # -- construction ----------------------------------------------------------------------------------
+    def _check_compatible(self, name: str, parts: Mapping[str, LowRank | None]) -> None:
+        present = [(t, lr) for t, lr in parts.items() if lr is not None]
+        for tag, lr in present[1:]:
+            first_tag, first = present[0]
+            if lr.weight_shape != first.weight_shape:
+                both = "both LoRAs" if len(self.tags) == 2 else "all LoRAs of a merge"
+                raise MergerError(
+                    f"layer {name}: {self.describe(first_tag)} patches a weight of shape "
+                    f"{tuple(first.weight_shape)} but {self.describe(tag)} one of shape "
+                    f"{tuple(lr.weight_shape)}; {both} must be made for the same base model"
+                )
+
+    def _prepare(self, loras: Mapping[str, LoRA], names: list[str]) -> None:
         """Work shared by all layers, done once before they are built (default: none)."""
 
     def in_scope(self, name: str) -> bool:
@@ -346,30 +415,30 @@ class Merger(nn.Module):
             return False
         return self.scope == "all" or is_attention_projection(name)
 
-    def _make_layer(self, name: str, c: LowRank | None, s: LowRank | None) -> MergedLayer:
-        if c is not None and s is not None:
-            if self.in_scope(name):
-                return self._learned_layer(name, c, s)
-            return self._fixed_layer(name, c, s, self.w_c, self.w_s)
-        # Only one file has this layer: it passes through unchanged.
-        return self._fixed_layer(name, c, s, 1.0, 1.0)
+    def _learns(self, name: str, parts: Mapping[str, LowRank | None]) -> bool:
+        """A layer is learned where at least two of the LoRAs patch it, inside the scope."""
+        return sum(lr is not None for lr in parts.values()) >= 2 and self.in_scope(name)
 
-    def _fixed_layer(
-        self, name: str, c: LowRank | None, s: LowRank | None, w_c: float, w_s: float
-    ) -> MergedLayer:
-        template = c if c is not None else s
+    def _make_layer(self, name: str, parts: Mapping[str, LowRank | None]) -> MergedLayer:
+        if sum(lr is not None for lr in parts.values()) >= 2:
+            if self.in_scope(name):
+                return self._learned_layer(name, parts)
+            return self._fixed_layer(name, parts, self.w_c, self.w_s)
+        # Only one file has this layer: it passes through unchanged.
+        return self._fixed_layer(name, parts, 1.0, 1.0)
+
+    def _fixed_layer(self, name: str, parts: Mapping[str, LowRank | None], w_c: float, w_s: float) -> MergedLayer:
+        template = next(lr for lr in parts.values() if lr is not None)
         return MergedLayer(
             name,
             template,
             RANK,
-            None if c is None else (c.B, c.A),
-            None if s is None else (s.B, s.A),
-            None if c is None else _ones_mask(RANK, c) * w_c,
-            None if s is None else _ones_mask(RANK, s) * w_s,
+            {tag: None if lr is None else ((lr.B, lr.A), _ones_mask(RANK, lr) * (w_s if tag == STYLE_TAG else w_c))
+             for tag, lr in parts.items()},
             learned=False,
         )
 
-    def _learned_layer(self, name: str, c: LowRank, s: LowRank) -> MergedLayer:
+    def _learned_layer(self, name: str, parts: Mapping[str, LowRank | None]) -> MergedLayer:
         raise NotImplementedError
 
     # -- access ----------------------------------------------------------------------------------------
@@ -409,17 +478,18 @@ class Merger(nn.Module):
 
     # -- export ----------------------------------------------------------------------------------------
     def export(self, prune_threshold: float | None = None) -> LoRA:
-        """The merge as a standard LoRA: per layer rank r_c + r_s minus pruned components.
+        """The merge as a standard LoRA: per layer rank r_c + r_s (Σ r_i over every LoRA) minus pruned components.
 
         Components whose mask satisfies |m| < ``prune_threshold`` (default: the merger's, 1e-3) or m = 0
         are dropped (the "adaptive rank", METHOD.md §2); layers with nothing left are omitted. The rest is
         exact: B_m·A_m equals the merger's ΔW with the pruned mask entries set to zero. Tensors are float32
         on the CPU with the scale folded into ``up`` (so a writer stores alpha = rank); ``key_style``,
-        ``base`` and ``dtype`` are the inputs' when both agree. The merger's ``max_rank`` (the opt-in rank
+        ``base`` and ``dtype`` are the inputs' when all agree. ``duolora_content`` names the content LoRAs
+        joined by " + ". The merger's ``max_rank`` (the opt-in rank
         budget) caps the components each LoRA keeps per LEARNED layer (see ``MergedLayer._kept``); fixed layers
         keep their files' components.
         ``patches`` are the inputs' bias/norm
-        differences, w_c·d_c + w_s·d_s where both have one (``lora.merge_patches``).
+        differences, w_c·d_c + w_s·d_s where several have one (``lora.merge_patches``).
         """
         threshold = self.prune_threshold if prune_threshold is None else float(prune_threshold)
         layers: dict[str, LowRank] = {}
@@ -442,8 +512,9 @@ class Merger(nn.Module):
         return LoRA(layers=layers, metadata=metadata, source=None, key_style=self.export_key_style,
                     base=self.export_base, dtype=self.export_dtype, patches=dict(self.patches))
 
-    def kept_ranks(self, prune_threshold: float | None = None) -> dict[str, tuple[int, int]]:
-        """Per layer: (kept content components, kept style components) after pruning."""
+    def kept_ranks(self, prune_threshold: float | None = None) -> dict[str, tuple[int, ...]]:
+        """Per layer: the kept components of each LoRA after pruning, in tag order ((content, style) for a
+        pair)."""
         threshold = self.prune_threshold if prune_threshold is None else float(prune_threshold)
         with torch.no_grad():
             return {name: layer.kept_components(threshold, self.max_rank if layer.learned else 0)
@@ -455,12 +526,13 @@ class Merger(nn.Module):
 
 
 class DirectMerger(Merger):
-    """ΔW = w_c·ΔW_c + w_s·ΔW_s on every shared layer; nothing learned (METHOD.md §2, baseline)."""
+    """ΔW = w_c·ΔW_c + w_s·ΔW_s on every shared layer (w_c on each content LoRA); nothing learned (METHOD.md §2,
+    baseline)."""
 
     method = "direct"
 
-    def _learned_layer(self, name: str, c: LowRank, s: LowRank) -> MergedLayer:
-        return self._fixed_layer(name, c, s, self.w_c, self.w_s)
+    def _learned_layer(self, name: str, parts: Mapping[str, LowRank | None]) -> MergedLayer:
+        return self._fixed_layer(name, parts, self.w_c, self.w_s)
 
 
 class ZipLoRAMerger(Merger):
@@ -469,7 +541,7 @@ class ZipLoRAMerger(Merger):
     ΔW = diag(m_c)·ΔW_c + diag(m_s)·ΔW_s (out) or ΔW_c·diag(m_c) + ΔW_s·diag(m_s) (in); masks start at 1.
     """
 
-    def __init__(self, content: LoRA, style: LoRA, *, side: str = "out", **kwargs: Any) -> None:
+    def __init__(self, content: LoRA | Sequence[LoRA], style: LoRA, *, side: str = "out", **kwargs: Any) -> None:
         if side not in (OUT, IN):
             raise MergerError(f"ZipLoRA side {side!r} must be 'out' or 'in'")
         self.side = side
@@ -477,9 +549,11 @@ class ZipLoRAMerger(Merger):
         self.mask_kind = side
         super().__init__(content, style, **kwargs)
 
-    def _learned_layer(self, name: str, c: LowRank, s: LowRank) -> MergedLayer:
-        return MergedLayer(name, c, self.side, (c.B, c.A), (s.B, s.A),
-                           _ones_mask(self.side, c), _ones_mask(self.side, s), learned=True)
+    def _learned_layer(self, name: str, parts: Mapping[str, LowRank | None]) -> MergedLayer:
+        template = next(lr for lr in parts.values() if lr is not None)
+        return MergedLayer(name, template, self.side,
+                           {t: None if lr is None else ((lr.B, lr.A), _ones_mask(self.side, lr))
+                            for t, lr in parts.items()}, learned=True)
 
 
 class ZipRankMerger(Merger):
@@ -492,30 +566,33 @@ class ZipRankMerger(Merger):
 
     method = "ziprank"
 
-    def __init__(self, content: LoRA, style: LoRA, *, basis: str = "svd", **kwargs: Any) -> None:
+    def __init__(self, content: LoRA | Sequence[LoRA], style: LoRA, *, basis: str = "svd", **kwargs: Any) -> None:
         if basis not in BASES:
             raise MergerError(f"ZipRank basis {basis!r} is not one of {', '.join(BASES)}")
         self.basis = basis
-        self._svd_factors: dict[str, tuple[tuple[torch.Tensor, torch.Tensor], ...]] = {}
+        self._svd_factors: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         super().__init__(content, style, **kwargs)
 
-    def _prepare(self, content: LoRA, style: LoRA, names: list[str]) -> None:
-        """SVD basis: re-factor both LoRAs of every learned layer at once (``svd_refactor_many`` batches the
+    def _prepare(self, loras: Mapping[str, LoRA], names: list[str]) -> None:
+        """SVD basis: re-factor every LoRA of every learned layer at once (``svd_refactor_many`` batches the
         pairs of equal shapes), not layer by layer."""
         if self.basis != "svd":
             return
-        learned = [n for n in names if n in content.layers and n in style.layers and self.in_scope(n)]
-        pairs = [(lr.B, lr.A) for n in learned for lr in (content.layers[n], style.layers[n])]
-        refactored = svd_refactor_many(pairs)
-        self._svd_factors = {n: (refactored[2 * i], refactored[2 * i + 1]) for i, n in enumerate(learned)}
+        keys = [(n, t) for n in names if self._learns(n, {t: lo.layers.get(n) for t, lo in loras.items()})
+                for t, lo in loras.items() if n in lo.layers]
+        refactored = svd_refactor_many([(loras[t].layers[n].B, loras[t].layers[n].A) for n, t in keys])
+        self._svd_factors = dict(zip(keys, refactored))
 
-    def _learned_layer(self, name: str, c: LowRank, s: LowRank) -> MergedLayer:
-        fc, fs = (c.B, c.A), (s.B, s.A)
-        if self.basis == "svd":
-            fc, fs = self._svd_factors.pop(name)
-        ones_c = torch.ones(fc[1].shape[0], device=fc[1].device)
-        ones_s = torch.ones(fs[1].shape[0], device=fs[1].device)
-        return MergedLayer(name, c, RANK, fc, fs, ones_c, ones_s, learned=True)
+    def _learned_layer(self, name: str, parts: Mapping[str, LowRank | None]) -> MergedLayer:
+        out = {}
+        for tag, lr in parts.items():
+            if lr is None:
+                out[tag] = None
+                continue
+            f = self._svd_factors.pop((name, tag)) if self.basis == "svd" else (lr.B, lr.A)
+            out[tag] = (f, torch.ones(f[1].shape[0], device=f[1].device))
+        template = next(lr for lr in parts.values() if lr is not None)
+        return MergedLayer(name, template, RANK, out, learned=True)
 
 
 class BLoRAMerger(Merger):
@@ -529,22 +606,36 @@ class BLoRAMerger(Merger):
 
     method = "b_lora"
 
-    def _make_layer(self, name: str, c: LowRank | None, s: LowRank | None) -> MergedLayer:
+    def __init__(self, content: LoRA | Sequence[LoRA], style: LoRA, **kwargs: Any) -> None:
+        contents = content_list(content)
+        if len(contents) > 1:
+            raise MergerError(
+                f"method 'b_lora' merges exactly one content LoRA (B-LoRA keeps {B_LORA_CONTENT_BLOCK} for the "
+                f"content and {B_LORA_STYLE_BLOCK} for the style), but {len(contents)} content LoRAs were given "
+                f"({', '.join(repr(c.name) for c in contents)}); use method "
+                f"{', '.join(repr(m) for m in MULTI_CONTENT_METHODS)} for a multi-concept merge")
+        super().__init__(contents, style, **kwargs)
+
+    def _make_layer(self, name: str, parts: Mapping[str, LowRank | None]) -> MergedLayer:
+        both = all(lr is not None for lr in parts.values())
         if name.startswith(TEXT_ENCODER_PREFIXES):
-            if c is not None and s is not None:
-                return self._fixed_layer(name, c, s, self.w_c, self.w_s)
-            return self._fixed_layer(name, c, s, 1.0, 1.0)
+            if both:
+                return self._fixed_layer(name, parts, self.w_c, self.w_s)
+            return self._fixed_layer(name, parts, 1.0, 1.0)
         block = block_of(name)
         w_c = 1.0 if block == B_LORA_CONTENT_BLOCK else 0.0
         w_s = 1.0 if block == B_LORA_STYLE_BLOCK else 0.0
-        return self._fixed_layer(name, c, s, w_c, w_s)
+        return self._fixed_layer(name, parts, w_c, w_s)
 
 
-def build_merger(method: str, content: LoRA, style: LoRA, config: MergeConfig | None = None) -> Merger:
-    """The merger ``method`` over the two LoRAs, with scope/basis/weights/threshold from ``config``.
+def build_merger(method: str, content: LoRA | Sequence[LoRA], style: LoRA,
+                 config: MergeConfig | None = None) -> Merger:
+    """The merger ``method`` over the LoRAs (one content LoRA or several), with scope/basis/weights/threshold
+    from ``config``.
 
     ``config`` is a ``duolora.config.MergeConfig`` (None: its defaults). Raises MergerError for an
-    unknown method or basis, incompatible layer shapes, or a learning method with no layer to learn.
+    unknown method or basis, incompatible layer shapes, a learning method with no layer to learn, or
+    several content LoRAs for a method that merges one (B-LoRA).
     """
     scope = getattr(config, "scope", "attention")
     kwargs: dict[str, Any] = {
@@ -565,8 +656,11 @@ def build_merger(method: str, content: LoRA, style: LoRA, config: MergeConfig | 
     else:
         raise MergerError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
     if method in ("ziprank", "ziplora_out", "ziplora_in") and not merger.learned_layers():
+        contents = content_list(content)
+        names = (f"the content LoRA {contents[0].name!r}" if len(contents) == 1
+                 else "the content LoRAs " + ", ".join(repr(c.name) for c in contents))
         raise MergerError(
-            f"the content LoRA {content.name!r} and the style LoRA {style.name!r} share no "
+            f"{names} and the style LoRA {style.name!r} share no "
             f"{'attention ' if scope == 'attention' else ''}layer, so {method} has nothing to learn; "
             + ("try scope='all' or " if scope == "attention" else "")
             + "check that both LoRAs are for the same base model"

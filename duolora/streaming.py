@@ -1,9 +1,10 @@
-"""The streaming weights-only merge of two LoRA files (``duolora merge``; METHOD.md §5).
+"""The streaming weights-only merge of LoRA files (``duolora merge``; METHOD.md §5): one or more content files
+and a style file.
 
-``stream_merge`` reads both files a chunk of layers at a time, builds the merger of that chunk, solves its
+``stream_merge`` reads every file a chunk of layers at a time, builds the merger of that chunk, solves its
 masks with ``duolora.solver.solve_weights``, exports it and keeps only the exported factors (in the output
-dtype), so peak memory stays near the size of the output (about the two input files) instead of holding
-both LoRAs in float32 plus their SVD factors. ``duolora.engine.run_merge`` calls it for file sources.
+dtype), so peak memory stays near the size of the output (about the input files) instead of holding
+every LoRA in float32 plus its SVD factors. ``duolora.engine.run_merge`` calls it for file sources.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from safetensors import safe_open
 from . import formats
 from .config import MergeConfig
 from .lora import LoRA
-from .mergers import DirectMerger, Merger, build_merger
+from .mergers import DirectMerger, Merger, _agreed, build_merger
 from .optimize import MergeResult
 from .sdxl import STANDARD_LAYOUTS, Layout
 from .solver import SOLVER_ITERATIONS, check_method, solve_weights
@@ -83,29 +84,33 @@ def _read_header(path: str | os.PathLike[str], layout: Layout) -> LoRA:
     return meta
 
 
-def _plan(config: MergeConfig, meta_c: LoRA, meta_s: LoRA) -> tuple[list[str], set[str]]:
+PathLike = str | os.PathLike[str]
+
+
+def _plan(config: MergeConfig, metas_c: Sequence[LoRA], meta_s: LoRA) -> tuple[list[str], set[str]]:
     """(every layer name in merge order, the learned ones) from the headers, with the merger's own checks.
 
     A merger over the header-only LoRAs would work too, but operations on ``meta`` tensors import
     torch's compiler stack on first use (seconds); an empty merger gives the same rules for free.
     """
-    probe = build_merger("direct", LoRA(source=meta_c.source), LoRA(source=meta_s.source), config)
-    names = sorted(set(meta_c.layers) | set(meta_s.layers))
+    empty_c = [LoRA(source=m.source) for m in metas_c]
+    probe = build_merger("direct", empty_c, LoRA(source=meta_s.source), config)
+    metas = [*metas_c, meta_s]
+    names = sorted(set().union(*(m.layers for m in metas)))
     learned = set()
     for name in names:
-        c, s = meta_c.layers.get(name), meta_s.layers.get(name)
-        if c is None or s is None:
-            continue
-        probe._check_compatible(name, c, s)
-        if config.method == "ziprank" and probe.in_scope(name):
+        parts = {t: m.layers.get(name) for t, m in zip(probe.tags, metas)}
+        probe._check_compatible(name, parts)
+        if config.method == "ziprank" and probe._learns(name, parts):
             learned.add(name)
     if config.method == "ziprank" and not learned:
         # No shared layer in scope: build_merger raises its own message for exactly this case.
-        build_merger(config.method, LoRA(source=meta_c.source), LoRA(source=meta_s.source), config)
+        build_merger(config.method, empty_c, LoRA(source=meta_s.source), config)
     return names, learned
 
 
-def _chunk_merger(method: str, content: LoRA, style: LoRA, config: MergeConfig, learns: bool) -> Merger:
+def _chunk_merger(method: str, contents: list[LoRA], style: LoRA, config: MergeConfig, learns: bool) -> Merger:
+    content: LoRA | list[LoRA] = contents[0] if len(contents) == 1 else contents
     if learns or method in ("direct", "b_lora"):
         return build_merger(method, content, style, config)
     # A chunk without a learned layer: every layer is fixed, exactly as the full merger fixes it.
@@ -113,30 +118,33 @@ def _chunk_merger(method: str, content: LoRA, style: LoRA, config: MergeConfig, 
                         prune_threshold=config.prune_threshold)
 
 
-def open_headers(content_path: str | os.PathLike[str], style_path: str | os.PathLike[str],
-                 layout: Layout) -> tuple[LoRA, LoRA]:
-    """Both files' headers (names, shapes, base model; no tensors), validated against ``layout``.
+def open_headers(content_path: PathLike | Sequence[PathLike], style_path: PathLike,
+                 layout: Layout) -> tuple[LoRA, ...]:
+    """Every file's header (names, shapes, base model; no tensors), validated against ``layout``: the content
+    file(s) first, then the style file.
 
     Raises the engine's ``formats.LoRAError`` subclasses (missing file, wrong base model, …)."""
-    return _read_header(content_path, layout), _read_header(style_path, layout)
+    contents = [content_path] if isinstance(content_path, (str, os.PathLike)) else list(content_path)
+    return (*(_read_header(p, layout) for p in contents), _read_header(style_path, layout))
 
 
 def stream_merge(
-    content_path: str | os.PathLike[str],
-    style_path: str | os.PathLike[str],
+    content_path: PathLike | Sequence[PathLike],
+    style_path: PathLike,
     config: MergeConfig,
     *,
     layout: Layout,
-    headers: tuple[LoRA, LoRA] | None = None,
+    headers: Sequence[LoRA] | None = None,
     export_dtype: torch.dtype | None = None,
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     chunk_layers: int = CHUNK_LAYERS,
     iterations: int = SOLVER_ITERATIONS,
 ) -> MergeResult:
-    """Weights-only merge of two LoRA files, ``chunk_layers`` layers at a time; nothing is written.
+    """Weights-only merge of LoRA files (one content path or several, and the style path), ``chunk_layers``
+    layers at a time; nothing is written.
 
-    Per chunk: read both files' layers, build the merger of that chunk (``build_merger``: same layers, same
+    Per chunk: read every file's layers, build the merger of that chunk (``build_merger``: same layers, same
     SVD basis, same fixed layers as a merger over the whole files), solve its masks, export it with
     ``Merger.export`` and keep only the exported factors, in ``export_dtype`` (default float32, like
     ``Merger.export``). ``headers``: from ``open_headers`` when the caller already read them.
@@ -149,10 +157,11 @@ def stream_merge(
     """
     start = time.perf_counter()
     check_method(config.method, "weights")
-    meta_c, meta_s = headers if headers is not None else open_headers(content_path, style_path, layout)
-    names, learned = _plan(config, meta_c, meta_s)
+    content_paths = [content_path] if isinstance(content_path, (str, os.PathLike)) else list(content_path)
+    metas = list(headers) if headers is not None else list(open_headers(content_paths, style_path, layout))
+    names, learned = _plan(config, metas[:-1], metas[-1])
     out_dtype = export_dtype or torch.float32
-    readers = (_LayerReader(content_path, meta_c, layout), _LayerReader(style_path, meta_s, layout))
+    readers = [_LayerReader(p, m, layout) for p, m in zip([*content_paths, style_path], metas)]
     layers: dict = {}
     history_acc: dict[str, list[float]] = {}
     metadata: dict[str, str] = {}
@@ -165,10 +174,10 @@ def stream_merge(
                 return MergeResult(merger=None, cancelled=True, config=config,
                                    wall_seconds=time.perf_counter() - start)
             chunk = names[lo: lo + step]
-            c, s = readers[0].read(chunk), readers[1].read(chunk)
+            parts = [r.read(chunk) for r in readers]
             learns = any(n in learned for n in chunk)
-            merger = _chunk_merger(config.method, c, s, config, learns)
-            del c, s
+            merger = _chunk_merger(config.method, parts[:-1], parts[-1], config, learns)
+            del parts
             if merger.learned_layers():
                 res = solve_weights(merger, config, iterations)
                 n_learned = len(merger.learned_layers())
@@ -181,7 +190,7 @@ def stream_merge(
                 # Merger.export's provenance, from a chunk built by the requested method when there is one.
                 metadata, metadata_from_method = dict(exported.metadata), learns
             for layer in merger.layers:
-                total += layer.rank("c") + layer.rank("s")
+                total += sum(layer.rank(t) for t in layer.tags)
             for name, lr in exported.layers.items():
                 # Keep only the output-dtype copy: the float32 factors of the chunk are freed with it.
                 layers[name] = lr.to(dtype=out_dtype)
@@ -192,7 +201,7 @@ def stream_merge(
         for r in readers:
             r.close()
     history = {k: [v[0] / max(1, len(learned)), v[1] / max(1, len(learned))] for k, v in history_acc.items()}
-    key_style = meta_c.key_style if meta_c.key_style == meta_s.key_style else "unknown"  # as Merger.export
+    key_style = _agreed([m.key_style for m in metas], "unknown")  # as Merger.export
     merged = LoRA(layers=layers, metadata=metadata, source=None, key_style=key_style, base=layout.base,
                   dtype=out_dtype)
     return MergeResult(merger=None, history=history, config=config, merged=merged, total_components=total,
