@@ -17,9 +17,13 @@ over: ``open_denoiser(merger, needs_grad)``, a context manager whose value is a 
 ``ReferenceInputs``, the reference latents and conditionings as the host holds them. The references a mode
 needs are checked before any model work starts (``MissingReferencesError`` names the missing ones).
 
-Sources are in-memory ``LoRA``s or two file paths. From files, the weights-only mode (and any method that
-learns nothing) streams a chunk of layers at a time (``duolora.streaming``), so memory stays near the size of
-the files; the other modes read both files whole. With ``output`` the merged LoRA is also written
+Sources are in-memory ``LoRA``s or file paths: one content source or a sequence of K ≥ 1 of them (a
+multi-concept merge: every content LoRA has its own mask, reconstruction term, priors against the style LoRA
+and Constyle cycle; ``ReferenceInputs.more_content`` holds the references of the content LoRAs after the first),
+and one style source. From files, the weights-only mode (and any method that learns nothing) streams a chunk of
+layers at a time (``duolora.streaming``), so memory stays near the size of the files; the other modes read the
+files whole. Before any work a merge refuses the same file given twice, LoRAs made for different base models,
+and (K ≥ 2) a merged rank above every layer's width. With ``output`` the merged LoRA is also written
 (``formats.save_lora``: atomic, never overwrites unless asked; an existing file is refused before any work).
 
 Progress: ``progress(done, total, terms)`` after every paper step (terms: that step's loss terms), every
@@ -46,12 +50,12 @@ from torch import nn
 
 from . import formats, streaming
 from .config import MergeConfig
-from .lora import LoRA
-from .mergers import Merger, build_merger
-from .objective import Denoiser, References
+from .lora import TEXT_ENCODER_PREFIXES, LoRA
+from .mergers import Merger, MergerError, build_merger, check_content_count, describe_lora, lora_tags
+from .objective import ContentReferences, Denoiser, References
 from .optimize import MergeResult, optimize
 from .recording import record_activations
-from .sdxl import SDXL_LAYOUT, Layout
+from .sdxl import BASE_LABELS, SDXL_LAYOUT, Layout, is_attention_projection
 from .solver import SOLVER_ITERATIONS, check_method, solve_layerwise, solve_weights
 
 # The modes as users name them (the node's ``mode`` widget, the ``duolora_mode`` file metadata) -> objective.
@@ -65,6 +69,7 @@ _FIXED_METHODS = ("direct", "b_lora")
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 Source = LoRA | str | os.PathLike
+Sources = Source | Sequence[Source]
 
 
 class ModelDenoiser(Denoiser, Protocol):
@@ -82,11 +87,26 @@ DenoiserFactory = Callable[[Merger, bool], AbstractContextManager[ModelDenoiser]
 
 
 @dataclass
+class ContentInputs:
+    """A further content LoRA's references as the host holds them (multi-concept); any may be None. The field
+    names are the ones ``MissingReferencesError`` reports for that LoRA."""
+
+    content_latents: Any = None
+    content_prompt: Any = None
+    combined_prompt: Any = None
+
+    def missing(self, names: Sequence[str]) -> list[str]:
+        return [name for name in names if getattr(self, name, None) is None]
+
+
+@dataclass
 class ReferenceInputs:
     """The references as the host holds them; any may be None (``run_merge`` says which a mode needs).
 
     Latents go through the denoiser's ``prepare_latents``; conditionings are passed to ``predict`` as they
-    are. The field names are the ones ``MissingReferencesError`` reports.
+    are. The field names are the ones ``MissingReferencesError`` reports. ``content_*`` and ``combined_prompt``
+    belong to the (first) content LoRA; ``more_content`` holds one ``ContentInputs`` per further content LoRA,
+    in order.
     """
 
     content_latents: Any = None
@@ -94,6 +114,7 @@ class ReferenceInputs:
     content_prompt: Any = None
     style_prompt: Any = None
     combined_prompt: Any = None
+    more_content: Sequence[ContentInputs] = ()
 
     def missing(self, names: Sequence[str]) -> list[str]:
         return [name for name in names if getattr(self, name) is None]
@@ -105,16 +126,31 @@ class MissingReferencesError(ValueError):
     ``stage``: "paper" (paper steps learn from all five, ``combined_prompt`` only while Constyle is on),
     "record" (the layer-wise recording needs the content and style latents and prompts) or "cycle"
     (``layerwise_paper``'s paper steps need ``combined_prompt`` for Constyle; checked first, before the
-    recording). ``missing``: the ``ReferenceInputs`` field names, in field order.
+    recording). ``missing``: the ``ReferenceInputs`` (or ``ContentInputs``) field names, in field order.
+    ``content_index``: None for the main fields; k ≥ 2 when content LoRA k (its ``more_content`` entry) lacks
+    them, with ``lora`` its file name.
     """
 
-    def __init__(self, stage: str, missing: list[str], objective: str) -> None:
+    def __init__(self, stage: str, missing: list[str], objective: str, content_index: int | None = None,
+                 lora: str | None = None) -> None:
         self.stage, self.missing, self.objective = stage, list(missing), objective
-        super().__init__(f"the {objective!r} objective needs {', '.join(missing)} ({stage})")
+        self.content_index, self.lora = content_index, lora
+        whose = "" if content_index is None else f" of content LoRA {content_index} {lora!r}"
+        super().__init__(f"the {objective!r} objective needs {', '.join(missing)}{whose} ({stage})")
+
+
+class SameFileError(MergerError):
+    """One LoRA file given twice (as two content LoRAs, or as content and style)."""
+
+
+class RankWidthError(MergerError):
+    """A multi-concept merge whose merged rank would exceed every layer's width."""
 
 
 _RECORDED = ("content_latents", "style_latents", "content_prompt", "style_prompt")
 _ALL = (*_RECORDED, "combined_prompt")
+_RECORDED_MORE = ("content_latents", "content_prompt")
+_ALL_MORE = (*_RECORDED_MORE, "combined_prompt")
 
 
 @dataclass
@@ -140,7 +176,7 @@ class OutputFile:
 
 
 def run_merge(
-    content: Source,
+    content: Sources,
     style: Source,
     config: MergeConfig,
     *,
@@ -153,21 +189,25 @@ def run_merge(
     iterations: int = SOLVER_ITERATIONS,
     chunk_layers: int = streaming.CHUNK_LAYERS,
 ) -> MergeResult:
-    """Merge ``content`` and ``style`` (both ``LoRA``s or both file paths) in ``config.objective``'s mode.
+    """Merge ``content`` (one source or a sequence of K ≥ 1) and ``style`` — ``LoRA``s or file paths, all of one
+    kind — in ``config.objective``'s mode.
 
     Returns a ``MergeResult`` with the merger (None when streamed), ``history`` (per paper step, or the fast
     objective before and after the solve), ``steps_done``, ``cancelled``, ``config`` (the one it ran with),
-    ``merged`` (the export: rank r_c + r_s per layer minus pruned components; float32 factors in memory, in
-    the output dtype when streamed to a file; None after a cancelled stream), ``total_components``, ``path``
-    (with ``output``) and ``wall_seconds``. ``iterations`` caps the fast solver's steps; ``chunk_layers`` and ``layout`` (the model family files are
-    checked against) apply to file sources. See the module docstring for the model hooks, progress and cancel.
+    ``merged`` (the export: rank r_c + r_s per layer — Σ r_i over every LoRA — minus pruned components; float32
+    factors in memory, in the output dtype when streamed to a file; None after a cancelled stream),
+    ``total_components``, ``path`` (with ``output``) and ``wall_seconds``. ``iterations`` caps the fast
+    solver's steps; ``chunk_layers`` and ``layout`` (the model family files are checked against) apply to
+    file sources. See the module docstring for the model hooks, progress and cancel.
 
     Raises ``FastModeError`` for a feature-mask method in a fast mode, ``MissingReferencesError``,
-    ``formats.LoRAError`` (unreadable or mismatched files, an existing output), ``MergerError`` and ValueError
-    (no ``open_denoiser`` for a mode that runs the model).
+    ``formats.LoRAError`` (unreadable or mismatched files, an existing output), ``SameFileError``,
+    ``RankWidthError``, ``MergerError`` (B-LoRA with several content LoRAs, …) and ValueError (no
+    ``open_denoiser`` for a mode that runs the model).
     """
     start = time.perf_counter()
     objective = config.objective
+    contents = _sources(content)
     if objective in _FAST_MODE:
         check_method(config.method, _FAST_MODE[objective])
     if objective == "layerwise_paper" and config.prior_init:
@@ -175,32 +215,122 @@ def run_merge(
         config = dataclasses.replace(config, prior_init=False)
     if output is not None:
         output.refuse_existing()
-    from_files = not isinstance(content, LoRA)
-    if from_files != (not isinstance(style, LoRA)):
-        raise TypeError("run_merge takes two LoRAs or two file paths, not one of each")
+    kinds = {isinstance(src, LoRA) for src in (*contents, style)}
+    if len(kinds) > 1:
+        raise TypeError("run_merge takes LoRAs or file paths, not some of each")
+    from_files = kinds == {False}
+    check_content_count(config.method, [_display(src) for src in contents])
+    _check_distinct(contents, style)
     export_dtype = None
     if from_files:
-        headers = streaming.open_headers(content, style, layout)
+        headers = streaming.open_headers(contents, style, layout)
+        _check_width(headers[:-1], headers[-1], config)
         if output is not None:
             export_dtype = output.dtype or headers[0].dtype or torch.float16
         if objective == "weights_only" or config.method in _FIXED_METHODS:
-            result = streaming.stream_merge(content, style, config, layout=layout, headers=headers,
-                                            export_dtype=export_dtype, progress=progress,
-                                            should_cancel=should_cancel, chunk_layers=chunk_layers,
-                                            iterations=iterations)
+            result = streaming.stream_merge(contents if len(contents) > 1 else contents[0], style, config,
+                                            layout=layout, headers=headers, export_dtype=export_dtype,
+                                            progress=progress, should_cancel=should_cancel,
+                                            chunk_layers=chunk_layers, iterations=iterations)
             return _finish(result, output, layout, start)
-        content, style = formats.load_lora(content, layout), formats.load_lora(style, layout)
-    elif output is not None:
-        export_dtype = output.dtype or content.dtype or torch.float16
-    merger = build_merger(config.method, content, style, config)
+        contents = [formats.load_lora(p, layout) for p in contents]
+        style = formats.load_lora(style, layout)
+    else:
+        _check_families(contents, style)
+        _check_width(contents, style, config)
+        if output is not None:
+            export_dtype = output.dtype or contents[0].dtype or torch.float16
+    merger = build_merger(config.method, contents[0] if len(contents) == 1 else contents, style, config)
     result = _solve(merger, config, open_denoiser, references or ReferenceInputs(), progress, should_cancel,
                     iterations)
     result.config = config
-    result.total_components = sum(layer.rank("c") + layer.rank("s") for layer in merger.layers)
+    result.total_components = sum(layer.rank(t) for layer in merger.layers for t in layer.tags)
     result.merged = merger.export(config.prune_threshold)
     if export_dtype is not None:
         result.merged.dtype = export_dtype
     return _finish(result, output, layout, start)
+
+
+def _sources(content: Sources) -> list[Source]:
+    if isinstance(content, (LoRA, str, os.PathLike)):
+        return [content]
+    out = list(content)
+    if not out:
+        raise MergerError("a merge needs at least one content LoRA")
+    return out
+
+
+def _display(src: Source) -> str:
+    return src.name if isinstance(src, LoRA) else os.path.basename(os.fspath(src))
+
+
+def _identity(src: Source) -> tuple[str, Any]:
+    """A file's real path (a LoRA read from a file: that file's), else the object itself."""
+    path = os.fspath(src) if not isinstance(src, LoRA) else src.source
+    if path is not None and (not isinstance(src, LoRA) or os.path.isfile(path)):
+        return ("file", os.path.realpath(path))
+    return ("object", id(src))
+
+
+def _check_distinct(contents: Sequence[Source], style: Source) -> None:
+    """Refuse one file given twice: merging a LoRA with itself only doubles it."""
+    sources = [*contents, style]
+    tags = lora_tags(len(contents))
+    seen: dict[tuple[str, Any], int] = {}
+    for i, src in enumerate(sources):
+        key = _identity(src)
+        if key in seen:
+            j = seen[key]
+            first = describe_lora(tags[j], _display(sources[j]), len(contents))
+            second = describe_lora(tags[i], _display(src), len(contents))
+            same = f"the same file ({key[1]})" if key[0] == "file" else "the same LoRA"
+            raise SameFileError(f"{first} and {second} are {same}: give each LoRA once (to make a LoRA stronger, "
+                                "raise its strength instead)")
+        seen[key] = i
+
+
+def _check_families(contents: Sequence[LoRA], style: LoRA) -> None:
+    """Refuse in-memory LoRAs made for different base models (file sources are checked against ``layout``)."""
+    tags = lora_tags(len(contents))
+    known = [(t, lo) for t, lo in zip(tags, [*contents, style]) if lo.base not in ("unknown", "", None)]
+    for tag, lora in known[1:]:
+        first_tag, first = known[0]
+        if lora.base != first.base:
+            label, first_label = (BASE_LABELS.get(b, b) for b in (lora.base, first.base))
+            raise formats.WrongBaseModelError(
+                f"{describe_lora(tag, lora.name, len(contents))} is made for {label} but "
+                f"{describe_lora(first_tag, first.name, len(contents))} for {first_label}; "
+                "all LoRAs of a merge must be made for the same base model",
+                lora.source, base=lora.base, expected=first.base)
+
+
+def _check_width(contents: Sequence[LoRA], style: LoRA, config: MergeConfig) -> None:
+    """A multi-concept merge refuses a merged rank above the width of every layer it patches: its LoRA would
+    be larger than the dense weight differences and no exact rank reduction could be applied to it."""
+    if len(contents) < 2:
+        return
+    loras = [*contents, style]
+    excess = []
+    for name in sorted(set().union(*(lo.layers for lo in loras))):
+        parts = [lo.layers[name] for lo in loras if name in lo.layers]
+        if len(parts) < 2:
+            return  # a layer one file alone patches keeps that file's rank, never above its width
+        width = min(parts[0].out_features, parts[0].in_features * parts[0].kernel_size[0] * parts[0].kernel_size[1])
+        # The rank budget caps each LoRA's components in the layers ZipRank learns (MergedLayer._kept).
+        budget = (config.max_rank if config.max_rank > 0 and config.method == "ziprank"
+                  and not name.startswith(TEXT_ENCODER_PREFIXES)
+                  and (config.scope == "all" or is_attention_projection(name)) else 0)
+        merged = sum(min(lr.rank, budget) if budget else lr.rank for lr in parts)
+        if merged <= width:
+            return
+        excess.append((merged, width))
+    if excess:
+        ranks = ", ".join(f"{lo.name} {max(lo.ranks() or [0])}" for lo in loras)
+        raise RankWidthError(
+            f"{len(contents)} content LoRAs and a style LoRA (ranks {ranks}) would give a merged LoRA of rank "
+            f"{min(m for m, _ in excess)} or more in every layer, above every layer's width (at most "
+            f"{max(w for _, w in excess)}): merge fewer LoRAs, or set max_rank so that the LoRAs together keep at "
+            "most a layer's width")
 
 
 def _solve(merger: Merger, config: MergeConfig, open_denoiser: DenoiserFactory | None, refs: ReferenceInputs,
@@ -214,17 +344,19 @@ def _solve(merger: Merger, config: MergeConfig, open_denoiser: DenoiserFactory |
     if objective == "paper":
         if config.steps == 0:
             return MergeResult(merger=merger)
-        _require(refs, "paper", objective, constyle=config.constyle_iterations > 0)
+        _require(refs, "paper", objective, constyle=config.constyle_iterations > 0, merger=merger)
         return _paper(merger, config, _factory(open_denoiser, objective), refs, progress, should_cancel)
-    if (objective == "layerwise_paper" and config.steps > 0 and config.constyle_iterations > 0
-            and refs.combined_prompt is None):
-        raise MissingReferencesError("cycle", ["combined_prompt"], objective)
-    _require(refs, "record", objective)
+    if objective == "layerwise_paper" and config.steps > 0 and config.constyle_iterations > 0:
+        _require_cycle(refs, merger, objective)
+    _require(refs, "record", objective, merger=merger)
     factory = _factory(open_denoiser, objective)
     with factory(merger, False) as denoiser:
         prepared = References(content=denoiser.prepare_latents(refs.content_latents),
                               style=denoiser.prepare_latents(refs.style_latents),
-                              p_c=refs.content_prompt, p_s=refs.style_prompt, p_cs=refs.content_prompt)
+                              p_c=refs.content_prompt, p_s=refs.style_prompt, p_cs=refs.content_prompt,
+                              more_content=[ContentReferences(denoiser.prepare_latents(more.content_latents),
+                                                              more.content_prompt, more.content_prompt)
+                                            for more in _more(refs, merger)])
         record_progress = None if progress is None else (lambda done, total: progress(done, total, {}))
         stats = record_activations(merger, denoiser, denoiser.modules, prepared, config, progress=record_progress)
     result = solve_layerwise(merger, stats, config, iterations)
@@ -235,11 +367,34 @@ def _solve(merger: Merger, config: MergeConfig, open_denoiser: DenoiserFactory |
     return result
 
 
-def _require(refs: ReferenceInputs, stage: str, objective: str, constyle: bool = True) -> None:
+def _more(refs: ReferenceInputs, merger: Merger) -> list[ContentInputs]:
+    """One ``ContentInputs`` per further content LoRA of the merger (an empty one where the caller gave none)."""
+    more = list(refs.more_content)[: merger.n_content - 1]
+    return more + [ContentInputs() for _ in range(merger.n_content - 1 - len(more))]
+
+
+def _require(refs: ReferenceInputs, stage: str, objective: str, constyle: bool = True,
+             merger: Merger | None = None) -> None:
     names = _ALL if stage == "paper" and constyle else _RECORDED
     missing = refs.missing(names)
     if missing:
         raise MissingReferencesError(stage, missing, objective)
+    if merger is None:
+        return
+    more_names = _ALL_MORE if stage == "paper" and constyle else _RECORDED_MORE
+    for i, more in enumerate(_more(refs, merger)):
+        missing = more.missing(more_names)
+        if missing:
+            raise MissingReferencesError(stage, missing, objective, i + 2, merger.content_names[i + 1])
+
+
+def _require_cycle(refs: ReferenceInputs, merger: Merger, objective: str) -> None:
+    """``layerwise_paper`` with Constyle: every content LoRA's ``combined_prompt``, before the recording."""
+    if refs.combined_prompt is None:
+        raise MissingReferencesError("cycle", ["combined_prompt"], objective)
+    for i, more in enumerate(_more(refs, merger)):
+        if more.combined_prompt is None:
+            raise MissingReferencesError("cycle", ["combined_prompt"], objective, i + 2, merger.content_names[i + 1])
 
 
 def _factory(open_denoiser: DenoiserFactory | None, objective: str) -> DenoiserFactory:
@@ -257,6 +412,10 @@ def _paper(merger: Merger, config: MergeConfig, open_denoiser: DenoiserFactory, 
             style=denoiser.prepare_latents(refs.style_latents),
             p_c=refs.content_prompt, p_s=refs.style_prompt,
             p_cs=refs.combined_prompt if refs.combined_prompt is not None else refs.content_prompt,
+            more_content=[ContentReferences(
+                denoiser.prepare_latents(more.content_latents), more.content_prompt,
+                more.combined_prompt if more.combined_prompt is not None else more.content_prompt)
+                for more in _more(refs, merger)],
         )
         return optimize(merger, denoiser, prepared, config, progress=progress, should_cancel=should_cancel)
 
@@ -285,7 +444,7 @@ def file_metadata(result: MergeResult, output: OutputFile | None = None) -> dict
 
 
 def merge_files(
-    content_path: str | os.PathLike[str],
+    content_path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     style_path: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
     config: MergeConfig | None = None,
@@ -299,8 +458,8 @@ def merge_files(
     iterations: int = SOLVER_ITERATIONS,
     extra_metadata: Mapping[str, str] | None = None,
 ) -> MergeResult:
-    """The weights-only merge of two LoRA files into a standard LoRA file: ``run_merge`` with file sources and
-    an ``OutputFile`` (the objective is forced to ``weights_only``; default config: ``MergeConfig()``)."""
+    """The weights-only merge of LoRA files (one content file or several, and a style file) into a standard LoRA
+    file: ``run_merge`` with file sources and an ``OutputFile`` (the objective is forced to ``weights_only``; default config: ``MergeConfig()``)."""
     config = dataclasses.replace(config or MergeConfig(), objective="weights_only")
     output = OutputFile(out_path, key_style=key_style, dtype=dtype, overwrite=overwrite,
                         extra_metadata=dict(extra_metadata or {}))

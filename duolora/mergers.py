@@ -306,6 +306,16 @@ class MergedLayer(nn.Module):
         return f"{self.name}, kind={self.kind}, {ranks}, learned={self.learned}"
 
 
+def check_content_count(method: str, content_names: Sequence[str]) -> None:
+    """Raise MergerError when ``method`` cannot merge this many content LoRAs (B-LoRA merges exactly one)."""
+    if len(content_names) > 1 and method not in MULTI_CONTENT_METHODS:
+        raise MergerError(
+            f"method {method!r} merges exactly one content LoRA (B-LoRA keeps {B_LORA_CONTENT_BLOCK} for the "
+            f"content and {B_LORA_STYLE_BLOCK} for the style), but {len(content_names)} content LoRAs were given "
+            f"({', '.join(repr(n) for n in content_names)}); use method "
+            f"{', '.join(repr(m) for m in MULTI_CONTENT_METHODS)} for a multi-concept merge")
+
+
 def content_list(content: LoRA | Sequence[LoRA]) -> list[LoRA]:
     """One content LoRA or a sequence of them, as a list (refused when empty)."""
     contents = [content] if isinstance(content, LoRA) else list(content)
@@ -608,12 +618,7 @@ class BLoRAMerger(Merger):
 
     def __init__(self, content: LoRA | Sequence[LoRA], style: LoRA, **kwargs: Any) -> None:
         contents = content_list(content)
-        if len(contents) > 1:
-            raise MergerError(
-                f"method 'b_lora' merges exactly one content LoRA (B-LoRA keeps {B_LORA_CONTENT_BLOCK} for the "
-                f"content and {B_LORA_STYLE_BLOCK} for the style), but {len(contents)} content LoRAs were given "
-                f"({', '.join(repr(c.name) for c in contents)}); use method "
-                f"{', '.join(repr(m) for m in MULTI_CONTENT_METHODS)} for a multi-concept merge")
+        check_content_count(self.method, [c.name for c in contents])
         super().__init__(contents, style, **kwargs)
 
     def _make_layer(self, name: str, parts: Mapping[str, LowRank | None]) -> MergedLayer:

@@ -12,6 +12,12 @@ diffusers. Per step, with one σ and one noise ε shared by every branch:
 * similarity      L_sim = mean over learned layers of mean|m_c ⊙ m_s|;
 * priors          L_prior from ``duolora.priors.layer_prior_loss``.
 
+With several content LoRAs (multi-concept) each content LoRA i has its own references and prompts (x_ci, p_ci,
+p_csi) and its own terms: reconstruction L_ci = MSE(ε_m(x_ci, p_ci), ε_ci(x_ci, p_ci)) (reported as "content",
+"content2", …) and, with Constyle on, one cycle per content LoRA in each direction ("cycle", "cycle2", …;
+"reverse", "reverse2", …). Each term has the weight of its kind (λ_c, λ_cyc, λ_rev), so every LoRA's
+reconstruction weighs as much as the style LoRA's.
+
 Targets carry no gradient. All no-grad evaluations of one hop share one batched ``predict`` call
 (2k calls in all) and the two merged evaluations share one call with gradient: 8 evaluations per
 step at k = 1, 2 of them with gradient.
@@ -27,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from .adapter import CONTENT, MERGED, STYLE, Branch
+from .adapter import MERGED, STYLE, Branch, content_branch
 from .mergers import Merger
 from .priors import layer_prior_loss
 
@@ -35,6 +41,21 @@ if TYPE_CHECKING:
     from .config import MergeConfig
 
 LOSS_TERMS: tuple[str, ...] = ("content", "style", "cycle", "reverse", "prior", "similarity")
+# The terms each content LoRA has, in the order their losses are summed.
+PER_CONTENT_TERMS: tuple[str, ...] = ("content", "cycle", "reverse")
+
+
+def term_name(kind: str, index: int) -> str:
+    """The reported name of content LoRA ``index``'s (0-based) term of ``kind``: "content", "content2", …"""
+    return kind if index == 0 else f"{kind}{index + 1}"
+
+
+def loss_terms(n_content: int = 1) -> tuple[str, ...]:
+    """Every loss term of a merge of ``n_content`` content LoRAs, in the order they are summed."""
+    names = [term_name("content", i) for i in range(n_content)] + ["style"]
+    for kind in ("cycle", "reverse"):
+        names += [term_name(kind, i) for i in range(n_content)]
+    return (*names, "prior", "similarity")
 
 
 @runtime_checkable
@@ -102,12 +123,23 @@ class DiscreteSchedule:
 
 
 @dataclass
+class ContentReferences:
+    """A further content LoRA's training material (multi-concept): its clean latents and its content and cross
+    prompts, as ``References`` holds them for the first content LoRA."""
+
+    latents: Sequence[torch.Tensor]
+    p_c: Any
+    p_cs: Any
+
+
+@dataclass
 class References:
     """The merge's training material (METHOD.md §4).
 
     ``content``/``style``: clean latents, each (C, H, W) or (1, C, H, W); the loop takes one of each per
     step and cycles through the lists. ``p_c``, ``p_s``, ``p_cs``: the content, style and cross
     ("<content> in <style> style") conditionings, each one opaque per-sample conditioning.
+    ``more_content``: one ``ContentReferences`` per further content LoRA (multi-concept), in order.
     """
 
     content: Sequence[torch.Tensor]
@@ -115,6 +147,7 @@ class References:
     p_c: Any
     p_s: Any
     p_cs: Any
+    more_content: Sequence[ContentReferences] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.content, torch.Tensor) or isinstance(self.style, torch.Tensor):
@@ -125,6 +158,19 @@ class References:
             raise ValueError("the merge needs at least one content latent and one style latent")
         self.content = [_as_batch1(x, "content") for x in self.content]
         self.style = [_as_batch1(x, "style") for x in self.style]
+        more = []
+        for i, refs in enumerate(self.more_content):
+            latents = list(refs.latents)
+            if not latents:
+                raise ValueError(f"content LoRA {i + 2} needs at least one latent")
+            more.append(ContentReferences([_as_batch1(x, f"content LoRA {i + 2}") for x in latents],
+                                          refs.p_c, refs.p_cs))
+        self.more_content = more
+
+    @property
+    def subjects(self) -> list[ContentReferences]:
+        """Every content LoRA's (latents, p_c, p_cs), the first one's from the main fields."""
+        return [ContentReferences(self.content, self.p_c, self.p_cs), *self.more_content]
 
 
 def _as_batch1(x: torch.Tensor, what: str) -> torch.Tensor:
@@ -158,20 +204,27 @@ def predict_batched(
 def similarity_loss(merger: Merger) -> torch.Tensor:
     """L_sim = mean over learned layers of mean|m_c ⊙ m_s| (ZipLoRA; METHOD.md §4).
 
-    When r_c ≠ r_s (ZipRank) the first min(r_c, r_s) entries are paired **[decided]**. 0-d tensor; zero
-    without gradient when nothing is learned.
+    When r_c ≠ r_s (ZipRank) the first min(r_c, r_s) entries are paired **[decided]**. With more than two LoRAs
+    in a layer, that layer's value is the mean over every pair of its LoRAs. 0-d tensor; zero without
+    gradient when nothing is learned.
     """
     terms = []
     for layer in merger.learned_layers():
-        k = min(layer.m_c.numel(), layer.m_s.numel())
-        terms.append((layer.m_c[:k] * layer.m_s[:k]).abs().mean())
+        masks = [layer.mask(t) for t in layer.present]
+        pair_terms = []
+        for i, a in enumerate(masks):
+            for b in masks[i + 1:]:
+                k = min(a.numel(), b.numel())
+                pair_terms.append((a[:k] * b[:k]).abs().mean())
+        terms.append(pair_terms[0] if len(pair_terms) == 1 else torch.stack(pair_terms).mean())
     if not terms:
         return torch.zeros((), device=merger.device)
     return torch.stack(terms).mean()
 
 
 class DuoLoRAObjective:
-    """L = λ_c·L_c + λ_s·L_s + λ_cyc·L_cyc + λ_rev·L_rev + λ_prior·L_prior + λ_sim·L_sim (METHOD.md §4).
+    """L = λ_c·L_c + λ_s·L_s + λ_cyc·L_cyc + λ_rev·L_rev + λ_prior·L_prior + λ_sim·L_sim (METHOD.md §4); with
+    several content LoRAs, λ_c·L_ci, λ_cyc·L_cyci and λ_rev·L_revi for each content LoRA i (module docstring).
 
     A term whose weight is 0 (or whose switch is off: ``constyle_iterations = 0``, ``prior_loss = False``)
     is not computed at all, nor are its targets.
@@ -186,19 +239,27 @@ class DuoLoRAObjective:
         self.references = references
         self.config = config
         self.roles = preset_roles(config.prior_preset, config.custom_prior) if roles is None else roles
+        self.n_content = len(references.subjects)
+        n_merger = merger.n_content
+        if self.n_content != n_merger:
+            raise ValueError(f"the merger has {n_merger} content LoRA(s) but the references are for "
+                             f"{self.n_content}")
         k = int(config.constyle_iterations)
+        per_kind = {"content": float(config.lambda_content),
+                    "cycle": float(config.lambda_cyc) if k > 0 else 0.0,
+                    "reverse": float(config.lambda_rev) if k > 0 else 0.0}
         self.weights: dict[str, float] = {
-            "content": float(config.lambda_content),
             "style": float(config.lambda_style),
-            "cycle": float(config.lambda_cyc) if k > 0 else 0.0,
-            "reverse": float(config.lambda_rev) if k > 0 else 0.0,
             "prior": float(config.lambda_prior) if config.prior_loss else 0.0,
             "similarity": float(config.effective_lambda_sim),
         }
+        for kind, weight in per_kind.items():
+            for i in range(self.n_content):
+                self.weights[term_name(kind, i)] = weight
 
     @property
     def active_terms(self) -> list[str]:
-        return [t for t in LOSS_TERMS if self.weights[t] != 0.0]
+        return [t for t in loss_terms(self.n_content) if self.weights[t] != 0.0]
 
     def __call__(self, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of training step ``step`` (0-based) and its unweighted terms (plus "total") as floats.
@@ -206,35 +267,43 @@ class DuoLoRAObjective:
         ``generator`` (CPU) draws σ and ε; the same generator state gives the same loss.
         """
         w, den, refs = self.weights, self.denoiser, self.references
-        x_c0 = refs.content[step % len(refs.content)]
+        subjects = refs.subjects
+        x_c0 = [sub.latents[step % len(sub.latents)] for sub in subjects]
         x_s0 = refs.style[step % len(refs.style)]
         # σ and ε are drawn on the CPU generator (the same numbers on every device) and moved to the
         # latents' device once; everything after that (x_t, x̂0, the losses) stays on that device.
-        sigma = torch.as_tensor(den.sample_sigma(generator), dtype=torch.float32).reshape(()).to(x_c0.device)
-        eps_c = torch.randn(x_c0.shape, generator=generator).to(device=x_c0.device, dtype=x_c0.dtype)
-        if x_s0.shape == x_c0.shape:
-            eps_s = eps_c.to(device=x_s0.device, dtype=x_s0.dtype)  # one noise shared by every branch
+        sigma = torch.as_tensor(den.sample_sigma(generator), dtype=torch.float32).reshape(()).to(x_c0[0].device)
+        eps_c = [torch.randn(x_c0[0].shape, generator=generator).to(device=x_c0[0].device, dtype=x_c0[0].dtype)]
+        if x_s0.shape == x_c0[0].shape:
+            eps_s = eps_c[0].to(device=x_s0.device, dtype=x_s0.dtype)  # one noise shared by every branch
         else:
             # Latents of different sizes cannot share one noise tensor; draw the style one next.
             eps_s = torch.randn(x_s0.shape, generator=generator).to(device=x_s0.device, dtype=x_s0.dtype)
-        x_c = den.add_noise(x_c0, eps_c, sigma)
+        for x in x_c0[1:]:
+            # Further content LoRAs share the first one's noise where their latents have its size.
+            same = x.shape == x_c0[0].shape
+            noise = eps_c[0] if same else torch.randn(x.shape, generator=generator)
+            eps_c.append(noise.to(device=x.device, dtype=x.dtype))
+        x_c = [den.add_noise(x0, e, sigma) for x0, e in zip(x_c0, eps_c)]
         x_s = den.add_noise(x_s0, eps_s, sigma)
 
-        need_c = w["content"] != 0 or w["cycle"] != 0
-        need_s = w["style"] != 0 or w["reverse"] != 0
+        names = range(self.n_content)
+        need_c = [w[term_name("content", i)] != 0 or w[term_name("cycle", i)] != 0 for i in names]
+        need_s = w["style"] != 0 or any(w[term_name("reverse", i)] != 0 for i in names)
         targets = self._targets(x_c, x_s, eps_c, eps_s, sigma)
 
         terms: dict[str, torch.Tensor] = {}
-        grad_items = []
-        if need_c:
-            grad_items.append((x_c, sigma, refs.p_c, MERGED))
+        grad_items = [(x_c[i], sigma, subjects[i].p_c, MERGED) for i in names if need_c[i]]
         if need_s:
             grad_items.append((x_s, sigma, refs.p_s, MERGED))
         if grad_items:
-            preds = predict_batched(den, grad_items)
-            eps_m_c = preds[0] if need_c else None
-            eps_m_s = preds[-1] if need_s else None
-            for term, pred in (("content", eps_m_c), ("style", eps_m_s), ("cycle", eps_m_c), ("reverse", eps_m_s)):
+            preds = iter(predict_batched(den, grad_items))
+            eps_m_c = [next(preds) if need_c[i] else None for i in names]
+            eps_m_s = next(preds) if need_s else None
+            order = ([(term_name("content", i), eps_m_c[i]) for i in names] + [("style", eps_m_s)]
+                     + [(term_name("cycle", i), eps_m_c[i]) for i in names]
+                     + [(term_name("reverse", i), eps_m_s) for i in names])
+            for term, pred in order:
                 if w[term] != 0:
                     terms[term] = F.mse_loss(pred.float(), targets[term].float())
         if w["prior"] != 0:
@@ -265,39 +334,51 @@ class DuoLoRAObjective:
         to how differently the two residuals project through the Jacobian — λ becomes a relative weight of the
         same order as reconstruction at 1, whatever the loss scale of the model (measured on the engine's toy:
         cycle ÷ reconstruction gradient 0.24 at λ = 1 "matched", 0.0025 at the paper's fixed λ = 0.01). The
-        reported values stay unscaled.
+        reported values stay unscaled. Content LoRA i's cycle is matched to its own L_ci, each reverse cycle
+        to L_s.
         """
         if self.config.cycle_scale != "matched":
             return {}
         out = {}
-        for cyc, rec in (("cycle", "content"), ("reverse", "style")):
+        pairs = [(term_name("cycle", i), term_name("content", i)) for i in range(self.n_content)]
+        pairs += [(term_name("reverse", i), "style") for i in range(self.n_content)]
+        for cyc, rec in sorted(pairs, key=lambda p: p[0].startswith("reverse")):
             if cyc in terms and rec in terms:
                 ratio = terms[rec].detach() / terms[cyc].detach().clamp_min(torch.finfo(torch.float32).tiny)
                 out[cyc] = ratio.sqrt()
         return out
 
     @torch.no_grad()
-    def _targets(self, x_c: torch.Tensor, x_s: torch.Tensor, eps_c: torch.Tensor, eps_s: torch.Tensor,
+    def _targets(self, x_c: list[torch.Tensor], x_s: torch.Tensor, eps_c: list[torch.Tensor], eps_s: torch.Tensor,
                  sigma: torch.Tensor) -> dict[str, torch.Tensor]:
         """No-grad targets of the active terms, one batched call per hop (2k calls for Constyle k)."""
         w, den, refs = self.weights, self.denoiser, self.references
+        subjects = refs.subjects
         k = int(self.config.constyle_iterations)
-        # Constyle "add" hop: style cycle adds the style to x_c, content cycle adds the content to x_s.
-        cyc = {"cycle": (x_c, eps_c, STYLE, refs.p_c), "reverse": (x_s, eps_s, CONTENT, refs.p_s)}
+        # Constyle "add" hop: style cycle adds the style to x_ci, content cycle adds content LoRA i to x_s.
+        # Each entry: (latent, noise, branch of both hops, prompt of the remove hop, prompt of the add hop).
+        cyc = {term_name("cycle", i): (x_c[i], eps_c[i], STYLE, sub.p_c, sub.p_cs) for i, sub in enumerate(subjects)}
+        cyc.update({term_name("reverse", i): (x_s, eps_s, content_branch(i), refs.p_s, sub.p_cs)
+                    for i, sub in enumerate(subjects)})
         cyc = {t: v for t, v in cyc.items() if w[t] != 0}
-        # The first hop's evaluations ordered by branch (content target, content add, style target, style
-        # add): the adapter evaluates each run of equal branches with one fixed ΔW.
-        first = [("content", (x_c, sigma, refs.p_c, CONTENT)) if w["content"] != 0 else None,
-                 ("reverse:add", (x_s, sigma, refs.p_cs, CONTENT)) if "reverse" in cyc else None,
-                 ("style", (x_s, sigma, refs.p_s, STYLE)) if w["style"] != 0 else None,
-                 ("cycle:add", (x_c, sigma, refs.p_cs, STYLE)) if "cycle" in cyc else None]
+        # The first hop's evaluations ordered by branch (per content LoRA: its target and its add, then the
+        # style target and the style adds): the adapter evaluates each run of equal branches with one fixed ΔW.
+        first = []
+        for i, sub in enumerate(subjects):
+            content, reverse = term_name("content", i), term_name("reverse", i)
+            first += [(content, (x_c[i], sigma, sub.p_c, content_branch(i))) if w[content] != 0 else None,
+                      (reverse + ":add", (x_s, sigma, sub.p_cs, content_branch(i))) if reverse in cyc else None]
+        first.append(("style", (x_s, sigma, refs.p_s, STYLE)) if w["style"] != 0 else None)
+        for i, sub in enumerate(subjects):
+            cycle = term_name("cycle", i)
+            first.append((cycle + ":add", (x_c[i], sigma, sub.p_cs, STYLE)) if cycle in cyc else None)
         keys = [f[0] for f in first if f is not None]
         items = [f[1] for f in first if f is not None]
         out: dict[str, torch.Tensor] = {}
         if not items:
             return out
         preds = dict(zip(keys, predict_batched(den, items)))
-        out.update({t: preds[t] for t in ("content", "style") if t in preds})
+        out.update({t: p for t, p in preds.items() if not t.endswith(":add")})
         if not cyc:
             return out
         state = {t: (x, preds[t + ":add"]) for t, (x, *_rest) in cyc.items()}  # (latent, ε at that latent)
@@ -316,9 +397,9 @@ class DuoLoRAObjective:
             # Next round trip: add the style (content) again to the estimate of the previous one.
             hop = []
             for t, (x, eps_hat) in state.items():
-                noise, branch = cyc[t][1], cyc[t][2]
+                noise, branch, cross = cyc[t][1], cyc[t][2], cyc[t][4]
                 y = den.add_noise(den.x0_from_eps(x, eps_hat, sigma), noise, sigma)
-                hop.append((t, y, (y, sigma, refs.p_cs, branch)))
+                hop.append((t, y, (y, sigma, cross, branch)))
             added = predict_batched(den, [h[2] for h in hop])
             state = {t: (y, e) for (t, y, _), e in zip(hop, added)}
         out.update({t: e for t, (_, e) in state.items()})

@@ -2,18 +2,22 @@
 
 A *prior layer* is a learned layer of a merger whose block has a role ("content" or "style") under the
 chosen preset (``duolora.sdxl.preset_roles`` / ``prior_role``). In a content layer the content mask is
-the *dominant* one and the style mask the *other* one; in a style layer the other way round.
+the *dominant* one and the style mask the *other* one; in a style layer the other way round. With several
+content LoRAs (multi-concept) each of them forms such a pair with the style LoRA (``prior_pairs``): every
+content LoRA is "content" in content blocks and the style's opposite in style blocks. Between two content
+LoRAs there is no prior; only reconstruction decides there.
 Both uses of the priors have their own switch in ``MergeConfig`` (``prior_init``, ``prior_loss``).
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 
 import torch
 
 from .config import PRIOR_LOSS_KINDS, PRIOR_PUSHES
-from .mergers import OUT, RANK, MergedLayer, Merger
+from .mergers import OUT, RANK, STYLE_TAG, MergedLayer, Merger
 from .sdxl import CONTENT, STYLE, prior_role
 
 
@@ -27,9 +31,14 @@ def prior_layers(merger: Merger, roles: dict[str, str]) -> list[tuple[MergedLaye
     return out
 
 
-def _dominant(layer: MergedLayer, role: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dominant mask, other mask): (m_c, m_s) in a content layer, (m_s, m_c) in a style layer."""
-    return (layer.m_c, layer.m_s) if role == CONTENT else (layer.m_s, layer.m_c)
+def prior_pairs(present: Sequence[str], role: str) -> list[tuple[str, str]]:
+    """(dominant tag, other tag) of each prior pair of a layer with a role, from the tags of the LoRAs that
+    patch it (``MergedLayer.present``): every content LoRA with the style LoRA, ("c", "s") in a content layer
+    and ("s", "c") in a style layer; none without a style part."""
+    if STYLE_TAG not in present:
+        return []
+    contents = [t for t in present if t != STYLE_TAG]
+    return [(t, STYLE_TAG) if role == CONTENT else (STYLE_TAG, t) for t in contents]
 
 
 def _layer_vector(name: str, n: int, seed: int) -> torch.Tensor:
@@ -57,20 +66,28 @@ def prior_init(
     style layer    the mirror: m_s = v·[v > τ_s], m_c = v·[v > τ_c]
     (the dominant mask is thresholded at τ_s = 0.5, the other at τ_c = 0.75, so the dominant LoRA keeps
     more components); every other learned layer: all ones. When r_c ≠ r_s one v of length max(r_c, r_s)
-    is drawn and each mask takes its first entries **[decided]**. Returns the number of prior layers.
+    is drawn and each mask takes its first entries **[decided]**. Further content LoRAs (multi-concept) draw
+    their own v, seeded by (seed, layer name, tag), and are thresholded like the first content LoRA.
+    Returns the number of prior layers.
     """
     with_role = {layer.name: role for layer, role in prior_layers(merger, roles)}
     for layer in merger.learned_layers():
         role = with_role.get(layer.name)
-        if role is None:
-            layer.m_c.fill_(1.0)
-            layer.m_s.fill_(1.0)
+        pairs = prior_pairs(layer.present, role) if role is not None else []
+        if not pairs:
+            for tag in layer.present:
+                layer.mask(tag).fill_(1.0)
             continue
-        dom, other = _dominant(layer, role)
+        dom, other = layer.mask(pairs[0][0]), layer.mask(pairs[0][1])
         v = _layer_vector(layer.name, max(dom.numel(), other.numel()), seed).to(dom.device)
         vd, vo = v[: dom.numel()], v[: other.numel()]
         dom.copy_(vd * (vd > tau_s))
         other.copy_(vo * (vo > tau_c))
+        for d, o in pairs[1:]:
+            tag = d if role == CONTENT else o
+            mask = layer.mask(tag)
+            vt = _layer_vector(f"{layer.name}#{tag}", mask.numel(), seed).to(mask.device)
+            mask.copy_(vt * (vt > (tau_s if role == CONTENT else tau_c)))
     return len(with_role)
 
 
@@ -123,7 +140,8 @@ def layer_prior_loss(
     margin: float = 0.2,
     push: str = "both",
 ) -> torch.Tensor:
-    """The rank-constraint loss L_prior, mean over prior layers (METHOD.md §3, "Rank constraint").
+    """The rank-constraint loss L_prior, mean over prior layers (METHOD.md §3, "Rank constraint"); with several
+    content LoRAs a layer's term is the sum over its prior pairs (``prior_pairs``), each as below.
 
     The paper: "in a content layer the content LoRA keeps more rank than the style LoRA, and vice versa",
     with rank relaxed to the nuclear norm and the constraint enforced by a Lagrangian penalty.
@@ -152,19 +170,22 @@ def layer_prior_loss(
         raise ValueError(f"prior push {push!r} is not one of {', '.join(PRIOR_PUSHES)}")
     terms = []
     for layer, role in prior_layers(merger, roles):
-        dom, other = _dominant(layer, role)
-        if kind == "share_hinge":
-            d, o = ("c", "s") if role == CONTENT else ("s", "c")
-            rho_other = kept_share(layer, o)
-            if push == "dominant":
-                rho_other = rho_other.detach()
-            terms.append(nu * torch.relu(rho_other - kept_share(layer, d) + margin))
-            continue
-        l1_dom = dom.abs().sum()
-        if kind == "hinge":
-            terms.append(kappa * l1_dom + nu * torch.relu(other.abs().sum() - l1_dom + margin))
-        else:
-            terms.append(kappa * l1_dom + nu * (other.norm() - dom.norm()))
+        pair_terms = []
+        for d, o in prior_pairs(layer.present, role):
+            dom, other = layer.mask(d), layer.mask(o)
+            if kind == "share_hinge":
+                rho_other = kept_share(layer, o)
+                if push == "dominant":
+                    rho_other = rho_other.detach()
+                pair_terms.append(nu * torch.relu(rho_other - kept_share(layer, d) + margin))
+                continue
+            l1_dom = dom.abs().sum()
+            if kind == "hinge":
+                pair_terms.append(kappa * l1_dom + nu * torch.relu(other.abs().sum() - l1_dom + margin))
+            else:
+                pair_terms.append(kappa * l1_dom + nu * (other.norm() - dom.norm()))
+        if pair_terms:
+            terms.append(pair_terms[0] if len(pair_terms) == 1 else torch.stack(pair_terms).sum())
     if not terms:
         return torch.zeros((), device=merger.device)
     return torch.stack(terms).mean()

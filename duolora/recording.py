@@ -2,8 +2,9 @@
 
 One no-grad forward pass per reference image, batched over a few noise levels, with the content-only model on
 the content references and the style-only model on the style references (the target branches of the paper's
-L_c and L_s). Forward pre-hooks on the patched modules keep, per learned layer, only the r×r statistics
-K = Σ_tokens h·hᵀ with h = [A_c; A_s]·x — never the in×in second moment of the inputs. The sums stay on the
+L_c and L_s; with several content LoRAs, each content LoRA alone on its own references). Forward pre-hooks on
+the patched modules keep, per learned layer, only the r×r statistics K = Σ_tokens h·hᵀ with h = [A_c; A_s]·x
+(every LoRA of the layer stacked) — never the in×in second moment of the inputs. The sums stay on the
 model's device (float64) for the whole pass, so no hook waits for the device; they reach the CPU together
 when the pass is over (``ActivationRecorder.statistics``).
 """
@@ -17,11 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import CONTENT as CONTENT_BRANCH
 from .adapter import STYLE as STYLE_BRANCH
-from .adapter import Adapter
+from .adapter import Adapter, content_branch
 from .config import MergeConfig
-from .mergers import Merger
+from .mergers import STYLE_TAG, Merger
 from .solver import FastModeError, LayerActivations, check_method
 
 if TYPE_CHECKING:
@@ -39,9 +39,9 @@ class ActivationRecorder:
     """Forward pre-hooks that accumulate, per learned rank-mask layer, K = Σ_tokens h·hᵀ with h = [A_c; A_s]·x.
 
     ``modules``: canonical layer name -> module (nn.Linear or nn.Conv2d), the same mapping an ``Adapter``
-    takes. Every forward pass counts toward the side set with ``set_side("content" | "style")``. Only r×r
-    projections are kept (never the in×in second moment). Hooks are removed on exit; the modules are left
-    exactly as they were.
+    takes. Every forward pass counts toward the side set with ``set_side``: "content" ("content2", … for further
+    content LoRAs) or "style", the branch that runs. Only r×r projections are kept (never the in×in second
+    moment). Hooks are removed on exit; the modules are left exactly as they were.
     """
 
     def __init__(self, merger: Merger, modules: Mapping[str, nn.Module]) -> None:
@@ -53,10 +53,13 @@ class ActivationRecorder:
         self.tokens: dict[str, dict[str, int]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._A: dict[tuple[str, torch.device], torch.Tensor] = {}
+        # side (a branch name) -> the tag of the LoRA that runs alone on it
+        self._tag_of = {content_branch(i): t for i, t in enumerate(merger.content_tags)}
+        self._tag_of[STYLE_BRANCH] = STYLE_TAG
 
     def set_side(self, side: str) -> None:
-        if side not in ("content", "style"):
-            raise ValueError(f"side must be 'content' or 'style', not {side!r}")
+        if side not in self._tag_of:
+            raise ValueError(f"side must be one of {', '.join(self._tag_of)}, not {side!r}")
         self.side = side
 
     def __enter__(self) -> Self:
@@ -74,7 +77,7 @@ class ActivationRecorder:
         key = (name, device)
         if key not in self._A:
             layer = self.merger.layer(name)
-            self._A[key] = torch.cat([layer.factors("c")[1], layer.factors("s")[1]]).detach().float().to(device)
+            self._A[key] = torch.cat([layer.factors(t)[1] for t in layer.present]).detach().float().to(device)
         return self._A[key]
 
     def _make_hook(self, name: str):
@@ -101,16 +104,19 @@ class ActivationRecorder:
         return hook
 
     def statistics(self) -> dict[str, LayerActivations]:
-        """Per recorded layer: K_c, K_s as means over tokens (E[x xᵀ] projected), float64 on the CPU, and the
-        token counts. The sums come to the CPU in one transfer per device and matrix size."""
+        """Per recorded layer: K of each of its LoRAs as a mean over the tokens of that LoRA's side (E[x xᵀ]
+        projected), float64 on the CPU, and the token counts; a layer with a side missing is left out. The sums
+        come to the CPU in one transfer per device and matrix size."""
         sums = _to_cpu({(name, side): k for name, acc in self.sums.items() for side, k in acc.items()})
         out = {}
+        side_of = {t: side for side, t in self._tag_of.items()}
         for name, acc in self.sums.items():
-            if "content" not in acc or "style" not in acc:
+            sides = [side_of[t] for t in self.merger.layer(name).present]
+            if any(side not in acc for side in sides):
                 continue
             cnt = self.tokens[name]
-            out[name] = LayerActivations(sums[name, "content"] / cnt["content"],
-                                         sums[name, "style"] / cnt["style"], cnt["content"], cnt["style"])
+            out[name] = LayerActivations({self._tag_of[side]: sums[name, side] / cnt[side] for side in sides},
+                                         {self._tag_of[side]: cnt[side] for side in sides})
         return out
 
 
@@ -145,17 +151,20 @@ def record_activations(merger: Merger, denoiser: Denoiser, modules: Mapping[str,
     """One no-grad forward pass per reference image, batched over ``timesteps`` noise levels.
 
     Content references are denoised by the content-only branch under the content prompt, style references
-    by the style-only branch under the style prompt (the target branches of L_c and L_s). σ and ε are drawn
-    from ``config.seed``. ``modules`` must be the modules the denoiser's adapter patches (same names).
+    by the style-only branch under the style prompt (the target branches of L_c and L_s); each further content
+    LoRA alone on its own references under its own prompt. σ and ε are drawn from ``config.seed``.
+    ``modules`` must be the modules the denoiser's adapter patches (same names).
     """
     check_method(merger.method, "layerwise")
     generator = torch.Generator().manual_seed(int(config.seed))
-    total = len(references.content) + len(references.style)
+    subjects = references.subjects
+    total = sum(len(sub.latents) for sub in subjects) + len(references.style)
     done = 0
+    passes = [(content_branch(i), sub.latents, sub.p_c) for i, sub in enumerate(subjects)]
+    passes.append((STYLE_BRANCH, references.style, references.p_s))
     with torch.no_grad(), ActivationRecorder(merger, modules) as rec:
-        for side, latents, cond, branch in (("content", references.content, references.p_c, CONTENT_BRANCH),
-                                            ("style", references.style, references.p_s, STYLE_BRANCH)):
-            rec.set_side(side)
+        for branch, latents, cond in passes:
+            rec.set_side(branch)
             for x0 in latents:
                 sig = reference_sigmas(denoiser, timesteps, generator)
                 eps = torch.randn((timesteps, *x0.shape[1:]), generator=generator).to(x0)

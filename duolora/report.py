@@ -7,6 +7,8 @@ of its effect), so every summary also reports mean |m| and the kept nuclear-norm
 The figure follows the spirit of the paper's Fig. 4/5 (histograms of the rank each LoRA keeps, split by
 layer group): four panels drawn with Pillow only — kept-rank histograms of the content and of the
 style LoRA (bars per prior group), the kept nuclear-norm share of both LoRAs per block, and the loss curves.
+A multi-concept merge (several content LoRAs) reports every LoRA: the text names them and gives each one's
+numbers, the figure has one histogram per LoRA and one bar per LoRA and block.
 """
 
 from __future__ import annotations
@@ -25,6 +27,20 @@ from .sdxl import CONTENT, STYLE, block_of, prior_role
 GROUPS: tuple[str, ...] = (CONTENT, STYLE, "none")
 _GROUP_COLOURS = {CONTENT: (52, 101, 164), STYLE: (214, 110, 38), "none": (150, 150, 150)}
 _LORA_COLOURS = {"content": (52, 101, 164), "style": (214, 110, 38)}
+# Further content LoRAs of a multi-concept merge, in order.
+_MORE_CONTENT_COLOURS = [(60, 150, 60), (130, 90, 170), (190, 50, 50), (120, 80, 60), (40, 160, 170)]
+
+
+@dataclass
+class LoRAKept:
+    """A further content LoRA's numbers in one layer or summary: ranks as loaded and kept (summed over the
+    layers of a summary), mean kept rank, mean |m| and kept nuclear-norm share."""
+
+    rank: int
+    kept: int
+    mask: float = 0.0
+    share: float = 0.0
+    mean_kept: float = 0.0
 _CURVE_COLOURS = [(52, 101, 164), (214, 110, 38), (60, 150, 60), (190, 50, 50), (130, 90, 170),
                   (120, 80, 60), (40, 40, 40)]
 
@@ -46,6 +62,18 @@ class LayerRank:
     mask_s: float = 0.0
     share_c: float = 0.0
     share_s: float = 0.0
+    # Content LoRAs 2, 3, … of a multi-concept merge (the fields above: the first content LoRA and the style).
+    more: tuple[LoRAKept, ...] = ()
+
+    @property
+    def kept(self) -> int:
+        """Components the export keeps in this layer, over every LoRA."""
+        return self.kept_c + self.kept_s + sum(m.kept for m in self.more)
+
+    @property
+    def rank(self) -> int:
+        """Components of the layer before pruning, over every LoRA."""
+        return self.rank_c + self.rank_s + sum(m.rank for m in self.more)
 
 
 @dataclass
@@ -63,6 +91,7 @@ class RankSummary:
     mask_s: float = 0.0
     share_c: float = 0.0
     share_s: float = 0.0
+    more: tuple[LoRAKept, ...] = ()
 
     @property
     def mean_kept_c(self) -> float:
@@ -107,6 +136,19 @@ class MergeReport:
     trainable: int
     layers: list[LayerRank]
     history: dict[str, list[float]] = field(default_factory=dict)
+    # File names of the content LoRAs (several: a multi-concept merge) and of the style LoRA.
+    content_names: list[str] = field(default_factory=list)
+    style_name: str = ""
+
+    @property
+    def n_content(self) -> int:
+        return 1 + max((len(r.more) for r in self.layers), default=0)
+
+    def labels(self) -> list[str]:
+        """Every LoRA as the text and the figure name it: content (content 1, content 2, … when several), style."""
+        if self.n_content == 1:
+            return ["content", "style"]
+        return [f"content {i + 1}" for i in range(self.n_content)] + ["style"]
 
     def _summarise(self, key_of, keys: list[str], learned_only: bool) -> list[RankSummary]:
         out = []
@@ -119,10 +161,17 @@ class MergeReport:
                 def avg(rs: list, attr: str) -> float:
                     return sum(getattr(r, attr) for r in rs) / len(rs) if rs[0] is not None else 0.0
 
+                more = []
+                for i in range(self.n_content - 1):
+                    parts = [r.more[i] for r in rows if i < len(r.more)]
+                    having = [p for p in parts if p.rank] or [None]
+                    kept = sum(p.kept for p in parts)
+                    more.append(LoRAKept(sum(p.rank for p in parts), kept, avg(having, "mask"), avg(having, "share"),
+                                         kept / len(rows)))
                 out.append(RankSummary(key, len(rows), sum(r.rank_c for r in rows), sum(r.rank_s for r in rows),
                                        sum(r.kept_c for r in rows), sum(r.kept_s for r in rows),
                                        avg(with_c, "mask_c"), avg(with_s, "mask_s"),
-                                       avg(with_c, "share_c"), avg(with_s, "share_s")))
+                                       avg(with_c, "share_c"), avg(with_s, "share_s"), tuple(more)))
         return out
 
     @property
@@ -141,27 +190,47 @@ class MergeReport:
         return self._summarise(lambda r: r.group, list(GROUPS), lo)
 
     def text(self) -> str:
-        """A plain-text summary: totals, per prior group, per block, and the last loss values."""
+        """A plain-text summary: totals, per prior group, per block, and the last loss values. Several content
+        LoRAs: a line naming every LoRA, then each one's numbers in the order of that line."""
         scope = "learned layers" if self.has_learned else "all layers"
         head = (f"DuoLoRA merge report - method {self.method}, {self.trainable:,} trainable mask values, "
                 f"prune threshold {self.prune_threshold:g}")
         lines = [head]
+        labels = self.labels()
+        if self.n_content > 1:
+            names = [*self.content_names, self.style_name]
+            lines.append("LoRAs: " + ", ".join(f"{label} {name}" for label, name in zip(labels, names)))
         rows = [r for r in self.layers if r.learned or not self.has_learned]
-        kc, ks = sum(r.kept_c for r in rows), sum(r.kept_s for r in rows)
-        rc, rs = sum(r.rank_c for r in rows), sum(r.rank_s for r in rows)
-        lines.append(f"{len(rows)} {scope}: content kept {kc}/{rc} components, style kept {ks}/{rs}")
-        lines.append("per prior group (mean kept rank content / style):")
+        kept = [sum(r.kept_c for r in rows), *(sum(r.more[i].kept for r in rows if i < len(r.more))
+                                               for i in range(self.n_content - 1)), sum(r.kept_s for r in rows)]
+        ranks = [sum(r.rank_c for r in rows), *(sum(r.more[i].rank for r in rows if i < len(r.more))
+                                                for i in range(self.n_content - 1)), sum(r.rank_s for r in rows)]
+        parts = [f"{label} kept {k}/{r}" for label, k, r in zip(labels, kept, ranks)]
+        parts[0] += " components"
+        lines.append(f"{len(rows)} {scope}: " + ", ".join(parts))
+        names = " / ".join(labels)
+        lines.append(f"per prior group (mean kept rank {names}):")
+
+        def cols(s: RankSummary, attr: str, fmt: str) -> str:
+            values = [getattr(s, f"{attr}_c"), *(getattr(m, attr) for m in s.more), getattr(s, f"{attr}_s")]
+            return " / ".join(format(v, fmt) for v in values)
+
+        def mean_kept(s: RankSummary) -> str:
+            return " / ".join(format(v, "7.2f") for v in (s.mean_kept_c, *(m.mean_kept for m in s.more),
+                                                          s.mean_kept_s))
+
         for s in self.by_group():
-            lines.append(f"  {s.key:<8} {s.layers:>4} layers  {s.mean_kept_c:7.2f} / {s.mean_kept_s:7.2f}"
-                         f"   (kept {s.kept_c}/{s.rank_c} and {s.kept_s}/{s.rank_s})")
-        lines.append("per prior group (mean |mask| content / style; kept nuclear-norm share content / style):")
+            counts = " and ".join(f"{k}/{r}" for k, r in zip(
+                (s.kept_c, *(m.kept for m in s.more), s.kept_s), (s.rank_c, *(m.rank for m in s.more), s.rank_s)))
+            lines.append(f"  {s.key:<8} {s.layers:>4} layers  {mean_kept(s)}   (kept {counts})")
+        lines.append(f"per prior group (mean |mask| {names}; kept nuclear-norm share {names}):")
         for s in self.by_group():
-            lines.append(f"  {s.key:<8} {s.layers:>4} layers  |m| {s.mask_c:5.2f} / {s.mask_s:5.2f}"
-                         f"   share {s.share_c:5.2f} / {s.share_s:5.2f}")
-        lines.append("per block (mean kept rank content / style; mean |mask|; kept nuclear-norm share):")
+            lines.append(f"  {s.key:<8} {s.layers:>4} layers  |m| {cols(s, 'mask', '5.2f')}"
+                         f"   share {cols(s, 'share', '5.2f')}")
+        lines.append(f"per block (mean kept rank {names}; mean |mask|; kept nuclear-norm share):")
         for s in self.by_block():
-            lines.append(f"  {s.key:<20} {s.layers:>4} layers  {s.mean_kept_c:7.2f} / {s.mean_kept_s:7.2f}"
-                         f"   |m| {s.mask_c:5.2f} / {s.mask_s:5.2f}   share {s.share_c:5.2f} / {s.share_s:5.2f}")
+            lines.append(f"  {s.key:<20} {s.layers:>4} layers  {mean_kept(s)}"
+                         f"   |m| {cols(s, 'mask', '5.2f')}   share {cols(s, 'share', '5.2f')}")
         if self.history:
             steps = max(len(v) for v in self.history.values())
             last = ", ".join(f"{k} {v[-1]:.4g}" for k, v in self.history.items() if v)
@@ -179,11 +248,16 @@ class MergeReport:
         top, mid = 50, 50 + (height - 50) // 2
         half = width // 2
         rows = [r for r in self.layers if r.learned or not self.has_learned]
-        max_rank = max([r.rank_c for r in rows] + [r.rank_s for r in rows] + [1])
-        for i, (lora, attr) in enumerate((("Content LoRA", "kept_c"), ("Style LoRA", "kept_s"))):
-            box = (i * half + 60, top + 30, (i + 1) * half - 20, mid - 50)
-            _histogram(d, box, rows, attr, max_rank, f"{lora}: layers per kept rank", font, small)
-        _block_bars(d, (60, mid + 30, half - 20, height - 60), self.by_block(), font, small)
+        max_rank = max([r.rank_c for r in rows] + [r.rank_s for r in rows]
+                       + [m.rank for r in rows for m in r.more] + [1])
+        kept_of = [lambda r: r.kept_c, *(lambda r, i=i: r.more[i].kept if i < len(r.more) else 0
+                                         for i in range(self.n_content - 1)), lambda r: r.kept_s]
+        panel = width // len(kept_of)
+        for i, (label, kept) in enumerate(zip(self.labels(), kept_of)):
+            box = (i * panel + 60, top + 30, (i + 1) * panel - 20, mid - 50)
+            title = label[0].upper() + label[1:].replace(" ", " LoRA ", 1) if " " in label else f"{label.title()} LoRA"
+            _histogram(d, box, rows, kept, max_rank, f"{title}: layers per kept rank", font, small)
+        _block_bars(d, (60, mid + 30, half - 20, height - 60), self.by_block(), self.labels(), font, small)
         _curves(d, (half + 60, mid + 30, width - 20, height - 60), self.history, font, small)
         buf = io.BytesIO()
         img.save(buf, format="PNG")
@@ -207,15 +281,21 @@ def build_report(merger: Merger, history: dict[str, list[float]] | None = None,
     with torch.no_grad():
         for name, layer in merger.items():
             role = None if name.startswith(TEXT_ENCODER_PREFIXES) else prior_role(name, roles)
-            values = {}
-            for which in ("c", "s"):
+            values: dict[str, dict[str, float]] = {}
+            for which in layer.tags:
                 if layer.factors(which) is not None:
-                    values[f"mask_{which}"] = float(layer.mask(which).abs().mean())
-                    values[f"share_{which}"] = float(kept_share(layer, which))
+                    values[which] = {"mask": float(layer.mask(which).abs().mean()),
+                                     "share": float(kept_share(layer, which))}
+            counts = dict(zip(layer.tags, kept[name]))
+            more = tuple(LoRAKept(layer.rank(t), counts[t], **values.get(t, {})) for t in merger.content_tags[1:])
+            first = merger.content_tags[0]
             layers.append(LayerRank(name, _block(name), role or "none", layer.learned,
-                                    layer.rank("c"), layer.rank("s"), *kept[name], **values))
+                                    layer.rank(first), layer.rank("s"), counts[first], counts["s"],
+                                    values.get(first, {}).get("mask", 0.0), values.get("s", {}).get("mask", 0.0),
+                                    values.get(first, {}).get("share", 0.0), values.get("s", {}).get("share", 0.0),
+                                    more))
     return MergeReport(merger.method, threshold, merger.trainable_parameters(), layers,
-                       {k: list(v) for k, v in (history or {}).items()})
+                       {k: list(v) for k, v in (history or {}).items()}, list(merger.content_names), merger.style_name)
 
 
 # -- drawing (Pillow only) --------------------------------------------------------------------------------
@@ -242,7 +322,7 @@ def _nice_max(v: float) -> float:
     return 10 * e
 
 
-def _histogram(d: ImageDraw.ImageDraw, box: tuple[int, int, int, int], rows: list[LayerRank], attr: str,
+def _histogram(d: ImageDraw.ImageDraw, box: tuple[int, int, int, int], rows: list[LayerRank], kept,
                max_rank: int, title: str, font: ImageFont.ImageFont, small: ImageFont.ImageFont) -> None:
     """Bars: number of layers per kept-rank bin, one bar per prior group side by side in each bin."""
     _axes(d, box, title, font)
@@ -251,7 +331,7 @@ def _histogram(d: ImageDraw.ImageDraw, box: tuple[int, int, int, int], rows: lis
     width = (max_rank + 1) / n_bins
     counts = {g: [0] * n_bins for g in GROUPS}
     for r in rows:
-        counts[r.group][min(int(getattr(r, attr) / width), n_bins - 1)] += 1
+        counts[r.group][min(int(kept(r) / width), n_bins - 1)] += 1
     groups = [g for g in GROUPS if any(counts[g])]
     top = _nice_max(max([max(c) for c in counts.values()] + [1]))
     bin_w = (x1 - x0) / n_bins
@@ -272,31 +352,32 @@ def _histogram(d: ImageDraw.ImageDraw, box: tuple[int, int, int, int], rows: lis
         d.text((x1 - 135, y0 + 2 + 16 * j), f"{g} prior" if g != "none" else "no prior", fill="black", font=small)
 
 
-def _block_bars(d: ImageDraw.ImageDraw, box: tuple[int, int, int, int], blocks: list, font: ImageFont.ImageFont,
-                small: ImageFont.ImageFont) -> None:
-    """Kept nuclear-norm share per block: content and style bars side by side, a line at 1 (as trained)."""
-    _axes(d, box, "Kept share of each LoRA's nuclear norm per block (content | style)", font)
+def _block_bars(d: ImageDraw.ImageDraw, box: tuple[int, int, int, int], blocks: list, labels: list[str],
+                font: ImageFont.ImageFont, small: ImageFont.ImageFont) -> None:
+    """Kept nuclear-norm share per block: one bar per LoRA side by side, a line at 1 (as trained)."""
+    _axes(d, box, f"Kept share of each LoRA's nuclear norm per block ({' | '.join(labels)})", font)
     x0, y0, x1, y1 = box
     if not blocks:
         return
-    top = _nice_max(max([max(s.share_c, s.share_s) for s in blocks] + [1]))
+    colours = [_LORA_COLOURS["content"], *_MORE_CONTENT_COLOURS[:len(labels) - 2], _LORA_COLOURS["style"]]
+    top = _nice_max(max([max(s.share_c, s.share_s, *(m.share for m in s.more)) for s in blocks] + [1]))
     one = y1 - (y1 - y0) / top
     d.line([(x0, one), (x1, one)], fill=(170, 170, 170), width=1)
     if top != 1:
         d.text((x0 - 22, one - 6), "1", fill="black", font=small)
     slot = (x1 - x0) / len(blocks)
-    bar = max(slot * 0.38, 1)
+    bar = max(slot * (0.38 if len(labels) == 2 else 0.76 / len(labels)), 1)
     for i, s in enumerate(blocks):
         left = x0 + i * slot + slot * 0.1
-        for j, (value, colour) in enumerate(((s.share_c, _LORA_COLOURS["content"]),
-                                             (s.share_s, _LORA_COLOURS["style"]))):
+        for j, (value, colour) in enumerate(zip((s.share_c, *(m.share for m in s.more), s.share_s), colours)):
             if value > 0:
                 d.rectangle([left + j * bar, y1 - (y1 - y0) * value / top, left + (j + 1) * bar - 1, y1], fill=colour)
         d.text((left, y1 + 4), short_block(s.key), fill="black", font=small)
     d.text((x0 - 40, y0 - 6), f"{top:g}", fill="black", font=small)
-    for j, lora in enumerate(("content", "style")):
-        d.rectangle([x1 - 150, y0 + 4 + 16 * j, x1 - 140, y0 + 14 + 16 * j], fill=_LORA_COLOURS[lora])
-        d.text((x1 - 135, y0 + 2 + 16 * j), f"{lora} LoRA", fill="black", font=small)
+    for j, (label, colour) in enumerate(zip(labels, colours)):
+        d.rectangle([x1 - 150, y0 + 4 + 16 * j, x1 - 140, y0 + 14 + 16 * j], fill=colour)
+        d.text((x1 - 135, y0 + 2 + 16 * j), label.replace(" ", " LoRA ", 1) if " " in label else f"{label} LoRA",
+               fill="black", font=small)
 
 
 def _curves(d: ImageDraw.ImageDraw, box: tuple[int, int, int, int], history: dict[str, list[float]],

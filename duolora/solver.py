@@ -76,8 +76,18 @@ import torch
 
 from .config import MergeConfig
 from .lora import LoRA
-from .mergers import RANK, SVD_BATCH, MergedLayer, Merger, MergerError, build_merger, svd_refactor_many
+from .mergers import (
+    RANK,
+    STYLE_TAG,
+    SVD_BATCH,
+    MergedLayer,
+    Merger,
+    MergerError,
+    build_merger,
+    svd_refactor_many,
+)
 from .optimize import MergeResult
+from .priors import prior_pairs
 from .sdxl import CONTENT, STYLE, prior_role
 
 FAST_METHODS: tuple[str, ...] = ("ziprank", "direct", "b_lora")
@@ -107,81 +117,124 @@ def check_method(method: str, mode: str = "weights") -> None:
 
 @dataclass
 class LayerQuadratic:
-    """One learned layer's reconstruction terms as quadratics in m = [m_c; m_s] (n = r_c + r_s).
+    """One learned layer's reconstruction terms as quadratics in its masks m = [m_1; …; m_P], one mask per LoRA
+    that patches the layer (``tags``, in the merger's order; n = Σ r_i).
 
-    L_c(m) = (m − e_c)ᵀ·P_c·(m − e_c) and L_s(m) = (m − e_s)ᵀ·P_s·(m − e_s), P = H ∘ K (n×n, float64, PSD).
+    L_i(m) = (m − e_i)ᵀ·P_i·(m − e_i), P_i = H_i ∘ K_i (n×n, float64, PSD), e_i the masks of LoRA i alone. A
+    one-pair layer has two: ``P_c`` (content) and ``P_s`` (style), in m = [m_c; m_s].
     """
 
     name: str
-    r_c: int
-    r_s: int
-    P_c: torch.Tensor
-    P_s: torch.Tensor
-    # σᵢ of each LoRA's components (``priors.component_weights``), float64; None: all ones.
-    sigma_c: torch.Tensor | None = None
-    sigma_s: torch.Tensor | None = None
+    tags: tuple[str, ...]
+    ranks: tuple[int, ...]
+    P: tuple[torch.Tensor, ...]
+    # σᵢ of each LoRA's components (``priors.component_weights``), float64; None (or empty): all ones.
+    sigmas: tuple[torch.Tensor | None, ...] = ()
 
-    def shares(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each component's share of its LoRA's nuclear norm, (r_c,) and (r_s,) float64, each summing to 1."""
-        out = []
-        for sigma, r in ((self.sigma_c, self.r_c), (self.sigma_s, self.r_s)):
-            w = torch.ones(r, dtype=torch.float64) if sigma is None else sigma.double().cpu()
-            total = float(w.sum())
-            out.append(w / total if total > 0 else torch.full((r,), 1.0 / max(r, 1), dtype=torch.float64))
-        return out[0], out[1]
+    @property
+    def r_c(self) -> int:
+        return self.ranks[0]
+
+    @property
+    def r_s(self) -> int:
+        return self.ranks[-1]
+
+    @property
+    def P_c(self) -> torch.Tensor:
+        return self.P[0]
+
+    @property
+    def P_s(self) -> torch.Tensor:
+        return self.P[-1]
 
     @property
     def n(self) -> int:
-        return self.r_c + self.r_s
+        return sum(self.ranks)
 
-    def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(e_c, e_s): the content-only and style-only masks, each (n,) float64."""
-        e_c = torch.zeros(self.n, dtype=torch.float64)
-        e_c[: self.r_c] = 1.0
-        return e_c, 1.0 - e_c
+    def slices(self) -> list[slice]:
+        """Where each LoRA's entries sit in m."""
+        return _slices(self.ranks)
 
-    def losses(self, m_c: torch.Tensor, m_s: torch.Tensor) -> tuple[float, float]:
-        """(L_c, L_s) at the masks (m_c (r_c,), m_s (r_s,)), unnormalised."""
-        m = torch.cat([m_c.detach().double().cpu(), m_s.detach().double().cpu()])
-        e_c, e_s = self.targets()
-        dc, ds = m - e_c, m - e_s
-        return float(dc @ self.P_c @ dc), float(ds @ self.P_s @ ds)
+    def shares(self) -> tuple[torch.Tensor, ...]:
+        """Each component's share of its LoRA's nuclear norm, one (r_i,) float64 tensor per LoRA summing to 1."""
+        out = []
+        for i, r in enumerate(self.ranks):
+            sigma = self.sigmas[i] if i < len(self.sigmas) else None
+            w = torch.ones(r, dtype=torch.float64) if sigma is None else sigma.double().cpu()
+            total = float(w.sum())
+            out.append(w / total if total > 0 else torch.full((r,), 1.0 / max(r, 1), dtype=torch.float64))
+        return tuple(out)
+
+    def targets(self) -> tuple[torch.Tensor, ...]:
+        """(e_1, …, e_P): the masks of each LoRA alone ((e_c, e_s) for a pair), each (n,) float64."""
+        out = []
+        for sl in self.slices():
+            e = torch.zeros(self.n, dtype=torch.float64)
+            e[sl] = 1.0
+            out.append(e)
+        return tuple(out)
+
+    def losses(self, *masks: torch.Tensor) -> tuple[float, ...]:
+        """(L_1, …, L_P) at the masks (one per LoRA: m_c (r_c,), m_s (r_s,) for a pair), unnormalised."""
+        m = torch.cat([mask.detach().double().cpu() for mask in masks])
+        out = []
+        for e, P in zip(self.targets(), self.P):
+            d = m - e
+            out.append(float(d @ P @ d))
+        return tuple(out)
 
     def scale(self) -> float:
-        """N = L_c + L_s at m = 0: the two LoRAs' own effect on their own inputs (the normaliser)."""
-        e_c, e_s = self.targets()
-        return float(e_c @ self.P_c @ e_c + e_s @ self.P_s @ e_s)
+        """N = Σ L_i at m = 0: the LoRAs' own effect on their own inputs (the normaliser)."""
+        parts = [e @ P @ e for e, P in zip(self.targets(), self.P)]
+        return float(_sum(parts))
 
 
-def _rank_layer(layer: MergedLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if layer.kind != RANK or layer.factors("c") is None or layer.factors("s") is None:
-        raise FastModeError(f"layer {layer.name}: the fast modes need rank masks of both LoRAs")
-    (B_c, A_c), (B_s, A_s) = layer.factors("c"), layer.factors("s")
-    return B_c.float(), A_c.float(), B_s.float(), A_s.float()
+def _slices(ranks: Sequence[int]) -> list[slice]:
+    out, lo = [], 0
+    for r in ranks:
+        out.append(slice(lo, lo + r))
+        lo += r
+    return out
 
 
-def _block_gram(x_c: torch.Tensor, x_s: torch.Tensor, diagonal_blocks: bool) -> torch.Tensor:
-    """[x_c | x_s]ᵀ·[x_c | x_s] as float64 (…, n, n); x_c (…, d, r_c), x_s (…, d, r_s) (leading dims: a batch).
+def _sum(values: Sequence):
+    """values[0] + values[1] + … in that order (a one-element list is its element, unchanged)."""
+    total = values[0]
+    for v in values[1:]:
+        total = total + v
+    return total
+
+
+def _rank_layer(layer: MergedLayer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(B, A) as float32 of every LoRA that patches a rank-mask layer, in tag order."""
+    if layer.kind != RANK or len(layer.present) < 2:
+        raise FastModeError(f"layer {layer.name}: the fast modes need rank masks of at least two LoRAs")
+    return [(B.float(), A.float()) for B, A in (layer.factors(t) for t in layer.present)]
+
+
+def _block_gram(xs: Sequence[torch.Tensor], diagonal_blocks: bool) -> torch.Tensor:
+    """[x_1 | … | x_P]ᵀ·[x_1 | … | x_P] as float64 (…, n, n); x_i (…, d, r_i) (leading dims: a batch).
 
     ``diagonal_blocks``: the columns of each part are orthogonal (SVD basis), so its own block is the
-    diagonal of squared column norms and only the cross block needs a product (a quarter of the work).
+    diagonal of squared column norms and only the cross blocks need a product (a quarter of the work for a pair).
     """
     # float64 products: the own-output projector pseudo-inverts the up factors' Grams down to (1e-6)² of their
     # largest eigenvalue, far below float32's resolution of a Gram (~1e-7 of it) — in the raw basis an
     # ill-conditioned up factor would otherwise give an indefinite P. The factors are r columns wide: cheap.
-    x_c, x_s = x_c.double(), x_s.double()
-    r_c = x_c.shape[-1]
-    n = r_c + x_s.shape[-1]
-    g = torch.zeros(*x_c.shape[:-2], n, n, dtype=torch.float64, device=x_c.device)
-    cross = x_c.transpose(-1, -2) @ x_s
-    g[..., :r_c, r_c:] = cross
-    g[..., r_c:, :r_c] = cross.transpose(-1, -2)
-    if diagonal_blocks:
-        g[..., :r_c, :r_c] = torch.diag_embed(x_c.square().sum(-2))
-        g[..., r_c:, r_c:] = torch.diag_embed(x_s.square().sum(-2))
-    else:
-        g[..., :r_c, :r_c] = x_c.transpose(-1, -2) @ x_c
-        g[..., r_c:, r_c:] = x_s.transpose(-1, -2) @ x_s
+    xs = [x.double() for x in xs]
+    sl = _slices([x.shape[-1] for x in xs])
+    n = sl[-1].stop
+    g = torch.zeros(*xs[0].shape[:-2], n, n, dtype=torch.float64, device=xs[0].device)
+    for i, a in enumerate(xs):
+        for j in range(i + 1, len(xs)):
+            cross = a.transpose(-1, -2) @ xs[j]
+            g[..., sl[i], sl[j]] = cross
+            g[..., sl[j], sl[i]] = cross.transpose(-1, -2)
+    for i, a in enumerate(xs):
+        if diagonal_blocks:
+            g[..., sl[i], sl[i]] = torch.diag_embed(a.square().sum(-2))
+        else:
+            g[..., sl[i], sl[i]] = a.transpose(-1, -2) @ a
     return g
 
 
@@ -190,29 +243,42 @@ def _block_gram(x_c: torch.Tensor, x_s: torch.Tensor, diagonal_blocks: bool) -> 
 OUTPUT_RTOL = 1e-6
 
 
-def own_output_grams(H: torch.Tensor, r_c: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(H_c, H_s): the Gram H = BᵀB of B = [B_c | B_s] (…, n, n) seen through each LoRA's own output space.
+def own_output_grams(H: torch.Tensor, ranks: int | Sequence[int]) -> tuple[torch.Tensor, ...]:
+    """(H_1, …, H_P): the Gram H = BᵀB of B = [B_1 | … | B_P] (…, n, n) seen through each LoRA's own output
+    space; ``ranks``: the parts' ranks (an int r_c: a pair [B_c | B_s]).
 
-    H_c = (Π_c·B)ᵀ(Π_c·B) with Π_c the orthogonal projector onto col(B_c): only the style block changes,
-    to C_csᵀ·(B_cᵀB_c)⁺·C_cs with C_cs = B_cᵀB_s, so everything stays r-sized (no out×out projector), and
-    Π_c depends only on col(B_c) — not on how a file factors ΔW_c, nor on zero-padded components (the
-    pseudo-inverse drops singular values below ``OUTPUT_RTOL`` of the largest). Likewise H_s with Π_s.
+    H_i = (Π_i·B)ᵀ(Π_i·B) with Π_i the orthogonal projector onto col(B_i): each block between two other LoRAs
+    j, k becomes C_ijᵀ·(B_iᵀB_i)⁺·C_ik with C_ij = B_iᵀB_j (for a pair only the other LoRA's own block
+    changes), the blocks that involve B_i stay, so everything stays r-sized (no out×out projector), and Π_i
+    depends only on col(B_i) — not on how a file factors ΔW_i, nor on zero-padded components (the
+    pseudo-inverse drops singular values below ``OUTPUT_RTOL`` of the largest).
     """
     H = H.double()
-    C = H[..., :r_c, r_c:]
-    H_c, H_s = H.clone(), H.clone()
-    H_c[..., r_c:, r_c:] = C.transpose(-1, -2) @ torch.linalg.pinv(H[..., :r_c, :r_c], rtol=OUTPUT_RTOL ** 2,
-                                                                    hermitian=True) @ C
-    H_s[..., :r_c, :r_c] = C @ torch.linalg.pinv(H[..., r_c:, r_c:], rtol=OUTPUT_RTOL ** 2, hermitian=True) \
-        @ C.transpose(-1, -2)
-    return H_c, H_s
+    n = H.shape[-1]
+    ranks = (ranks, n - ranks) if isinstance(ranks, int) else tuple(ranks)
+    sl = _slices(ranks)
+
+    def cross(i: int, j: int) -> torch.Tensor:
+        """B_jᵀB_i (r_j × r_i), read from the block above the diagonal (as a view)."""
+        return H[..., sl[j], sl[i]] if j < i else H[..., sl[i], sl[j]].transpose(-1, -2)
+
+    out = []
+    for i in range(len(ranks)):
+        H_i = H.clone()
+        inverse = torch.linalg.pinv(H[..., sl[i], sl[i]], rtol=OUTPUT_RTOL ** 2, hermitian=True)
+        others = [j for j in range(len(ranks)) if j != i]
+        for j in others:
+            for k in others:
+                H_i[..., sl[j], sl[k]] = cross(i, j) @ inverse @ cross(i, k).transpose(-1, -2)
+        out.append(H_i)
+    return tuple(out)
 
 
 def weights_quadratic(layer: MergedLayer, svd_basis: bool = True) -> LayerQuadratic:
-    """The weights-only problem of one rank-mask layer (module docstring): K_c = g_c·g_cᵀ, g_c = A·A'_cᵀ.
+    """The weights-only problem of one rank-mask layer (module docstring): K_i = g_i·g_iᵀ, g_i = A·A'_iᵀ.
 
     ``svd_basis``: the layer's factors are already in the SVD basis (``ZipRankMerger(basis="svd")``), so
-    A'_c = A_c and the self Grams are diagonal. Otherwise A'_c, A'_s are computed with ``svd_refactor``.
+    A'_i = A_i and the self Grams are diagonal. Otherwise each A'_i is computed with ``svd_refactor``.
     """
     return weights_quadratics([layer], svd_basis)[0]
 
@@ -224,56 +290,74 @@ def weights_quadratics(layers: Sequence[MergedLayer], svd_basis: bool = True,
     groups: dict[tuple, list[int]] = {}
     factors = [_rank_layer(layer) for layer in layers]
     for i, f in enumerate(factors):
-        groups.setdefault((*(tuple(t.shape) for t in f), f[0].device), []).append(i)
+        key = (layers[i].present, *(tuple(t.shape) for pair in f for t in pair), f[0][0].device)
+        groups.setdefault(key, []).append(i)
     out: list[LayerQuadratic | None] = [None] * len(layers)
     for idx in groups.values():
         for lo in range(0, len(idx), max(1, int(batch))):
             part = idx[lo:lo + max(1, int(batch))]
-            B_c, A_c, B_s, A_s = (torch.stack([factors[i][k] for i in part]) for k in range(4))
-            r_c = A_c.shape[1]
-            H = _block_gram(B_c, B_s, svd_basis)
+            n_parts = len(factors[part[0]])
+            Bs = [torch.stack([factors[i][p][0] for i in part]) for p in range(n_parts)]
+            As = [torch.stack([factors[i][p][1] for i in part]) for p in range(n_parts)]
+            ranks = tuple(int(A.shape[1]) for A in As)
+            sl = _slices(ranks)
+            H = _block_gram(Bs, svd_basis)
             if svd_basis:
-                G = _block_gram(A_c.transpose(1, 2), A_s.transpose(1, 2), True)  # A·Aᵀ
-                g_c, g_s = G[..., :r_c], G[..., r_c:]
+                G = _block_gram([A.transpose(1, 2) for A in As], True)  # A·Aᵀ
+                gs = [G[..., s] for s in sl]
             else:
-                A = torch.cat([A_c, A_s], dim=1)
-                refactored = svd_refactor_many([(factors[i][0], factors[i][1]) for i in part]
-                                               + [(factors[i][2], factors[i][3]) for i in part])
-                a_c = torch.stack([a for _, a in refactored[:len(part)]]).to(A)
-                a_s = torch.stack([a for _, a in refactored[len(part):]]).to(A)
-                g_c = (A @ a_c.transpose(1, 2)).double()
-                g_s = (A @ a_s.transpose(1, 2)).double()
-            H_c, H_s = own_output_grams(H, r_c)
-            P_c = (H_c * (g_c @ g_c.transpose(1, 2))).cpu()
-            P_s = (H_s * (g_s @ g_s.transpose(1, 2))).cpu()
+                A = torch.cat(As, dim=1)
+                refactored = svd_refactor_many([factors[i][p] for p in range(n_parts) for i in part])
+                gs = []
+                for p in range(n_parts):
+                    a_p = torch.stack([a for _, a in refactored[p * len(part):(p + 1) * len(part)]]).to(A)
+                    gs.append((A @ a_p.transpose(1, 2)).double())
+            Ps = [(H_p * (g @ g.transpose(1, 2))).cpu() for H_p, g in zip(own_output_grams(H, ranks), gs)]
             for j, i in enumerate(part):
-                out[i] = LayerQuadratic(layers[i].name, r_c, A_s.shape[1], P_c[j], P_s[j], *_sigmas(layers[i]))
+                out[i] = LayerQuadratic(layers[i].name, layers[i].present, ranks, tuple(P[j] for P in Ps),
+                                        _sigmas(layers[i]))
     return out  # type: ignore[return-value]
 
 
 @dataclass
 class LayerActivations:
-    """Recorded input statistics of one layer: K = A·E[x xᵀ]·Aᵀ (n×n, float64, A = [A_c; A_s]) per side."""
+    """Recorded input statistics of one layer, per LoRA that patches it (its tag): K = A·E[x xᵀ]·Aᵀ (n×n,
+    float64, A = [A_1; …; A_P] the layer's stacked down factors) on that LoRA's side, and its token count."""
 
-    K_c: torch.Tensor
-    K_s: torch.Tensor
-    tokens_c: int = 0
-    tokens_s: int = 0
+    K: dict[str, torch.Tensor]
+    tokens: dict[str, int]
+
+    @property
+    def K_c(self) -> torch.Tensor:
+        return self.K["c"]
+
+    @property
+    def K_s(self) -> torch.Tensor:
+        return self.K["s"]
+
+    @property
+    def tokens_c(self) -> int:
+        return self.tokens["c"]
+
+    @property
+    def tokens_s(self) -> int:
+        return self.tokens["s"]
 
 
 def activation_quadratic(layer: MergedLayer, stats: LayerActivations) -> LayerQuadratic:
-    """The layer-wise problem of one rank-mask layer from its recorded statistics: P = H ∘ K."""
-    B_c, _, B_s, _ = _rank_layer(layer)
+    """The layer-wise problem of one rank-mask layer from its recorded statistics: P_i = H_i ∘ K_i."""
+    factors = _rank_layer(layer)
+    ranks = tuple(layer.rank(t) for t in layer.present)
     svd_like = False  # the recorder's K is exact in any basis; H's blocks are only diagonal in the SVD one
-    H_c, H_s = own_output_grams(_block_gram(B_c, B_s, svd_like).cpu(), layer.rank("c"))
-    return LayerQuadratic(layer.name, layer.rank("c"), layer.rank("s"), H_c * stats.K_c.cpu(),
-                          H_s * stats.K_s.cpu(), *_sigmas(layer))
+    Hs = own_output_grams(_block_gram([B for B, _ in factors], svd_like).cpu(), ranks)
+    return LayerQuadratic(layer.name, layer.present, ranks,
+                          tuple(H_i * stats.K[t].cpu() for H_i, t in zip(Hs, layer.present)), _sigmas(layer))
 
 
-def _sigmas(layer: MergedLayer) -> tuple[torch.Tensor, torch.Tensor]:
+def _sigmas(layer: MergedLayer) -> tuple[torch.Tensor, ...]:
     from .priors import component_weights
 
-    return (component_weights(layer, "c").double().cpu(), component_weights(layer, "s").double().cpu())
+    return tuple(component_weights(layer, t).double().cpu() for t in layer.present)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -319,30 +403,51 @@ class _Terms:
                    float(config.fast_keep))
 
 
-def _split(m: torch.Tensor, r_c: int, role: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dominant, other) parts of m (…, n) for a layer of ``role``."""
-    mc, ms = m[..., :r_c], m[..., r_c:]
-    return (mc, ms) if role == CONTENT else (ms, mc)
+def _term(tag: str) -> str:
+    """The history name of a LoRA's reconstruction term: "content", "content2", …, "style"."""
+    if tag == STYLE_TAG:
+        return "style"
+    return "content" if tag == "c" else f"content{tag[1:]}"
 
 
-def layer_objective(q: LayerQuadratic, role: str | None, m_c: torch.Tensor, m_s: torch.Tensor,
+def _pair_slices(tags: Sequence[str], ranks: Sequence[int], role: str | None) -> list[tuple[slice, slice]]:
+    """(dominant, other) entries of m for each prior pair of a layer (``priors.prior_pairs``)."""
+    if role not in (CONTENT, STYLE):
+        return []
+    where = dict(zip(tags, _slices(ranks)))
+    return [(where[d], where[o]) for d, o in prior_pairs(tags, role)]
+
+
+def _similar_pairs(ranks: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(offset a, offset b, k) of every pair of LoRAs whose first k = min(r_a, r_b) mask entries the
+    similarity term pairs."""
+    sl = _slices(ranks)
+    return [(sl[a].start, sl[b].start, min(ranks[a], ranks[b]))
+            for a in range(len(ranks)) for b in range(a + 1, len(ranks))]
+
+
+def layer_objective(q: LayerQuadratic, role: str | None, masks: Sequence[torch.Tensor],
                     terms: _Terms) -> dict[str, float]:
-    """The fast objective of one layer at given masks: normalised reconstruction, prior and similarity."""
-    L_c, L_s = q.losses(m_c, m_s)
+    """The fast objective of one layer at given masks (one per LoRA of the layer, in its tag order):
+    normalised reconstruction per LoRA ("content", …, "style"), prior (summed over the prior pairs),
+    similarity (mean over pairs of LoRAs), keep and total."""
+    losses = q.losses(*masks)
     scale = q.scale() or 1.0
-    out = {"content": L_c / scale, "style": L_s / scale}
-    recon = (terms.lam_c * L_c + terms.lam_s * L_s) / scale
+    out = {_term(t): L / scale for t, L in zip(q.tags, losses)}
+    lam = [terms.lam_s if t == STYLE_TAG else terms.lam_c for t in q.tags]
+    recon = _sum([w * L for w, L in zip(lam, losses)]) / scale
     prior = 0.0
-    m = torch.cat([m_c.detach().double().cpu(), m_s.detach().double().cpu()])
+    m = torch.cat([mask.detach().double().cpu() for mask in masks])
     shares = torch.cat(q.shares())
-    if role in (CONTENT, STYLE) and terms.lam_prior:
-        dom, other = _split(m, q.r_c, role)
-        w_dom, w_other = _split(shares, q.r_c, role)
-        raw = float(layer_prior(dom, other, terms.kind, terms.kappa, terms.nu, terms.margin, w_dom, w_other))
-        # The L1 forms are per entry of the dominant mask; the share form is already a fraction.
-        prior = raw if terms.kind == "share_hinge" else raw / dom.numel()
-    k = min(q.r_c, q.r_s)
-    sim = float((m_c.detach()[:k].double() * m_s.detach()[:k].double()).abs().mean()) if k else 0.0
+    if terms.lam_prior:
+        values = []
+        for d, o in _pair_slices(q.tags, q.ranks, role):
+            raw = float(layer_prior(m[d], m[o], terms.kind, terms.kappa, terms.nu, terms.margin, shares[d], shares[o]))
+            # The L1 forms are per entry of the dominant mask; the share form is already a fraction.
+            values.append(raw if terms.kind == "share_hinge" else raw / (d.stop - d.start))
+        prior = _sum(values) if values else 0.0
+    sims = [float((m[a:a + k] * m[b:b + k]).abs().mean()) if k else 0.0 for a, b, k in _similar_pairs(q.ranks)]
+    sim = sims[0] if len(sims) == 1 else sum(sims) / len(sims)
     keep = float((shares * (1.0 - m) ** 2).sum()) if terms.keep else 0.0
     out["prior"] = prior
     out["similarity"] = sim
@@ -357,38 +462,46 @@ def layer_objective(q: LayerQuadratic, role: str | None, m_c: torch.Tensor, m_s:
 
 @dataclass
 class _Group:
-    """L layers of equal (r_c, r_s) as one batch: f(m) = mᵀ·P·m − 2·qᵀ·m + lin·m (+ hinge / L2 prior)."""
+    """L layers of equal LoRAs and ranks as one batch: f(m) = mᵀ·P·m − 2·qᵀ·m + lin·m (+ hinge / L2 priors).
+
+    One prior pair per content LoRA (with the style LoRA): pair h's hinge reads ``dom[:, h]`` and
+    ``other[:, h]`` and weighs ``w[:, h]``.
+    """
 
     P: torch.Tensor  # (L, n, n) float64, symmetric
     q: torch.Tensor  # (L, n)
     const: torch.Tensor  # (L,): f(m) + const is the normalised reconstruction (+ similarity) term
-    dom: torch.Tensor  # (L, n) 1 on the dominant mask's entries (prior layers only)
-    other: torch.Tensor  # (L, n) 1 on the other mask's entries
-    w: torch.Tensor  # (L,) λ_prior / r_dom on prior layers, else 0
+    dom: torch.Tensor  # (L, H, n) the dominant mask's entries of each prior pair (prior layers only)
+    other: torch.Tensor  # (L, H, n) the other mask's entries
+    w: torch.Tensor  # (L, H) λ_prior (share form) or λ_prior / r_dom on prior layers, else 0
     s: torch.Tensor  # (L, n) Jacobi scaling √diag(P)
     step: torch.Tensor  # (L, 1) 1 / Lipschitz constant of the preconditioned gradient
     P32: torch.Tensor | None = None  # float32 copy of P for the iterations
 
 
 def _group(problems: list[LayerQuadratic], roles: list[str | None], terms: _Terms) -> _Group:
-    r_c, n, L = problems[0].r_c, problems[0].n, len(problems)
-    P_c = torch.stack([p.P_c for p in problems])
-    P_s = torch.stack([p.P_s for p in problems])
-    # e_cᵀ·P·e_c is the sum of P's content-content block; P·e_c the row sums of its content columns.
-    pe_c, pe_s = P_c[:, :, :r_c].sum(2), P_s[:, :, r_c:].sum(2)
-    own_c, own_s = pe_c[:, :r_c].sum(1), pe_s[:, r_c:].sum(1)
-    scale = own_c + own_s
+    tags, ranks = problems[0].tags, problems[0].ranks
+    sl = _slices(ranks)
+    n, L = sl[-1].stop, len(problems)
+    Ps = [torch.stack([p.P[i] for p in problems]) for i in range(len(ranks))]
+    # e_iᵀ·P_i·e_i is the sum of P_i's own block; P_i·e_i the row sums of its own columns.
+    pe = [P_i[:, :, s].sum(2) for P_i, s in zip(Ps, sl)]
+    own = [pe_i[:, s].sum(1) for pe_i, s in zip(pe, sl)]
+    scale = _sum(own)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    P = (terms.lam_c * P_c + terms.lam_s * P_s) / scale[:, None, None]
-    q = (terms.lam_c * pe_c + terms.lam_s * pe_s) / scale[:, None]
-    const = (terms.lam_c * own_c + terms.lam_s * own_s) / scale
-    del P_c, P_s
-    k = min(r_c, n - r_c)
-    if terms.lam_sim and k:
-        # λ_sim·mean_i(m_c,i·m_s,i) = mᵀ·S·m, S[i, r_c + i] = S[r_c + i, i] = λ_sim / (2k) (masks are ≥ 0).
-        idx = torch.arange(k)
-        P[:, idx, r_c + idx] += terms.lam_sim / (2 * k)
-        P[:, r_c + idx, idx] += terms.lam_sim / (2 * k)
+    lam = [terms.lam_s if t == STYLE_TAG else terms.lam_c for t in tags]
+    P = _sum([w * P_i for w, P_i in zip(lam, Ps)]) / scale[:, None, None]
+    q = _sum([w * pe_i for w, pe_i in zip(lam, pe)]) / scale[:, None]
+    const = _sum([w * own_i for w, own_i in zip(lam, own)]) / scale
+    del Ps
+    pairs = _similar_pairs(ranks)
+    for a, b, k in pairs:
+        if terms.lam_sim and k:
+            # λ_sim·mean over pairs of mean_i(m_a,i·m_b,i) = mᵀ·S·m, S[a + i, b + i] = S[b + i, a + i] =
+            # λ_sim / (2k·pairs) (masks are ≥ 0).
+            idx = torch.arange(k)
+            P[:, a + idx, b + idx] += terms.lam_sim / (2 * k * len(pairs))
+            P[:, b + idx, a + idx] += terms.lam_sim / (2 * k * len(pairs))
     shares = torch.stack([torch.cat(p.shares()) for p in problems])  # (L, n): each LoRA's part sums to 1
     if terms.keep:
         # keep·Σᵢ shareᵢ·(1 − mᵢ)² per LoRA: mᵀ·diag(keep·share)·m − 2·(keep·share)ᵀ·m + keep·Σ share.
@@ -396,20 +509,23 @@ def _group(problems: list[LayerQuadratic], roles: list[str | None], terms: _Term
         q = q + terms.keep * shares
         const = const + terms.keep * shares.sum(1)
     P = 0.5 * (P + P.transpose(1, 2))
-    dom = torch.zeros(L, n, dtype=torch.float64)
-    other = torch.zeros(L, n, dtype=torch.float64)
-    w = torch.zeros(L, dtype=torch.float64)
+    n_pairs = len(prior_pairs(tags, CONTENT))
+    dom = torch.zeros(L, n_pairs, n, dtype=torch.float64)
+    other = torch.zeros(L, n_pairs, n, dtype=torch.float64)
+    w = torch.zeros(L, n_pairs, dtype=torch.float64)
     for i, role in enumerate(roles):
-        if role in (CONTENT, STYLE) and terms.lam_prior:
+        if not terms.lam_prior:
+            continue
+        for h, (d, o) in enumerate(_pair_slices(tags, ranks, role)):
             if terms.kind == "share_hinge":
                 # ρ = Σ shareᵢ·mᵢ on the box: the hinge ν·max(0, ρ_other − ρ_dom + δ) is linear inside.
-                (dom if role == CONTENT else other)[i, :r_c] = shares[i, :r_c]
-                (other if role == CONTENT else dom)[i, r_c:] = shares[i, r_c:]
-                w[i] = terms.lam_prior
+                dom[i, h, d] = shares[i, d]
+                other[i, h, o] = shares[i, o]
+                w[i, h] = terms.lam_prior
                 continue
-            (dom if role == CONTENT else other)[i, :r_c] = 1.0
-            (other if role == CONTENT else dom)[i, r_c:] = 1.0
-            w[i] = terms.lam_prior / (r_c if role == CONTENT else n - r_c)
+            dom[i, h, d] = 1.0
+            other[i, h, o] = 1.0
+            w[i, h] = terms.lam_prior / (d.stop - d.start)
     # Jacobi preconditioning: u = s ⊙ m, s = √diag(P), so the Hessian in u has a unit diagonal (the
     # two LoRAs interfere weakly, so it is close to the identity and a few steps converge).
     # A layer whose two ΔW are zero (P = 0: factors saved before training) has a constant objective; s = 1
@@ -473,14 +589,18 @@ def _box_qp(g: _Group, lin: torch.Tensor, m: torch.Tensor, iterations: int, tole
     return (u / s).clamp(0.0, 1.0).double()
 
 
+# Sweeps over the prior pairs when a layer has several (multi-concept): each sweep moves every pair's hinge
+# multiplier to its best value with the others held (coordinate ascent on the concave dual).
+HINGE_SWEEPS = 30
+
+
 def _solve_group(g: _Group, terms: _Terms, iterations: int, tolerance: float) -> torch.Tensor:
     """Masks (L, n) minimising the group's fast objective on the box [0, 1] (module docstring).
 
     ``hinge`` prior (convex): on the box it is w·κ·Σm_dom + w·ν·max(0, h(m)), h = Σm_other − Σm_dom + margin,
-    handled exactly through its multiplier θ ∈ [0, w·ν]: m(θ) minimises the box QP with the linear term
-    w·κ·dom + θ·(other − dom), and h(m(θ)) falls as θ grows; θ = 0 if h(m(0)) ≤ 0, θ = w·ν if h(m(w·ν)) ≥ 0,
-    else the root of h(m(θ)) = 0 (regula falsi, Illinois variant). ``code_compat`` (not convex): projected
-    gradient from the same start, with the gradient of its L2 terms.
+    handled exactly through its multiplier θ ∈ [0, w·ν] (``_hinge_multiplier``). With several prior pairs
+    (multi-concept) their hinges are handled by coordinate ascent on the multipliers (``HINGE_SWEEPS``).
+    ``code_compat`` (not convex): projected gradient from the same start, with the gradient of its L2 terms.
     """
     L, n = g.q.shape
     ridge = 1e-10 * torch.diagonal(g.P, dim1=1, dim2=2).sum(1).clamp_min(1e-300) / n
@@ -489,19 +609,53 @@ def _solve_group(g: _Group, terms: _Terms, iterations: int, tolerance: float) ->
     except RuntimeError:  # singular even with the ridge (an all-zero layer): start at the direct merge
         m0 = torch.ones(L, n, dtype=torch.float64)
     m0 = torch.nan_to_num(m0, nan=1.0).clamp(0.0, 1.0)
-    w = g.w[:, None]
+    pairs = range(g.w.shape[1])
+    w = [g.w[:, h][:, None] for h in pairs]
+    if not w:  # no prior pair (a layer of content LoRAs only)
+        return _box_qp(g, torch.zeros_like(g.q), m0, iterations, tolerance)
     if terms.kind == "code_compat":
         def l2_grad(m: torch.Tensor) -> torch.Tensor:
             def unit(part: torch.Tensor) -> torch.Tensor:
                 v = m * part
                 return v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            return w * terms.nu * (unit(g.other) - unit(g.dom))
+            return _sum([w[h] * terms.nu * (unit(g.other[:, h]) - unit(g.dom[:, h])) for h in pairs])
 
-        return _box_qp(g, w * terms.kappa * g.dom, m0, iterations, tolerance, l2_grad)
+        return _box_qp(g, _sum([w[h] * terms.kappa * g.dom[:, h] for h in pairs]), m0, iterations, tolerance,
+                       l2_grad)
 
-    lin0 = w * terms.kappa * g.dom if terms.kind == "hinge" else torch.zeros_like(g.dom)
-    a = g.other - g.dom
-    wnu = (g.w * terms.nu)[:, None]
+    lin0 = (_sum([w[h] * terms.kappa * g.dom[:, h] for h in pairs]) if terms.kind == "hinge"
+            else torch.zeros_like(g.dom[:, 0]))
+    a = [g.other[:, h] - g.dom[:, h] for h in pairs]
+    wnu = [(g.w[:, h] * terms.nu)[:, None] for h in pairs]
+    if len(a) == 1:
+        return _hinge_multiplier(g, terms, lin0, a[0], wnu[0], m0, iterations, tolerance)[0]
+    theta = [torch.zeros_like(wnu[h]) for h in pairs]
+    m = m0
+    for _ in range(HINGE_SWEEPS):
+        moved = 0.0
+        for h in pairs:
+            lin = lin0
+            for k in pairs:
+                if k != h:
+                    lin = lin + theta[k] * a[k]
+            m, new = _hinge_multiplier(g, terms, lin, a[h], wnu[h], m, iterations, tolerance)
+            moved = max(moved, float((new - theta[h]).abs().max()))
+            theta[h] = new
+        if moved <= tolerance * max(1.0, max(float(x.max()) for x in wnu)):
+            break
+    return m
+
+
+def _hinge_multiplier(g: _Group, terms: _Terms, lin0: torch.Tensor, a: torch.Tensor, wnu: torch.Tensor,
+                      m0: torch.Tensor, iterations: int,
+                      tolerance: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masks, θ) of one hinge ν·w·max(0, aᵀm + margin) over the box QP with linear term ``lin0``.
+
+    m(θ) minimises the box QP with the linear term lin0 + θ·a, and h(m(θ)) = aᵀm(θ) + margin falls as θ grows;
+    θ = 0 if h(m(0)) ≤ 0, θ = w·ν if h(m(w·ν)) ≥ 0, else the root of h(m(θ)) = 0 (regula falsi, Illinois
+    variant). ``m0`` is the start of the first solve.
+    """
+    n = g.q.shape[1]
 
     def hinge(m: torch.Tensor) -> torch.Tensor:
         return (m * a).sum(1, keepdim=True) + terms.margin
@@ -510,13 +664,13 @@ def _solve_group(g: _Group, terms: _Terms, iterations: int, tolerance: float) ->
     h_lo = hinge(m_lo)
     need = (wnu > 0) & (h_lo > 0)
     if not bool(need.any()):
-        return m_lo
+        return m_lo, torch.zeros_like(wnu)
     m_hi = _box_qp(g, lin0 + wnu * a, m_lo, iterations, tolerance)
     h_hi = hinge(m_hi)
     kink = need & (h_hi < 0)
     result = torch.where(need, m_hi, m_lo)
     if not bool(kink.any()):
-        return result
+        return result, torch.where(need, wnu, torch.zeros_like(wnu))
     # Regula falsi on θ for the layers whose optimum sits on the hinge's kink (others keep their θ).
     th_a, th_b = torch.zeros_like(wnu), wnu.clone()
     f_a, f_b = h_lo.clone(), h_hi.clone()
@@ -540,75 +694,83 @@ def _solve_group(g: _Group, terms: _Terms, iterations: int, tolerance: float) ->
         f_a = torch.where(kink & crossed, f_b, torch.where(kink & ~crossed, 0.5 * f_a, f_a))
         th_b = torch.where(kink, theta, th_b)
         f_b = torch.where(kink, f, f_b)
-    return torch.where(kink, m, result)
+    return torch.where(kink, m, result), theta
 
 
 def _mean_objective(problems: Sequence[LayerQuadratic], roles: Sequence[str | None],
-                    masks: Sequence[tuple[torch.Tensor, torch.Tensor]], terms: _Terms) -> dict[str, float]:
-    """The mean over layers of each term of ``layer_objective`` (content, style, prior, similarity, total),
-    computed for layers of equal ranks at once (float64; equal to the per-layer terms to float64 rounding)."""
-    groups: dict[tuple[int, int], list[int]] = {}
+                    masks: Sequence[Sequence[torch.Tensor]], terms: _Terms) -> dict[str, float]:
+    """The mean over layers of each term of ``layer_objective`` (content, …, style, prior, similarity, keep,
+    total), computed for layers of equal LoRAs and ranks at once (float64; equal to the per-layer terms to float64
+    rounding). A term of a LoRA a layer lacks counts as 0 there."""
+    groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(problems):
-        groups.setdefault((p.r_c, p.r_s), []).append(i)
+        groups.setdefault((p.tags, p.ranks), []).append(i)
     sums: dict[str, float] = {}
-    for (r_c, r_s), idx in groups.items():
-        n, k = r_c + r_s, min(r_c, r_s)
-        P_c = torch.stack([problems[i].P_c for i in idx])
-        P_s = torch.stack([problems[i].P_s for i in idx])
-        m = torch.stack([torch.cat([masks[i][0].detach().double().cpu(), masks[i][1].detach().double().cpu()])
-                         for i in idx])
-        e_c = torch.zeros(n, dtype=torch.float64)
-        e_c[:r_c] = 1.0
-        dc, ds = m - e_c, m - (1.0 - e_c)
-        L_c = (dc * _matvec(P_c, dc)).sum(1)
-        L_s = (ds * _matvec(P_s, ds)).sum(1)
-        scale = P_c[:, :r_c, :r_c].sum((1, 2)) + P_s[:, r_c:, r_c:].sum((1, 2))
+    for (tags, ranks), idx in groups.items():
+        sl = _slices(ranks)
+        Ps = [torch.stack([problems[i].P[j] for i in idx]) for j in range(len(ranks))]
+        m = torch.stack([torch.cat([mask.detach().double().cpu() for mask in masks[i]]) for i in idx])
+        e = problems[idx[0]].targets()
+        losses = [((m - e_j) * _matvec(P_j, m - e_j)).sum(1) for e_j, P_j in zip(e, Ps)]
+        scale = _sum([P_j[:, s, s].sum((1, 2)) for P_j, s in zip(Ps, sl)])
         scale = torch.where(scale != 0, scale, torch.ones_like(scale))
-        # layer_prior on the (dominant, other) parts of prior layers, per dominant entry; 0 elsewhere.
-        content_role = torch.tensor([roles[i] == CONTENT for i in idx])[:, None]
-        has_role = torch.tensor([roles[i] in (CONTENT, STYLE) for i in idx]) & bool(terms.lam_prior)
-        dom = torch.where(content_role, e_c, 1.0 - e_c)
+        # layer_prior on the (dominant, other) parts of each prior pair of the prior layers, per dominant entry.
         a = m.abs()
         shares = torch.stack([torch.cat(problems[i].shares()) for i in idx])
-        if terms.kind == "share_hinge":
-            rho_dom, rho_other = (a * shares * dom).sum(1), (a * shares * (1.0 - dom)).sum(1)
-            raw = terms.nu * torch.relu(rho_other - rho_dom + terms.margin)
-            per_entry = torch.ones_like(raw)  # already a fraction of each LoRA
-        else:
-            l1_dom, l1_other = (a * dom).sum(1), (a * (1.0 - dom)).sum(1)
-            if terms.kind == "hinge":
-                raw = terms.kappa * l1_dom + terms.nu * torch.relu(l1_other - l1_dom + terms.margin)
-            elif terms.kind == "code_compat":
-                raw = terms.kappa * l1_dom + terms.nu * ((m * (1.0 - dom)).norm(dim=1) - (m * dom).norm(dim=1))
+        where = dict(zip(tags, e))
+        content_role = torch.tensor([roles[i] == CONTENT for i in idx])[:, None]
+        has_role = torch.tensor([roles[i] in (CONTENT, STYLE) for i in idx]) & bool(terms.lam_prior)
+        per_pair = []
+        for d_tag, o_tag in prior_pairs(tags, CONTENT):
+            dom = torch.where(content_role, where[d_tag], where[o_tag])
+            oth = torch.where(content_role, where[o_tag], where[d_tag])
+            if terms.kind == "share_hinge":
+                rho_dom, rho_other = (a * shares * dom).sum(1), (a * shares * oth).sum(1)
+                raw = terms.nu * torch.relu(rho_other - rho_dom + terms.margin)
+                per_entry = torch.ones_like(raw)  # already a fraction of each LoRA
             else:
-                raise ValueError(f"prior loss kind {terms.kind!r} is not one of share_hinge, hinge, code_compat")
-            per_entry = dom.sum(1)
-        prior = torch.where(has_role, raw / per_entry, torch.zeros_like(raw))
-        sim = (m[:, :k] * m[:, r_c:r_c + k]).abs().mean(1) if k else torch.zeros(len(idx), dtype=torch.float64)
-        keep = (shares * (1.0 - m) ** 2).sum(1) if terms.keep else torch.zeros(len(idx), dtype=torch.float64)
-        recon = (terms.lam_c * L_c + terms.lam_s * L_s) / scale
-        group = {"content": L_c / scale, "style": L_s / scale, "prior": prior, "similarity": sim, "keep": keep,
-                 "total": recon + terms.lam_prior * prior + terms.lam_sim * sim + terms.keep * keep}
+                l1_dom, l1_other = (a * dom).sum(1), (a * oth).sum(1)
+                if terms.kind == "hinge":
+                    raw = terms.kappa * l1_dom + terms.nu * torch.relu(l1_other - l1_dom + terms.margin)
+                elif terms.kind == "code_compat":
+                    raw = terms.kappa * l1_dom + terms.nu * ((m * oth).norm(dim=1) - (m * dom).norm(dim=1))
+                else:
+                    raise ValueError(f"prior loss kind {terms.kind!r} is not one of share_hinge, hinge, code_compat")
+                per_entry = dom.sum(1)
+            per_pair.append(raw / per_entry)
+        zeros = torch.zeros(len(idx), dtype=torch.float64)
+        prior = torch.where(has_role, _sum(per_pair), torch.zeros_like(per_pair[0])) if per_pair else zeros
+        sims = [(m[:, a_:a_ + k] * m[:, b_:b_ + k]).abs().mean(1) if k else zeros for a_, b_, k in _similar_pairs(ranks)]
+        sim = sims[0] if len(sims) == 1 else torch.stack(sims).mean(0)
+        keep = (shares * (1.0 - m) ** 2).sum(1) if terms.keep else zeros
+        lam = [terms.lam_s if t == STYLE_TAG else terms.lam_c for t in tags]
+        recon = _sum([w * L_j for w, L_j in zip(lam, losses)]) / scale
+        group = {_term(t): L_j / scale for t, L_j in zip(tags, losses)}
+        group.update({"prior": prior, "similarity": sim, "keep": keep,
+                      "total": recon + terms.lam_prior * prior + terms.lam_sim * sim + terms.keep * keep})
         for key, value in group.items():
             sums[key] = sums.get(key, 0.0) + float(value.sum())
-    return {key: value / len(problems) for key, value in sums.items()}
+    order = {name: i for i, name in enumerate(["content", *sorted(k for k in sums if k.startswith("content")
+                                                                  and k != "content"), "style"])}
+    keys = sorted(sums, key=lambda k: order.get(k, len(order)))
+    return {key: sums[key] / len(problems) for key in keys}
 
 
 def solve_quadratics(problems: Sequence[LayerQuadratic], roles: Sequence[str | None], config: MergeConfig,
                      iterations: int = SOLVER_ITERATIONS,
-                     tolerance: float = SOLVER_TOLERANCE) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Masks (m_c (r_c,), m_s (r_s,)) float32 minimising each layer's fast objective; layers of equal ranks
-    are solved as one batch."""
+                     tolerance: float = SOLVER_TOLERANCE) -> list[tuple[torch.Tensor, ...]]:
+    """Masks (one float32 (r_i,) tensor per LoRA of the layer: (m_c, m_s) for a pair) minimising each layer's
+    fast objective; layers of equal LoRAs and ranks are solved as one batch."""
     terms = _Terms.from_config(config)
-    groups: dict[tuple[int, int], list[int]] = {}
+    groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(problems):
-        groups.setdefault((p.r_c, p.r_s), []).append(i)
-    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(problems)
-    for (r_c, _), idx in groups.items():
+        groups.setdefault((p.tags, p.ranks), []).append(i)
+    out: list[tuple[torch.Tensor, ...] | None] = [None] * len(problems)
+    for (_, ranks), idx in groups.items():
         g = _group([problems[i] for i in idx], [roles[i] for i in idx], terms)
         m = _solve_group(g, terms, iterations, tolerance)
         for j, i in enumerate(idx):
-            out[i] = (m[j, :r_c].float(), m[j, r_c:].float())
+            out[i] = tuple(m[j, s].float() for s in _slices(ranks))
     return out  # type: ignore[return-value]
 
 
@@ -629,13 +791,14 @@ def _apply(merger: Merger, problems: list[LayerQuadratic], config: MergeConfig, 
     roles = [prior_role(p.name, roles_map) for p in problems]
     masks = solve_quadratics(problems, roles, config, iterations)
     terms = _Terms.from_config(config)
-    ones = [(torch.ones(p.r_c), torch.ones(p.r_s)) for p in problems]
+    ones = [tuple(torch.ones(r) for r in p.ranks) for p in problems]
     with torch.no_grad():
         before, after = _mean_objective(problems, roles, ones, terms), _mean_objective(problems, roles, masks, terms)
-        for p, (m_c, m_s) in zip(problems, masks):
+        for p, layer_masks in zip(problems, masks):
             layer = merger.layer(p.name)
-            layer.m_c.copy_(m_c.to(layer.m_c.device))
-            layer.m_s.copy_(m_s.to(layer.m_s.device))
+            for tag, m in zip(p.tags, layer_masks):
+                target = layer.mask(tag)
+                target.copy_(m.to(target.device))
     history = {k: [before[k], after[k]] for k in after}
     return MergeResult(merger=merger, history=history, steps_done=0, cancelled=False,
                        wall_seconds=time.perf_counter() - start)
@@ -655,8 +818,8 @@ def solve_weights(merger: Merger, config: MergeConfig, iterations: int = SOLVER_
     return _apply(merger, problems, config, start, iterations)
 
 
-def merge_weights_only(content: LoRA, style: LoRA, config: MergeConfig | None = None) -> MergeResult:
-    """build_merger + solve_weights: the weights-only merge of two in-memory LoRAs."""
+def merge_weights_only(content: LoRA | Sequence[LoRA], style: LoRA, config: MergeConfig | None = None) -> MergeResult:
+    """build_merger + solve_weights: the weights-only merge of in-memory LoRAs (one content LoRA or several)."""
     config = config or MergeConfig()
     check_method(config.method, "weights")
     merger = build_merger(config.method, content, style, config)
@@ -680,7 +843,7 @@ def describe(result: MergeResult) -> str:
     if "total" not in h:
         return "nothing to learn (the method fixes every mask)"
     parts = [f"objective {h['total'][0]:.4g} -> {h['total'][1]:.4g}"]
-    for k in ("content", "style", "prior"):
+    for k in (*(k for k in h if k.startswith("content")), "style", "prior"):
         if k in h:
             parts.append(f"{k} {h[k][0]:.4g} -> {h[k][1]:.4g}")
     return " · ".join(parts)

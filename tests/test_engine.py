@@ -174,5 +174,5 @@ def test_an_existing_output_is_refused_before_anything_is_read(tmp_path) -> None
                          MergeConfig(objective="weights_only"), output=engine.OutputFile(out))
     assert out.read_bytes() == b"keep me"
     _, content, _ = toy_setup()
-    with pytest.raises(TypeError, match="two LoRAs or two file paths"):
+    with pytest.raises(TypeError, match="^run_merge takes LoRAs or file paths, not some of each$"):
         engine.run_merge(content, tmp_path / "s.safetensors", MergeConfig(objective="weights_only"))

@@ -260,11 +260,11 @@ def test_hinge_solution_is_a_minimum_of_the_full_objective() -> None:
     for layer in merger.learned_layers():
         quad = solver.weights_quadratic(layer)
         role = prior_role(layer.name, roles)
-        base = solver.layer_objective(quad, role, layer.m_c, layer.m_s, terms)["total"]
+        base = solver.layer_objective(quad, role, (layer.m_c, layer.m_s), terms)["total"]
         for _ in range(20):
             dc = 1e-3 * torch.randn(layer.m_c.shape, generator=g)
             ds = 1e-3 * torch.randn(layer.m_s.shape, generator=g)
-            trial = solver.layer_objective(quad, role, (layer.m_c + dc).clamp(0, 1), (layer.m_s + ds).clamp(0, 1),
+            trial = solver.layer_objective(quad, role, ((layer.m_c + dc).clamp(0, 1), (layer.m_s + ds).clamp(0, 1)),
                                          terms)["total"]
             improved += trial < base - 1e-7 * abs(base)
     assert improved == 0
@@ -377,7 +377,7 @@ def test_solver_history_is_the_mean_of_the_per_layer_objective(kind: str, tiny_l
         quad = solver.weights_quadratic(layer)
         role = prior_role(layer.name, roles)
         for point, masks in enumerate(((torch.ones(4), torch.ones(6)), (layer.m_c, layer.m_s))):
-            for k, v in solver.layer_objective(quad, role, *masks, terms).items():
+            for k, v in solver.layer_objective(quad, role, masks, terms).items():
                 per_layer.setdefault(k, [[], []])[point].append(v)
     assert set(result.history) == set(per_layer) == {"content", "style", "prior", "similarity", "keep", "total"}
     # Both prior layers and layers without a role are in the mean.
