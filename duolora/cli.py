@@ -63,7 +63,8 @@ class _MergeHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
-    """``duolora merge CONTENT STYLE -o OUT``: the weights-only merge (no model, no images)."""
+    """``duolora merge CONTENT STYLE -o OUT`` or ``duolora merge --content A --content B --style S -o OUT``: the
+    weights-only merge (no model, no images) of one content LoRA or several with a style LoRA."""
     from .config import BASES, DEFAULT_PRUNE_THRESHOLD, PRIOR_LOSS_KINDS, SCOPES, MergeConfig
     from .sdxl import PRESET_NAMES
     from .solver import SOLVER_ITERATIONS
@@ -71,18 +72,26 @@ def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
     d = MergeConfig()
     p = sub.add_parser(
         "merge",
-        help="merge a content and a style LoRA from their weights alone (weights-only mode) into one LoRA",
+        help="merge a content and a style LoRA (or several content LoRAs and a style LoRA) from their weights "
+             "alone (weights-only mode) into one LoRA",
         description=(
-            "Weights-only DuoLoRA merge (METHOD.md §5): choose ZipRank's rank masks layer by layer from the two "
+            "Weights-only DuoLoRA merge (METHOD.md §5): choose ZipRank's rank masks layer by layer from the "
             "LoRA files alone — no model, no reference images — with the SDXL layer priors, and write an exact "
             "standard LoRA (kohya keys, alpha = rank) that ComfyUI's LoraLoader and other tools load. Layers are "
-            "streamed, so memory stays near the size of the two files. For the paper's objective through the "
-            "model, use the ZipRank Merge node in ComfyUI."
+            "streamed, so memory stays near the size of the files. Give CONTENT STYLE, or several subjects with "
+            "--content A --content B --style S (a multi-concept merge: every content LoRA is paired with the style "
+            "LoRA by the priors). For the paper's objective through the model, use the ZipRank Merge node in "
+            "ComfyUI."
         ),
         formatter_class=_MergeHelpFormatter,
     )
-    p.add_argument("content", help="the content (subject) LoRA, .safetensors (any common key style)")
-    p.add_argument("style", help="the style LoRA, .safetensors")
+    p.add_argument("content", nargs="?", help="the content (subject) LoRA, .safetensors (any common key style)")
+    p.add_argument("style", nargs="?", help="the style LoRA, .safetensors")
+    p.add_argument("--content", action="append", dest="contents", metavar="FILE",
+                   help="a content (subject) LoRA; give it once per subject, with --style, instead of CONTENT STYLE "
+                        "(default: none)")
+    p.add_argument("--style", dest="style_file", metavar="FILE",
+                   help="the style LoRA, with --content (default: none)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the merged LoRA file to write (.safetensors)")
     p.add_argument("--method", choices=("ziprank", "direct", "b_lora"), default=d.method,
                    help="ziprank: solve DuoLoRA's rank masks; direct: plain sum w_c·ΔW_c + w_s·ΔW_s; b_lora: content "
@@ -124,7 +133,8 @@ def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
                    help="rank budget: keep at most this many components of each LoRA per learned layer, the "
                         "strongest by σ·|mask| (0: no budget)")
     p.add_argument("--w-c", type=float, default=d.w_c,
-                   help="content weight of the layers merged as a plain sum (text encoders, layers out of scope)")
+                   help="content weight (of each content LoRA) in the layers merged as a plain sum (text encoders, "
+                        "layers out of scope)")
     p.add_argument("--w-s", type=float, default=d.w_s, help="style weight of the layers merged as a plain sum")
     p.add_argument("--seed", type=int, default=d.seed,
                    help="recorded in the file's metadata; the weights-only solve is deterministic (a convex "
@@ -169,6 +179,22 @@ class _TerminalProgress:
             sys.stderr.flush()
 
 
+def _merge_inputs(args: argparse.Namespace) -> tuple[list[str], str]:
+    """(content files, style file) from CONTENT STYLE or from --content … --style …; ValueError otherwise."""
+    positional = [f for f in (args.content, args.style) if f is not None]
+    if args.contents or args.style_file:
+        if positional:
+            raise ValueError("give either CONTENT STYLE or --content FILE … --style FILE, not both")
+        if not args.contents or not args.style_file:
+            raise ValueError("--content FILE (once per subject) needs --style FILE, and --style needs at least one "
+                             "--content")
+        return list(args.contents), args.style_file
+    if len(positional) != 2:
+        raise ValueError("give a content LoRA and a style LoRA: duolora merge CONTENT STYLE -o OUT, or "
+                         "duolora merge --content A --content B --style S -o OUT")
+    return [args.content], args.style
+
+
 def _merge(args: argparse.Namespace) -> int:
     import torch
 
@@ -179,6 +205,7 @@ def _merge(args: argparse.Namespace) -> int:
 
     progress = _TerminalProgress(not args.quiet)
     try:
+        contents, style_file = _merge_inputs(args)
         config = MergeConfig(
             method=args.method, basis=args.basis, scope=args.scope, objective="weights_only", seed=args.seed,
             prior_preset=args.prior_preset, custom_prior=args.custom_prior, prior_loss=not args.no_prior_loss,
@@ -188,11 +215,11 @@ def _merge(args: argparse.Namespace) -> int:
             fast_keep=args.fast_keep, max_rank=args.max_rank,
         )
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
-        if dtype is None:  # auto: the content file's dtype (formats.output_dtype: never float8)
-            dtype = formats.output_dtype(None, formats.read_lora(args.content, load_tensors=False).dtype)
+        if dtype is None:  # auto: the (first) content file's dtype (formats.output_dtype: never float8)
+            dtype = formats.output_dtype(None, formats.read_lora(contents[0], load_tensors=False).dtype)
         output = engine.OutputFile(args.output, key_style=args.key_style, dtype=dtype, overwrite=args.force)
-        result = engine.run_merge(args.content, args.style, config, output=output, progress=progress,
-                                  iterations=args.iterations)
+        result = engine.run_merge(contents if len(contents) > 1 else contents[0], style_file, config, output=output,
+                                  progress=progress, iterations=args.iterations)
     except formats.OutputExistsError as e:
         progress.close()
         print(f"error: {e} Pass --force to overwrite it.", file=sys.stderr)
@@ -204,9 +231,10 @@ def _merge(args: argparse.Namespace) -> int:
     progress.close()
     # What the merge carries besides its layers and what it leaves out: the inputs' bias/norm differences
     # are added to the written file; every key inspect lists as not merged is said here too.
-    content, style = (formats.read_lora(p, load_tensors=False) for p in (args.content, args.style))
-    carried = formats.carry_patches(result.path, content, style, w_c=args.w_c, w_s=args.w_s,
-                                    key_style=args.key_style)
+    content = [formats.read_lora(p, load_tensors=False) for p in contents]
+    style = formats.read_lora(style_file, load_tensors=False)
+    carried = formats.carry_patches(result.path, content if len(content) > 1 else content[0], style, w_c=args.w_c,
+                                    w_s=args.w_s, key_style=args.key_style)
     if not args.quiet:
         share = 100.0 * result.kept_components / max(result.total_components, 1)
         print(f"wrote {result.path}: {result.layers} layers, kept {result.kept_components:,} of "
@@ -215,7 +243,7 @@ def _merge(args: argparse.Namespace) -> int:
         if carried:
             print(f"carried {len(carried)} bias/norm differences of the inputs (summed like layers outside the "
                   "learned scope)")
-    for line in formats.merge_notes(content, style):
+    for line in formats.merge_notes(content if len(content) > 1 else content[0], style):
         print(f"note: {line}", file=sys.stderr)
     return 0
 

@@ -38,7 +38,7 @@ import re
 import struct
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -1799,12 +1799,15 @@ def not_merged_lines(lora_or_info: LoRA | Mapping) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------- merge reporting
-def merge_notes(content: LoRA, style: LoRA) -> list[str]:
-    """What ``duolora merge`` says about its two inputs: per file, every group of keys that is not merged
-    (the same list inspect shows), a scale read from outside the file (PEFT's adapter_config.json) and
-    ``scale_note``: a scale in the metadata that is not applied, or one that may be missing."""
+def merge_notes(content: LoRA | Sequence[LoRA], style: LoRA) -> list[str]:
+    """What ``duolora merge`` says about its inputs (one content LoRA or several, and the style LoRA): per file,
+    every group of keys that is not merged (the same list inspect shows), a scale read from outside the file
+    (PEFT's adapter_config.json) and ``scale_note``: a scale in the metadata that is not applied, or one that
+    may be missing."""
     lines = []
-    for role, lora in (("content", content), ("style", style)):
+    contents = [content] if isinstance(content, LoRA) else list(content)
+    roles = ["content"] if len(contents) == 1 else [f"content {i + 1}" for i in range(len(contents))]
+    for role, lora in (*zip(roles, contents), ("style", style)):
         lines += [f"{role} {lora.name}: not merged: {line}" for line in not_merged_lines(lora)]
         for note in (scale_origin(lora), scale_note(lora)):
             if note:
@@ -1812,17 +1815,20 @@ def merge_notes(content: LoRA, style: LoRA) -> list[str]:
     return lines
 
 
-def carry_patches(out_path: str | os.PathLike[str], content: LoRA, style: LoRA, *, w_c: float = 1.0,
-                  w_s: float = 1.0, key_style: str = "kohya_ldm", layout: Layout = SDXL_LAYOUT
+def carry_patches(out_path: str | os.PathLike[str], content: LoRA | Sequence[LoRA], style: LoRA, *,
+                  w_c: float = 1.0, w_s: float = 1.0, key_style: str = "kohya_ldm", layout: Layout = SDXL_LAYOUT
                   ) -> dict[str, torch.Tensor]:
     """Add the inputs' bias/norm differences to a merged file written without them (``duolora merge``).
 
-    The merged differences are ``lora.merge_patches`` (w_c·d_c + w_s·d_s where both inputs have one, else the
-    one unchanged), spelled in ``key_style`` in the dtype of the file's factors; the file is rewritten
-    atomically (save_state_dict). ``content``/``style`` may be header-only reads: read_lora loads the
-    differences' values even then. Returns the merged differences ({} and no rewrite when there are none).
+    The merged differences are ``lora.merge_patches`` (w_c·d_c + w_s·d_s where several inputs have one — w_c on
+    each of several content LoRAs — else the one unchanged), spelled in ``key_style`` in the dtype of the file's
+    factors; the file is rewritten atomically (save_state_dict). ``content``/``style`` may be header-only reads:
+    read_lora loads the differences' values even then. Returns the merged differences ({} and no rewrite when
+    there are none).
     """
-    patches = merge_patches(content.patches, style.patches, w_c, w_s)
+    contents = [content] if isinstance(content, LoRA) else list(content)
+    patches = merge_patches([c.patches for c in contents] if len(contents) > 1 else contents[0].patches,
+                            style.patches, w_c, w_s)
     if not patches:
         return {}
     header, metadata = _read_header(out_path)

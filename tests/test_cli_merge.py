@@ -1,6 +1,7 @@
 """``duolora merge`` on two generated full-size SDXL LoRAs (synthetic: seeded noise with SDXL's 560 real
-attention names and shapes, fp16, rank 4 to keep the test fast): the file it writes is what ``duolora
-inspect`` and ComfyUI's stock LoRA loading accept, its options and errors are the documented ones."""
+attention names and shapes, fp16, rank 4 to keep the test fast), and on two content LoRAs and a style LoRA
+(``--content A --content B --style S``): the file it writes is what ``duolora inspect`` and ComfyUI's stock LoRA
+loading accept, its options and errors are the documented ones."""
 
 from __future__ import annotations
 
@@ -138,7 +139,7 @@ def test_help_documents_every_option_with_its_default() -> None:
     assert code == 0
     subparsers = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     options = [a for a in subparsers.choices["merge"]._actions if a.option_strings and a.dest != "help"]
-    assert len(options) == 26
+    assert len(options) == 28
     # One help paragraph per option: from its "  -…" line to the next one.
     paragraphs = {p.split()[0].rstrip(","): " ".join(p.split())
                   for p in re.split(r"\n  (?=-)", text.split("options:", 1)[1])[1:]}
@@ -180,3 +181,63 @@ def test_progress_bar_only_on_a_terminal(pair: tuple[Path, Path], tmp_path: Path
     tty_err = b"".join(chunks).decode()
     assert proc.returncode == 0
     assert "\rmerging " in tty_err and "560/560 layers" in tty_err and "█" * 30 in tty_err
+
+
+@pytest.fixture(scope="module")
+def second_subject(pair: tuple[Path, Path]) -> Path:
+    lora = synthetic_lora(rank=2, seed=5, dtype=torch.float16, decay=0.9)
+    return formats.save_lora(lora, pair[0].parent / "content2.safetensors")
+
+
+def test_merge_of_two_subjects_and_a_style(pair: tuple[Path, Path], second_subject: Path, tmp_path: Path) -> None:
+    out = tmp_path / "two.safetensors"
+    code, stdout, err = run_main("merge", "--content", str(pair[0]), "--content", str(second_subject), "--style",
+                                 str(pair[1]), "-o", str(out))
+    assert code == 0, err
+    # 560 layers × (4 + 2 + 3) components before pruning.
+    assert re.fullmatch(rf"wrote {re.escape(str(out))}: 560 layers, kept [\d,]+ of 5,040 rank components "
+                        r"\([\d.]+ %\) in [\d.]+ s; objective [\d.e-]+ -> [\d.e-]+ · content [^·]+ · "
+                        r"content2 [^·]+ · style .*\n", stdout), stdout
+    expected = engine.merge_files([pair[0], second_subject], pair[1], tmp_path / "engine.safetensors", MergeConfig())
+    a, b = formats.load_lora(out), formats.load_lora(expected.path)
+    assert a.layers.keys() == b.layers.keys()
+    assert all(torch.equal(a.layers[n].up, b.layers[n].up) and torch.equal(a.layers[n].down, b.layers[n].down)
+               for n in a.layers)
+    assert max(lr.rank for lr in a.layers.values()) <= 9
+    assert a.metadata["duolora_content"] == "content.safetensors + content2.safetensors"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["A", "S", "--content", "B"], "give either CONTENT STYLE or --content FILE … --style FILE, not both"),
+    (["--content", "A", "--content", "B"],
+     "--content FILE (once per subject) needs --style FILE, and --style needs at least one --content"),
+    (["--style", "S"], "--content FILE (once per subject) needs --style FILE, and --style needs at least one --content"),
+    (["A"], ("give a content LoRA and a style LoRA: duolora merge CONTENT STYLE -o OUT, or duolora merge "
+             "--content A --content B --style S -o OUT")),
+])
+def test_merge_says_how_to_give_the_loras(argv: list[str], message: str, tmp_path: Path) -> None:
+    code, stdout, err = run_main("merge", *argv, "-o", str(tmp_path / "o.safetensors"))
+    assert (code, stdout, err) == (cli.EXIT_MERGE_FAILED, "", f"error: {message}\n")
+
+
+def test_merge_refuses_one_file_given_twice_and_b_lora_with_two_subjects(
+        pair: tuple[Path, Path], second_subject: Path, tmp_path: Path) -> None:
+    code, _, err = run_main("merge", "--content", str(pair[0]), "--content", str(pair[0]), "--style", str(pair[1]),
+                            "-o", str(tmp_path / "o.safetensors"))
+    assert code == cli.EXIT_MERGE_FAILED
+    assert err == (f"error: content LoRA 1 'content.safetensors' and content LoRA 2 'content.safetensors' are the same "
+                   f"file ({pair[0].resolve()}): give each LoRA once (to make a LoRA stronger, raise its strength "
+                   "instead)\n")
+    code, _, err = run_main("merge", "--content", str(pair[0]), "--content", str(pair[1]), "--style", str(pair[1]),
+                            "-o", str(tmp_path / "o.safetensors"))
+    assert code == cli.EXIT_MERGE_FAILED
+    assert err.startswith("error: content LoRA 2 'style.safetensors' and the style LoRA 'style.safetensors' are the "
+                          "same file")
+    code, _, err = run_main("merge", "--content", str(pair[0]), "--content", str(second_subject), "--style",
+                            str(pair[1]), "--method", "b_lora", "-o", str(tmp_path / "o.safetensors"))
+    assert code == cli.EXIT_MERGE_FAILED
+    assert err == ("error: method 'b_lora' merges exactly one content LoRA (B-LoRA keeps output_blocks.0.1 for the "
+                   "content and output_blocks.1.1 for the style), but 2 content LoRAs were given "
+                   "('content.safetensors', 'content2.safetensors'); use method 'ziprank', 'ziplora_out', "
+                   "'ziplora_in', 'direct' for a multi-concept merge\n")
+    assert not (tmp_path / "o.safetensors").exists()
