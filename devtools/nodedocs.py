@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 BEGIN, END = "<!-- nodes:begin -->", "<!-- nodes:end -->"
 NODE_IDS = (
-    "DuoLoRA_LoadContentLoRA", "DuoLoRA_LoadStyleLoRA", "DuoLoRA_ZipRankMerge",
+    "DuoLoRA_LoadContentLoRA", "DuoLoRA_AddContentLoRA", "DuoLoRA_LoadStyleLoRA", "DuoLoRA_ZipRankMerge",
     "DuoLoRA_ApplyMergedLoRA", "DuoLoRA_SaveMergedLoRA", "DuoLoRA_MergeReport",
 )
 

@@ -1,4 +1,5 @@
-"""LoadContentLoRA and LoadStyleLoRA: read a LoRA file (any common key style) for the merge."""
+"""LoadContentLoRA and LoadStyleLoRA: read a LoRA file (any common key style) for the merge; AddContentLoRA: one
+more content LoRA, with its own references, for a multi-concept merge."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def read_cached(path: str) -> tuple[LoRA, str]:
     return value
 
 
-def _load(lora_name: str, strength: float, lora_model: dict | None) -> io.NodeOutput:
+def _read(lora_name: str, strength: float, lora_model: dict | None) -> tuple[SourceLoRA, str]:
     if lora_model is not None:
         lora = formats.state_dict_to_lora(dict(lora_model), {}, "LORA_MODEL from an upstream node")
         name, digest = "LORA_MODEL (upstream node)", None
@@ -70,8 +71,25 @@ def _load(lora_name: str, strength: float, lora_model: dict | None) -> io.NodeOu
     if strength != 1.0:
         lora = lora.scaled(strength)
         summary += f" · strength {strength:g}"
-    return io.NodeOutput(SourceLoRA(lora=lora, name=name, sha256=digest, summary=summary, strength=strength),
-                         summary)
+    return SourceLoRA(lora=lora, name=name, sha256=digest, summary=summary, strength=strength), summary
+
+
+def _load(lora_name: str, strength: float, lora_model: dict | None) -> io.NodeOutput:
+    source, summary = _read(lora_name, strength, lora_model)
+    return io.NodeOutput(source, summary)
+
+
+def _file_inputs(what: str) -> list:
+    return [
+        io.Combo.Input("lora_name", options=[*bridge.lora_names(), NO_FILE],
+                       tooltip=f"The {what} LoRA file, from ComfyUI's models/loras folder (.safetensors); "
+                               f"{NO_FILE} when a LoRA comes in through lora_model."),
+        io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                       tooltip=f"Scales the {what} LoRA before merging (1.0 = as trained)."),
+        LoraModelType.Input("lora_model", optional=True,
+                            tooltip="Optional: a LoRA from an upstream node (e.g. ComfyUI's Train LoRA); "
+                                    "when connected it is used instead of the file."),
+    ]
 
 
 def _schema(node_id: str, display: str, what: str) -> io.Schema:
@@ -80,16 +98,7 @@ def _schema(node_id: str, display: str, what: str) -> io.Schema:
         display_name=display,
         category="DuoLoRA",
         description=f"Reads the {what} LoRA for a DuoLoRA merge (kohya, diffusers/PEFT or ComfyUI keys).",
-        inputs=[
-            io.Combo.Input("lora_name", options=[*bridge.lora_names(), NO_FILE],
-                           tooltip=f"The {what} LoRA file, from ComfyUI's models/loras folder (.safetensors); "
-                                   f"{NO_FILE} when a LoRA comes in through lora_model."),
-            io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
-                           tooltip=f"Scales the {what} LoRA before merging (1.0 = as trained)."),
-            LoraModelType.Input("lora_model", optional=True,
-                                tooltip="Optional: a LoRA from an upstream node (e.g. ComfyUI's Train LoRA); "
-                                        "when connected it is used instead of the file."),
-        ],
+        inputs=_file_inputs(what),
         outputs=[
             SourceLoRAType.Output(f"{what}_lora", display_name=f"{what}_lora",
                                   tooltip=f"The {what} LoRA, for ZipRank Merge."),
@@ -117,3 +126,51 @@ class LoadStyleLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, lora_name: str, strength: float = 1.0, lora_model: dict | None = None) -> io.NodeOutput:
         return _load(lora_name, strength, lora_model)
+
+
+class AddContentLoRA(io.ComfyNode):
+    """One more subject for a multi-concept merge: chained after Load Content LoRA (or another Add Content
+    LoRA), it carries its own LoRA file and the references ZipRank Merge learns that subject from."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DuoLoRA_AddContentLoRA",
+            display_name="Add Content LoRA",
+            category="DuoLoRA",
+            description=(
+                "Adds one more content (subject) LoRA for a multi-concept DuoLoRA merge: several subjects and one "
+                "style in one merged LoRA. Chain it after Load Content LoRA (or another Add Content LoRA) and "
+                "connect the last one to ZipRank Merge's content_lora. Each subject learns from its own "
+                "references: connect this subject's images and prompts here."),
+            inputs=[
+                SourceLoRAType.Input("content_lora",
+                                     tooltip="The content LoRA(s) so far: from Load Content LoRA or another Add "
+                                             "Content LoRA."),
+                *_file_inputs("content"),
+                io.Latent.Input("content_latents", optional=True,
+                                tooltip="VAE Encode of this subject's images (paper and layerwise modes)."),
+                io.Conditioning.Input("content_prompt", optional=True,
+                                      tooltip="This LoRA's prompt, e.g. 'a photo of sks cat' (paper and "
+                                              "layerwise modes)."),
+                io.Conditioning.Input("combined_prompt", optional=True,
+                                      tooltip="This subject in the style, e.g. 'a sks cat in zwz style'; used by "
+                                              "the Constyle cycle loss."),
+            ],
+            outputs=[
+                SourceLoRAType.Output("content_loras", display_name="content_loras",
+                                      tooltip="Every content LoRA so far, for ZipRank Merge's content_lora (or "
+                                              "one more Add Content LoRA)."),
+                io.String.Output("summary", display_name="summary",
+                                 tooltip="Key style, base model, layer count and rank of this file."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, content_lora: SourceLoRA, lora_name: str, strength: float = 1.0,
+                lora_model: dict | None = None, content_latents: dict | None = None, content_prompt=None,
+                combined_prompt=None) -> io.NodeOutput:
+        source, summary = _read(lora_name, strength, lora_model)
+        source.previous = content_lora
+        source.latents, source.prompt, source.combined_prompt = content_latents, content_prompt, combined_prompt
+        return io.NodeOutput(source, summary)

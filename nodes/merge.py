@@ -1,4 +1,5 @@
-"""ZipRankMerge: learn the DuoLoRA merge of a content LoRA and a style LoRA inside the real model."""
+"""ZipRankMerge: learn the DuoLoRA merge of a content LoRA (or several: a multi-concept merge) and a style LoRA
+inside the real model."""
 
 from __future__ import annotations
 
@@ -46,16 +47,20 @@ class ZipRankMerge(io.ComfyNode):
             description=(
                 "Merges a content LoRA and a style LoRA into one LoRA with DuoLoRA (ICCV 2025): a learned "
                 "mask per rank component (ZipRank) and SDXL layer priors; the paper's Constyle cycle loss is "
-                "an option (constyle_iterations, off by default). "
+                "an option (constyle_iterations, off by default). Several subjects and one style: chain Add "
+                "Content LoRA nodes after Load Content LoRA. "
                 "The result is an exact standard LoRA any loader can use."
             ),
             hidden=[io.Hidden.unique_id],
             inputs=[
                 io.Model.Input("model", tooltip="The SDXL model both LoRAs were trained for."),
-                SourceLoRAType.Input("content_lora", tooltip="From Load Content LoRA: the subject."),
+                SourceLoRAType.Input("content_lora",
+                                     tooltip="From Load Content LoRA: the subject; from Add Content LoRA: several "
+                                             "subjects, each with its own references."),
                 SourceLoRAType.Input("style_lora", tooltip="From Load Style LoRA: the style."),
                 io.Latent.Input("content_latents", optional=True,
-                                tooltip="VAE Encode of your content (subject) images; a batch is cycled through."),
+                                tooltip="VAE Encode of your content (subject) images; a batch is cycled through. "
+                                        "With several subjects: the first one's (Load Content LoRA)."),
                 io.Latent.Input("style_latents", optional=True,
                                 tooltip="VAE Encode of your style image(s)."),
                 io.Conditioning.Input("content_prompt", optional=True,
@@ -183,8 +188,13 @@ class ZipRankMerge(io.ComfyNode):
             max_rank=int(max_rank), fast_keep=float(fast_keep),
         )
         layout = bridge.model_layout(model)
-        content = content_lora.lora
-        for src in (content_lora, style_lora):
+        chain = content_lora.chain()
+        if style_lora.previous is not None:
+            raise ValueError("ZipRank Merge's style_lora takes one LoRA, from Load Style LoRA; connect Add Content "
+                             "LoRA to content_lora")
+        _refuse_same_file(chain, style_lora)
+        content = chain[0].lora
+        for src in (*chain, style_lora):
             bridge.validate_for_model(src.lora, model)
         dtype = DTYPES.get(compute_dtype)
 
@@ -197,25 +207,29 @@ class ZipRankMerge(io.ComfyNode):
             content_latents=None if content_latents is None else content_latents["samples"],
             style_latents=None if style_latents is None else style_latents["samples"],
             content_prompt=content_prompt, style_prompt=style_prompt, combined_prompt=combined_prompt,
+            more_content=[engine.ContentInputs(None if src.latents is None else src.latents["samples"], src.prompt,
+                                               src.combined_prompt) for src in chain[1:]],
         )
+        contents = content if len(chain) == 1 else [src.lora for src in chain]
         peak = bridge.PeakMemory(bridge.execution_device(model))
         try:
             with peak:
-                result = engine.run_merge(content, style_lora.lora, config, open_denoiser=open_denoiser,
+                result = engine.run_merge(contents, style_lora.lora, config, open_denoiser=open_denoiser,
                                           references=references,
                                           progress=bridge.Progress(config.steps, cls.hidden.unique_id),
                                           should_cancel=bridge.interrupted)
         except engine.MissingReferencesError as e:
-            raise ValueError(_missing_references_message(mode, e)) from None
+            raise ValueError(_missing_references_message(mode, e, chain)) from None
         if result.cancelled:
             bridge.raise_if_interrupted()
         config, merger, merged_lora = result.config, result.merger, result.merged
         rep = report.build_report(merger, result.history, roles=config.roles(),
                                   prune_threshold=config.prune_threshold)
-        kept = {s.key: {"content": s.mean_kept_c, "style": s.mean_kept_s, "layers": s.layers}
+        kept = {s.key: {"content": s.mean_kept_c, **{f"content{i + 2}": m.mean_kept for i, m in enumerate(s.more)},
+                        "style": s.mean_kept_s, "layers": s.layers}
                 for s in rep.by_block()}
         dtype = formats.output_dtype(DTYPES.get(lora_dtype), content.dtype)
-        metadata = _provenance(config, content_lora, style_lora, merger.trainable_parameters(), result, kept)
+        metadata = _provenance(config, chain, style_lora, merger.trainable_parameters(), result, kept)
         state_dict = LoraStateDict(
             formats.lora_to_state_dict(merged_lora, "kohya_ldm", dtype=dtype, layout=layout))
         merged = MergedLoRA(lora=merged_lora, state_dict=state_dict, metadata=metadata, method=method)
@@ -225,7 +239,7 @@ class ZipRankMerge(io.ComfyNode):
             kept_rank_by_block=kept, wall_seconds=time.perf_counter() - start,
             peak_memory_bytes=peak.peak_bytes, peak_memory_kind=peak.kind, report=rep,
             # The learned and fixed masks (the merger's state_dict holds only masks, r_c + r_s values per
-            # layer): with the two source files they reproduce the merge exactly.
+            # layer — one mask per LoRA): with the source files they reproduce the merge exactly.
             extra={"masks": {k: v.detach().cpu().clone() for k, v in merger.state_dict().items()}},
         )
         bridge.send_message("duolora.done", {"node": cls.hidden.unique_id, "kept_rank": kept})
@@ -235,8 +249,35 @@ class ZipRankMerge(io.ComfyNode):
 _CONNECT_REFERENCES = "(VAE Encode of your content and style images, CLIP Text Encode of the prompts)"
 
 
-def _missing_references_message(mode: str, error: engine.MissingReferencesError) -> str:
+def _refuse_same_file(chain: list[SourceLoRA], style: SourceLoRA) -> None:
+    """One file given twice (by two loaders, even under two names): the same SHA-256."""
+    roles = ["content LoRA"] if len(chain) == 1 else [f"content LoRA {i + 1}" for i in range(len(chain))]
+    seen: dict[str, tuple[str, SourceLoRA]] = {}
+    for role, src in (*zip(roles, chain), ("style LoRA", style)):
+        if src.sha256 is None:
+            continue
+        if src.sha256 in seen:
+            first_role, first = seen[src.sha256]
+            raise ValueError(f"{first_role} {first.name!r} and {role} {src.name!r} are the same file (identical "
+                             "SHA-256): give each LoRA once (to make a LoRA stronger, raise its strength instead)")
+        seen[src.sha256] = (role, src)
+
+
+def _missing_references_message(mode: str, error: engine.MissingReferencesError,
+                                 chain: list[SourceLoRA] | None = None) -> str:
     """The node's words for the references a mode lacks (the engine names the inputs, the node the remedy)."""
+    if error.content_index is not None:
+        names = ", ".join(error.missing)
+        src = (chain or [])[error.content_index - 1] if chain and len(chain) >= error.content_index else None
+        name = src.name if src is not None else error.lora
+        what = ("runs paper steps with the Constyle cycle loss" if error.stage == "cycle" else
+                "records the model's activations on each subject's references" if error.stage == "record" else
+                "learns each subject from its own reference images and prompts")
+        remedy = ("set constyle_iterations to 0" if error.stage == "cycle"
+                  else "choose mode 'weights' to merge from the LoRAs alone")
+        return (f"ZipRank Merge in {mode!r} mode {what}: content LoRA {error.content_index} {name!r} has no "
+                f"{names}; connect {names} on its Add Content LoRA node (VAE Encode of that subject's images, "
+                f"CLIP Text Encode of its prompts), or {remedy}.")
     if error.stage == "cycle":
         return ("ZipRank Merge in 'layerwise+paper' mode runs paper steps with the Constyle cycle loss; connect "
                 "combined_prompt (CLIP Text Encode of e.g. 'a sks dog in zwz style'), or set "
@@ -249,8 +290,15 @@ def _missing_references_message(mode: str, error: engine.MissingReferencesError)
             f"{_CONNECT_REFERENCES}, or choose method 'direct' to merge without learning.")
 
 
-def _provenance(config: MergeConfig, content: SourceLoRA, style: SourceLoRA, trainable: int,
+def _provenance(config: MergeConfig, chain: list[SourceLoRA], style: SourceLoRA, trainable: int,
                 result: MergeResult, kept: dict) -> dict[str, str]:
+    """What a saved merge records: the settings and every source file (name, SHA-256, strength); further content
+    LoRAs of a multi-concept merge as ``duolora.content_2``, … ."""
+    content = chain[0]
+    more = {}
+    for i, src in enumerate(chain[1:], start=2):
+        more.update({f"duolora.content_{i}": src.name, f"duolora.content_{i}_sha256": src.sha256 or "",
+                     f"duolora.content_{i}_strength": f"{src.strength:g}"})
     return {
         "duolora.version": duolora.__version__,
         "duolora.method": config.method,
@@ -265,5 +313,6 @@ def _provenance(config: MergeConfig, content: SourceLoRA, style: SourceLoRA, tra
         "duolora.trainable_parameters": str(trainable),
         "duolora.steps_done": str(result.steps_done),
         "duolora.kept_rank": json.dumps(kept, sort_keys=True),
+        **more,
     }
 

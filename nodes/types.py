@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from ..duolora.lora import LoRA
 
-# A LoRA read by LoadContentLoRA / LoadStyleLoRA.
+# A LoRA read by LoadContentLoRA / LoadStyleLoRA, or a list of content LoRAs built by AddContentLoRA.
 SourceLoRAType = io.Custom("DUOLORA_LORA")
 # The merge result: an exact standard LoRA plus its provenance.
 MergedLoRAType = io.Custom("DUOLORA_MERGED")
@@ -36,21 +36,42 @@ class LoraStateDict(dict):
 
 @dataclass(repr=False)
 class SourceLoRA:
-    """A loaded LoRA with where it came from."""
+    """A loaded LoRA with where it came from.
+
+    A multi-concept merge's content LoRAs travel as a chain: each Add Content LoRA wraps its LoRA with the
+    upstream value in ``previous`` and its own references (``latents``: a LATENT dict, ``prompt`` and
+    ``combined_prompt``: CONDITIONINGs; None when not connected). ``chain()`` lists them upstream first.
+    """
 
     lora: LoRA
     name: str  # file name relative to the loras folder, or a description of the upstream node
     sha256: str | None
     summary: str
     strength: float = 1.0
+    previous: SourceLoRA | None = None
+    latents: Any = None
+    prompt: Any = None
+    combined_prompt: Any = None
+
+    def chain(self) -> list[SourceLoRA]:
+        """Every content LoRA of the chain that ends here, the first one (a Load Content LoRA) first."""
+        out: list[SourceLoRA] = []
+        node: SourceLoRA | None = self
+        while node is not None:
+            out.append(node)
+            node = node.previous
+        return out[::-1]
 
     def __repr__(self) -> str:
+        if self.previous is not None:
+            return "SourceLoRA(" + " + ".join(repr(s.name) for s in self.chain()) + ")"
         return f"SourceLoRA({self.name!r}: {self.summary})"
 
 
 @dataclass(repr=False)
 class MergedLoRA:
-    """An exact standard LoRA (rank r_c + r_s minus pruned components) ready to apply or save.
+    """An exact standard LoRA (rank r_c + r_s — Σ r_i over every LoRA — minus pruned components) ready to apply
+    or save.
 
     ``state_dict`` is computed once in kohya LDM keys with alpha = rank, so ApplyMergedLoRA and
     SaveMergedLoRA use the very same tensors (the applied weights equal those of the saved file loaded by
