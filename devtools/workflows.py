@@ -698,6 +698,11 @@ STYLE_IMAGE = "style.png"
 P_C = "a photo of sks dog"
 P_S = "a cat in zwz style"
 P_CS = "a sks dog in zwz style"
+# The second subject of the multi-concept example.
+CONTENT2_LORA = "content2_lora.safetensors"
+CONTENT2_IMAGES = ("content2_1.png",)
+P_C2 = "a photo of pqr fox"
+P_CS2 = "a pqr fox in zwz style"
 NEGATIVE = "blurry, low quality, deformed, watermark, text"
 SEED = 42
 SIZE = 1024  # SDXL's native resolution
@@ -714,6 +719,7 @@ WORKFLOW_NAMES = (
     "duolora_merge_with_reference_images",
     "duolora_merge_without_training_images",
     "duolora_baseline_comparison",
+    "duolora_multi_concept",
 )
 
 
@@ -960,6 +966,72 @@ def workflow_baseline_comparison(info: dict) -> dict:
     return b.build(WORKFLOW_NAMES[2])
 
 
+def workflow_multi_concept(info: dict) -> dict:
+    """Workflow 4: two subjects and one style in one merged LoRA (multi-concept); each subject has its own
+    pictures and prompts, and the merged LoRA draws either subject in the style."""
+    b = WorkflowBuilder(info)
+    c0, c1, c2, c3, c4, c5, c6 = (Column(x) for x in (0, 360, 660, 1120, 1580, 2040, 2500))
+    ckpt = b.add("CheckpointLoaderSimple", c0, {"ckpt_name": CKPT}, width=300, properties={"models": CKPT_MODELS})
+    _note(b, c0, (
+        "Multi-concept DuoLoRA: two subjects (two content LoRAs) and one style LoRA merged into ONE LoRA, "
+        "which draws either subject in the style when its prompt asks for it.\n\n"
+        "Load Content LoRA holds the first subject (its pictures and prompts go to ZipRank Merge); Add "
+        "Content LoRA adds the second one with its own pictures and prompts. Chain more Add Content LoRA "
+        "nodes for more subjects."), height=250)
+    enc_c, enc_s, ref_nodes = _reference_images(b, ckpt, (c0, c1))
+    second_img = b.add("LoadImage", c0, {"image": CONTENT2_IMAGES[0]}, title="Second subject image", width=300,
+                       height=330)
+    c1.y = max(c1.y, b._node(second_img)["pos"][1])
+    enc_c2 = b.add("VAEEncode", c1, title="VAE Encode (second subject)", width=240)
+    b.connect(second_img, "IMAGE", enc_c2, "pixels")
+    b.connect(ckpt, "VAE", enc_c2, "vae")
+    prompts = {}
+    for key, text, title in (("p_c", P_C, "p_c: first subject's prompt"), ("p_c2", P_C2, "p_c: second subject's prompt"),
+                             ("p_s", P_S, "p_s: style LoRA prompt"), ("p_cs", P_CS, "p_cs: first subject in the style"),
+                             ("p_cs2", P_CS2, "p_cs: second subject in the style")):
+        prompts[key] = _prompt(b, c2, text, title)
+        b.connect(ckpt, "CLIP", prompts[key], "clip")
+    content = b.add("DuoLoRA_LoadContentLoRA", c3, {"lora_name": CONTENT_LORA}, title="Load Content LoRA (subject 1)",
+                    width=320)
+    second = b.add("DuoLoRA_AddContentLoRA", c3, {"lora_name": CONTENT2_LORA}, title="Add Content LoRA (subject 2)",
+                   width=320)
+    b.connect(content, "content_lora", second, "content_lora")
+    b.connect(enc_c2, "LATENT", second, "content_latents")
+    b.connect(prompts["p_c2"], "CONDITIONING", second, "content_prompt")
+    b.connect(prompts["p_cs2"], "CONDITIONING", second, "combined_prompt")
+    style = b.add("DuoLoRA_LoadStyleLoRA", c3, {"lora_name": STYLE_LORA}, width=320)
+    merge = _merge(b, c4, "ZipRank Merge (DuoLoRA)")
+    b.connect(ckpt, "MODEL", merge, "model")
+    b.connect(second, "content_loras", merge, "content_lora")
+    b.connect(style, "style_lora", merge, "style_lora")
+    b.connect(enc_c, "LATENT", merge, "content_latents")
+    b.connect(enc_s, "LATENT", merge, "style_latents")
+    for key, name in (("p_c", "content_prompt"), ("p_s", "style_prompt"), ("p_cs", "combined_prompt")):
+        b.connect(prompts[key], "CONDITIONING", merge, name)
+    save_lora, report = _save_and_report(b, merge, c3)
+    apply = b.add("DuoLoRA_ApplyMergedLoRA", c5, width=320)
+    b.connect(ckpt, "MODEL", apply, "model")
+    b.connect(ckpt, "CLIP", apply, "clip")
+    b.connect(merge, "merged_lora", apply, "merged_lora")
+    neg = _prompt(b, c5, NEGATIVE, "Negative prompt", negative=True)
+    b.connect(apply, "CLIP", neg, "clip")
+    generate = [apply, neg]
+    latent = None
+    for i, text in enumerate((P_CS, P_CS2)):
+        pos = _prompt(b, c5, text, f"Prompt (subject {i + 1} in the style)")
+        b.connect(apply, "CLIP", pos, "clip")
+        c6.y = max(c6.y, b._node(pos)["pos"][1])
+        latent, ks, save = _generate(b, apply, pos, neg, ckpt, (c5, c6), f"duolora/multi_subject{i + 1}",
+                                     title=f"KSampler (subject {i + 1})", latent=latent)
+        generate += [pos, ks, save] + ([latent] if i == 0 else [])
+    b.group("Base model", [ckpt], GROUP_COLOURS["model"])
+    b.group("Reference images", [*ref_nodes, second_img, enc_c2], GROUP_COLOURS["refs"])
+    b.group("Prompts of the three LoRAs", list(prompts.values()), GROUP_COLOURS["prompts"])
+    b.group("DuoLoRA merge", [content, second, style, merge, save_lora, report], GROUP_COLOURS["merge"])
+    b.group("Generate with the merged LoRA", generate, GROUP_COLOURS["out"])
+    return b.build(WORKFLOW_NAMES[3])
+
+
 def indirection_example(object_info: dict) -> tuple[dict, dict[str, int]]:
     """A small UI graph with every indirection the converter must resolve, for tests (not an example).
 
@@ -1020,8 +1092,10 @@ def indirection_example(object_info: dict) -> tuple[dict, dict[str, int]]:
 # ----------------------------------------------------------------------------------------------------
 
 def make_reference_images(folder: str | Path, size: int = 64,
-                          names: tuple[str, ...] = (*CONTENT_IMAGES, STYLE_IMAGE)) -> dict[str, Path]:
-    """Procedural reference pictures: two of a simple "subject" (a cartoon dog face) and one "style" (stripes).
+                          names: tuple[str, ...] = (*CONTENT_IMAGES, STYLE_IMAGE),
+                          second: tuple[str, ...] = CONTENT2_IMAGES) -> dict[str, Path]:
+    """Procedural reference pictures: two of a simple "subject" (a cartoon dog face), one "style" (stripes),
+    and ``second`` of the multi-concept example's second subject (a cartoon fox face).
 
     ``names``: the content images first, the style image last (default: the examples' file names).
     Returns name -> path of RGB PNGs of size×size. Deterministic; drawn with Pillow only.
@@ -1060,6 +1134,22 @@ def make_reference_images(folder: str | Path, size: int = 64,
                 d.ellipse(box(gx - 9, gy - 9, gx + 9, gy + 9), fill=(250, 214, 70))
         return img
 
+    def fox() -> Image.Image:
+        img = Image.new("RGB", (size, size), (236, 226, 196))
+        d = ImageDraw.Draw(img)
+        cx, cy, r = 128, 140, 66
+        for side in (-1, 1):
+            d.polygon([((cx + side * 0.95 * r) * k, (cy - 0.2 * r) * k), ((cx + side * 0.75 * r) * k, (cy - 1.35 * r) * k),
+                       ((cx + side * 0.2 * r) * k, (cy - 0.75 * r) * k)], fill=(214, 96, 30))
+        d.polygon([((cx - r) * k, (cy - 0.5 * r) * k), ((cx + r) * k, (cy - 0.5 * r) * k), (cx * k, (cy + r) * k)],
+                  fill=(224, 110, 40))
+        d.polygon([((cx - 0.45 * r) * k, (cy + 0.1 * r) * k), ((cx + 0.45 * r) * k, (cy + 0.1 * r) * k),
+                   (cx * k, (cy + r) * k)], fill=(250, 244, 232))
+        for ex in (-0.4, 0.4):
+            d.ellipse(box(cx + (ex - 0.09) * r, cy - 0.3 * r, cx + (ex + 0.09) * r, cy - 0.12 * r), fill=(20, 20, 20))
+        d.ellipse(box(cx - 0.1 * r, cy + 0.78 * r, cx + 0.1 * r, cy + 0.96 * r), fill=(30, 20, 20))
+        return img
+
     pictures = [subject((196, 214, 230), 118, 128, 70, (150, 96, 52)),
                 subject((120, 170, 96), 150, 120, 56, (176, 120, 70))]
     paths = {}
@@ -1067,6 +1157,10 @@ def make_reference_images(folder: str | Path, size: int = 64,
         img = stripes() if i == len(names) - 1 else pictures[i % len(pictures)]
         path = folder / name
         img.save(path, format="PNG")
+        paths[name] = path
+    for name in second:
+        path = folder / name
+        fox().save(path, format="PNG")
         paths[name] = path
     return paths
 
@@ -1101,7 +1195,7 @@ def input_file_names(workflow: dict) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {v: [] for v in kinds.values()}
     for node in workflow.get("nodes", []):
         names = {"LoraLoader": ["lora_name"], "DuoLoRA_LoadContentLoRA": ["lora_name"],
-                 "DuoLoRA_LoadStyleLoRA": ["lora_name"], "LoadImage": ["image"],
+                 "DuoLoRA_AddContentLoRA": ["lora_name"], "DuoLoRA_LoadStyleLoRA": ["lora_name"], "LoadImage": ["image"],
                  "CheckpointLoaderSimple": ["ckpt_name"]}.get(node.get("type"), [])
         for i, name in enumerate(names):
             value = (node.get("widgets_values") or [])[i]
@@ -1182,6 +1276,7 @@ BUILDERS = {
     WORKFLOW_NAMES[0]: workflow_with_reference_images,
     WORKFLOW_NAMES[1]: workflow_without_training_images,
     WORKFLOW_NAMES[2]: workflow_baseline_comparison,
+    WORKFLOW_NAMES[3]: workflow_multi_concept,
 }
 
 

@@ -28,7 +28,7 @@ from duolora import formats
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "example_workflows").glob("*.json"))
 NAMES = [p.stem for p in EXAMPLES]
-RANK_C, RANK_S = 8, 8
+RANK_C, RANK_S, RANK_C2 = 8, 8, 4
 TEST_STEPS = 2  # merge and sampler steps in the tests (the shipped workflows keep the paper's 100)
 TEST_SIZE = 64  # pixels
 
@@ -42,12 +42,13 @@ def object_info(host: comfyhost.Host) -> dict:
 def inputs(host: comfyhost.Host) -> dict[str, Path]:
     """The files the examples name: tiny LoRAs in loras/ (content with text-encoder layers), PNGs in input/."""
     files = workflows.make_tiny_loras(host.loras_dir, {workflows.CONTENT_LORA: (RANK_C, 1)}, text_encoder=True)
-    files |= workflows.make_tiny_loras(host.loras_dir, {workflows.STYLE_LORA: (RANK_S, 2)})
+    files |= workflows.make_tiny_loras(host.loras_dir, {workflows.STYLE_LORA: (RANK_S, 2),
+                                                        workflows.CONTENT2_LORA: (RANK_C2, 3)})
     files |= workflows.make_reference_images(host.input_dir, size=TEST_SIZE)
     return files
 
 
-def test_the_three_examples_are_shipped_with_thumbnails() -> None:
+def test_the_examples_are_shipped_with_thumbnails() -> None:
     assert NAMES == sorted(workflows.WORKFLOW_NAMES)
     for path in EXAMPLES:
         thumb = path.with_suffix(".jpg")
@@ -81,7 +82,8 @@ def test_example_is_valid_for_the_real_node_definitions(name: str, object_info: 
     # Files a user must provide are named, as strings, and nothing else is needed.
     names = workflows.input_file_names(wf)
     assert names["checkpoints"] == [workflows.CKPT]
-    assert sorted(names["loras"]) == sorted([workflows.CONTENT_LORA, workflows.STYLE_LORA])
+    second = [workflows.CONTENT2_LORA] if name == "duolora_multi_concept" else []
+    assert sorted(names["loras"]) == sorted([workflows.CONTENT_LORA, workflows.STYLE_LORA, *second])
 
 
 def test_check_workflow_reports_each_kind_of_problem(object_info: dict) -> None:
@@ -200,15 +202,17 @@ def test_example_runs_end_to_end_on_the_tiny_model(name: str, host: comfyhost.Ho
         rows = stats.report.layers
         assert {r.rank_c for r in rows if not r.name.startswith(("te1.", "te2."))} == {RANK_C}
         assert {r.rank_s for r in rows} <= {0, RANK_S}
+        multi = name == "duolora_multi_concept"
+        # The multi-concept example merges a second content LoRA into every attention layer.
+        assert {m.rank for r in rows if not r.name.startswith(("te1.", "te2.")) for m in r.more} == (
+            {RANK_C2} if multi else set())
         for row in rows:
-            kept = row.kept_c + row.kept_s
-            if kept:
-                assert lora.layers[row.name].rank == kept, row
+            if row.kept:
+                assert lora.layers[row.name].rank == row.kept, row
             else:
                 assert row.name not in lora.layers
-        pruned = sum(r.rank_c - r.kept_c + r.rank_s - r.kept_s for r in rows)
         total_rank = sum(layer.rank for layer in lora.layers.values())
-        assert total_rank == sum(r.rank_c + r.rank_s for r in rows) - pruned
+        assert total_rank == sum(r.kept for r in rows) <= sum(r.rank for r in rows)
         assert any(n.startswith("te1.") for n in lora.layers), "the content LoRA's text-encoder part is kept"
         md = lora.metadata
         config = json.loads(md["duolora.config"])
@@ -219,6 +223,11 @@ def test_example_runs_end_to_end_on_the_tiny_model(name: str, host: comfyhost.Ho
         assert md["duolora.content_sha256"] == _sha256(inputs[workflows.CONTENT_LORA])
         assert md["duolora.style_sha256"] == _sha256(inputs[workflows.STYLE_LORA])
         assert md["duolora.steps_done"] == str(merge_steps[merge_id])
+        if multi:
+            assert md["duolora.content_2"] == workflows.CONTENT2_LORA
+            assert md["duolora.content_2_sha256"] == _sha256(inputs[workflows.CONTENT2_LORA])
+        else:
+            assert "duolora.content_2" not in md
 
     # Generated images have the canvas size; previews exist.
     for save_id in workflows.nodes_of_type(prompt, "SaveImage"):

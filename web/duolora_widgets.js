@@ -228,12 +228,13 @@ function formatLoss(v) {
 
 /**
  * A short summary of "duolora.done"'s kept_rank: {block: {content, style, ...}} (the merge node's shape)
- * gives the mean kept content/style rank over blocks; a flat {name: number} gives their sum.
+ * gives the mean kept rank over blocks of each LoRA (content, content2, … for several subjects, style); a flat
+ * {name: number} gives their sum.
  */
 export function keptRankText(keptRank) {
   if (!keptRank || typeof keptRank !== "object") return "";
-  const sums = { content: 0, style: 0 };
-  const counts = { content: 0, style: 0 };
+  const sums = {};
+  const counts = {};
   let flat = 0;
   let flatCount = 0;
   for (const value of Object.values(keptRank)) {
@@ -241,18 +242,21 @@ export function keptRankText(keptRank) {
       flat += value;
       flatCount += 1;
     } else if (value && typeof value === "object") {
-      for (const role of ["content", "style"]) {
-        const v = Number(value[role]);
+      for (const [role, raw] of Object.entries(value)) {
+        if (!/^(content\d*|style)$/.test(role)) continue;
+        const v = Number(raw);
         if (Number.isFinite(v)) {
-          sums[role] += v;
-          counts[role] += 1;
+          sums[role] = (sums[role] ?? 0) + v;
+          counts[role] = (counts[role] ?? 0) + 1;
         }
       }
     }
   }
   if (counts.content || counts.style) {
+    const more = Object.keys(counts).filter((r) => /^content\d+$/.test(r))
+      .sort((a, b) => Number(a.slice(7)) - Number(b.slice(7)));
     const mean = (role) => (counts[role] ? formatLoss(sums[role] / counts[role]) : "–");
-    return ` · mean kept rank: content ${mean("content")}, style ${mean("style")}`;
+    return " · mean kept rank: " + ["content", ...more, "style"].map((r) => `${r} ${mean(r)}`).join(", ");
   }
   return flatCount ? ` · kept rank ${formatLoss(flat)}` : "";
 }

@@ -1,4 +1,5 @@
-"""Example workflow 1 run end to end by a user in a real browser against a real ComfyUI server.
+"""Example workflows 1 and 4 (multi-concept) run end to end by a user in a real browser against a real ComfyUI
+server.
 
 What a user does, step by step, on the ComfyUI under test (0.3.75 + frontend 1.32.9, or $COMFYUI_DIR's tree with
 its own front end, e.g. 0.8.0 + 1.35.9) in Debian's headless Chromium:
@@ -10,7 +11,9 @@ image size and step counts are lowered through the widgets, by name; the Run but
 runs the real nodes; the page shows the loss curve from the real "duolora.progress" messages and the Merge
 Report's preview. The finished graph is saved as <artifacts>/20_end_to_end.png (comfyserver.artifacts_dir) and,
 on the default host (0.3.75) only, as docs/screenshot.png (the README's picture; the same bytes on every run
-here): a run against another ComfyUI never changes a tracked file.
+here): a run against another ComfyUI never changes a tracked file. The multi-concept workflow (two subjects
+and one style: Load Content LoRA → Add Content LoRA → ZipRank Merge) goes through the same steps; its finished
+graph is saved as <artifacts>/21_multi_concept.png only.
 """
 
 from __future__ import annotations
@@ -47,11 +50,13 @@ SCREENSHOT = REPO / "docs" / "screenshot.png"
 ARTIFACTS = comfyserver.artifacts_dir()
 PACK = "comfyui-duolora"
 FIRST = workflows.WORKFLOW_NAMES[0]
+MULTI = "duolora_multi_concept"
 MERGE, REPORT, SAVE_LORA = "DuoLoRA_ZipRankMerge", "DuoLoRA_MergeReport", "DuoLoRA_SaveMergedLoRA"
 MERGE_STEPS = 3
 SAMPLER_STEPS = 2
 SIZE = 64  # pixels: the empty latent and the reference pictures
 RANK = 8
+RANK_C2 = 4  # the multi-concept workflow's second content LoRA
 RUN_TIMEOUT_S = 150
 SCREENSHOT_WIDTH = 1400
 # Rendered larger than the README's picture and scaled down, so node text stays sharp.
@@ -65,10 +70,10 @@ def _get_json(url: str) -> dict:
 
 
 def _put_input_files(base: Path) -> dict[str, Path]:
-    """The files workflow 1 names, made for the tiny model: LoRAs in models/loras, pictures in input/."""
+    """The files workflows 1 and 4 name, made for the tiny model: LoRAs in models/loras, pictures in input/."""
     loras = base / "models" / "loras"
     files = workflows.make_tiny_loras(loras, {workflows.CONTENT_LORA: (RANK, 1)}, text_encoder=True)
-    files |= workflows.make_tiny_loras(loras, {workflows.STYLE_LORA: (RANK, 2)})
+    files |= workflows.make_tiny_loras(loras, {workflows.STYLE_LORA: (RANK, 2), workflows.CONTENT2_LORA: (RANK_C2, 3)})
     files |= workflows.make_reference_images(base / "input", size=SIZE)
     return files
 
@@ -127,14 +132,14 @@ def _combo_options(page: Any, node_type: str, name: str) -> list:
     )
 
 
-def _open_template(page: Any) -> None:
-    """Templates → comfyui-duolora → the first card, as a user clicks through it."""
+def _open_template(page: Any, name: str = FIRST) -> None:
+    """Templates → comfyui-duolora → the card ``name``, as a user clicks through it."""
     page.evaluate("() => { window.comfyAPI.app.app.graph.clear(); }")
     page.locator(".templates-tab-button").first.click()
     dialog = page.locator(".workflow-template-selector-dialog")
     dialog.wait_for(state="visible")
     dialog.get_by_role("button", name=PACK).click()
-    dialog.get_by_text(FIRST, exact=True).first.click()
+    dialog.get_by_text(name, exact=True).first.click()
     page.wait_for_function(f"() => window.comfyAPI.app.app.graph._nodes.some(n => n.type === '{MERGE}')")
     dialog.wait_for(state="hidden")
     page.wait_for_timeout(500)
@@ -491,3 +496,92 @@ def test_workflow_1_runs_end_to_end_from_the_ui(browser_session: BrowserSession,
     assert user_page.problems_of_ours() == []
     timings["total_s"] = time.monotonic() - t0
     (ARTIFACTS / "end_to_end_timings.json").write_text(json.dumps(timings, indent=1), encoding="utf-8")
+
+
+def test_multi_concept_workflow_runs_end_to_end_from_the_ui(browser_session: BrowserSession, user_page: UserPage,
+                                                            tiny_layout) -> None:
+    """Workflow 4 from the template browser: two subjects (Load Content LoRA → Add Content LoRA, each with its
+    own picture and prompts) and one style merged into one LoRA, applied, and sampled once per subject."""
+    s = browser_session
+    page = user_page.page
+    base = s.base_directory
+    assert workflows.CONTENT2_LORA in _combo_options(page, "DuoLoRA_AddContentLoRA", "lora_name")
+    assert set(workflows.CONTENT2_IMAGES) <= set(_combo_options(page, "LoadImage", "image"))
+
+    _open_template(page, MULTI)
+    state = page.evaluate(_JS_STATE)
+    shipped = workflows.load(EXAMPLES / f"{MULTI}.json")
+    assert sorted(state["types"]) == sorted(n["type"] for n in shipped["nodes"])
+    assert state["unknown"] == [] and state["dialogs"] == [], state
+    shipped_api = workflows.ui_to_api(shipped, _get_json(s.url + "/object_info"))
+    assert workflows.page_graph_to_prompt(page) == shipped_api
+    replaced = page.evaluate(_JS_REPLACE, [workflows.CHECKPOINT_LOADER, workflows.TINY_CHECKPOINT])
+    assert "error" not in replaced, replaced
+    (merge_id,) = _node_ids(page, MERGE)
+    (report_id,) = _node_ids(page, REPORT)
+    _set_widget(page, merge_id, "steps", MERGE_STEPS)
+    for node_id in _node_ids(page, "KSampler"):
+        _set_widget(page, node_id, "steps", SAMPLER_STEPS)
+    for node_id in _node_ids(page, "EmptyLatentImage"):
+        _set_widget(page, node_id, "width", SIZE)
+        _set_widget(page, node_id, "height", SIZE)
+    front_end = workflows.page_graph_to_prompt(page)
+    assert front_end == _expected_prompt(shipped_api, str(replaced["id"]))
+    (add_id,) = _node_ids(page, "DuoLoRA_AddContentLoRA")
+    assert front_end[str(merge_id)]["inputs"]["content_lora"] == [str(add_id), 0]
+
+    page.evaluate(_JS_FIT_NODES, [[merge_id, report_id], 20])
+    page.evaluate(_JS_LISTEN)
+    run = page.locator('[data-testid="queue-button"]').get_by_role("button", name=re.compile(r"^\s*Run\s*$"))
+    with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as posted:
+        run.first.click()
+    assert posted.value.status == 200, posted.value.text()
+    prompt_id = posted.value.json()["prompt_id"]
+    assert posted.value.request.post_data_json["prompt"] == front_end
+    history = _wait_for_history(s.url, prompt_id, RUN_TIMEOUT_S)
+    page.wait_for_function("() => window.__duoloraE2E.success.length + window.__duoloraE2E.errors.length > 0")
+    log = page.evaluate("() => window.__duoloraE2E")
+    status = history["status"]
+    assert log["errors"] == [] and status["status_str"] == "success" and status["completed"] is True, status
+
+    # One reconstruction term per content LoRA in the loss the page drew.
+    progress = [p for p in log["progress"] if p["node"] == str(merge_id)]
+    assert [p["step"] for p in progress] == list(range(1, MERGE_STEPS + 1))
+    assert set(progress[0]["losses"]) == {"total", "content", "content2", "style", "prior"}
+    (done,) = [d for d in log["done"] if d["node"] == str(merge_id)]
+    assert all(set(kept) == {"content", "content2", "style", "layers"} for kept in done["kept_rank"].values())
+    curve = page.evaluate(_JS_LOSS, merge_id)
+    assert curve["done"] is True and "content2" in curve["label"], curve
+
+    # The merged LoRA records all three files; at most r_c + r_c2 + r_s components per layer.
+    outputs = history["outputs"]
+    (save_lora_id,) = _node_ids(page, SAVE_LORA)
+    (relative,) = outputs[str(save_lora_id)]["text"]
+    lora = formats.read_lora(base / "models" / "loras" / relative, layouts=(tiny_layout,))
+    md = lora.metadata
+    assert (md["duolora.content"], md["duolora.content_2"], md["duolora.style"]) == (
+        workflows.CONTENT_LORA, workflows.CONTENT2_LORA, workflows.STYLE_LORA)
+    assert 0 < max(layer.rank for layer in lora.layers.values()) <= 2 * RANK + RANK_C2
+    # Two pictures, one per subject's prompt, at the size set above; the report's preview in its node.
+    saves = _node_ids(page, "SaveImage")
+    assert len(saves) == 2
+    for save_id in saves:
+        (image,) = outputs[str(save_id)]["images"]
+        with Image.open(base / "output" / image["subfolder"] / image["filename"]) as img:
+            assert img.size == (SIZE, SIZE)
+    (preview,) = outputs[str(report_id)]["images"]
+    page.wait_for_function(
+        """(id) => {
+            const app = window.comfyAPI.app.app;
+            app.canvas.setDirty(true, true);
+            return (app.graph.getNodeById(id)?.imgs?.[0]?.naturalWidth ?? 0) > 0;
+        }""",
+        arg=report_id,
+    )
+    shown = page.evaluate("(id) => window.comfyAPI.app.app.graph.getNodeById(id).imgs[0].src", report_id)
+    assert preview["filename"] in shown, (shown, preview)
+    page.evaluate(_JS_FIT_NODES, [[merge_id, report_id, add_id, save_lora_id], 20])
+    page.wait_for_timeout(800)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "21_multi_concept.png"))
+    assert user_page.problems_of_ours() == []
