@@ -784,9 +784,11 @@ def _generate(b: WorkflowBuilder, model_src: int, positive: int, negative: int, 
 
 
 def _merge_inputs(b: WorkflowBuilder, merge: int, model: int, content: int, style: int,
-                  latents: tuple[int, str, int, str] | None, prompts: tuple[int, int, int] | None) -> None:
+                  latents: tuple[int, str, int, str] | None, prompts: tuple[int, int, int] | None,
+                  content_output: str = "content_lora") -> None:
+    """``content_output``: the content node's output ("content_loras" from Add Content LoRA)."""
     b.connect(model, "MODEL", merge, "model")
-    b.connect(content, "content_lora", merge, "content_lora")
+    b.connect(content, content_output, merge, "content_lora")
     b.connect(style, "style_lora", merge, "style_lora")
     if latents:
         b.connect(latents[0], latents[1], merge, "content_latents")
@@ -1001,13 +1003,8 @@ def workflow_multi_concept(info: dict) -> dict:
     b.connect(prompts["p_cs2"], "CONDITIONING", second, "combined_prompt")
     style = b.add("DuoLoRA_LoadStyleLoRA", c3, {"lora_name": STYLE_LORA}, width=320)
     merge = _merge(b, c4, "ZipRank Merge (DuoLoRA)")
-    b.connect(ckpt, "MODEL", merge, "model")
-    b.connect(second, "content_loras", merge, "content_lora")
-    b.connect(style, "style_lora", merge, "style_lora")
-    b.connect(enc_c, "LATENT", merge, "content_latents")
-    b.connect(enc_s, "LATENT", merge, "style_latents")
-    for key, name in (("p_c", "content_prompt"), ("p_s", "style_prompt"), ("p_cs", "combined_prompt")):
-        b.connect(prompts[key], "CONDITIONING", merge, name)
+    _merge_inputs(b, merge, ckpt, second, style, (enc_c, "LATENT", enc_s, "LATENT"),
+                  (prompts["p_c"], prompts["p_s"], prompts["p_cs"]), content_output="content_loras")
     save_lora, report = _save_and_report(b, merge, c3)
     apply = b.add("DuoLoRA_ApplyMergedLoRA", c5, width=320)
     b.connect(ckpt, "MODEL", apply, "model")

@@ -8,15 +8,16 @@ The LoRAs built here are synthetic: random factors with a decaying spectrum.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from duolora.adapter import Adapter, Branch
+from duolora.adapter import Adapter, Branch, attach
 from duolora.lora import LoRA, LowRank
 from duolora.objective import DiscreteSchedule
 
@@ -226,3 +227,24 @@ def toy_references(seed: int = 0, n_content: int = 2):
     style = [torch.randn(1, LATENT, 8, 8, generator=g)]
     p_c, p_s, p_cs = (torch.randn(1, 5, CTX, generator=g) for _ in range(3))
     return References(content=content, style=style, p_c=p_c, p_s=p_s, p_cs=p_cs)
+
+
+class ToyModel:
+    """``open_denoiser`` over a ToyUNet for ``duolora.engine.run_merge``: attaches the merger for the block and
+    records each opening's ``needs_grad`` (``opened``) and the denoisers it made (``denoisers``)."""
+
+    def __init__(self, model: ToyUNet) -> None:
+        self.model = model
+        self.opened: list[bool] = []
+        self.denoisers: list[ToyDenoiser] = []
+
+    @contextlib.contextmanager
+    def __call__(self, merger, needs_grad: bool) -> Iterator[ToyDenoiser]:
+        self.opened.append(needs_grad)
+        modules = self.model.lora_modules()
+        with attach(merger, modules) as adapter:
+            den = ToyDenoiser(self.model, adapter)
+            den.modules = modules
+            den.prepare_latents = lambda samples: [samples[i:i + 1] for i in range(samples.shape[0])]
+            self.denoisers.append(den)
+            yield den

@@ -4,13 +4,11 @@ references a mode needs are named before any model work, and cancel and output b
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator
 
 import pytest
 import torch
-from engine_toys import ToyDenoiser, single_thread, toy_references, toy_setup  # noqa: F401 - autouse fixture
+from engine_toys import ToyDenoiser, ToyModel, single_thread, toy_references, toy_setup  # noqa: F401 - autouse fixture
 
 from duolora import engine, formats
 from duolora.adapter import attach
@@ -19,24 +17,6 @@ from duolora.mergers import build_merger
 from duolora.optimize import optimize
 from duolora.recording import record_activations
 from duolora.solver import FastModeError, solve_layerwise, solve_weights
-
-
-class ToyModel:
-    """``open_denoiser`` over a ToyUNet: attaches the merger for the block; records each opening's needs_grad."""
-
-    def __init__(self, model) -> None:
-        self.model = model
-        self.opened: list[bool] = []
-
-    @contextlib.contextmanager
-    def __call__(self, merger, needs_grad: bool) -> Iterator[ToyDenoiser]:
-        self.opened.append(needs_grad)
-        modules = self.model.lora_modules()
-        with attach(merger, modules) as adapter:
-            den = ToyDenoiser(self.model, adapter)
-            den.modules = modules
-            den.prepare_latents = lambda samples: [samples[i:i + 1] for i in range(samples.shape[0])]
-            yield den
 
 
 def inputs() -> engine.ReferenceInputs:

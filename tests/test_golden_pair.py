@@ -19,11 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_toys import ToyDenoiser, single_thread, toy_references, toy_setup  # noqa: F401 - autouse fixture
+from engine_toys import ToyModel, single_thread, toy_references, toy_setup  # noqa: F401 - autouse fixture
 from safetensors import safe_open
 
 from duolora import engine, formats
-from duolora.adapter import attach
 from duolora.config import METHODS, MergeConfig
 from duolora.report import build_report
 from duolora.solver import FastModeError
@@ -53,25 +52,6 @@ def golden_pair():
     content.patches = {PATCH: torch.randn(32, generator=g)}
     style.patches = {PATCH: torch.randn(32, generator=g), ONLY_STYLE_PATCH: torch.randn(32, generator=g)}
     return model, content, style
-
-
-class _Toy:
-    def __init__(self, model) -> None:
-        self.model = model
-
-    def __call__(self, merger, needs_grad: bool):
-        import contextlib
-
-        @contextlib.contextmanager
-        def opened():
-            modules = self.model.lora_modules()
-            with attach(merger, modules) as adapter:
-                den = ToyDenoiser(self.model, adapter)
-                den.modules = modules
-                den.prepare_latents = lambda samples: [samples[i:i + 1] for i in range(samples.shape[0])]
-                yield den
-
-        return opened()
 
 
 def _inputs() -> engine.ReferenceInputs:
@@ -130,7 +110,7 @@ def merge_case(method: str, objective: str, variant: str) -> str:
     model, content, style = golden_pair()
     config = MergeConfig(method=method, objective=objective, steps=STEPS, **VARIANTS[variant])
     try:
-        result = engine.run_merge(content, style, config, open_denoiser=_Toy(model), references=_inputs())
+        result = engine.run_merge(content, style, config, open_denoiser=ToyModel(model), references=_inputs())
     except FastModeError as e:
         return f"refused: {str(e)[:40]}"
     return _result_digest(result)

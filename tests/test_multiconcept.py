@@ -7,13 +7,11 @@ cycle per content LoRA; the fast modes' Gram forms stay exact with three LoRAs; 
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
-from engine_toys import ToyDenoiser, single_thread, synthetic_lora, toy_references, toy_setup  # noqa: F401 - autouse fixture
+from engine_toys import ToyDenoiser, ToyModel, single_thread, synthetic_lora, toy_references, toy_setup  # noqa: F401 - autouse fixture
 
 from duolora import engine, formats, recording, solver
 from duolora.adapter import MERGED, attach
@@ -36,22 +34,6 @@ def two_subjects():
     model, content, style = toy_setup()
     content2 = synthetic_lora(model.lora_modules(), 5, 7, skip=[SKIPPED_BY_C2], name="content2")
     return model, content, content2, style
-
-
-class ToyModel:
-    def __init__(self, model) -> None:
-        self.model = model
-        self.denoisers: list[ToyDenoiser] = []
-
-    @contextlib.contextmanager
-    def __call__(self, merger, needs_grad: bool) -> Iterator[ToyDenoiser]:
-        modules = self.model.lora_modules()
-        with attach(merger, modules) as adapter:
-            den = ToyDenoiser(self.model, adapter)
-            den.modules = modules
-            den.prepare_latents = lambda samples: [samples[i:i + 1] for i in range(samples.shape[0])]
-            self.denoisers.append(den)
-            yield den
 
 
 def inputs(**more) -> engine.ReferenceInputs:

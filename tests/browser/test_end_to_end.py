@@ -307,6 +307,52 @@ def _expected_prompt(shipped_api: dict, tiny_id: str) -> dict:
     return expected
 
 
+def _open_on_the_tiny_model(page: Any, url: str, name: str, timings: dict[str, float] | None = None,
+                            t0: float = 0.0) -> dict:
+    """What a user does before Run: the example ``name`` from the template browser (every node known, no
+    missing-nodes dialog, the front end's prompt is the converter's), Load Checkpoint replaced by the tiny one
+    (its MODEL, CLIP and VAE going where they went before), then a small image and few steps set through the
+    widgets by name. Returns the shipped workflow, the replacement's record and the front end's prompt."""
+    _open_template(page, name)
+    state = page.evaluate(_JS_STATE)
+    shipped = workflows.load(EXAMPLES / f"{name}.json")
+    assert sorted(state["types"]) == sorted(n["type"] for n in shipped["nodes"])
+    assert state["unknown"] == [] and state["dialogs"] == [], state
+    shipped_api = workflows.ui_to_api(shipped, _get_json(url + "/object_info"))
+    assert workflows.page_graph_to_prompt(page) == shipped_api
+    if timings is not None:
+        timings["opened_s"] = time.monotonic() - t0
+    replaced = page.evaluate(_JS_REPLACE, [workflows.CHECKPOINT_LOADER, workflows.TINY_CHECKPOINT])
+    assert "error" not in replaced, replaced
+    assert replaced["outputs"] == ["MODEL", "CLIP", "VAE"]
+    (ckpt,) = workflows.nodes_of_type(shipped, workflows.CHECKPOINT_LOADER)
+    shipped_links = sorted([kind, target, slot] for _, origin, _, target, slot, kind in shipped["links"]
+                           if origin == int(ckpt))
+    assert sorted(replaced["before"]) == shipped_links and sorted(replaced["after"]) == shipped_links, replaced
+    for merge_id in _node_ids(page, MERGE):
+        _set_widget(page, merge_id, "steps", MERGE_STEPS)
+    for node_id in _node_ids(page, "KSampler"):
+        _set_widget(page, node_id, "steps", SAMPLER_STEPS)
+    for node_id in _node_ids(page, "EmptyLatentImage"):
+        _set_widget(page, node_id, "width", SIZE)
+        _set_widget(page, node_id, "height", SIZE)
+    front_end = workflows.page_graph_to_prompt(page)
+    assert front_end == _expected_prompt(shipped_api, str(replaced["id"]))
+    return {"shipped": shipped, "replaced": replaced, "front_end": front_end}
+
+
+def _wait_for_preview(page: Any, node_id: int) -> None:
+    """Until ComfyUI has loaded the node's ui image into the node (redrawing the canvas meanwhile)."""
+    page.wait_for_function(
+        """(id) => {
+            const app = window.comfyAPI.app.app;
+            app.canvas.setDirty(true, true);
+            return (app.graph.getNodeById(id)?.imgs?.[0]?.naturalWidth ?? 0) > 0;
+        }""",
+        arg=node_id,
+    )
+
+
 def _save_screenshot(page: Any, node_ids: list[int], report_id: int) -> tuple[Path, dict]:
     """The finished graph around ``node_ids`` (their groups included), rendered large and scaled to
     SCREENSHOT_WIDTH; saved to ARTIFACTS/20_end_to_end.png and, on the default host, docs/screenshot.png.
@@ -363,38 +409,15 @@ def test_workflow_1_runs_end_to_end_from_the_ui(browser_session: BrowserSession,
     images = set(_combo_options(page, "LoadImage", "image"))
     assert {*workflows.CONTENT_IMAGES, workflows.STYLE_IMAGE} <= images, images
 
-    # 2. Workflow 1 from the template browser: every node known, no missing-nodes dialog.
-    _open_template(page)
-    state = page.evaluate(_JS_STATE)
-    shipped = workflows.load(EXAMPLES / f"{FIRST}.json")
-    assert sorted(state["types"]) == sorted(n["type"] for n in shipped["nodes"])
-    assert state["unknown"] == [] and state["dialogs"] == [], state
-    object_info = _get_json(s.url + "/object_info")
-    shipped_api = workflows.ui_to_api(shipped, object_info)
-    assert workflows.page_graph_to_prompt(page) == shipped_api
-    timings["opened_s"] = time.monotonic() - t0
-
-    # 3. Load Checkpoint -> Tiny SDXL checkpoint, with its MODEL, CLIP and VAE going where they went before.
-    replaced = page.evaluate(_JS_REPLACE, [workflows.CHECKPOINT_LOADER, workflows.TINY_CHECKPOINT])
-    assert "error" not in replaced, replaced
-    assert replaced["outputs"] == ["MODEL", "CLIP", "VAE"]
+    # 2.–4. Workflow 1 from the template browser, on the tiny checkpoint with a small image and few steps.
+    opened = _open_on_the_tiny_model(page, s.url, FIRST, timings, t0)
+    shipped, replaced, front_end = opened["shipped"], opened["replaced"], opened["front_end"]
     (ckpt,) = workflows.nodes_of_type(shipped, workflows.CHECKPOINT_LOADER)
     shipped_links = sorted([kind, target, slot] for _, origin, _, target, slot, kind in shipped["links"]
                            if origin == int(ckpt))
-    assert sorted(replaced["before"]) == shipped_links and len(shipped_links) == 9, replaced
-    assert sorted(replaced["after"]) == shipped_links, replaced
-
-    # 4. Small image and few steps, set through the widgets by name.
+    assert len(shipped_links) == 9, replaced
     (merge_id,) = _node_ids(page, MERGE)
     (report_id,) = _node_ids(page, REPORT)
-    _set_widget(page, merge_id, "steps", MERGE_STEPS)
-    for node_id in _node_ids(page, "KSampler"):
-        _set_widget(page, node_id, "steps", SAMPLER_STEPS)
-    for node_id in _node_ids(page, "EmptyLatentImage"):
-        _set_widget(page, node_id, "width", SIZE)
-        _set_widget(page, node_id, "height", SIZE)
-    front_end = workflows.page_graph_to_prompt(page)
-    assert front_end == _expected_prompt(shipped_api, str(replaced["id"]))
 
     # 5. Look at the merge node (zoomed in far enough for ComfyUI to show its DOM widgets), then Run, as a
     #    user: the Run button. The page's websocket carries everything back.
@@ -448,14 +471,7 @@ def test_workflow_1_runs_end_to_end_from_the_ui(browser_session: BrowserSession,
     preview_path = base / preview["type"] / preview["subfolder"] / preview["filename"]
     with Image.open(preview_path) as img:
         preview_size = img.size
-    page.wait_for_function(
-        """(id) => {
-            const app = window.comfyAPI.app.app;
-            app.canvas.setDirty(true, true);
-            return (app.graph.getNodeById(id)?.imgs?.[0]?.naturalWidth ?? 0) > 0;
-        }""",
-        arg=report_id,
-    )
+    _wait_for_preview(page, report_id)
     shown = page.evaluate(
         "(id) => { const i = window.comfyAPI.app.app.graph.getNodeById(id).imgs[0];"
         " return {w: i.naturalWidth, h: i.naturalHeight, src: i.src}; }", report_id)
@@ -508,25 +524,9 @@ def test_multi_concept_workflow_runs_end_to_end_from_the_ui(browser_session: Bro
     assert workflows.CONTENT2_LORA in _combo_options(page, "DuoLoRA_AddContentLoRA", "lora_name")
     assert set(workflows.CONTENT2_IMAGES) <= set(_combo_options(page, "LoadImage", "image"))
 
-    _open_template(page, MULTI)
-    state = page.evaluate(_JS_STATE)
-    shipped = workflows.load(EXAMPLES / f"{MULTI}.json")
-    assert sorted(state["types"]) == sorted(n["type"] for n in shipped["nodes"])
-    assert state["unknown"] == [] and state["dialogs"] == [], state
-    shipped_api = workflows.ui_to_api(shipped, _get_json(s.url + "/object_info"))
-    assert workflows.page_graph_to_prompt(page) == shipped_api
-    replaced = page.evaluate(_JS_REPLACE, [workflows.CHECKPOINT_LOADER, workflows.TINY_CHECKPOINT])
-    assert "error" not in replaced, replaced
+    front_end = _open_on_the_tiny_model(page, s.url, MULTI)["front_end"]
     (merge_id,) = _node_ids(page, MERGE)
     (report_id,) = _node_ids(page, REPORT)
-    _set_widget(page, merge_id, "steps", MERGE_STEPS)
-    for node_id in _node_ids(page, "KSampler"):
-        _set_widget(page, node_id, "steps", SAMPLER_STEPS)
-    for node_id in _node_ids(page, "EmptyLatentImage"):
-        _set_widget(page, node_id, "width", SIZE)
-        _set_widget(page, node_id, "height", SIZE)
-    front_end = workflows.page_graph_to_prompt(page)
-    assert front_end == _expected_prompt(shipped_api, str(replaced["id"]))
     (add_id,) = _node_ids(page, "DuoLoRA_AddContentLoRA")
     assert front_end[str(merge_id)]["inputs"]["content_lora"] == [str(add_id), 0]
 
@@ -570,14 +570,7 @@ def test_multi_concept_workflow_runs_end_to_end_from_the_ui(browser_session: Bro
         with Image.open(base / "output" / image["subfolder"] / image["filename"]) as img:
             assert img.size == (SIZE, SIZE)
     (preview,) = outputs[str(report_id)]["images"]
-    page.wait_for_function(
-        """(id) => {
-            const app = window.comfyAPI.app.app;
-            app.canvas.setDirty(true, true);
-            return (app.graph.getNodeById(id)?.imgs?.[0]?.naturalWidth ?? 0) > 0;
-        }""",
-        arg=report_id,
-    )
+    _wait_for_preview(page, report_id)
     shown = page.evaluate("(id) => window.comfyAPI.app.app.graph.getNodeById(id).imgs[0].src", report_id)
     assert preview["filename"] in shown, (shown, preview)
     page.evaluate(_JS_FIT_NODES, [[merge_id, report_id, add_id, save_lora_id], 20])
