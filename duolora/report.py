@@ -252,11 +252,15 @@ class MergeReport:
                        + [m.rank for r in rows for m in r.more] + [1])
         kept_of = [lambda r: r.kept_c, *(lambda r, i=i: r.more[i].kept if i < len(r.more) else 0
                                          for i in range(self.n_content - 1)), lambda r: r.kept_s]
+        rank_of = [lambda r: r.rank_c, *(lambda r, i=i: r.more[i].rank if i < len(r.more) else 0
+                                         for i in range(self.n_content - 1)), lambda r: r.rank_s]
         panel = width // len(kept_of)
-        for i, (label, kept) in enumerate(zip(self.labels(), kept_of)):
+        for i, (label, kept, rank) in enumerate(zip(self.labels(), kept_of, rank_of)):
             box = (i * panel + 60, top + 30, (i + 1) * panel - 20, mid - 50)
             title = label[0].upper() + label[1:].replace(" ", " LoRA ", 1) if " " in label else f"{label.title()} LoRA"
-            _histogram(d, box, rows, kept, max_rank, f"{title}: layers per kept rank", font, small)
+            # Several content LoRAs: each histogram counts the layers that LoRA patches.
+            own = rows if self.n_content == 1 else [r for r in rows if rank(r)]
+            _histogram(d, box, own, kept, max_rank, f"{title}: layers per kept rank", font, small)
         _block_bars(d, (60, mid + 30, half - 20, height - 60), self.by_block(), self.labels(), font, small)
         _curves(d, (half + 60, mid + 30, width - 20, height - 60), self.history, font, small)
         buf = io.BytesIO()

@@ -409,3 +409,31 @@ def test_b_lora_says_it_merges_one_content_lora(tmp_path, tiny_layout) -> None:
         engine.merge_files(paths[:2], paths[2], tmp_path / "m.safetensors", MergeConfig(method="b_lora"),
                            layout=tiny_layout)
     assert str(info.value) == message and not (tmp_path / "m.safetensors").exists()
+
+
+def test_the_report_shows_every_lora() -> None:
+    """Masks set by hand on a two-subject merger: the report's text names all three LoRAs and counts each one's
+    kept components; the figure draws one histogram per LoRA."""
+    import io
+
+    from PIL import Image
+
+    from duolora.report import build_report
+
+    _, c1, c2, s = two_subjects()
+    merger = build_merger("ziprank", [c1, c2], s, MergeConfig())
+    with torch.no_grad():
+        for layer in merger.learned_layers():
+            layer.m_c[2:] = 0.0  # content 1 keeps 2 of 8
+            if layer.m_c2 is not None:
+                layer.m_c2[1:] = 0.0  # content 2 keeps 1 of 5
+    report = build_report(merger)
+    text = report.text()
+    assert "LoRAs: content 1 content.safetensors, content 2 content2.safetensors, style style.safetensors" in text
+    # 32 learned layers; content 2 lacks one of them: 31 × 5 components, 31 kept.
+    assert "32 learned layers: content 1 kept 64/256 components, content 2 kept 31/155, style kept 192/192" in text
+    assert "per prior group (mean kept rank content 1 / content 2 / style):" in text
+    assert all(r.kept == exported.rank for r in report.layers
+               for exported in [merger.export().layers.get(r.name)] if exported is not None)
+    png = Image.open(io.BytesIO(report.figure_png()))
+    assert png.size == (1200, 860)
