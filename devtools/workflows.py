@@ -984,7 +984,7 @@ def workflow_multi_concept(info: dict) -> dict:
     second_img = b.add("LoadImage", c0, {"image": CONTENT2_IMAGES[0]}, title="Second subject image", width=300,
                        height=330)
     c1.y = max(c1.y, b._node(second_img)["pos"][1])
-    enc_c2 = b.add("VAEEncode", c1, title="VAE Encode (second subject)", width=240)
+    enc_c2 = b.add("VAEEncode", c1, title="VAE Encode (subject 2)", width=260)
     b.connect(second_img, "IMAGE", enc_c2, "pixels")
     b.connect(ckpt, "VAE", enc_c2, "vae")
     prompts = {}
