@@ -16,7 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "bench" / "minibench" / "mb_multi.py"
-ROWS = ["plain sum (all three)", "multi-concept DuoLoRA", "stacked pairwise DuoLoRA",
+ROWS = ["plain sum (all three)", "tuned plain sum (all three)", "multi-concept DuoLoRA", "stacked pairwise DuoLoRA",
         "single-subject DuoLoRA (reference)"]
 
 
@@ -75,6 +75,11 @@ def test_runs_record_how_each_row_merged(smoke_dir: Path) -> None:
     assert len(runs) == len(ROWS) * 2
     # The mini UNet: 88 attention layers; three rank-8 LoRAs merged at once, or two pairs of them.
     assert runs[("plain sum (all three)", 0)]["trainable_parameters"] == [0]
+    # The tuned plain sum stacks three loaders at the chosen strengths (the smoke run's fixed choice).
+    assert runs[("tuned plain sum (all three)", 0)]["trainable_parameters"] == []
+    assert runs[("tuned plain sum (all three)", 0)]["strengths"] == {"content": 1.0, "style": 0.5}
+    # Every run records the world it ran in: the same base, classifiers and LoRA files for all.
+    assert len({rec["world"] for rec in runs.values()}) == 1
     assert runs[("multi-concept DuoLoRA", 0)]["trainable_parameters"] == [88 * 24]
     assert runs[("stacked pairwise DuoLoRA", 0)]["trainable_parameters"] == [88 * 16, 88 * 16]
     assert runs[("single-subject DuoLoRA (reference)", 0)]["trainable_parameters"] == [88 * 16, 88 * 16]

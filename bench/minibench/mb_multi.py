@@ -11,6 +11,9 @@ seed (``miniworld.graph.noise_seed``), and scores those images for that subject 
 Rows (all through the real ComfyUI executor, DuoLoRA's own nodes):
 
 * ``plain sum (all three)``: ZipRank Merge, method direct, over Load Content LoRA → Add Content LoRA;
+* ``tuned plain sum (all three)``: three stacked LoraLoaderModelOnly nodes, both content LoRAs at the content
+  strength and the style LoRA at the style strength the pair benchmark chose on its dev split
+  (``mb_compare.tuned_stack``); left out until that choice exists;
 * ``multi-concept DuoLoRA``: ZipRank Merge with the shipped defaults over both content LoRAs at once, each
   subject with its own reference images and prompts;
 * ``stacked pairwise DuoLoRA``: the two single-subject merges (content_i + style) applied one after the other;
@@ -20,7 +23,8 @@ Rows (all through the real ComfyUI executor, DuoLoRA's own nodes):
 ``summarise`` gives, per row and subject, the unit means of ``mb_stats.METRICS`` and the paired differences of
 both-hit (and the cosines) against the plain sum and against the stacked pairwise merges, with
 ``mb_stats.paired_difference``'s bootstrap intervals. Runs are cached per (triple, row, seed) like the pair
-benchmark's, keyed by the row's resolved merge widgets.
+benchmark's, keyed by the row's resolved merge widgets (the tuned plain sum: by its strengths); a run records the
+world it ran in (the base, the classifiers and the three LoRA files), and a cached run of another world runs again.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/minibench/mb_multi.py --split dev --seeds 0 1
     OMP_NUM_THREADS=1 .venv/bin/python bench/minibench/mb_multi.py smoke --out /tmp/mb_multi   # tiny steps
@@ -49,12 +53,14 @@ from miniworld.graph import Pair, builtin_pair, noise_seed, slug
 
 MERGE = graph.MERGE_NODE
 SUBJECTS = (0, 1)
-PLAIN_SUM, MULTI, STACKED, SINGLE = ("plain sum (all three)", "multi-concept DuoLoRA", "stacked pairwise DuoLoRA",
-                                     "single-subject DuoLoRA (reference)")
-# Row -> (how the LoRAs are merged, ZipRankMerge widgets over the node's defaults).
+PLAIN_SUM, TUNED, MULTI, STACKED, SINGLE = (
+    "plain sum (all three)", "tuned plain sum (all three)", "multi-concept DuoLoRA", "stacked pairwise DuoLoRA",
+    "single-subject DuoLoRA (reference)")
+# Row -> (how the LoRAs are combined, ZipRankMerge widgets over the node's defaults).
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     PLAIN_SUM: ("multi", {"mode": "paper", "method": "direct", "prior_preset": "none", "prior_init": False,
                           "prior_loss": False, "constyle_iterations": 0}),
+    TUNED: ("tuned", {}),
     MULTI: ("multi", {"mode": "paper", "method": "ziprank"}),
     STACKED: ("stacked", {"mode": "paper", "method": "ziprank"}),
     SINGLE: ("single", {"mode": "paper", "method": "ziprank"}),
@@ -100,6 +106,32 @@ def triples(pair_splits: dict[str, list[Pair]]) -> dict[str, list[Triple]]:
     return out
 
 
+def available_rows() -> list[str]:
+    """Every row, the tuned plain sum only once the pair benchmark has chosen its strengths."""
+    return [row for row in ROWS if row != TUNED or mb_compare.tuned_stack() is not None]
+
+
+def tuned_strengths() -> dict[str, float]:
+    """{"content": …, "style": …}: the tuned plain sum's strengths (``mb_compare.tuned_stack``)."""
+    stack = mb_compare.tuned_stack()
+    if stack is None:
+        raise SystemExit(f"MiniBench multi-concept: the {TUNED!r} row needs the pair benchmark's chosen strengths "
+                         "(make minibench SPLIT=dev writes them)")
+    return dict(stack.parts)
+
+
+def world_id(ckpt: Path, classifiers: Path, loras: Path, triple: Triple) -> str:
+    """What a run's numbers depend on besides its row: the base, the classifiers and the triple's LoRA files."""
+    files = [Path(ckpt), Path(classifiers),
+             *(Path(loras) / f"{spec.name}.safetensors" for spec in _specs(triple))]
+    blob = "|".join(mb_compare._file_hash(f) if f.exists() else f.name for f in files)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def _specs(triple: Triple) -> list:
+    return [*(p.content for p in triple.pairs), triple.pairs[0].style]
+
+
 def merge_widgets(host, row: str, merge_steps: int) -> dict[str, Any]:
     """The row's ZipRankMerge widgets, resolved (node defaults, the row's overrides, the bench's fixed settings)."""
     from comfyhost import widget_defaults
@@ -110,7 +142,11 @@ def merge_widgets(host, row: str, merge_steps: int) -> dict[str, Any]:
 
 
 def run_key(host, row: str, merge_steps: int) -> str:
-    """The cache key of a row's runs: how it merges and a hash of the merge widgets that take effect."""
+    """The cache key of a row's runs: how it merges and a hash of the merge widgets that take effect (the tuned
+    plain sum: its strengths)."""
+    if ROWS[row][0] == "tuned":
+        t = tuned_strengths()
+        return f"tuned_c{t['content']:g}_s{t['style']:g}"
     blob = json.dumps([ROWS[row][0], mb_compare.effective_widgets(merge_widgets(host, row, merge_steps))],
                       sort_keys=True)
     return f"{ROWS[row][0]}_" + hashlib.sha1(blob.encode()).hexdigest()[:12]
@@ -125,7 +161,7 @@ def build_prompt(host, row: str, triple: Triple, seed: int, samples: int, ckpt: 
     from comfyhost import widget_defaults
 
     how, _ = ROWS[row]
-    widgets = merge_widgets(host, row, merge_steps)
+    widgets = merge_widgets(host, row, merge_steps) if how != "tuned" else {}
     pairs = triple.pairs
     p: dict[str, dict] = {}
 
@@ -155,7 +191,15 @@ def build_prompt(host, row: str, triple: Triple, seed: int, samples: int, ckpt: 
         return add(nid, "DuoLoRA_ApplyMergedLoRA", model=base, merged_lora=merged, strength_model=1.0,
                    strength_clip=0.0)
 
-    if how == "multi":
+    if how == "tuned":  # stacked loaders, as a user does: both subjects at the content strength
+        t = tuned_strengths()
+        merges = []
+        for nid, spec, strength in (("tc0", pairs[0].content, t["content"]), ("tc1", pairs[1].content, t["content"]),
+                                    ("ts", style, t["style"])):
+            model = add(nid, "LoraLoaderModelOnly", model=model, lora_name=f"{spec.name}.safetensors",
+                        strength_model=strength)
+        models = [model] * 2
+    elif how == "multi":
         chain = add("add1", "DuoLoRA_AddContentLoRA", content_lora=["lc0", 0],
                     lora_name=f"{pairs[1].content.name}.safetensors", strength=1.0, content_latents=["xc1", 0],
                     content_prompt=["pc1", 0], combined_prompt=["pcs1", 0])
@@ -190,12 +234,14 @@ def run(triple_list: list[Triple], rows: list[str], seeds: list[int], out: Path,
     from miniworld import classify as mb_classify
 
     host = mb_common.boot()
+    world = {t.slug: world_id(ckpt, classifiers, loras, t) for t in triple_list}
     for triple in triple_list:
-        for spec in (*(p.content for p in triple.pairs), triple.pairs[0].style):
+        for spec in _specs(triple):
             shutil.copyfile(loras / f"{spec.name}.safetensors", host.loras_dir / f"{spec.name}.safetensors")
     scorer = mb_classify.Scorer(classifiers)
     todo = [(t, row, seed) for seed in seeds for t in triple_list for row in rows
-            if force or not run_path(out, t, run_key(host, row, merge_steps), seed).exists()]
+            if force or not mb_compare.is_current(run_path(out, t, run_key(host, row, merge_steps), seed),
+                                                  world[t.slug])]
     print(f"MiniBench multi-concept: {len(triple_list)} triple(s) × {len(seeds)} seed(s) × {len(rows)} row(s): "
           f"{len(todo)} to run", flush=True)
     for n, (triple, row, seed) in enumerate(todo, 1):
@@ -217,9 +263,10 @@ def run(triple_list: list[Triple], rows: list[str], seeds: list[int], out: Path,
             subjects.append({"pair": pair.name, "noise_seed": noise_seed(pair, seed), "per_sample": per_sample,
                              **{k: round(v, 5) for k, v in mb_stats.unit_means(per_sample).items()}})
         stats = [result["outputs"][m][1] for m in ids["merges"]]
-        rec = {"row": row, "triple": triple.name, "seed": seed, "samples": samples, "sampler_steps": sampler_steps,
-               "cfg": cfg, "prompt_wall_s": round(wall, 2), "subjects": subjects,
-               "merge_widgets": merge_widgets(host, row, merge_steps),
+        rec = {"row": row, "triple": triple.name, "seed": seed, "world": world[triple.slug], "samples": samples,
+               "sampler_steps": sampler_steps, "cfg": cfg, "prompt_wall_s": round(wall, 2), "subjects": subjects,
+               "merge_widgets": merge_widgets(host, row, merge_steps) if ROWS[row][0] != "tuned" else {},
+               "strengths": tuned_strengths() if ROWS[row][0] == "tuned" else {},
                "trainable_parameters": [int(s.trainable_parameters) for s in stats],
                "merge_wall_s": [round(float(s.wall_seconds), 2) for s in stats]}
         path = run_path(out, triple, run_key(host, row, merge_steps), seed)
@@ -231,15 +278,15 @@ def run(triple_list: list[Triple], rows: list[str], seeds: list[int], out: Path,
     return len(todo)
 
 
-def collect(out: Path, triple_list: list[Triple], rows: list[str], seeds: list[int],
-            keys: dict[str, str]) -> dict[str, dict[tuple, dict]]:
-    """row → unit (triple name, seed) → record, for the runs on disk."""
+def collect(out: Path, triple_list: list[Triple], rows: list[str], seeds: list[int], keys: dict[str, str],
+            world: dict[str, str]) -> dict[str, dict[tuple, dict]]:
+    """row → unit (triple name, seed) → record, for the runs on disk of this world (triple slug → world_id)."""
     data: dict[str, dict[tuple, dict]] = {}
     for row in rows:
         for triple in triple_list:
             for seed in seeds:
                 path = run_path(out, triple, keys[row], seed)
-                if path.exists():
+                if mb_compare.is_current(path, world[triple.slug]):
                     data.setdefault(row, {})[(triple.name, seed)] = json.loads(path.read_text())
     return data
 
@@ -284,13 +331,15 @@ def tables(summary: dict[str, Any], title: str) -> str:
 
 
 def report(out: Path, splits: dict[str, list[Triple]], rows: list[str], seeds: dict[str, list[int]],
-           merge_steps: int) -> dict:
-    """Tables and summary.json of the cached runs into ``out``; prints the tables."""
+           merge_steps: int, ckpt: Path = mb_common.CHECKPOINTS / "base_ema.safetensors",
+           classifiers: Path = mb_common.CLASSIFIERS, loras: Path = mb_common.CHECKPOINTS) -> dict:
+    """Tables and summary.json of the cached runs of this world into ``out``; prints the tables."""
     host = mb_common.boot()
     keys = {row: run_key(host, row, merge_steps) for row in rows}
     full, text = {}, []
     for split, triple_list in splits.items():
-        data = collect(out, triple_list, rows, seeds[split], keys)
+        world = {t.slug: world_id(ckpt, classifiers, loras, t) for t in triple_list}
+        data = collect(out, triple_list, rows, seeds[split], keys, world)
         if not data:
             continue
         summary = summarise(data)
@@ -307,13 +356,18 @@ def report(out: Path, splits: dict[str, list[Triple]], rows: list[str], seeds: d
 
 def smoke(out: Path) -> int:
     """Tiny steps of everything the multi-concept comparison needs, into ``out``: the triple split
-    (triples.json), a base (2 steps), classifiers
+    (triples.json), the tuned plain sum's strengths (choices.json, fixed), a base (2 steps), classifiers
     (3 steps), the LoRAs of star, heart and zigzag (2 steps), then every row on the test triple star + heart ×
     zigzag at 2 seeds (1 merge step, 2 samples, 2 sampler steps) and its report."""
     import mb_classify
     import mb_train_base
 
     out.mkdir(parents=True, exist_ok=True)
+    # The tuned plain sum reads the smoke run's own strengths (fixed here, not chosen: the pair benchmark's
+    # smoke test covers the choice).
+    mb_compare.CHOICES_FILE = out / "choices.json"
+    mb_compare.CHOICES_FILE.write_text(json.dumps({"tuned_plain_sum": {
+        "rule": "smoke test: a fixed choice", "chosen": {"content": 1.0, "style": 0.5}}}) + "\n")
     # The split of every triple by the committed pair split's rule (what the full comparison runs).
     split = triples(mb_compare.load_splits())
     (out / "triples.json").write_text(json.dumps({k: [t.name for t in v] for k, v in split.items()}) + "\n")
@@ -323,10 +377,11 @@ def smoke(out: Path) -> int:
     triple = Triple(("star", "heart"), "zigzag")
     mb_lora.train_missing([*(p.content for p in triple.pairs), triple.pairs[0].style], out / "base_ema.safetensors",
                           out, 2)
-    rows = list(ROWS)
-    run([triple], rows, [0, 1], out / "results", out / "base_ema.safetensors", out, classifiers, samples=2,
-        merge_steps=1, sampler_steps=2, cfg=2.0)
-    report(out / "results", {"test": [triple]}, rows, {"test": [0, 1]}, merge_steps=1)
+    rows = available_rows()
+    base = out / "base_ema.safetensors"
+    run([triple], rows, [0, 1], out / "results", base, out, classifiers, samples=2, merge_steps=1, sampler_steps=2,
+        cfg=2.0)
+    report(out / "results", {"test": [triple]}, rows, {"test": [0, 1]}, 1, base, classifiers, out)
     return 0
 
 
@@ -354,13 +409,15 @@ def main(argv: list[str] | None = None) -> int:
     splits = triples(mb_compare.load_splits())
     if args.split != "all":
         splits = {args.split: splits[args.split]}
-    rows = list(ROWS)
+    rows = available_rows()
+    if TUNED not in rows:
+        print(f"({TUNED!r} is left out: the pair benchmark has not chosen its strengths yet)")
     seeds = {k: args.seeds or mb_common.SEEDS[k] for k in splits}
     if not args.report_only:
         for split, triple_list in splits.items():
             run(triple_list, rows, seeds[split], args.out, args.ckpt, args.loras, args.classifiers, args.samples,
                 args.merge_steps, args.sampler_steps, args.cfg, args.force)
-    report(args.out, splits, rows, seeds, args.merge_steps)
+    report(args.out, splits, rows, seeds, args.merge_steps, args.ckpt, args.classifiers, args.loras)
     return 0
 
 
