@@ -143,7 +143,7 @@ def test_priors_pair_each_content_lora_with_the_style_lora_and_never_two_content
     for layer, role in prior_layers(merger, roles):
         pairs = [(t, "s") if role == CONTENT else ("s", t) for t in layer.present if t != "s"]
         expected.append(sum(torch.relu(kept_share(layer, o) - kept_share(layer, d) + 0.4) for d, o in pairs))
-    assert len(expected) == 32 and float(loss) == pytest.approx(float(torch.stack(expected).mean()), rel=1e-6)
+    assert len(expected) == 32 and float(loss.detach()) == pytest.approx(float(torch.stack(expected).mean()), rel=1e-6)
     # Only reconstruction decides between the two content LoRAs: their masks do not enter each other's term.
     layer = merger.layer("output_blocks.1.1.transformer_blocks.0.attn1.to_q")  # a content-prior layer
     assert prior_role(layer.name, roles) == CONTENT
