@@ -41,8 +41,6 @@ if TYPE_CHECKING:
     from .config import MergeConfig
 
 LOSS_TERMS: tuple[str, ...] = ("content", "style", "cycle", "reverse", "prior", "similarity")
-# The terms each content LoRA has, in the order their losses are summed.
-PER_CONTENT_TERMS: tuple[str, ...] = ("content", "cycle", "reverse")
 
 
 def term_name(kind: str, index: int) -> str:
