@@ -17,7 +17,7 @@ README = REPO / "README.md"
 BEGIN, END = "<!-- nodes:begin -->", "<!-- nodes:end -->"
 NODE_IDS = (
     "DuoLoRA_LoadContentLoRA", "DuoLoRA_LoadStyleLoRA", "DuoLoRA_ZipRankMerge",
-    "DuoLoRA_ApplyMergedLoRA", "DuoLoRA_SaveMergedLoRA", "DuoLoRA_MergeReport",
+    "DuoLoRA_ApplyMergedLoRA", "DuoLoRA_SaveMergedLoRA", "DuoLoRA_MergeReport", "DuoLoRA_ApplyKLoRA",
 )
 
 

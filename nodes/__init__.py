@@ -5,13 +5,14 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .apply import ApplyMergedLoRA
+from .klora import ApplyKLoRA
 from .loaders import LoadContentLoRA, LoadStyleLoRA
 from .merge import ZipRankMerge
 from .report import MergeReport
 from .save import SaveMergedLoRA
 
 NODES: list[type[io.ComfyNode]] = [
-    LoadContentLoRA, LoadStyleLoRA, ZipRankMerge, ApplyMergedLoRA, SaveMergedLoRA, MergeReport,
+    LoadContentLoRA, LoadStyleLoRA, ZipRankMerge, ApplyMergedLoRA, SaveMergedLoRA, MergeReport, ApplyKLoRA,
 ]
 
 

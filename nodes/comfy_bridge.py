@@ -14,6 +14,12 @@ no version branch) and in upstream master as of 2026-11 (comfyanonymous/ComfyUI)
 * ``BaseModel.apply_model`` (returns the denoised x̂0), ``process_latent_in``, the model's
   ``model_sampling`` (``sigmas``; EPS / V_PREDICTION noise scaling x_t = x0 + σ·ε).
 * ``comfy.utils.ProgressBar``; ``server.PromptServer.instance.send_sync`` (only when a server exists).
+* K-LoRA's sampling-time patch: ``ModelPatcher.clone`` + ``add_wrapper_with_key`` with
+  ``comfy.patcher_extension.WrappersMP.OUTER_SAMPLE`` (``CFGGuider.outer_sample``: one sampling run) and
+  ``WrappersMP.APPLY_MODEL`` (``BaseModel.apply_model(x, t, c_concat, c_crossattn, control, transformer_options)``,
+  t = σ; ``transformer_options["sample_sigmas"]`` is the run's σ schedule, set by ``CFGGuider.inner_sample``);
+  ``BaseModel.model_sampling`` (``sigmas``, or ``sigma_max``/``sigma_min``). Checked in 0.3.75, 0.8.0 and 0.33.0,
+  where these signatures are identical.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import comfy.model_management
 import comfy.model_sampling
 import comfy.ops
+import comfy.patcher_extension
 import comfy.sampler_helpers
 import comfy.samplers
 import comfy.sd
@@ -36,6 +43,8 @@ import torch
 
 from ..duolora import formats, sdxl
 from ..duolora.adapter import Adapter, Branch, attach, plain_weight
+from ..duolora.klora import KLoRA, KLoRAPatch, schedule_progress
+from ..duolora.lora import TEXT_ENCODER_PREFIXES, LoRA, merge_patches
 from ..duolora.mergers import Merger
 from ..duolora.objective import DiscreteSchedule
 
@@ -419,3 +428,122 @@ def _named_lora_modules(unet: torch.nn.Module) -> Iterator[tuple[str, torch.nn.M
 
 def execution_device(model) -> torch.device:
     return model.load_device
+
+
+# ----------------------------------------------------------------------------------------------------
+# K-LoRA: the rule as a sampling-time patch of a MODEL
+# ----------------------------------------------------------------------------------------------------
+
+KLORA_WRAPPER_KEY = "duolora_klora"
+# How a model call's σ becomes the rule's progress t/T: "steps" places it on the sampling run's own σ schedule
+# (the paper: steps done over steps); "noise" on the model's training noise schedule (the same at a given σ for
+# any step count, scheduler or split of the run into several samplers).
+KLORA_TIMELINES: tuple[str, ...] = ("steps", "noise")
+
+
+class KLoRASampling:
+    """K-LoRA on a MODEL through ComfyUI's own ModelPatcher wrappers, so any sampler and the stock KSampler run it.
+
+    ``outer_sample`` (WrappersMP.OUTER_SAMPLE) spans one sampling run: the rule is attached to the UNet's modules
+    at the run's first model call and removed when the run ends, however it ends. ``apply_model``
+    (WrappersMP.APPLY_MODEL) chooses every layer's LoRA from the call's σ before the call; a call outside a
+    sampling run (a node that calls the model directly) attaches and removes the rule around itself. Nothing is
+    changed on the MODEL that was passed in: the wrappers live on a clone, and the UNet's modules carry the
+    rule only inside those calls (the clone shares them with the original).
+    """
+
+    def __init__(self, klora: KLoRA, timeline: str = "steps") -> None:
+        if timeline not in KLORA_TIMELINES:
+            raise ValueError(f"K-LoRA timeline {timeline!r} is not one of {', '.join(KLORA_TIMELINES)}")
+        self.klora = klora
+        self.timeline = timeline
+        self.patch: KLoRAPatch | None = None
+        self._base_id: int | None = None
+        self._runs = 0
+        self._schedules: dict[int, tuple[Any, list[float]]] = {}
+
+    # -- the wrappers ----------------------------------------------------------------------------------
+    def outer_sample(self, executor, *args: Any, **kwargs: Any) -> Any:
+        self._runs += 1
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self._runs -= 1
+            if self._runs == 0:
+                self.remove()
+
+    def apply_model(self, executor, x: torch.Tensor, t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        base = executor.class_obj
+        options = args[3] if len(args) > 3 else kwargs.get("transformer_options") or {}
+        patch = self._attach(base)
+        patch.set_progress(self.progress(base, t, options))
+        try:
+            return executor(x, t, *args, **kwargs)
+        finally:
+            if self._runs == 0:
+                self.remove()
+
+    # -- progress and life cycle ------------------------------------------------------------------------
+    def progress(self, base, t: torch.Tensor, transformer_options: dict) -> float:
+        """The rule's t/T for a model call at σ = ``t`` (ComfyUI's samplers evaluate a batch at one σ)."""
+        sigma = float(torch.as_tensor(t).reshape(-1)[0])
+        schedule = transformer_options.get("sample_sigmas") if self.timeline == "steps" else None
+        if schedule is None:
+            schedule = self._training_schedule(base)
+        return schedule_progress(sigma, self._as_list(schedule))
+
+    def _as_list(self, schedule: Any) -> list[float]:
+        cached = self._schedules.get(id(schedule))
+        if cached is None or cached[0] is not schedule:
+            cached = (schedule, [float(v) for v in torch.as_tensor(schedule).reshape(-1).tolist()])
+            self._schedules = {id(schedule): cached}
+        return cached[1]
+
+    @staticmethod
+    def _training_schedule(base) -> Any:
+        """The model's noise levels from the highest down (its training σ table; else σ_max, σ_min)."""
+        sampling = base.model_sampling
+        sigmas = getattr(sampling, "sigmas", None)
+        if sigmas is not None:
+            return torch.as_tensor(sigmas).flip(0)
+        return torch.tensor([float(sampling.sigma_max), float(sampling.sigma_min)])
+
+    def _attach(self, base) -> KLoRAPatch:
+        if self.patch is not None and self._base_id != id(base):
+            self.remove()
+        if self.patch is None:
+            unet = base.diffusion_model
+            modules = {name: m for name, m in _named_lora_modules(unet) if name in self.klora.merger}
+            dtype = compute_dtype_of(base)
+            self.patch = self.klora.patch(modules, compute_dtype=None if dtype in _STORAGE_DTYPES else dtype,
+                                          foldable=foldable)
+            self._base_id = id(base)
+        if not self.patch.attached:
+            self.patch.attach()
+        return self.patch
+
+    def remove(self) -> None:
+        """Take the rule off the UNet's modules (they are exactly as before) and free its cached factors."""
+        if self.patch is not None:
+            self.patch.remove()
+
+
+def klora_model(model, content: LoRA, style: LoRA, klora: KLoRA, timeline: str = "steps"):
+    """A clone of ``model`` (a ModelPatcher) that samples with K-LoRA; ``model`` itself is left unchanged.
+
+    The LoRAs' bias/norm differences of the UNet (not low-rank layers, so not the rule's to choose) are added as
+    the stock LoRA path adds them, summed where both LoRAs have one (``lora.merge_patches``)."""
+    patches = {k: v for k, v in merge_patches(content.patches, style.patches).items()
+               if not k.startswith(TEXT_ENCODER_PREFIXES)}
+    if patches:
+        state_dict = formats.lora_to_state_dict(LoRA(patches=patches, base=content.base), "kohya_ldm",
+                                                dtype=torch.float32, layout=model_layout(model))
+        patched, _ = comfy.sd.load_lora_for_models(model, None, state_dict, 1.0, 0.0)
+    else:
+        patched = model.clone()
+    sampling = KLoRASampling(klora, timeline)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KLORA_WRAPPER_KEY,
+                                 sampling.outer_sample)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, KLORA_WRAPPER_KEY,
+                                 sampling.apply_model)
+    return patched

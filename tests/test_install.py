@@ -33,6 +33,7 @@ NODES = {
     "DuoLoRA_ApplyMergedLoRA": "Apply Merged LoRA",
     "DuoLoRA_SaveMergedLoRA": "Save Merged LoRA",
     "DuoLoRA_MergeReport": "Merge Report",
+    "DuoLoRA_ApplyKLoRA": "Apply K-LoRA",
 }
 
 
