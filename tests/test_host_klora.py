@@ -7,6 +7,7 @@ LoRA's ΔW, as a direct, dense implementation of the rule (engine_toys.dense_klo
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import comfyhost
@@ -14,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from engine_toys import dense_klora
-from nodehelpers import node, read_tiny, tiny_pair, write_lora
+from nodehelpers import node, patched_weights, read_tiny, tiny_pair, write_lora
 
 from duolora.klora import schedule_progress
 from duolora.sdxl import SDXL_LAYOUT
@@ -193,3 +194,22 @@ def test_a_lora_for_another_model_is_refused_with_a_clear_message(host: comfyhos
     message = str(info.value)
     assert "klora_full_sdxl.safetensors: 560 layers do not match" in message
     assert message.endswith("This LoRA was made for a different model.")
+
+
+def test_bias_and_norm_differences_are_summed_into_the_model(host: comfyhost.Host, pair, tiny_layout) -> None:
+    """What is not a low-rank layer is not the rule's to choose: the differences of both files are added."""
+    content, style = pair
+    g = torch.Generator().manual_seed(4)
+    both, only_style = "input_blocks.4.1.norm.weight", "out.0.bias"
+    d_c = torch.randn(tiny_layout.param_shape(both), generator=g)
+    d_s = {p: torch.randn(tiny_layout.param_shape(p), generator=g) for p in (both, only_style)}
+    c = write_lora(host, replace(content.lora, patches={both: d_c}), "klora_patch_c.safetensors", tiny_layout)
+    s = write_lora(host, replace(style.lora, patches=d_s), "klora_patch_s.safetensors", tiny_layout)
+    result = host.execute(klora_prompt(host, c.name, s.name))
+    base = patched_weights(result["outputs"]["1"][0])
+    patched = patched_weights(result["outputs"]["20"][0])
+    key = {both: "diffusion_model.input_blocks.4.1.norm.weight", only_style: "diffusion_model.out.0.bias"}
+    assert torch.allclose(patched[key[both]], base[key[both]] + d_c + d_s[both], atol=1e-6)
+    assert torch.allclose(patched[key[only_style]], base[key[only_style]] + d_s[only_style], atol=1e-6)
+    changed = {k for k in base if not torch.equal(base[k], patched[k])}
+    assert changed == set(key.values())
