@@ -714,6 +714,7 @@ WORKFLOW_NAMES = (
     "duolora_merge_with_reference_images",
     "duolora_merge_without_training_images",
     "duolora_baseline_comparison",
+    "duolora_klora_training_free",
 )
 
 
@@ -960,6 +961,33 @@ def workflow_baseline_comparison(info: dict) -> dict:
     return b.build(WORKFLOW_NAMES[2])
 
 
+def workflow_klora(info: dict) -> dict:
+    """Workflow 4: K-LoRA — both LoRAs applied at sampling time, nothing learned, merged or saved."""
+    b = WorkflowBuilder(info)
+    c0, c1, c2, c3 = (Column(x) for x in (0, 360, 720, 1160))
+    ckpt = b.add("CheckpointLoaderSimple", c0, {"ckpt_name": CKPT}, width=300, properties={"models": CKPT_MODELS})
+    _note(b, c0, (
+        "K-LoRA: a subject in a style without a merge. No reference images, no merge time, no file: in every "
+        "attention layer, at every step, Apply K-LoRA uses one of the two LoRAs, the content LoRA early in "
+        "sampling and the style LoRA later.\n\n"
+        "Too little subject: lower beta. Too little style: raise beta or alpha. To keep the result as one "
+        "LoRA file, merge with ZipRank Merge instead."), height=250)
+    content, style = _loras(b, c1)
+    klora = b.add("DuoLoRA_ApplyKLoRA", c1, width=320)
+    b.connect(ckpt, "MODEL", klora, "model")
+    b.connect(content, "content_lora", klora, "content_lora")
+    b.connect(style, "style_lora", klora, "style_lora")
+    pos = _prompt(b, c2, P_CS, "Prompt")
+    neg = _prompt(b, c2, NEGATIVE, "Negative prompt", negative=True)
+    for p in (pos, neg):
+        b.connect(ckpt, "CLIP", p, "clip")
+    latent, ks, save = _generate(b, klora, pos, neg, ckpt, (c2, c3), "duolora/klora")
+    b.group("Base model", [ckpt], GROUP_COLOURS["model"])
+    b.group("K-LoRA (training-free)", [content, style, klora], GROUP_COLOURS["merge"])
+    b.group("Generate", [pos, neg, latent, ks, save], GROUP_COLOURS["out"])
+    return b.build(WORKFLOW_NAMES[3])
+
+
 def indirection_example(object_info: dict) -> tuple[dict, dict[str, int]]:
     """A small UI graph with every indirection the converter must resolve, for tests (not an example).
 
@@ -1182,6 +1210,7 @@ BUILDERS = {
     WORKFLOW_NAMES[0]: workflow_with_reference_images,
     WORKFLOW_NAMES[1]: workflow_without_training_images,
     WORKFLOW_NAMES[2]: workflow_baseline_comparison,
+    WORKFLOW_NAMES[3]: workflow_klora,
 }
 
 

@@ -92,7 +92,7 @@ def _schema(node_id: str, display: str, what: str) -> io.Schema:
         ],
         outputs=[
             SourceLoRAType.Output(f"{what}_lora", display_name=f"{what}_lora",
-                                  tooltip=f"The {what} LoRA, for ZipRank Merge."),
+                                  tooltip=f"The {what} LoRA, for ZipRank Merge or Apply K-LoRA."),
             io.String.Output("summary", display_name="summary",
                              tooltip="Key style, base model, layer count and rank of the file."),
         ],

@@ -47,7 +47,7 @@ def inputs(host: comfyhost.Host) -> dict[str, Path]:
     return files
 
 
-def test_the_three_examples_are_shipped_with_thumbnails() -> None:
+def test_every_example_is_shipped_with_a_thumbnail() -> None:
     assert NAMES == sorted(workflows.WORKFLOW_NAMES)
     for path in EXAMPLES:
         thumb = path.with_suffix(".jpg")
@@ -219,6 +219,11 @@ def test_example_runs_end_to_end_on_the_tiny_model(name: str, host: comfyhost.Ho
         assert md["duolora.content_sha256"] == _sha256(inputs[workflows.CONTENT_LORA])
         assert md["duolora.style_sha256"] == _sha256(inputs[workflows.STYLE_LORA])
         assert md["duolora.steps_done"] == str(merge_steps[merge_id])
+
+    # Apply K-LoRA chose a LoRA in each of the tiny model's 560 attention projections.
+    for klora_id in workflows.nodes_of_type(prompt, "DuoLoRA_ApplyKLoRA"):
+        summary = result["outputs"][klora_id][1]
+        assert summary.startswith("K-LoRA over 560 layers: γ = "), summary
 
     # Generated images have the canvas size; previews exist.
     for save_id in workflows.nodes_of_type(prompt, "SaveImage"):

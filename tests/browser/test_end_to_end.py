@@ -47,6 +47,8 @@ SCREENSHOT = REPO / "docs" / "screenshot.png"
 ARTIFACTS = comfyserver.artifacts_dir()
 PACK = "comfyui-duolora"
 FIRST = workflows.WORKFLOW_NAMES[0]
+KLORA_WORKFLOW = workflows.WORKFLOW_NAMES[3]
+KLORA = "DuoLoRA_ApplyKLoRA"
 MERGE, REPORT, SAVE_LORA = "DuoLoRA_ZipRankMerge", "DuoLoRA_MergeReport", "DuoLoRA_SaveMergedLoRA"
 MERGE_STEPS = 3
 SAMPLER_STEPS = 2
@@ -127,15 +129,15 @@ def _combo_options(page: Any, node_type: str, name: str) -> list:
     )
 
 
-def _open_template(page: Any) -> None:
-    """Templates → comfyui-duolora → the first card, as a user clicks through it."""
+def _open_template(page: Any, name: str = FIRST, node_type: str = MERGE) -> None:
+    """Templates → comfyui-duolora → the card ``name`` (a workflow with a ``node_type`` node), as a user clicks."""
     page.evaluate("() => { window.comfyAPI.app.app.graph.clear(); }")
     page.locator(".templates-tab-button").first.click()
     dialog = page.locator(".workflow-template-selector-dialog")
     dialog.wait_for(state="visible")
     dialog.get_by_role("button", name=PACK).click()
-    dialog.get_by_text(FIRST, exact=True).first.click()
-    page.wait_for_function(f"() => window.comfyAPI.app.app.graph._nodes.some(n => n.type === '{MERGE}')")
+    dialog.get_by_text(name, exact=True).first.click()
+    page.wait_for_function(f"() => window.comfyAPI.app.app.graph._nodes.some(n => n.type === '{node_type}')")
     dialog.wait_for(state="hidden")
     page.wait_for_timeout(500)
 
@@ -491,3 +493,55 @@ def test_workflow_1_runs_end_to_end_from_the_ui(browser_session: BrowserSession,
     assert user_page.problems_of_ours() == []
     timings["total_s"] = time.monotonic() - t0
     (ARTIFACTS / "end_to_end_timings.json").write_text(json.dumps(timings, indent=1), encoding="utf-8")
+
+
+def test_the_klora_workflow_runs_from_the_ui(browser_session: BrowserSession, user_page: UserPage) -> None:
+    """The K-LoRA example, opened from the template browser and run with the Run button: the same user steps as
+    workflow 1 (tiny checkpoint in place of Load Checkpoint, small canvas, few steps), nothing merged or saved
+    but the image. Its picture goes to <artifacts>/21_klora.png only."""
+    s = browser_session
+    page = user_page.page
+    _open_template(page, KLORA_WORKFLOW, KLORA)
+    state = page.evaluate(_JS_STATE)
+    shipped = workflows.load(EXAMPLES / f"{KLORA_WORKFLOW}.json")
+    assert sorted(state["types"]) == sorted(n["type"] for n in shipped["nodes"])
+    assert state["unknown"] == [] and state["dialogs"] == [], state
+    shipped_api = workflows.ui_to_api(shipped, _get_json(s.url + "/object_info"))
+    assert workflows.page_graph_to_prompt(page) == shipped_api
+
+    replaced = page.evaluate(_JS_REPLACE, [workflows.CHECKPOINT_LOADER, workflows.TINY_CHECKPOINT])
+    assert "error" not in replaced and len(replaced["after"]) == 4, replaced  # MODEL, 2 × CLIP, VAE
+    for node_id in _node_ids(page, "KSampler"):
+        _set_widget(page, node_id, "steps", SAMPLER_STEPS)
+    for node_id in _node_ids(page, "EmptyLatentImage"):
+        _set_widget(page, node_id, "width", SIZE)
+        _set_widget(page, node_id, "height", SIZE)
+    front_end = workflows.page_graph_to_prompt(page)
+    assert front_end == _expected_prompt(shipped_api, str(replaced["id"]))
+
+    (klora_id,) = _node_ids(page, KLORA)
+    (sampler_id,) = _node_ids(page, "KSampler")
+    (save_image_id,) = _node_ids(page, "SaveImage")
+    page.evaluate(_JS_LISTEN)
+    run = page.locator('[data-testid="queue-button"]').get_by_role("button", name=re.compile(r"^\s*Run\s*$"))
+    with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as posted:
+        run.first.click()
+    assert posted.value.status == 200, posted.value.text()
+    prompt_id = posted.value.json()["prompt_id"]
+    assert posted.value.request.post_data_json["prompt"] == front_end
+    history = _wait_for_history(s.url, prompt_id, RUN_TIMEOUT_S)
+    status = history["status"]
+    assert status["status_str"] == "success" and status["completed"] is True, status
+    page.wait_for_function("() => window.__duoloraE2E.success.length + window.__duoloraE2E.errors.length > 0")
+    log = page.evaluate("() => window.__duoloraE2E")
+    assert log["errors"] == [] and [e["prompt_id"] for e in log["success"]] == [prompt_id]
+    # The image sampled through Apply K-LoRA's MODEL was saved at the canvas size.
+    assert str(save_image_id) in {str(e["node"]) for e in log["executed"]}
+    (image,) = history["outputs"][str(save_image_id)]["images"]
+    with Image.open(s.base_directory / "output" / image["subfolder"] / image["filename"]) as img:
+        assert img.size == (SIZE, SIZE) and image["type"] == "output"
+    page.evaluate(_JS_FIT_NODES, [[klora_id, sampler_id, save_image_id], 20])
+    page.wait_for_timeout(500)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "21_klora.png"))
+    assert user_page.problems_of_ours() == []

@@ -35,6 +35,7 @@ NODES = {
     "DuoLoRA_ApplyMergedLoRA": "Apply Merged LoRA",
     "DuoLoRA_SaveMergedLoRA": "Save Merged LoRA",
     "DuoLoRA_MergeReport": "Merge Report",
+    "DuoLoRA_ApplyKLoRA": "Apply K-LoRA",
 }
 MERGE = "DuoLoRA_ZipRankMerge"
 REPORT = "DuoLoRA_MergeReport"
@@ -184,7 +185,7 @@ def test_nodes_listed_under_duolora(browser_session: BrowserSession) -> None:
     )
     assert registered == dict.fromkeys(NODES, "DuoLoRA")
 
-    # The user's view: Node Library sidebar -> "DuoLoRA" folder -> the six display names.
+    # The user's view: Node Library sidebar -> "DuoLoRA" folder -> our display names.
     page = s.page
     page.locator(".node-library-tab-button").first.click()
     folder = page.locator(".tree-folder .node-label", has_text=re.compile(r"^\s*DuoLoRA\s*$"))

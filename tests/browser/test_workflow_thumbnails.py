@@ -105,14 +105,15 @@ def test_workflow_1_opens_from_the_template_browser_and_converts_like_the_front_
         dialog.wait_for(state="visible", timeout=DIALOG_TIMEOUT_MS)
         dialog.get_by_role("button", name=PACK).click(timeout=DIALOG_TIMEOUT_MS)
     assert thumb.value.status == 200
-    # Our three cards show our thumbnails (600 px wide; the front end's fallback picture is 224 px).
+    # Every card of ours shows our thumbnail (600 px wide; the front end's fallback picture is 224 px).
+    cards = len(workflows.WORKFLOW_NAMES)
     page.wait_for_function(
-        """() => {
+        """(n) => {
             const imgs = [...document.querySelectorAll('.workflow-template-selector-dialog img')];
-            return imgs.length === 3 && imgs.every(i => i.complete && i.naturalWidth > 0);
-        }""", timeout=DIALOG_TIMEOUT_MS)
+            return imgs.length === n && imgs.every(i => i.complete && i.naturalWidth > 0);
+        }""", arg=cards, timeout=DIALOG_TIMEOUT_MS)
     widths = dialog.locator("img").evaluate_all("imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])")
-    assert widths == [[600, 450]] * 3
+    assert widths == [[600, 450]] * cards
     s.screenshot("10_template_browser")
     dialog.get_by_text(FIRST, exact=True).first.click(timeout=DIALOG_TIMEOUT_MS)
     page.wait_for_function(
