@@ -113,6 +113,9 @@ def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lambda-content", type=float, default=d.lambda_content,
                    help="weight of the content reconstruction term")
     p.add_argument("--lambda-style", type=float, default=d.lambda_style, help="weight of the style reconstruction term")
+    p.add_argument("--balance", type=float, default=d.balance, metavar="B",
+                   help="subject against style where the LoRAs collide, from -1 (style) to 1 (content): the "
+                        "reconstruction terms weigh lambda_content·(1 + B) and lambda_style·(1 − B); 0 = the paper")
     p.add_argument("--lambda-sim", type=float, default=None,
                    help="weight of the mask-similarity term mean|m_c ⊙ m_s| (default: the method's, 0 for ziprank)")
     p.add_argument("--fast-keep", type=float, default=d.fast_keep,
@@ -183,7 +186,8 @@ def _merge(args: argparse.Namespace) -> int:
             method=args.method, basis=args.basis, scope=args.scope, objective="weights_only", seed=args.seed,
             prior_preset=args.prior_preset, custom_prior=args.custom_prior, prior_loss=not args.no_prior_loss,
             prior_loss_kind=args.prior_loss_kind, kappa=args.kappa, nu=args.nu, margin=args.margin,
-            lambda_content=args.lambda_content, lambda_style=args.lambda_style, lambda_prior=args.lambda_prior,
+            lambda_content=args.lambda_content, lambda_style=args.lambda_style, balance=args.balance,
+            lambda_prior=args.lambda_prior,
             lambda_sim=args.lambda_sim, prune_threshold=args.prune_threshold, w_c=args.w_c, w_s=args.w_s,
             fast_keep=args.fast_keep, max_rank=args.max_rank,
         )

@@ -187,9 +187,10 @@ class DuoLoRAObjective:
         self.config = config
         self.roles = preset_roles(config.prior_preset, config.custom_prior) if roles is None else roles
         k = int(config.constyle_iterations)
+        lam_c, lam_s = config.reconstruction_weights
         self.weights: dict[str, float] = {
-            "content": float(config.lambda_content),
-            "style": float(config.lambda_style),
+            "content": lam_c,
+            "style": lam_s,
             "cycle": float(config.lambda_cyc) if k > 0 else 0.0,
             "reverse": float(config.lambda_rev) if k > 0 else 0.0,
             "prior": float(config.lambda_prior) if config.prior_loss else 0.0,

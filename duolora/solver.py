@@ -313,7 +313,7 @@ class _Terms:
 
     @classmethod
     def from_config(cls, config: MergeConfig) -> _Terms:
-        return cls(float(config.lambda_content), float(config.lambda_style),
+        return cls(*config.reconstruction_weights,
                    float(config.lambda_prior) if config.prior_loss else 0.0, float(config.effective_lambda_sim),
                    config.prior_loss_kind, float(config.kappa), float(config.nu), float(config.margin),
                    float(config.fast_keep))

@@ -78,6 +78,11 @@ class ZipRankMerge(io.ComfyNode):
                 io.Combo.Input("method", options=list(METHODS), default=d.method,
                                tooltip="ziprank: DuoLoRA's rank masks. ziplora_out / ziplora_in: ZipLoRA's "
                                        "per-column masks. direct: plain sum. b_lora: B-LoRA's two blocks."),
+                io.Float.Input("balance", default=d.balance, min=-1.0, max=1.0, step=0.05,
+                               tooltip="Subject against style where the two LoRAs collide: towards +1 the merge "
+                                       "keeps more of what the content LoRA does, towards -1 more of the style "
+                                       "LoRA (it weighs the two reconstruction terms 1 + b and 1 - b). 0 = the "
+                                       "paper's objective. Learning methods only (not direct or b_lora)."),
                 io.Int.Input("steps", default=d.steps, min=0, max=10000,
                              tooltip="Optimisation steps (the paper: 100)."),
                 io.Float.Input("learning_rate", default=d.lr, min=0.0, max=1.0, step=0.0001,
@@ -158,7 +163,8 @@ class ZipRankMerge(io.ComfyNode):
     @classmethod
     def execute(cls, model, content_lora: SourceLoRA, style_lora: SourceLoRA, content_latents=None,
                 style_latents=None, content_prompt=None, style_prompt=None, combined_prompt=None,
-                mode: str = "paper", method: str = "ziprank", steps: int = 100, learning_rate: float = 0.01,
+                mode: str = "paper", method: str = "ziprank", balance: float = _DEFAULTS.balance, steps: int = 100,
+                learning_rate: float = 0.01,
                 seed: int = _DEFAULTS.seed, prior_preset: str = _DEFAULTS.prior_preset, custom_prior: str = "",
                 prior_init: bool = _DEFAULTS.prior_init, prior_loss: bool = _DEFAULTS.prior_loss,
                 prior_loss_kind: str = _DEFAULTS.prior_loss_kind, margin: float = _DEFAULTS.margin,
@@ -172,7 +178,8 @@ class ZipRankMerge(io.ComfyNode):
                 lora_dtype: str = "auto") -> io.NodeOutput:
         start = time.perf_counter()
         config = MergeConfig(
-            method=method, basis=basis, scope=scope, objective=engine.MODES.get(mode, mode), steps=int(steps),
+            method=method, basis=basis, scope=scope, objective=engine.MODES.get(mode, mode), balance=float(balance),
+            steps=int(steps),
             lr=float(learning_rate),
             seed=int(seed), prior_preset=prior_preset, custom_prior=custom_prior, prior_init=bool(prior_init),
             prior_loss=bool(prior_loss), prior_loss_kind=prior_loss_kind, margin=float(margin),

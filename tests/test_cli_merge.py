@@ -138,7 +138,7 @@ def test_help_documents_every_option_with_its_default() -> None:
     assert code == 0
     subparsers = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     options = [a for a in subparsers.choices["merge"]._actions if a.option_strings and a.dest != "help"]
-    assert len(options) == 26
+    assert len(options) == 27
     # One help paragraph per option: from its "  -…" line to the next one.
     paragraphs = {p.split()[0].rstrip(","): " ".join(p.split())
                   for p in re.split(r"\n  (?=-)", text.split("options:", 1)[1])[1:]}

@@ -281,7 +281,7 @@ def merge_widgets(host, row: str, merge_steps: int) -> dict[str, Any]:
 
 
 # Widgets the node gained after runs were cached, at the value that reproduces the older behaviour.
-_NEUTRAL_WIDGETS: dict[str, Any] = {"prior_push": "both"}
+_NEUTRAL_WIDGETS: dict[str, Any] = {"prior_push": "both", "balance": 0.0}
 _PRIOR_WIDGETS = ("prior_init", "prior_loss", "prior_loss_kind", "margin", "prior_push", "lambda_prior", "custom_prior")
 _CYCLE_WIDGETS = ("constyle_iterations", "cycle_scale", "lambda_cyc", "lambda_rev")
 

@@ -1,6 +1,6 @@
 """The pack's front end in a real browser: a real ComfyUI 0.3.75 server, Debian's headless Chromium.
 
-Checks what a user sees: the extension is served and loads without errors, the six nodes sit under
+Checks what a user sees: the extension is served and loads without errors, every node of the pack sits under
 "DuoLoRA" in the node library, the layer-prior diagram follows `prior_preset` and edits `custom_prior`
 in custom mode, the loss curve draws "duolora.progress" messages arriving on the websocket, and the
 Merge Report's image preview is ComfyUI's own, untouched by us. Screenshots go to test_artifacts/browser/.
