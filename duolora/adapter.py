@@ -26,6 +26,9 @@ gradient (a step's cost should be what the model costs; issue 11):
   for that call — y = x·(W + ΔW)ᵀ + b, what a static patch computes — else the run gets the low-rank path
   with its constant masks folded into the factors (no mask multiply, only the LoRAs the run uses).
 
+A layer may also be given one branch for every element (``set_layer_branches``: a sampling-time rule such as
+``duolora.klora`` picks one LoRA per layer and step); it is evaluated like a run of constant masks.
+
 Every module's ``forward`` is wrapped while attached; ``remove`` (or leaving the context manager) restores
 every module exactly (same parameters, same forward, no attribute left behind).
 """

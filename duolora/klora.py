@@ -130,7 +130,8 @@ class KLoRA:
     "attention" (the paper: the attention projections) or "all" (every UNet layer both LoRAs patch).
     ``top_k``: K per layer (0: r_c·r_s, the paper's). ``device``: where the statistics are computed (default:
     the factors' device). ``merger`` holds both LoRAs' factors for the adapter (a direct merge, so every layer
-    outside the rule is the sum of what the two LoRAs patch there).
+    outside the rule is the sum of what the two LoRAs patch there) and their bias/norm differences, summed
+    (``patches``: not low-rank layers, so not the rule's to choose).
     """
 
     def __init__(self, content: LoRA, style: LoRA, *, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA,
@@ -142,7 +143,6 @@ class KLoRA:
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.merger = DirectMerger(content, style, scope=scope)
-        self.content_name, self.style_name = content.name, style.name
         self.statistics: dict[str, LayerStatistics] = {}
         with torch.no_grad():
             for name, layer in self.merger.items():

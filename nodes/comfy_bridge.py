@@ -44,7 +44,7 @@ import torch
 from ..duolora import formats, sdxl
 from ..duolora.adapter import Adapter, Branch, attach, plain_weight
 from ..duolora.klora import KLoRA, KLoRAPatch, schedule_progress
-from ..duolora.lora import TEXT_ENCODER_PREFIXES, LoRA, merge_patches
+from ..duolora.lora import TEXT_ENCODER_PREFIXES, LoRA
 from ..duolora.mergers import Merger
 from ..duolora.objective import DiscreteSchedule
 
@@ -528,15 +528,14 @@ class KLoRASampling:
             self.patch.remove()
 
 
-def klora_model(model, content: LoRA, style: LoRA, klora: KLoRA, timeline: str = "steps"):
+def klora_model(model, klora: KLoRA, timeline: str = "steps"):
     """A clone of ``model`` (a ModelPatcher) that samples with K-LoRA; ``model`` itself is left unchanged.
 
     The LoRAs' bias/norm differences of the UNet (not low-rank layers, so not the rule's to choose) are added as
-    the stock LoRA path adds them, summed where both LoRAs have one (``lora.merge_patches``)."""
-    patches = {k: v for k, v in merge_patches(content.patches, style.patches).items()
-               if not k.startswith(TEXT_ENCODER_PREFIXES)}
+    the stock LoRA path adds them, summed where both LoRAs have one (the merger's ``patches``)."""
+    patches = {k: v for k, v in klora.merger.patches.items() if not k.startswith(TEXT_ENCODER_PREFIXES)}
     if patches:
-        state_dict = formats.lora_to_state_dict(LoRA(patches=patches, base=content.base), "kohya_ldm",
+        state_dict = formats.lora_to_state_dict(LoRA(patches=patches, base=klora.merger.export_base), "kohya_ldm",
                                                 dtype=torch.float32, layout=model_layout(model))
         patched, _ = comfy.sd.load_lora_for_models(model, None, state_dict, 1.0, 0.0)
     else:

@@ -61,5 +61,5 @@ class ApplyKLoRA(io.ComfyNode):
         # The statistics need the elements of each ΔW once: computed where the model runs.
         klora = KLoRA(content_lora.lora, style_lora.lora, alpha=alpha, beta=beta, scope=scope,
                       device=bridge.execution_device(model))
-        patched = bridge.klora_model(model, content_lora.lora, style_lora.lora, klora, timeline)
+        patched = bridge.klora_model(model, klora, timeline)
         return io.NodeOutput(patched, klora.describe())
