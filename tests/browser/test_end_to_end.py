@@ -274,6 +274,24 @@ def _set_widget(page: Any, node_id: int, name: str, value: object) -> None:
     assert page.evaluate(_JS_SET_WIDGET, [node_id, name, value]), f"node {node_id} has no widget {name!r}"
 
 
+def _small_and_fast(page: Any) -> None:
+    """Few sampler steps and a small canvas, set through the widgets by name."""
+    for node_id in _node_ids(page, "KSampler"):
+        _set_widget(page, node_id, "steps", SAMPLER_STEPS)
+    for node_id in _node_ids(page, "EmptyLatentImage"):
+        _set_widget(page, node_id, "width", SIZE)
+        _set_widget(page, node_id, "height", SIZE)
+
+
+def _click_run(page: Any) -> tuple[str, dict]:
+    """Press the Run button as a user; returns the prompt id the server gave and the prompt the page posted."""
+    run = page.locator('[data-testid="queue-button"]').get_by_role("button", name=re.compile(r"^\s*Run\s*$"))
+    with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as posted:
+        run.first.click()
+    assert posted.value.status == 200, posted.value.text()
+    return posted.value.json()["prompt_id"], posted.value.request.post_data_json["prompt"]
+
+
 def _wait_for_history(url: str, prompt_id: str, timeout: float) -> dict:
     start = time.monotonic()
     while time.monotonic() - start < timeout:
@@ -385,11 +403,7 @@ def test_workflow_1_runs_end_to_end_from_the_ui(browser_session: BrowserSession,
     (merge_id,) = _node_ids(page, MERGE)
     (report_id,) = _node_ids(page, REPORT)
     _set_widget(page, merge_id, "steps", MERGE_STEPS)
-    for node_id in _node_ids(page, "KSampler"):
-        _set_widget(page, node_id, "steps", SAMPLER_STEPS)
-    for node_id in _node_ids(page, "EmptyLatentImage"):
-        _set_widget(page, node_id, "width", SIZE)
-        _set_widget(page, node_id, "height", SIZE)
+    _small_and_fast(page)
     front_end = workflows.page_graph_to_prompt(page)
     assert front_end == _expected_prompt(shipped_api, str(replaced["id"]))
 
@@ -403,12 +417,8 @@ def test_workflow_1_runs_end_to_end_from_the_ui(browser_session: BrowserSession,
     }""")
     events_before = page.evaluate(_JS_LISTEN)
     assert events_before is not None, "duolora.js is not loaded (window.__duolora is unset)"
-    run = page.locator('[data-testid="queue-button"]').get_by_role("button", name=re.compile(r"^\s*Run\s*$"))
-    with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as posted:
-        run.first.click()
-    assert posted.value.status == 200, posted.value.text()
-    prompt_id = posted.value.json()["prompt_id"]
-    assert posted.value.request.post_data_json["prompt"] == front_end
+    prompt_id, posted = _click_run(page)
+    assert posted == front_end
     t_run = time.monotonic()
     history = _wait_for_history(s.url, prompt_id, RUN_TIMEOUT_S)
     timings["run_s"] = time.monotonic() - t_run
@@ -511,11 +521,7 @@ def test_the_klora_workflow_runs_from_the_ui(browser_session: BrowserSession, us
 
     replaced = page.evaluate(_JS_REPLACE, [workflows.CHECKPOINT_LOADER, workflows.TINY_CHECKPOINT])
     assert "error" not in replaced and len(replaced["after"]) == 4, replaced  # MODEL, 2 × CLIP, VAE
-    for node_id in _node_ids(page, "KSampler"):
-        _set_widget(page, node_id, "steps", SAMPLER_STEPS)
-    for node_id in _node_ids(page, "EmptyLatentImage"):
-        _set_widget(page, node_id, "width", SIZE)
-        _set_widget(page, node_id, "height", SIZE)
+    _small_and_fast(page)
     front_end = workflows.page_graph_to_prompt(page)
     assert front_end == _expected_prompt(shipped_api, str(replaced["id"]))
 
@@ -523,12 +529,8 @@ def test_the_klora_workflow_runs_from_the_ui(browser_session: BrowserSession, us
     (sampler_id,) = _node_ids(page, "KSampler")
     (save_image_id,) = _node_ids(page, "SaveImage")
     page.evaluate(_JS_LISTEN)
-    run = page.locator('[data-testid="queue-button"]').get_by_role("button", name=re.compile(r"^\s*Run\s*$"))
-    with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as posted:
-        run.first.click()
-    assert posted.value.status == 200, posted.value.text()
-    prompt_id = posted.value.json()["prompt_id"]
-    assert posted.value.request.post_data_json["prompt"] == front_end
+    prompt_id, posted = _click_run(page)
+    assert posted == front_end
     history = _wait_for_history(s.url, prompt_id, RUN_TIMEOUT_S)
     status = history["status"]
     assert status["status_str"] == "success" and status["completed"] is True, status
