@@ -514,9 +514,9 @@ class KLoRASampling:
         if self.patch is None:
             unet = base.diffusion_model
             modules = {name: m for name, m in _named_lora_modules(unet) if name in self.klora.merger}
-            dtype = compute_dtype_of(base)
-            self.patch = self.klora.patch(modules, compute_dtype=None if dtype in _STORAGE_DTYPES else dtype,
-                                          foldable=foldable)
+            # The low-rank path in float32 whatever the model computes in (as ComfyUI computes a LoRA's ΔW): a
+            # factor with its alpha/rank scale folded in can fall below float16's normal range.
+            self.patch = self.klora.patch(modules, compute_dtype=torch.float32, foldable=foldable)
             self._base_id = id(base)
         if not self.patch.attached:
             self.patch.attach()
