@@ -17,7 +17,7 @@ from engine_toys import (
     toy_setup,
 )
 
-from duolora.klora import KLoRA, KLoRAError, schedule_progress, top_k_abs
+from duolora.klora import KLoRA, KLoRAError, _largest, schedule_progress, top_k_abs
 from duolora.lora import LoRA, LowRank
 from duolora.sdxl import is_attention_projection
 
@@ -81,6 +81,18 @@ def test_top_k_a_block_of_rows_at_a_time_equals_all_at_once(chunk: int) -> None:
         top, total = top_k_abs(B, A, k, chunk_elements=chunk)
         assert top == pytest.approx(float(dense.sort(descending=True).values[:k].sum()), rel=1e-6)
         assert total == pytest.approx(float(dense.sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "zeros"])
+def test_the_k_largest_through_group_maxima_are_the_k_largest(kind: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    values = {"random": torch.rand(50_000, generator=g),
+              "ties": torch.randint(0, 5, (50_000,), generator=g).float(),
+              "zeros": torch.cat([torch.ones(7), torch.zeros(49_993)])}[kind]
+    for k in (1, 10, 300, 12_499, 49_999, 50_000, 60_000):
+        got = _largest(values, k)
+        want = values.sort(descending=True).values[:k]
+        assert got.numel() == want.numel() and torch.equal(got.sort(descending=True).values, want), k
 
 
 def test_the_content_share_falls_as_sampling_proceeds(toy) -> None:
