@@ -729,7 +729,7 @@ def _prompt(b: WorkflowBuilder, col: Column, text: str, title: str, negative: bo
 
 
 def _merge(b: WorkflowBuilder, col: Column, title: str, **widgets: Any) -> int:
-    return b.add("DuoLoRA_ZipRankMerge", col, {**MERGE_SEED, **widgets}, title=title, width=400, height=1072)
+    return b.add("DuoLoRA_ZipRankMerge", col, {**MERGE_SEED, **widgets}, title=title, width=400, height=1096)
 
 
 def _reference_images(b: WorkflowBuilder, vae_src: int, cols: tuple[Column, Column]) -> tuple[int, int, list[int]]:
