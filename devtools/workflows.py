@@ -399,6 +399,14 @@ def _types_match(a: str | None, b: str | None) -> bool:
     return bool({t.strip().upper() for t in str(a).split(",")} & {t.strip().upper() for t in str(b).split(",")})
 
 
+def grows_outputs(definition: dict) -> bool:
+    """True for ComfyUI's own output nodes: newer ComfyUIs give some of them outputs (SaveImage and PreviewImage
+    pass their images on), so a shipped workflow lists their outputs only as far as it links them and loads
+    alike in every supported ComfyUI (the front end adds the ones a host declares beyond those)."""
+    return bool(definition.get("output_node")) and not str(definition.get("python_module", "")).startswith(
+        "custom_nodes")
+
+
 def check_workflow(workflow: dict, object_info: dict, *, files_must_exist: bool = False) -> list[str]:
     """Every problem found in a UI workflow against the node definitions (an empty list: none).
 
@@ -460,7 +468,8 @@ def check_workflow(workflow: dict, object_info: dict, *, files_must_exist: bool 
             if not spec.optional and spec.name not in linked:
                 problems.append(f"{label}: required input {spec.name!r} is not connected")
         outputs = node.get("outputs") or []
-        if len(outputs) != len(definition.get("output", [])):
+        declared = len(definition.get("output", []))
+        if len(outputs) != declared and not (grows_outputs(definition) and len(outputs) < declared):
             problems.append(f"{label}: {len(outputs)} outputs, the definition has {len(definition.get('output', []))}")
 
     for link_id, (origin_id, origin_slot, target_id, target_slot, link_type) in sorted(links.items()):
@@ -665,12 +674,17 @@ class WorkflowBuilder:
     def build(self, name: str) -> dict:
         """The UI workflow (version 0.4) with a stable id derived from ``name``."""
         self._execution_order()
+        nodes = copy.deepcopy(self.nodes)
+        for node in nodes:
+            if grows_outputs(self.info.get(node["type"], {})):
+                while node["outputs"] and not node["outputs"][-1].get("links"):
+                    node["outputs"].pop()
         return {
             "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-duolora/example_workflows/{name}")),
             "revision": 0,
             "last_node_id": len(self.nodes),
             "last_link_id": len(self.links),
-            "nodes": copy.deepcopy(self.nodes),
+            "nodes": nodes,
             "links": copy.deepcopy(self.links),
             "groups": copy.deepcopy(self.groups),
             "config": {},

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import ComfyExtension, io
-
+from .api import ComfyExtension, io
 from .apply import ApplyMergedLoRA
 from .loaders import LoadContentLoRA, LoadStyleLoRA
 from .merge import ZipRankMerge

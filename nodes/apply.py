@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
-
 from . import comfy_bridge as bridge
+from .api import io
 from .types import MergedLoRA, MergedLoRAType
 
 

@@ -6,12 +6,11 @@ import hashlib
 import os
 import threading
 
-from comfy_api.latest import io
-
 from ..duolora import formats
 from ..duolora.lora import LoRA
 from ..duolora.sdxl import SDXL_LAYOUT
 from . import comfy_bridge as bridge
+from .api import io
 from .types import LoraModelType, SourceLoRA, SourceLoRAType
 
 # Module-level cache (V3 nodes keep no instance state): (path, mtime_ns, size, mtime_ns of a PEFT

@@ -6,14 +6,15 @@ import json
 import time
 
 import torch
-from comfy_api.latest import io
 
 from .. import duolora
 from ..duolora import engine, formats, report
 from ..duolora.config import CYCLE_SCALES, METHODS, PRIOR_LOSS_KINDS, PRIOR_PUSHES, MergeConfig
 from ..duolora.optimize import MergeResult
 from ..duolora.sdxl import PRESET_NAMES
+from . import caching
 from . import comfy_bridge as bridge
+from .api import io
 from .types import (
     LoraModelType,
     LoraStateDict,
@@ -191,7 +192,8 @@ class ZipRankMerge(io.ComfyNode):
         def open_denoiser(merger, needs_grad: bool) -> bridge.ComfyDenoiser:
             # Checkpointing only where gradients flow (paper steps), never for the recording pass.
             return bridge.ComfyDenoiser(model, merger, compute_dtype=dtype,
-                                        gradient_checkpointing=gradient_checkpointing and needs_grad)
+                                        gradient_checkpointing=gradient_checkpointing and needs_grad,
+                                        needs_grad=needs_grad)
 
         references = engine.ReferenceInputs(
             content_latents=None if content_latents is None else content_latents["samples"],
@@ -199,12 +201,14 @@ class ZipRankMerge(io.ComfyNode):
             content_prompt=content_prompt, style_prompt=style_prompt, combined_prompt=combined_prompt,
         )
         peak = bridge.PeakMemory(bridge.execution_device(model))
+        settings = {"compute_dtype": compute_dtype, "gradient_checkpointing": bool(gradient_checkpointing),
+                    "device": str(bridge.execution_device(model))}
         try:
             with peak:
-                result = engine.run_merge(content, style_lora.lora, config, open_denoiser=open_denoiser,
-                                          references=references,
-                                          progress=bridge.Progress(config.steps, cls.hidden.unique_id),
-                                          should_cancel=bridge.interrupted)
+                result, cached = caching.run_merge_cached(
+                    model, content_lora, style_lora, config, references, settings,
+                    bridge.Progress(config.steps, cls.hidden.unique_id), open_denoiser=open_denoiser,
+                    should_cancel=bridge.interrupted)
         except engine.MissingReferencesError as e:
             raise ValueError(_missing_references_message(mode, e)) from None
         if result.cancelled:
@@ -226,7 +230,8 @@ class ZipRankMerge(io.ComfyNode):
             peak_memory_bytes=peak.peak_bytes, peak_memory_kind=peak.kind, report=rep,
             # The learned and fixed masks (the merger's state_dict holds only masks, r_c + r_s values per
             # layer): with the two source files they reproduce the merge exactly.
-            extra={"masks": {k: v.detach().cpu().clone() for k, v in merger.state_dict().items()}},
+            extra={"masks": {k: v.detach().cpu().clone() for k, v in merger.state_dict().items()},
+                   "merge_cache": cached},
         )
         bridge.send_message("duolora.done", {"node": cls.hidden.unique_id, "kept_rank": kept})
         return io.NodeOutput(merged, stats, state_dict)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
-
 from ..duolora import formats
 from . import comfy_bridge as bridge
+from .api import io
 from .types import MergedLoRA, MergedLoRAType
 
 

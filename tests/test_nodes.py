@@ -319,10 +319,12 @@ def test_lora_model_from_core_train_lora_loads(host: comfyhost.Host) -> None:
     prompt["19"] = node(host, "RebatchLatents", latents=["7", 0], batch_size=1)
     prompt["20"] = node(host, "TrainLoraNode", model=["1", 0], latents=["19", 0], positive=["2", 0], steps=1,
                         rank=2, training_dtype="fp32", lora_dtype="fp32", gradient_checkpointing=False)
-    prompt["21"] = node(host, "DuoLoRA_LoadContentLoRA", lora_name=NO_FILE, lora_model=["20", 1])
+    # Train LoRA's outputs moved (MODEL, LORA_MODEL, … before; LORA_MODEL first in current ComfyUI): by type.
+    slot = comfyhost.output_slot(host, "TrainLoraNode", "LORA_MODEL")
+    prompt["21"] = node(host, "DuoLoRA_LoadContentLoRA", lora_name=NO_FILE, lora_model=["20", slot])
     prompt["22"] = node(host, "PreviewAny", source=["21", 1])
     result = host.execute(prompt)
-    trained = result["outputs"]["20"][1]
+    trained = result["outputs"]["20"][slot]
     loaded = result["outputs"]["21"][0]
     # Every linear and convolution of the UNet (the tiny model has SDXL's 794) as a rank-2 LoRA ...
     assert len(loaded.lora.layers) == 794
