@@ -709,6 +709,9 @@ def boot(base_dir: Path | None = None, *, quiet: bool = True, extra_packs: dict[
     _scrub_sys_path()
     if str(DEVTOOLS_DIR) not in sys.path:
         sys.path.insert(0, str(DEVTOOLS_DIR))
+    # Benchmarks, MiniBench and the demo time and compare merges: the pack's merge cache would answer a repeated
+    # merge from disk. Off unless the caller chose a folder (tests/test_merge_cache.py turns it on for itself).
+    os.environ.setdefault("DUOLORA_MERGE_CACHE", "off")
     if base_dir is None:
         base_dir = Path(tempfile.mkdtemp(prefix="duolora-comfy-"))
         atexit.register(_remove_base_dir, base_dir, tuple(extra_packs or ()))
@@ -875,7 +878,8 @@ def build_dynamic_tiny_model(seed: int = 0, loader: bool = True):
     A dynamic patcher for a CPU load device cannot be had the ordinary way: the class's ``__new__`` hands back a
     plain ModelPatcher, and its ``__init__`` starts comfy-aimdo's allocator, which needs a GPU. So the instance
     is made by the class's own ``__new__`` and initialised as the ModelPatcher it derives from, with the one
-    attribute its ``__init__`` sets besides the allocator's bookkeeping (``non_dynamic_delegate_model``).
+    attributes its ``__init__`` sets besides the allocator's buffers (``non_dynamic_delegate_model`` and the pin
+    state's flags).
     Everything the merge calls on it (``is_dynamic``, ``clone``, ``get_non_dynamic_delegate``) is the host's
     code. Loading it itself (``ModelPatcherDynamic.load``) needs the allocator: only forward-free checks and
     paths that use its non-dynamic delegate run on a CPU. ``loader``: register ``tiny_model_loader`` as its
@@ -890,6 +894,11 @@ def build_dynamic_tiny_model(seed: int = 0, loader: bool = True):
     patcher = cls.__new__(cls)
     comfy.model_patcher.ModelPatcher.__init__(patcher, plain.model, plain.load_device, plain.offload_device)
     patcher.non_dynamic_delegate_model = None
+    # The scalar fields of the per-device pin state its __init__ registers (the executor marks a dynamic model
+    # in use by the running prompt there); the allocator's host buffers are left out.
+    plain.model.dynamic_vbars = {}
+    plain.model.dynamic_pins = {patcher.load_device: {"hostbufs_initialized": False, "failed": False,
+                                                      "active": False, "current_prompt": False}}
     if loader:
         patcher.cached_patcher_init = (tiny_model_loader, (seed,))
     return patcher

@@ -1151,6 +1151,26 @@ body * { visibility: hidden !important; }
 """
 
 
+# ComfyUI's template browser, in every front end the tests meet: up to 1.35.9 a dialog with this class; 1.49.6 draws
+# it as a layout dialog labelled by its key, "global-workflow-template-selector".
+TEMPLATE_DIALOG = ".workflow-template-selector-dialog, [role=dialog][aria-labelledby*='workflow-template-selector']"
+
+
+def template_pictures_js(pack: str) -> str:
+    """A JavaScript expression: the template browser's card pictures of ``pack`` (whatever else it shows)."""
+    return (f"[...document.querySelectorAll({json.dumps(TEMPLATE_DIALOG)})].flatMap(d => [...d.querySelectorAll('img')])"
+            f".filter(i => i.src.includes({json.dumps(f'/api/workflow_templates/{pack}/')}))")
+
+
+def page_open_template_pack(page: Any, pack: str, timeout: float) -> Any:
+    """Templates in the side bar → the ``pack`` category, as a user clicks through it; returns the dialog."""
+    page.locator(".templates-tab-button").first.click(timeout=timeout)
+    dialog = page.locator(TEMPLATE_DIALOG).first
+    dialog.wait_for(state="visible", timeout=timeout)
+    dialog.get_by_role("button", name=pack).first.click(timeout=timeout)
+    return dialog
+
+
 def page_load_workflow(page: Any, workflow: dict) -> None:
     """Load a UI workflow into the page's ComfyUI app the way opening a file does (``app.loadGraphData``)."""
     page.evaluate("async (wf) => { await window.comfyAPI.app.app.loadGraphData(wf, true, true, null, {}); }",

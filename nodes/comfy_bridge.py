@@ -450,13 +450,14 @@ class ComfyDenoiser(DiscreteSchedule):
             # device (no per-forward casting into reused buffers), as ComfyUI's Train LoRA loads it.
             comfy.model_management.load_models_gpu([self.runner], force_full_load=self.needs_grad)
             base = self.runner.model
-            if self.needs_grad:
-                # Only autograd refuses inference tensors; a forward-only pass reads the weights as they are.
-                _materialise_inference_tensors(base)
             unet = base.diffusion_model
-            # Only the masks learn: no UNet weight may take a gradient (ComfyUI creates its parameters with
-            # requires_grad=True; a full SDXL would otherwise hold 2.6 B gradients after the merge).
-            self._stack.enter_context(_frozen(base))
+            if self.needs_grad:
+                # Only autograd refuses inference tensors; a forward-only pass reads the weights as they are
+                # (and leaves every tensor and flag of the MODEL untouched).
+                _materialise_inference_tensors(base)
+                # Only the masks learn: no UNet weight may take a gradient (ComfyUI creates its parameters with
+                # requires_grad=True; a full SDXL would otherwise hold 2.6 B gradients after the merge).
+                self._stack.enter_context(_frozen(base))
             modules = {name: module for name, module in _named_lora_modules(unet) if name in self.merger}
             self.modules = modules
             # The low-rank path computes in the UNet's compute dtype, never in a storage dtype (fp8 weights

@@ -130,11 +130,8 @@ def _combo_options(page: Any, node_type: str, name: str) -> list:
 def _open_template(page: Any) -> None:
     """Templates → comfyui-duolora → the first card, as a user clicks through it."""
     page.evaluate("() => { window.comfyAPI.app.app.graph.clear(); }")
-    page.locator(".templates-tab-button").first.click()
-    dialog = page.locator(".workflow-template-selector-dialog")
-    dialog.wait_for(state="visible")
-    dialog.get_by_role("button", name=PACK).click()
-    dialog.get_by_text(FIRST, exact=True).first.click()
+    dialog = workflows.page_open_template_pack(page, PACK, timeout=90_000)
+    dialog.get_by_text(FIRST, exact=True).first.click(timeout=90_000)
     page.wait_for_function(f"() => window.comfyAPI.app.app.graph._nodes.some(n => n.type === '{MERGE}')")
     dialog.wait_for(state="hidden")
     page.wait_for_timeout(500)

@@ -100,18 +100,16 @@ def test_workflow_1_opens_from_the_template_browser_and_converts_like_the_front_
     # category is chosen: the picture must arrive by the time our cards are on screen, either way.
     with page.expect_response(lambda r: r.url.endswith(f"/api/workflow_templates/{PACK}/{FIRST}.jpg"),
                               timeout=DIALOG_TIMEOUT_MS) as thumb:
-        page.locator(".templates-tab-button").first.click()
-        dialog = page.locator(".workflow-template-selector-dialog")
-        dialog.wait_for(state="visible", timeout=DIALOG_TIMEOUT_MS)
-        dialog.get_by_role("button", name=PACK).click(timeout=DIALOG_TIMEOUT_MS)
+        dialog = workflows.page_open_template_pack(page, PACK, timeout=DIALOG_TIMEOUT_MS)
     assert thumb.value.status == 200
     # Our three cards show our thumbnails (600 px wide; the front end's fallback picture is 224 px).
+    pictures = workflows.template_pictures_js(PACK)
     page.wait_for_function(
-        """() => {
-            const imgs = [...document.querySelectorAll('.workflow-template-selector-dialog img')];
+        f"""() => {{
+            const imgs = {pictures};
             return imgs.length === 3 && imgs.every(i => i.complete && i.naturalWidth > 0);
-        }""", timeout=DIALOG_TIMEOUT_MS)
-    widths = dialog.locator("img").evaluate_all("imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])")
+        }}""", timeout=DIALOG_TIMEOUT_MS)
+    widths = page.evaluate(f"() => {pictures}.map(i => [i.naturalWidth, i.naturalHeight])")
     assert widths == [[600, 450]] * 3
     s.screenshot("10_template_browser")
     dialog.get_by_text(FIRST, exact=True).first.click(timeout=DIALOG_TIMEOUT_MS)
