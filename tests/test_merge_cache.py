@@ -141,6 +141,25 @@ def test_a_callable_in_the_model_options_keeps_the_merge_out_of_the_cache(host: 
         bridge.model_fingerprint(model)
 
 
+def test_patches_with_key_map_offsets_are_part_of_the_model_fingerprint(host: comfyhost.Host) -> None:
+    """ComfyUI's key map can target part of a fused weight: a ``(key, offset)`` target (and ``(key, offset,
+    function)``); ``add_patches`` keeps offset and function with the patch. An offset is data of the key, a
+    function keeps the model out of the cache."""
+    bridge = pack_module("nodes.comfy_bridge")
+    key = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"
+    diff = ("diff", (torch.full((32, 32), 0.01),))
+    fingerprints = []
+    for target in (key, (key, (0, 0, 16)), (key, (0, 16, 16))):
+        model = comfyhost.build_tiny_model(seed=0)
+        assert model.add_patches({target: diff}) == [target]
+        fingerprints.append(bridge.model_fingerprint(model))
+    assert len(set(fingerprints)) == 3
+    model = comfyhost.build_tiny_model(seed=0)
+    model.add_patches({(key, (0, 0, 16), lambda w: w): diff})
+    with pytest.raises(Uncacheable, match="cannot fingerprint a builtins.function"):
+        bridge.model_fingerprint(model)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The folder itself (no host needed)
 # ---------------------------------------------------------------------------------------------------
