@@ -96,12 +96,10 @@ def test_workflow_1_opens_from_the_template_browser_and_converts_like_the_front_
     s = browser_session
     page = s.page
     page.evaluate("() => { window.comfyAPI.app.app.graph.clear(); }")
-    # Front end 1.32.9 fetches every pack's card pictures when the dialog opens, 1.35.9 only once the pack's
-    # category is chosen: the picture must arrive by the time our cards are on screen, either way.
-    with page.expect_response(lambda r: r.url.endswith(f"/api/workflow_templates/{PACK}/{FIRST}.jpg"),
-                              timeout=DIALOG_TIMEOUT_MS) as thumb:
-        dialog = workflows.page_open_template_pack(page, PACK, timeout=DIALOG_TIMEOUT_MS)
-    assert thumb.value.status == 200
+    # When the pictures arrive differs by front end (1.32.9 fetches every pack's pictures when the dialog opens,
+    # 1.35.9 once the pack's category is chosen, and a tab that showed them before has them cached): what counts is
+    # that our cards show our files (the endpoint itself is checked by test_templates_are_listed_and_served).
+    dialog = workflows.page_open_template_pack(page, PACK, timeout=DIALOG_TIMEOUT_MS)
     # Our three cards show our thumbnails (600 px wide; the front end's fallback picture is 224 px).
     pictures = workflows.template_pictures_js(PACK)
     page.wait_for_function(
