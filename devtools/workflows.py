@@ -1033,6 +1033,18 @@ def indirection_example(object_info: dict) -> tuple[dict, dict[str, int]]:
 # Inputs for running the examples without downloads (tests, demo, thumbnails)
 # ----------------------------------------------------------------------------------------------------
 
+def put_example_files(base: str | Path, image_size: int = 64) -> None:
+    """Every file the example workflows name, in a ComfyUI base directory: tiny LoRAs in models/loras, pictures in
+    input/, and an empty placeholder for the checkpoint (nothing here loads it). Front end 1.49.6 marks a node whose
+    file combo names a missing file as having errors; with these in place the examples load clean."""
+    base = Path(base)
+    make_tiny_loras(base / "models" / "loras")
+    make_reference_images(base / "input", size=image_size)
+    checkpoint = base / "models" / "checkpoints" / CKPT
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.touch()
+
+
 def make_reference_images(folder: str | Path, size: int = 64,
                           names: tuple[str, ...] = (*CONTENT_IMAGES, STYLE_IMAGE)) -> dict[str, Path]:
     """Procedural reference pictures: two of a simple "subject" (a cartoon dog face) and one "style" (stripes).

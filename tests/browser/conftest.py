@@ -77,17 +77,6 @@ def _require_browser() -> None:
         pytest.fail(f"browser tests need {', '.join(missing)}: run scripts/install_browser.sh", pytrace=False)
 
 
-def put_example_files(base: Path) -> None:
-    """Every file the example workflows name, in the server's folders before it starts: front end 1.49.6 marks a
-    node whose file combo names a missing file as having errors. The LoRAs and pictures are real tiny ones; the
-    checkpoint is an empty placeholder (the tests replace the checkpoint loader before anything runs)."""
-    workflows.make_tiny_loras(base / "models" / "loras")
-    workflows.make_reference_images(base / "input")
-    checkpoint = base / "models" / "checkpoints" / workflows.CKPT
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.touch()
-
-
 @pytest.fixture(scope="session")
 def browser_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserSession]:
     """A real ComfyUI server and a headless Chromium page showing its front end, ready to script."""
@@ -95,7 +84,7 @@ def browser_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browse
     from playwright.sync_api import sync_playwright
 
     base = tmp_path_factory.mktemp("comfy-base")
-    put_example_files(base)
+    workflows.put_example_files(base)
     t0 = time.monotonic()
     with comfyserver.comfy_server(base, user_settings=USER_SETTINGS) as url:
         t_server = time.monotonic() - t0
