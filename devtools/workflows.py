@@ -985,7 +985,7 @@ def indirection_example(object_info: dict) -> tuple[dict, dict[str, int]]:
     b = WorkflowBuilder(object_info)
     col, col2 = Column(0), Column(420)
     ids = {
-        "ckpt": b.add("CheckpointLoaderSimple", col, {"ckpt_name": "x.safetensors"}),
+        "ckpt": b.add("CheckpointLoaderSimple", col, {"ckpt_name": CKPT}),
         "reroute": b.add("Reroute", col, width=80),
         "lora": b.add("LoraLoader", col, {"lora_name": "y.safetensors"}),
         "text": b.add("CLIPTextEncode", col, {"text": "a"}, width=400, height=120),

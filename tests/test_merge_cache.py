@@ -101,6 +101,7 @@ def test_every_input_is_in_the_key(host: comfyhost.Host, pair, tiny_layout, cach
 def test_a_cancelled_merge_is_not_stored(host: comfyhost.Host, pair, cache_dir) -> None:
     content, style = pair
     prompt = merge_prompt(host, content.name, style.name, steps=10)
+    prompt["13"] = node(host, "PreviewAny", source=[MERGE_ID, 0])
     with pytest.raises(comfyhost.ExecutionInterrupted):
         host.execute(prompt, interrupt_after=2)
     assert not cache_dir.exists() or list(cache_dir.iterdir()) == []
@@ -139,7 +140,8 @@ def test_a_callable_in_the_model_options_keeps_the_merge_out_of_the_cache(host: 
     assert bridge.model_fingerprint(comfyhost.build_tiny_model(seed=0)) == before
     assert bridge.model_fingerprint(comfyhost.build_tiny_model(seed=1)) != before
     model.set_model_unet_function_wrapper(lambda apply, args: apply(args["input"], args["timestep"], **args["c"]))
-    with pytest.raises(Uncacheable, match="cannot fingerprint a builtins.function"):
+    # The pack's own class (ComfyUI loaded the pack as a package of its own, beside the test's `duolora`).
+    with pytest.raises(pack_module("duolora.merge_cache").Uncacheable, match="cannot fingerprint a builtins.function"):
         bridge.model_fingerprint(model)
 
 
@@ -158,7 +160,7 @@ def test_patches_with_key_map_offsets_are_part_of_the_model_fingerprint(host: co
     assert len(set(fingerprints)) == 3
     model = comfyhost.build_tiny_model(seed=0)
     model.add_patches({(key, (0, 0, 16), lambda w: w): diff})
-    with pytest.raises(Uncacheable, match="cannot fingerprint a builtins.function"):
+    with pytest.raises(pack_module("duolora.merge_cache").Uncacheable, match="cannot fingerprint a builtins.function"):
         bridge.model_fingerprint(model)
 
 

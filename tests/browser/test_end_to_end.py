@@ -401,7 +401,9 @@ def test_workflow_1_runs_end_to_end_from_the_ui(browser_session: BrowserSession,
     }""")
     events_before = page.evaluate(_JS_LISTEN)
     assert events_before is not None, "duolora.js is not loaded (window.__duolora is unset)"
-    run = page.locator('[data-testid="queue-button"]').get_by_role("button", name=re.compile(r"^\s*Run\s*$"))
+    # The queue button's Run: inside [data-testid=queue-button] up to front end 1.35.9; 1.49.6 draws it elsewhere.
+    run = page.locator('[data-testid="queue-button"]').get_by_role("button", name=re.compile(r"^\s*Run\s*$")).or_(
+        page.get_by_role("button", name=re.compile(r"^\s*Run\s*$")).filter(visible=True))
     with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as posted:
         run.first.click()
     assert posted.value.status == 200, posted.value.text()

@@ -71,7 +71,8 @@ def _assert_round_trip(saved: dict, shipped: dict) -> None:
     for node in shipped["nodes"]:
         again = by_id[node["id"]]
         assert again["type"] == node["type"]
-        assert again["widgets_values"] == node["widgets_values"], node["type"]
+        # Front end 1.49.6 leaves out an empty widgets_values.
+        assert again.get("widgets_values", []) == node["widgets_values"], node["type"]
         assert again.get("title") == node.get("title"), node["type"]
         assert [(i["name"], i["type"], i.get("link")) for i in again.get("inputs", [])] == [
             (i["name"], i["type"], i["link"]) for i in node["inputs"]], node["type"]
