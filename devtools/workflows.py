@@ -1168,10 +1168,11 @@ body * { visibility: hidden !important; }
 TEMPLATE_DIALOG = ".workflow-template-selector-dialog, [role=dialog][aria-labelledby*='workflow-template-selector']"
 
 
-def template_pictures_js(pack: str) -> str:
-    """A JavaScript expression: the template browser's card pictures of ``pack`` (whatever else it shows)."""
+def template_pictures_js() -> str:
+    """A JavaScript expression: the pictures the template browser shows, e.g. once a pack's category is chosen, that
+    pack's card pictures (front end 1.49.6 shows them from blob: URLs of the fetched files, so not by their URL)."""
     return (f"[...document.querySelectorAll({json.dumps(TEMPLATE_DIALOG)})].flatMap(d => [...d.querySelectorAll('img')])"
-            f".filter(i => i.src.includes({json.dumps(f'/api/workflow_templates/{pack}/')}))")
+            ".filter(i => i.offsetParent !== null)")
 
 
 def page_open_template_pack(page: Any, pack: str, timeout: float) -> Any:

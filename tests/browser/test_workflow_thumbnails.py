@@ -102,7 +102,7 @@ def test_workflow_1_opens_from_the_template_browser_and_converts_like_the_front_
     # that our cards show our files (the endpoint itself is checked by test_templates_are_listed_and_served).
     dialog = workflows.page_open_template_pack(page, PACK, timeout=DIALOG_TIMEOUT_MS)
     # Our three cards show our thumbnails (600 px wide; the front end's fallback picture is 224 px).
-    pictures = workflows.template_pictures_js(PACK)
+    pictures = workflows.template_pictures_js()
     page.wait_for_function(
         f"""() => {{
             const imgs = {pictures};
