@@ -1,8 +1,8 @@
 """The one module of the pack that touches ComfyUI internals (``comfy.*``, ``folder_paths``, ``server``).
 
 Everything here goes through the most public entry point that does the job. Each internal was read in
-ComfyUI 0.3.75 and 0.8.0 (the two versions `make test` runs; both behave alike for every call below, so there is
-no version branch) and in upstream master as of 2026-11 (comfyanonymous/ComfyUI):
+ComfyUI 0.3.75, 0.8.0 and 0.33.0 (the versions `make test` runs); where they differ the code asks for the
+capability (an attribute), never for a version:
 
 * ``folder_paths.get_filename_list / get_full_path_or_raise / get_folder_paths / get_save_image_path``
 * ``comfy.sd.load_lora_for_models`` — the stock LoRA path (LoraLoader uses it), so ApplyMergedLoRA patches
@@ -14,6 +14,12 @@ no version branch) and in upstream master as of 2026-11 (comfyanonymous/ComfyUI)
 * ``BaseModel.apply_model`` (returns the denoised x̂0), ``process_latent_in``, the model's
   ``model_sampling`` (``sigmas``; EPS / V_PREDICTION noise scaling x_t = x0 + σ·ε).
 * ``comfy.utils.ProgressBar``; ``server.PromptServer.instance.send_sync`` (only when a server exists).
+* Dynamic VRAM (0.33): ``ModelPatcher.is_dynamic``, ``ModelPatcherDynamic.get_non_dynamic_delegate`` (absent
+  before: no model is dynamic there), ``load_models_gpu(force_full_load=...)`` (all three),
+  ``comfy.model_management.unload_model_and_clones`` (0.33; without it the copy is left to model management).
+* ``folder_paths.get_user_directory`` (the merge cache's default place); ``ModelPatcher.patches`` /
+  ``object_patches`` / ``model_options`` (read for the merge cache's model fingerprint; a patch added through a
+  ``(key, offset[, function])`` key-map target carries its offset and function in the patch).
 """
 
 from __future__ import annotations
