@@ -1171,8 +1171,10 @@ TEMPLATE_DIALOG = ".workflow-template-selector-dialog, [role=dialog][aria-labell
 def template_pictures_js() -> str:
     """A JavaScript expression: the pictures the template browser shows, e.g. once a pack's category is chosen, that
     pack's card pictures (front end 1.49.6 shows them from blob: URLs of the fetched files, so not by their URL)."""
-    return (f"[...document.querySelectorAll({json.dumps(TEMPLATE_DIALOG)})].flatMap(d => [...d.querySelectorAll('img')])"
-            ".filter(i => i.offsetParent !== null)")
+    # One selector list, so an image inside two matching elements (a front end whose dialog matches both forms) is
+    # listed once.
+    images = ", ".join(f"{part.strip()} img" for part in TEMPLATE_DIALOG.split(","))
+    return f"[...document.querySelectorAll({json.dumps(images)})].filter(i => i.offsetParent !== null)"
 
 
 def page_open_template_pack(page: Any, pack: str, timeout: float) -> Any:
