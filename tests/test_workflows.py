@@ -134,7 +134,7 @@ def test_ui_to_api_follows_reroutes_bypassed_nodes_and_primitives(object_info: d
     }
     assert api[i["steps"]]["inputs"] == {"value": 7}  # its control_after_generate widget is not sent
     assert api[i["text"]]["inputs"] == {"text": "a", "clip": [i["ckpt"], 1]}
-    assert api[i["ckpt"]] == {"inputs": {"ckpt_name": "x.safetensors"}, "class_type": "CheckpointLoaderSimple",
+    assert api[i["ckpt"]] == {"inputs": {"ckpt_name": workflows.CKPT}, "class_type": "CheckpointLoaderSimple",
                               "_meta": {"title": "Load Checkpoint"}}
     # A muted (mode 2) source drops the input, as graphToPrompt does.
     next(n for n in wf["nodes"] if n["id"] == ids["latent"])["mode"] = workflows.MODE_NEVER
