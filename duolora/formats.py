@@ -35,8 +35,8 @@ import json
 import math
 import os
 import re
+import stat
 import struct
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -1326,6 +1326,27 @@ def save_lora(
     return save_state_dict(tensors, p, metadata=md, overwrite=overwrite)
 
 
+def _new_file_beside(p: Path) -> tuple[str, int]:
+    """Create an empty, hidden, uniquely named file in ``p``'s folder: (its path, its permission bits).
+
+    It is created as ``open()`` creates a file, so its mode is what a plain write gives here (0o666 less the
+    process umask): the mode the saved LoRA must end with, readable by whoever may read the user's other
+    files (another account, a service or a container sharing models/loras).
+    """
+    for _ in range(100):
+        tmp = p.with_name(f".{p.name}.{os.urandom(6).hex()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+        return os.fspath(tmp), mode
+    raise FileExistsError(f"could not create a temporary file beside {p.name} in {p.parent}")
+
+
 def save_state_dict(
     tensors: Mapping[str, torch.Tensor],
     path: str | os.PathLike[str],
@@ -1346,10 +1367,11 @@ def save_state_dict(
         if not isinstance(k, str) or not isinstance(v, str):
             raise TypeError(f"safetensors metadata must map strings to strings; {k!r} -> {type(v).__name__}")
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.close(fd)
+    tmp, mode = _new_file_beside(p)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=md)
+        # safetensors writes through a temporary file of its own, created 0o600, and renames it over ``tmp``.
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         if overwrite:
