@@ -31,6 +31,7 @@ tensors, PEFT ``lora_adapter_metadata``: ``_layer_scale``). Bias/norm difference
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -171,6 +172,22 @@ class EmptyLoRAError(LoRAError):
 
 class OutputExistsError(LoRAError, FileExistsError):
     """save_lora would overwrite an existing file."""
+
+
+class OutputNameError(LoRAError, ValueError):
+    """An output file name that does not end in .safetensors (the only format written)."""
+
+
+def refuse_output_name(path: str | os.PathLike[str]) -> None:
+    """Raise OutputNameError unless ``path`` ends in .safetensors: what is written is always safetensors, and
+    loaders go by the name."""
+    p = Path(path)
+    if p.suffix.lower() != ".safetensors":
+        why = (f"ComfyUI would refuse a {p.suffix} file as pickle-based" if p.suffix.lower() in PICKLE_SUFFIXES
+               else "ComfyUI lists LoRA files by their extension")
+        raise OutputNameError(
+            f"{p.name}: the merged LoRA is written in the safetensors format, so its name must end in "
+            f".safetensors ({why}); use {p.stem}.safetensors.", p)
 
 
 def _display(path: str | os.PathLike[str] | None) -> str:
@@ -1326,6 +1343,22 @@ def save_lora(
     return save_state_dict(tensors, p, metadata=md, overwrite=overwrite)
 
 
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def same_file_contents(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """True when two paths name the same file or two files with identical bytes."""
+    if os.path.samefile(a, b):
+        return True
+    return os.path.getsize(a) == os.path.getsize(b) and file_sha256(a) == file_sha256(b)
+
+
 def _new_file_beside(p: Path) -> tuple[str, int]:
     """Create an empty, hidden, uniquely named file in ``p``'s folder: (its path, its permission bits).
 
@@ -1359,6 +1392,7 @@ def save_state_dict(
     appeared meanwhile (another save with the same name); a failed or interrupted save leaves no file.
     """
     p = Path(path)
+    refuse_output_name(p)
     if p.exists() and not overwrite:
         raise OutputExistsError(
             f"{p.name} already exists in {p.parent}; choose another file name or allow overwriting.", p)
