@@ -14,11 +14,14 @@ no version branch) and in upstream master as of 2026-11 (comfyanonymous/ComfyUI)
 * ``BaseModel.apply_model`` (returns the denoised x̂0), ``process_latent_in``, the model's
   ``model_sampling`` (``sigmas``; EPS / V_PREDICTION noise scaling x_t = x0 + σ·ε).
 * ``comfy.utils.ProgressBar``; ``server.PromptServer.instance.send_sync`` (only when a server exists).
+* ``comfy_api.latest.io.Input``'s ``advanced`` / ``extra_dict`` attributes: the one capability branch
+  (``advanced``), since only newer ComfyUIs (0.33.0 here) have the first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import resource
 from collections.abc import Iterator, Sequence
@@ -33,6 +36,7 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 import torch
+from comfy_api.latest import io
 
 from ..duolora import formats, sdxl
 from ..duolora.adapter import Adapter, Branch, attach, plain_weight
@@ -43,6 +47,7 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 Interrupted = comfy.model_management.InterruptProcessingException
+_LOG = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -77,6 +82,23 @@ def next_lora_path(filename_prefix: str) -> tuple[str, str]:
         counter += 1
     os.makedirs(full_folder, exist_ok=True)
     return path, os.path.join(subfolder, name) if subfolder else name
+
+
+# ----------------------------------------------------------------------------------------------------
+# Node inputs
+# ----------------------------------------------------------------------------------------------------
+
+def advanced(widget: io.Input) -> io.Input:
+    """Mark a V3 widget input as advanced (the front end keeps it out of view until the user shows the node's
+    advanced inputs) and return it. Where ComfyUI's ``io.Input`` has an ``advanced`` attribute (0.33.0) it is
+    set; elsewhere (0.3.75, 0.8.0: their widget inputs take no ``advanced=`` or ``extra_dict=``) the same
+    ``"advanced": true`` goes into the input's ``extra_dict``, which ``Input.as_dict`` merges into the options
+    the front end reads (front ends from 1.32.9 on know the key)."""
+    if hasattr(widget, "advanced"):
+        widget.advanced = True
+    else:
+        widget.extra_dict["advanced"] = True
+    return widget
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -132,6 +154,13 @@ def send_message(event: str, data: dict) -> None:
         return
     client_id = getattr(instance, "client_id", None)
     instance.send_sync(event, data, client_id)
+
+
+def send_warning(node_id: str | None, text: str) -> None:
+    """A warning that does not stop the node: in ComfyUI's log, and as a ``duolora.warning`` message that the
+    front end shows on the node."""
+    _LOG.warning("[DuoLoRA] %s", text)
+    send_message("duolora.warning", {"node": node_id, "message": text})
 
 
 def interrupted() -> bool:
