@@ -369,7 +369,7 @@ export function drawLoss(canvas, state) {
     : state.cancelled
       ? "loss · cancelled before the first step"
       : state.done
-        ? `merged without learning steps${keptRankText(state.keptRank)}`
+        ? `merged${keptRankText(state.keptRank)}`
         : "loss · the curve appears while the merge runs";
   // A canvas has no text: the header doubles as its accessible name.
   canvas.setAttribute("aria-label", header);
