@@ -83,7 +83,7 @@ class ZipRankMerge(io.ComfyNode):
                 io.Combo.Input("mode", options=list(MODES), default="paper",
                                tooltip="weights: from the two LoRA files alone (seconds to a minute); paper: "
                                        "learns from your reference pictures and prompts (the paper's method, "
-                                       "minutes); layerwise and layerwise+paper: quicker steps toward paper."),
+                                       "minutes); layerwise, layerwise+paper: in between."),
                 io.Combo.Input("method", options=list(METHODS), default=d.method,
                                tooltip="ziprank: DuoLoRA's merge; direct: the two LoRAs simply added; "
                                        "ziplora_out, ziplora_in and b_lora: the methods DuoLoRA is compared with."),

@@ -453,8 +453,8 @@ app.registerExtension({
   },
 });
 
-// The server lists a pack's templates in directory order; order ours simplest first before the template
-// browser first asks (it asks once, when it opens).
+// The server lists a pack's templates in directory order: order ours simplest first in every answer the
+// template browser gets (this module runs before the browser first asks).
 try {
   const original = api.getWorkflowTemplates;
   if (typeof original === "function") {
