@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import copy
 import hashlib
 import importlib.util
 import inspect
@@ -295,8 +296,13 @@ class Host:
         on_progress: ProgressCallback | None = None,
         interrupt_after: int | None = None,
         progress_checks_interrupt: bool = True,
+        executor: Any | None = None,
     ) -> dict:
         """Validate and run an API-format prompt with ComfyUI's own ``PromptExecutor``.
+
+        Each call gets a fresh executor (no output cache carried between tests) unless ``executor`` is one
+        from :meth:`executor`: then ComfyUI's output cache carries over from the prompts it ran before, as
+        between the prompts of a running server.
 
         ``on_progress`` is called for every ProgressBar update (inside the node run).
         ``interrupt_after=N`` calls ``comfy.model_management.interrupt_current_processing()`` when the
@@ -311,10 +317,12 @@ class Host:
         """
         import comfy.model_management
         import comfy.utils
-        import execution
         from comfy_execution.utils import get_executing_context
 
         pid = prompt_id or uuid.uuid4().hex
+        # The executor writes into the prompt (each node's "is_changed"); a server parses every queued prompt
+        # afresh, so the caller's dict must not carry one run's values into the next.
+        prompt = copy.deepcopy(prompt)
         outputs_to_run = self.validate(prompt, pid)
 
         progress: list[ProgressUpdate] = []
@@ -337,12 +345,11 @@ class Host:
             if interrupt_after is not None and len(progress) == interrupt_after:
                 comfy.model_management.interrupt_current_processing(True)
 
-        server = _RecordingServer()
+        if executor is None:
+            executor = self.executor()
+        server = executor.server
         server.last_prompt_id = pid
-        # A fresh executor per prompt: no output cache carried between tests.
-        # Every cache setting any host reads (hosts with RAM-pressure caching also read ram_inactive).
-        executor = execution.PromptExecutor(server, cache_type=False,
-                                            cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+        first_message = len(server.messages)
         extra_data = {"client_id": client_id} if client_id is not None else {}
         previous_hook = comfy.utils.PROGRESS_BAR_HOOK
         comfy.utils.set_progress_bar_global_hook(hook)
@@ -367,7 +374,7 @@ class Host:
             "progress": progress,
             "messages": list(executor.status_messages),
             # What a browser connected as client_id would have received (only sent when client_id is set).
-            "events": list(server.messages),
+            "events": list(server.messages[first_message:]),
         }
         for event, data in executor.status_messages:
             if event == "execution_error":
@@ -379,6 +386,16 @@ class Host:
         if not executor.success:
             raise NodeExecutionError("ComfyUI reported failure without an error message", {}, result)
         return result
+
+    @staticmethod
+    def executor() -> Any:
+        """A new ``execution.PromptExecutor`` (classic output cache) with a recording server, for ``execute``: one
+        per prompt unless a test passes the same one again (then its output cache carries over, as in a server).
+        Every cache setting any host reads (hosts with RAM-pressure caching also read ram_inactive)."""
+        import execution
+
+        return execution.PromptExecutor(_RecordingServer(), cache_type=False,
+                                        cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
 
     @staticmethod
     def interrupt() -> None:

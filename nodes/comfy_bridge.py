@@ -20,11 +20,14 @@ capability (an attribute), never for a version:
 * ``folder_paths.get_user_directory`` (the merge cache's default place); ``ModelPatcher.patches`` /
   ``object_patches`` / ``model_options`` (read for the merge cache's model fingerprint; a patch added through a
   ``(key, offset[, function])`` key-map target carries its offset and function in the patch).
+* The node API's ``io.Input`` (``nodes/api.py``): its ``advanced`` / ``extra_dict`` attributes, the one capability
+  branch (``advanced``), since only newer ComfyUIs (0.33.0 here) have the first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import resource
 from collections.abc import Iterator, Sequence
@@ -46,11 +49,13 @@ from ..duolora.adapter import Adapter, Branch, attach, plain_weight
 from ..duolora.merge_cache import Fingerprint, MergeCache
 from ..duolora.mergers import Merger
 from ..duolora.objective import DiscreteSchedule
+from .api import io
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
 Interrupted = comfy.model_management.InterruptProcessingException
+_LOG = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -142,6 +147,23 @@ def model_fingerprint(model) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Node inputs
+# ----------------------------------------------------------------------------------------------------
+
+def advanced(widget: io.Input) -> io.Input:
+    """Mark a V3 widget input as advanced (the front end keeps it out of view until the user shows the node's
+    advanced inputs) and return it. Where ComfyUI's ``io.Input`` has an ``advanced`` attribute (0.33.0) it is
+    set; elsewhere (0.3.75, 0.8.0: their widget inputs take no ``advanced=`` or ``extra_dict=``) the same
+    ``"advanced": true`` goes into the input's ``extra_dict``, which ``Input.as_dict`` merges into the options
+    the front end reads (front ends from 1.32.9 on know the key)."""
+    if hasattr(widget, "advanced"):
+        widget.advanced = True
+    else:
+        widget.extra_dict["advanced"] = True
+    return widget
+
+
+# ----------------------------------------------------------------------------------------------------
 # The model's layout and the stock LoRA path
 # ----------------------------------------------------------------------------------------------------
 
@@ -200,6 +222,13 @@ def send_message(event: str, data: dict) -> None:
         return
     client_id = getattr(instance, "client_id", None)
     instance.send_sync(event, data, client_id)
+
+
+def send_warning(node_id: str | None, text: str) -> None:
+    """A warning that does not stop the node: in ComfyUI's log, and as a ``duolora.warning`` message that the
+    front end shows on the node."""
+    _LOG.warning("[DuoLoRA] %s", text)
+    send_message("duolora.warning", {"node": node_id, "message": text})
 
 
 def interrupted() -> bool:
