@@ -6,6 +6,7 @@ Each sub-command's work lives in the engine module it belongs to; this file only
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -17,7 +18,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("inspect", help="describe a LoRA file: key style, base model, layers, ranks, alpha, dtype")
+    from .inspect import EXIT_STATUS_HELP
+
+    p = sub.add_parser("inspect", help="describe a LoRA file: key style, base model, layers, ranks, alpha, dtype",
+                       description="Describe a LoRA file (read header-only) and say whether a merge accepts it.",
+                       epilog=EXIT_STATUS_HELP)
     p.add_argument("file", help="a .safetensors LoRA file")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_inspect)
@@ -83,7 +88,8 @@ def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("content", help="the content (subject) LoRA, .safetensors (any common key style)")
     p.add_argument("style", help="the style LoRA, .safetensors")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="the merged LoRA file to write (.safetensors)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="the merged LoRA file to write; its name must end in .safetensors")
     p.add_argument("--method", choices=("ziprank", "direct", "b_lora"), default=d.method,
                    help="ziprank: solve DuoLoRA's rank masks; direct: plain sum w_c·ΔW_c + w_s·ΔW_s; b_lora: content "
                         "only in output_blocks.0.1, style only in output_blocks.1.1 (ZipLoRA needs the paper mode)")
@@ -97,8 +103,9 @@ def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
                    help="SDXL layer priors: which blocks carry content and which style (paper: low-resolution "
                         "attention = content, high-resolution = style; none: no priors)")
     p.add_argument("--custom-prior", default=d.custom_prior, metavar="SPEC",
-                   help="block roles for --priors custom, e.g. 'content: input_blocks.7.1, middle_block.1; "
-                        "style: output_blocks.3.1'")
+                   help="block roles for --priors custom, e.g. 'content: in7, in8, mid; style: out3' (the short "
+                        "names the node's diagram and the Merge Report show) or with the long names, 'content: "
+                        "input_blocks.7.1, middle_block.1; style: output_blocks.3.1'")
     p.add_argument("--no-prior-loss", action="store_true",
                    help="leave out the priors' rank-constraint term (the masks then only reconstruct)")
     p.add_argument("--prior-loss-kind", choices=PRIOR_LOSS_KINDS, default=d.prior_loss_kind,
@@ -214,13 +221,16 @@ def _merge(args: argparse.Namespace) -> int:
     if not args.quiet:
         share = 100.0 * result.kept_components / max(result.total_components, 1)
         print(f"wrote {result.path}: {result.layers} layers, kept {result.kept_components:,} of "
-              f"{result.total_components:,} rank components ({share:.1f} %) in {result.wall_seconds:.1f} s; "
-              f"{describe(result)}")
+              f"{result.total_components:,} rank components ({share:.1f} %) in {result.wall_seconds:.1f} s")
+        print(describe(result))
         if carried:
             print(f"carried {len(carried)} bias/norm differences of the inputs (summed like layers outside the "
                   "learned scope)")
     for line in formats.merge_notes(content, style):
         print(f"note: {line}", file=sys.stderr)
+    if formats.same_file_contents(args.content, args.style):
+        print("warning: " + engine.same_lora_warning(os.path.basename(args.content), os.path.basename(args.style),
+                                                     "give your style LoRA as the second file"), file=sys.stderr)
     return 0
 
 

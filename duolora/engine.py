@@ -113,6 +113,14 @@ class MissingReferencesError(ValueError):
         super().__init__(f"the {objective!r} objective needs {', '.join(missing)} ({stage})")
 
 
+def same_lora_warning(content: str, style: str, remedy: str) -> str:
+    """The warning for a merge whose content and style are one LoRA (one file, or two identical files): a LoRA
+    merged with itself brings in no second subject or style. ``remedy``: what to pick, in the caller's words."""
+    which = f"the same file, {content}" if content == style else f"identical files ({content} and {style})"
+    return (f"content and style are {which}: a LoRA merged with itself adds nothing new (the plain sum only "
+            f"doubles it); {remedy}.")
+
+
 _RECORDED = ("content_latents", "style_latents", "content_prompt", "style_prompt")
 _ALL = (*_RECORDED, "combined_prompt")
 
@@ -133,7 +141,10 @@ class OutputFile:
     extra_metadata: Mapping[str, str] = field(default_factory=dict)
 
     def refuse_existing(self) -> None:
+        """Refuse, before any work, a name that is not .safetensors and a file that exists (unless
+        ``overwrite``)."""
         p = Path(self.path)
+        formats.refuse_output_name(p)
         if p.exists() and not self.overwrite:
             raise formats.OutputExistsError(
                 f"{p.name} already exists in {p.parent}; choose another file name or allow overwriting.", p)

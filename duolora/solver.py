@@ -674,14 +674,21 @@ def solve_layerwise(merger: Merger, stats: Mapping[str, LayerActivations], confi
 
 
 
-def describe(result: MergeResult) -> str:
-    """One line: the fast objective (mean over learned layers) at the direct merge and after the solve."""
-    h = result.history
-    if "total" not in h:
-        return "nothing to learn (the method fixes every mask)"
-    parts = [f"objective {h['total'][0]:.4g} -> {h['total'][1]:.4g}"]
-    for k in ("content", "style", "prior"):
-        if k in h:
-            parts.append(f"{k} {h[k][0]:.4g} -> {h[k][1]:.4g}")
-    return " · ".join(parts)
+def _percent(fraction: float) -> str:
+    return f"{100.0 * fraction:.2g} %"
 
+
+def describe(result: MergeResult) -> str:
+    """What the solve did, in terms a user can judge: the share of the two LoRAs' own effect that the merge
+    gives up on each side (the reconstruction terms of the fast objective, mean over learned layers), then the
+    same for the plain sum it starts from and why the two differ. One or two lines."""
+    h = result.history
+    if "content" not in h or "style" not in h:
+        return "nothing to learn (the method fixes every mask)"
+    (c0, c1), (s0, s1) = h["content"], h["style"]
+    text = (f"given up by the merge: content {_percent(c1)}, style {_percent(s1)} of the two LoRAs' own effect "
+            "(mean over the learned layers; 0 % = kept exactly)")
+    if c1 > c0 or s1 > s0:
+        text += (f"\nthe plain sum gives up {_percent(c0)} and {_percent(s0)}, keeping both LoRAs at full strength "
+                 "in every block; the layer priors weaken each LoRA in the blocks they give to the other")
+    return text

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import ComfyExtension, io
-
+from .api import ComfyExtension, io
 from .apply import ApplyMergedLoRA
 from .klora import ApplyKLoRA
 from .loaders import LoadContentLoRA, LoadStyleLoRA

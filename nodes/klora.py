@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
-
 from ..duolora.config import SCOPES
 from ..duolora.klora import DEFAULT_ALPHA, DEFAULT_BETA, KLoRA
 from . import comfy_bridge as bridge
+from .api import io
 from .types import SourceLoRA, SourceLoRAType
 
 

@@ -169,5 +169,7 @@ def test_layerwise_plus_paper_names_the_missing_combined_prompt(host: comfyhost.
     prompt["13"] = node(host, "PreviewAny", source=[MERGE_ID, 0])
     with pytest.raises(comfyhost.NodeExecutionError) as info:
         host.execute(prompt)
-    assert ("ZipRank Merge in 'layerwise+paper' mode runs paper steps with the Constyle cycle loss; connect "
-            "combined_prompt") in str(info.value)
+    assert info.value.exception_message == (
+        "ZipRank Merge in 'layerwise+paper' mode with the Constyle cycle loss on (constyle_iterations 1) needs "
+        "combined_prompt; connect combined_prompt (CLIP Text Encode of your subject in your style, e.g. 'a sks "
+        "dog in zwz style'), or set constyle_iterations to 0.\n")

@@ -1,16 +1,19 @@
-"""Example workflow 1 run end to end by a user in a real browser against a real ComfyUI server.
+"""The example workflows run end to end by a user in a real browser against a real ComfyUI server.
 
 What a user does, step by step, on the ComfyUI under test (0.3.75 + frontend 1.32.9, or $COMFYUI_DIR's tree with
 its own front end, e.g. 0.8.0 + 1.35.9) in Debian's headless Chromium:
 the two LoRAs and three reference pictures the workflow names are put in the server's models/loras and
 input/ folders (tiny synthetic LoRAs for the tiny SDXL-layout test model, procedural PNGs), then ComfyUI is
-opened in a new tab; workflow 1 is opened from the template browser; its Load Checkpoint node is replaced by
+opened in a new tab; example 3 (with your own pictures) is opened from the template browser; its Load
+Checkpoint node is replaced by
 the test-only Tiny SDXL checkpoint (nothing else changes: its MODEL, CLIP and VAE go to the same inputs);
 image size and step counts are lowered through the widgets, by name; the Run button queues it. The server
 runs the real nodes; the page shows the loss curve from the real "duolora.progress" messages and the Merge
 Report's preview. The finished graph is saved as <artifacts>/20_end_to_end.png (comfyserver.artifacts_dir) and,
 on the default host (0.3.75) only, as docs/screenshot.png (the README's picture; the same bytes on every run
-here): a run against another ComfyUI never changes a tracked file.
+here): a run against another ComfyUI never changes a tracked file. The quick start (example 1, weights mode)
+is run the same way and its saved file is found through what Save Merged LoRA shows; a merge cancelled with
+ComfyUI's own Cancel button leaves a curve that says so.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
+import stat
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -26,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import comfyhost
 import comfyserver
 import numpy as np
 import pytest
@@ -44,10 +48,12 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "example_workflows"
 SCREENSHOT = REPO / "docs" / "screenshot.png"
+QUICK_START_PICTURE = REPO / "docs" / "quick_start.png"  # the README's quick-start picture
 ARTIFACTS = comfyserver.artifacts_dir()
 PACK = "comfyui-duolora"
-FIRST = workflows.WORKFLOW_NAMES[0]
-KLORA_WORKFLOW = workflows.WORKFLOW_NAMES[3]
+CATEGORY = "DuoLoRA"  # the template browser's label of our pack (locales/en/main.json)
+FIRST = workflows.WITH_IMAGES
+KLORA_WORKFLOW = workflows.KLORA
 KLORA = "DuoLoRA_ApplyKLoRA"
 MERGE, REPORT, SAVE_LORA = "DuoLoRA_ZipRankMerge", "DuoLoRA_MergeReport", "DuoLoRA_SaveMergedLoRA"
 MERGE_STEPS = 3
@@ -67,7 +73,7 @@ def _get_json(url: str) -> dict:
 
 
 def _put_input_files(base: Path) -> dict[str, Path]:
-    """The files workflow 1 names, made for the tiny model: LoRAs in models/loras, pictures in input/."""
+    """The files the examples name, made for the tiny model: LoRAs in models/loras, pictures in input/."""
     loras = base / "models" / "loras"
     files = workflows.make_tiny_loras(loras, {workflows.CONTENT_LORA: (RANK, 1)}, text_encoder=True)
     files |= workflows.make_tiny_loras(loras, {workflows.STYLE_LORA: (RANK, 2)})
@@ -103,7 +109,7 @@ class UserPage:
 
 @pytest.fixture
 def user_page(browser_session: BrowserSession) -> Iterator[UserPage]:
-    """Put the files workflow 1 names into the server's folders, then open ComfyUI in a new tab."""
+    """Put the files the examples name into the server's folders, then open ComfyUI in a new tab."""
     _put_input_files(browser_session.base_directory)
     page = browser_session.page.context.new_page()
     page.set_default_timeout(30_000)
@@ -130,13 +136,10 @@ def _combo_options(page: Any, node_type: str, name: str) -> list:
 
 
 def _open_template(page: Any, name: str = FIRST, node_type: str = MERGE) -> None:
-    """Templates → comfyui-duolora → the card ``name`` (a workflow with a ``node_type`` node), as a user clicks."""
+    """Templates → DuoLoRA → the card titled ``name`` (a workflow with a ``node_type`` node), as a user clicks."""
     page.evaluate("() => { window.comfyAPI.app.app.graph.clear(); }")
-    page.locator(".templates-tab-button").first.click()
-    dialog = page.locator(".workflow-template-selector-dialog")
-    dialog.wait_for(state="visible")
-    dialog.get_by_role("button", name=PACK).click()
-    dialog.get_by_text(name, exact=True).first.click()
+    dialog = workflows.page_open_template_pack(page, CATEGORY, timeout=90_000)
+    dialog.get_by_text(name, exact=True).first.click(timeout=90_000)
     page.wait_for_function(f"() => window.comfyAPI.app.app.graph._nodes.some(n => n.type === '{node_type}')")
     dialog.wait_for(state="hidden")
     page.wait_for_timeout(500)
@@ -265,6 +268,13 @@ _JS_REGIONS = """(reportId) => {
 }"""
 
 
+def _umask() -> int:
+    # The server process inherits this process's umask (devtools/comfyserver.py starts it).
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _node_ids(page: Any, node_type: str) -> list[int]:
     return page.evaluate("(t) => window.comfyAPI.app.app.graph._nodes.filter(n => n.type === t).map(n => n.id)",
                            node_type)
@@ -284,8 +294,10 @@ def _small_and_fast(page: Any) -> None:
 
 
 def _click_run(page: Any) -> tuple[str, dict]:
-    """Press the Run button as a user; returns the prompt id the server gave and the prompt the page posted."""
-    run = page.locator('[data-testid="queue-button"]').get_by_role("button", name=re.compile(r"^\s*Run\s*$"))
+    """Press the Run button as a user; returns the prompt id the server gave and the prompt the page posted.
+    The Run button sits inside [data-testid=queue-button] up to front end 1.35.9; 1.49.6 draws it elsewhere."""
+    run = page.locator('[data-testid="queue-button"]').get_by_role("button", name=re.compile(r"^\s*Run\s*$")).or_(
+        page.get_by_role("button", name=re.compile(r"^\s*Run\s*$")).filter(visible=True))
     with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as posted:
         run.first.click()
     assert posted.value.status == 200, posted.value.text()
@@ -322,9 +334,11 @@ def _expected_prompt(shipped_api: dict, tiny_id: str) -> dict:
     return expected
 
 
-def _save_screenshot(page: Any, node_ids: list[int], report_id: int) -> tuple[Path, dict]:
+def _save_screenshot(page: Any, node_ids: list[int], report_id: int, name: str = "20_end_to_end",
+                     picture: Path = SCREENSHOT) -> tuple[Path, dict]:
     """The finished graph around ``node_ids`` (their groups included), rendered large and scaled to
-    SCREENSHOT_WIDTH; saved to ARTIFACTS/20_end_to_end.png and, on the default host, docs/screenshot.png.
+    SCREENSHOT_WIDTH; saved to ARTIFACTS/<name>.png and, in the run that draws the README's pictures
+    ($DUOLORA_README_HOST=1: scripts/test_hosts.sh sets it for ComfyUI 0.33.0), as ``picture``.
     Returns the path and the boxes (in the saved picture's pixels) of the loss curve and the report node."""
     old_viewport = page.viewport_size
     setting = "async ([k, v]) => await window.comfyAPI.app.app.extensionManager.setting.set(k, v)"
@@ -354,16 +368,16 @@ def _save_screenshot(page: Any, node_ids: list[int], report_id: int) -> tuple[Pa
     img = Image.open(io.BytesIO(png)).convert("RGB")
     img = img.resize((SCREENSHOT_WIDTH, round(img.height * SCREENSHOT_WIDTH / img.width)), Image.Resampling.LANCZOS)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    out = ARTIFACTS / "20_end_to_end.png"
+    out = ARTIFACTS / f"{name}.png"
     img.save(out, format="PNG", optimize=True)
-    if comfyhost.is_default_host():
-        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        img.save(SCREENSHOT, format="PNG", optimize=True)
+    if os.environ.get("DUOLORA_README_HOST") == "1":
+        picture.parent.mkdir(parents=True, exist_ok=True)
+        img.save(picture, format="PNG", optimize=True)
     k = SCREENSHOT_WIDTH / SCREENSHOT_VIEWPORT["width"]
     return out, {name: [round(v * k) for v in box] for name, box in regions.items()}
 
 
-def test_workflow_1_runs_end_to_end_from_the_ui(browser_session: BrowserSession, user_page: UserPage,
+def test_example_with_pictures_runs_end_to_end_from_the_ui(browser_session: BrowserSession, user_page: UserPage,
                                                 tiny_layout) -> None:
     s = browser_session
     page = user_page.page
@@ -378,7 +392,7 @@ def test_workflow_1_runs_end_to_end_from_the_ui(browser_session: BrowserSession,
     images = set(_combo_options(page, "LoadImage", "image"))
     assert {*workflows.CONTENT_IMAGES, workflows.STYLE_IMAGE} <= images, images
 
-    # 2. Workflow 1 from the template browser: every node known, no missing-nodes dialog.
+    # 2. Example 3 from the template browser: every node known, no missing-nodes dialog.
     _open_template(page)
     state = page.evaluate(_JS_STATE)
     shipped = workflows.load(EXAMPLES / f"{FIRST}.json")
@@ -396,8 +410,10 @@ def test_workflow_1_runs_end_to_end_from_the_ui(browser_session: BrowserSession,
     (ckpt,) = workflows.nodes_of_type(shipped, workflows.CHECKPOINT_LOADER)
     shipped_links = sorted([kind, target, slot] for _, origin, _, target, slot, kind in shipped["links"]
                            if origin == int(ckpt))
-    assert sorted(replaced["before"]) == shipped_links and len(shipped_links) == 9, replaced
-    assert sorted(replaced["after"]) == shipped_links, replaced
+    # Node ids as numbers: front end 1.49.6 gives a loaded link's target id as a string, a new link's as a number.
+    before, after = ([[kind, int(target), slot] for kind, target, slot in replaced[k]] for k in ("before", "after"))
+    assert sorted(before) == shipped_links and len(shipped_links) == 9, replaced
+    assert sorted(after) == shipped_links, replaced
 
     # 4. Small image and few steps, set through the widgets by name.
     (merge_id,) = _node_ids(page, MERGE)
@@ -474,6 +490,10 @@ def test_workflow_1_runs_end_to_end_from_the_ui(browser_session: BrowserSession,
     (relative,) = outputs[str(save_lora_id)]["text"]
     merged = base / "models" / "loras" / relative
     assert merged.is_file() and merged.suffix == ".safetensors", merged
+    # The node shows the user where the file went, and the file is as readable as the run's images.
+    shown_name = page.get_by_role("status").filter(has_text=relative)
+    assert shown_name.inner_text() == f"Saved in your loras folder as {relative} (press R to list it in Load LoRA)"
+    assert stat.S_IMODE(merged.stat().st_mode) == 0o666 & ~_umask()
     lora = formats.read_lora(merged, layouts=(tiny_layout,))
     assert lora.metadata["duolora.steps_done"] == str(MERGE_STEPS)
     assert lora.metadata["duolora.content"] == workflows.CONTENT_LORA
@@ -546,4 +566,94 @@ def test_the_klora_workflow_runs_from_the_ui(browser_session: BrowserSession, us
     page.wait_for_timeout(500)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "21_klora.png"))
+
+
+def test_quick_start_merges_two_loras_and_shows_where_the_file_went(browser_session: BrowserSession,
+                                                                   user_page: UserPage, tiny_layout) -> None:
+    """The README's quick start as a user follows it: open "1. Merge two LoRAs in seconds", (pick the LoRAs: the
+    template names the two files put in models/loras), press Run, read the saved file's name in Save Merged
+    LoRA, find the file. Only the checkpoint is swapped for the tiny test model."""
+    s = browser_session
+    page = user_page.page
+    _open_template(page, workflows.QUICK)
+    state = page.evaluate(_JS_STATE)
+    shipped = workflows.load(EXAMPLES / f"{workflows.QUICK}.json")
+    assert sorted(state["types"]) == sorted(n["type"] for n in shipped["nodes"])
+    assert state["unknown"] == [] and state["dialogs"] == [], state
+    # Each LoRA is picked once, in its loader; no picture or prompt is asked for.
+    assert workflows.input_file_names(shipped) == {"loras": [workflows.CONTENT_LORA, workflows.STYLE_LORA],
+                                                   "images": [], "checkpoints": [workflows.CKPT]}
+    replaced = page.evaluate(_JS_REPLACE, [workflows.CHECKPOINT_LOADER, workflows.TINY_CHECKPOINT])
+    assert "error" not in replaced and [kind for kind, _, _ in replaced["after"]] == ["MODEL"], replaced
+    (merge_id,) = _node_ids(page, MERGE)
+    (save_id,) = _node_ids(page, SAVE_LORA)
+    page.evaluate(_JS_FIT_NODES, [_node_ids(page, "DuoLoRA_LoadContentLoRA") + [merge_id, save_id], 20])
+    page.evaluate(_JS_LISTEN)
+    t0 = time.monotonic()
+    prompt_id = _click_run(page)[0]
+    history = _wait_for_history(s.url, prompt_id, RUN_TIMEOUT_S)
+    run_s = time.monotonic() - t0
+    assert history["status"]["status_str"] == "success", history["status"]
+
+    # Weights mode learns no steps: the node says the merge is done and what it kept instead of a curve.
+    page.wait_for_function("() => window.__duoloraE2E.done.length > 0")
+    page.evaluate("() => window.comfyAPI.app.app.canvas.setDirty(true, true)")
+    assert page.evaluate(_JS_LOSS, merge_id)["label"].startswith("merged · mean kept rank: content ")
+    (relative,) = history["outputs"][str(save_id)]["text"]
+    shown = page.get_by_role("status").filter(has_text=relative)
+    shown.wait_for(state="visible")
+    assert shown.inner_text() == f"Saved in your loras folder as {relative} (press R to list it in Load LoRA)"
+    assert relative.startswith("duolora/merged_") and relative.endswith("_.safetensors")
+    merged = s.base_directory / "models" / "loras" / relative
+    assert stat.S_IMODE(merged.stat().st_mode) == 0o666 & ~_umask()
+    lora = formats.read_lora(merged, layouts=(tiny_layout,))
+    assert lora.metadata["duolora.mode"] == "weights_only" and lora.metadata["duolora.steps_done"] == "0"
+    # Each loader shows what its file holds: which files went into the merge.
+    for loader in ("DuoLoRA_LoadContentLoRA", "DuoLoRA_LoadStyleLoRA"):
+        (loader_id,) = _node_ids(page, loader)
+        (summary,) = history["outputs"][str(loader_id)]["text"]
+        assert summary.startswith("kohya_ldm · ") and summary.endswith(" · rank 8"), summary
+        assert page.get_by_role("status").filter(has_text=re.compile(f"^{re.escape(summary)}$")).count() == 1
+    (report_id,) = _node_ids(page, REPORT)
+    page.wait_for_function(
+        """(id) => {
+            const app = window.comfyAPI.app.app;
+            app.canvas.setDirty(true, true);
+            return (app.graph.getNodeById(id)?.imgs?.[0]?.naturalWidth ?? 0) > 0;
+        }""", arg=report_id)
+    everything = page.evaluate("() => window.comfyAPI.app.app.graph._nodes.map(n => n.id)")
+    shot, _ = _save_screenshot(page, everything, report_id, "21_quick_start_after_run", QUICK_START_PICTURE)
+    with Image.open(shot) as img:
+        assert img.width == SCREENSHOT_WIDTH and 500 <= img.height <= 1100, img.size
+    (ARTIFACTS / "quick_start_timings.json").write_text(json.dumps({"run_s": run_s}, indent=1), encoding="utf-8")
+    assert user_page.problems_of_ours() == []
+
+
+def test_cancel_leaves_a_curve_that_says_cancelled(browser_session: BrowserSession, user_page: UserPage) -> None:
+    """A long merge, cancelled with ComfyUI's own Cancel button after two steps: the node's curve says so
+    instead of standing at "step 2 / 200" as if the merge still ran."""
+    s = browser_session
+    page = user_page.page
+    _open_template(page)
+    replaced = page.evaluate(_JS_REPLACE, [workflows.CHECKPOINT_LOADER, workflows.TINY_CHECKPOINT])
+    assert "error" not in replaced, replaced
+    (merge_id,) = _node_ids(page, MERGE)
+    _set_widget(page, merge_id, "steps", 200)
+    for node_id in _node_ids(page, "EmptyLatentImage"):
+        _set_widget(page, node_id, "width", SIZE)
+        _set_widget(page, node_id, "height", SIZE)
+    page.evaluate(_JS_FIT_NODES, [[merge_id], 20])
+    page.evaluate(_JS_LISTEN)
+    prompt_id = _click_run(page)[0]
+    page.wait_for_function(f"() => window.__duoloraE2E.progress.filter(p => p.node === '{merge_id}').length >= 2",
+                           timeout=RUN_TIMEOUT_S * 1000)
+    page.get_by_role("button", name="Cancel current run").click()
+    history = _wait_for_history(s.url, prompt_id, RUN_TIMEOUT_S)
+    messages = [m[0] for m in history["status"]["messages"]]
+    assert "execution_interrupted" in messages and history["status"]["completed"] is False, history["status"]
+    page.evaluate("() => window.comfyAPI.app.app.canvas.setDirty(true, true)")
+    curve = page.evaluate(_JS_LOSS, merge_id)
+    steps = len(curve["steps"])
+    assert 2 <= steps < 200 and curve["label"] == f"loss · step {steps} / 200 · cancelled", curve
+    s.screenshot("22_cancelled_merge")
     assert user_page.problems_of_ours() == []
