@@ -1,12 +1,15 @@
 # The two commands of the README. Each sets up the local virtual environment(s) first (idempotent).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The second test host: a ComfyUI source tree in its own environment (scripts/setup_venv.sh --comfyui).
-# `make test` runs the suite on ComfyUI 0.3.75 (.venv), then on 0.8.0 (CI clones the repository with shared/
-# beside it); `COMFYUI_DIR=/path/to/ComfyUI make test` runs it on that checkout only.
-COMFY_VENV ?= .venv-comfyui
+# The test hosts besides ComfyUI 0.3.75 (.venv): ComfyUI source trees, each in its own environment
+# (scripts/setup_venv.sh --comfyui). CI clones the repository with shared/ beside it. `make test` runs the suite
+# on 0.3.75, then on 0.33.0, then on 0.8.0; `COMFYUI_DIR=/path/to/ComfyUI make test` on that checkout only (in
+# $(COMFY_VENV)).
+COMFYUI_033 ?= ../shared/hosts/comfyui-0.33.0
+VENV_033 ?= .venv-comfyui-0.33
 COMFYUI_08 ?= ../shared/hosts/comfyui-0.8.0
-COMFYUI_TREE := $(or $(COMFYUI_DIR),$(COMFYUI_08))
+VENV_08 ?= .venv-comfyui-0.8
+COMFY_VENV ?= .venv-comfyui
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: setup setup-comfyui demo test lint bench
@@ -14,20 +17,37 @@ export PYTHONDONTWRITEBYTECODE := 1
 setup:
 	@VENV=$(VENV) bash scripts/setup_venv.sh
 
+# One environment per ComfyUI source tree under test: $(COMFYUI_DIR) alone when it is set, else 0.33.0 and 0.8.0.
 setup-comfyui:
-	@COMFY_VENV=$(COMFY_VENV) bash scripts/setup_venv.sh --comfyui "$(COMFYUI_TREE)"
+ifeq ($(strip $(COMFYUI_DIR)),)
+	@COMFY_VENV=$(VENV_033) bash scripts/setup_venv.sh --comfyui "$(COMFYUI_033)"
+	@COMFY_VENV=$(VENV_08) bash scripts/setup_venv.sh --comfyui "$(COMFYUI_08)"
+else
+	@COMFY_VENV=$(COMFY_VENV) bash scripts/setup_venv.sh --comfyui "$(COMFYUI_DIR)"
+endif
 
 # The demo's own output folder: --force replaces the previous run's four files (scripts/demo.py --help).
+# It runs on ComfyUI 0.33.0 ($(COMFYUI_033)) where that tree is present, on $(COMFYUI_DIR) when that is set, else
+# on the pip-installable ComfyUI 0.3.75 in $(VENV).
+DEMO_TREE := $(or $(COMFYUI_DIR),$(wildcard $(COMFYUI_033)))
+DEMO_VENV := $(if $(COMFYUI_DIR),$(COMFY_VENV),$(VENV_033))
+ifeq ($(strip $(DEMO_TREE)),)
 demo: setup
 	$(PY) scripts/demo.py --out demo_output --force
+else
+demo:
+	@COMFY_VENV=$(DEMO_VENV) bash scripts/setup_venv.sh --comfyui "$(DEMO_TREE)"
+	COMFYUI_DIR="$(DEMO_TREE)" $(DEMO_VENV)/bin/python scripts/demo.py --out demo_output --force
+endif
 
-# Each host's pytest run prints its wall time (scripts/test_hosts.sh); both run even if the first fails.
+# Each host's pytest run prints its wall time (scripts/test_hosts.sh); every host runs even if one fails.
 ifeq ($(strip $(COMFYUI_DIR)),)
 test: setup setup-comfyui
 else
 test: setup-comfyui
 endif
-	@VENV=$(VENV) COMFY_VENV=$(COMFY_VENV) COMFYUI_08=$(COMFYUI_08) bash scripts/test_hosts.sh
+	@VENV=$(VENV) COMFY_VENV=$(COMFY_VENV) COMFYUI_033=$(COMFYUI_033) VENV_033=$(VENV_033) \
+		COMFYUI_08=$(COMFYUI_08) VENV_08=$(VENV_08) bash scripts/test_hosts.sh
 
 lint: setup
 	$(PY) -m ruff check .

@@ -42,6 +42,10 @@ nodes registered at run time. Then, in this order, each phase with its own deadl
 * ``paper_no_checkpointing``: seconds per step and peak memory with gradient checkpointing off;
 * ``ziplora_out``: ZipLoRA (out masks, λ_sim 0.01, no priors), seconds per step and peak memory;
 * ``weights`` and ``layerwise`` modes: the node's wall time and peak memory;
+* with dynamic VRAM (a ComfyUI that has it, e.g. 0.33 through ``COMFYUI_DIR``, started here as its main.py starts
+  it): ``paper_dynamic``, paper mode on the same weights in a ``ModelPatcherDynamic`` (the merge learns on
+  ComfyUI's non-dynamic delegate of it), and ``layerwise_dynamic``, the layer-wise mode streaming the dynamic
+  model itself; each against its dynamic-off phase above;
 * ``sample``: ZipRank Merge (weights) → Apply Merged LoRA → KSampler (euler, normal, ``--sample-steps``
   steps, CFG 5) at 1024 px: seconds per sampling step and apply + sample seconds.
 
@@ -94,7 +98,8 @@ STATE: dict[str, Any] = {}
 # ---------------------------------------------------------------------------------------------------
 
 class BenchModel:
-    """The prebuilt MODEL (a full-size SDXL takes seconds to build; built once per run)."""
+    """A prebuilt MODEL (a full-size SDXL takes seconds to build; built once per run): ``plain``, or ``dynamic``
+    (the same weights in ComfyUI's dynamic-VRAM patcher, where this ComfyUI has one)."""
 
     CATEGORY = "duolora/bench"
     RETURN_TYPES = ("MODEL",)
@@ -102,10 +107,10 @@ class BenchModel:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {"required": {}}
+        return {"required": {"which": (["plain", "dynamic"],)}}
 
-    def run(self) -> tuple:
-        return (STATE["model"],)
+    def run(self, which: str) -> tuple:
+        return (STATE["model" if which == "plain" else "dynamic_model"],)
 
 
 class BenchConditioning:
@@ -171,6 +176,8 @@ def setup(tiny: bool, seed: int = 0) -> comfyhost.Host:
 
     cuda = not tiny
     host = comfyhost.boot(cpu=not cuda)
+    # Dynamic VRAM as ComfyUI's main.py turns it on (GPU hosts that have it); the plain model stays non-dynamic.
+    dynamic = comfyhost.enable_dynamic_vram() if cuda else False
     import nodes  # ComfyUI's top-level nodes module: importable only once booted
 
     for name, cls in BENCH_NODES.items():
@@ -179,11 +186,18 @@ def setup(tiny: bool, seed: int = 0) -> comfyhost.Host:
     t = time.perf_counter()
     if tiny:
         model = comfyhost.build_tiny_model(seed=seed, dtype=dtype)
+        # On a CPU a dynamic patcher exists only as comfyhost's stand-in instance: the paper merge runs through
+        # ComfyUI's non-dynamic delegate of it, the forward-only layer-wise pass needs the GPU allocator.
+        dynamic_model = comfyhost.build_dynamic_tiny_model(seed) if comfyhost.dynamic_vram_available() else None
+        dynamic_kind = "cpu stand-in (paper mode via the non-dynamic delegate)" if dynamic_model else "none"
         layout = sdxl.layout_for(sdxl.UNetConfig.from_comfy(comfyhost.TINY_UNET_CONFIG))
         context, pooled = comfyhost.TINY_UNET_CONFIG["context_dim"], comfyhost.TINY_POOLED_DIM
     else:
         model = comfyhost.build_sdxl_model(comfyhost.SDXL_UNET_CONFIG, seed=seed, dtype=dtype,
                                            device=torch.device("cuda"))
+        dynamic_model = comfyhost.build_sdxl_model(comfyhost.SDXL_UNET_CONFIG, seed=seed, dtype=dtype,
+                                                   device=torch.device("cuda"), dynamic=True) if dynamic else None
+        dynamic_kind = "on" if dynamic else "none"
         layout = sdxl.SDXL_LAYOUT
         context, pooled = comfyhost.SDXL_UNET_CONFIG["context_dim"], 1280
     _sync()
@@ -202,7 +216,7 @@ def setup(tiny: bool, seed: int = 0) -> comfyhost.Host:
         STATE[role] = lora
     lora_s = time.perf_counter() - t
     STATE.update(
-        cuda=cuda, host=host, model=model, layout=layout, names=names, side=side, rank=rank, dtype=dtype,
+        cuda=cuda, host=host, model=model, dynamic_model=dynamic_model, dynamic_kind=dynamic_kind, layout=layout, names=names, side=side, rank=rank, dtype=dtype,
         conds={w: [[torch.randn(1, 77, context, generator=g), {"pooled_output": torch.randn(1, pooled, generator=g)}]]
                for w in ("p_c", "p_s", "p_cs", "negative")},
         latents={w: torch.randn(1, 4, side, side, generator=g) / scale for w in ("content", "style")},
@@ -216,10 +230,11 @@ def _node(class_type: str, **inputs: Any) -> dict:
     return {"class_type": class_type, "inputs": {**comfyhost.widget_defaults(STATE["host"], class_type), **inputs}}
 
 
-def merge_prompt(**widgets: Any) -> dict:
-    """Bench inputs "1"–"8" → Load Content "10" / Load Style "11" → ZipRank Merge "12" → PreviewAny "13"."""
+def merge_prompt(model: str = "plain", **widgets: Any) -> dict:
+    """Bench inputs "1"–"8" → Load Content "10" / Load Style "11" → ZipRank Merge "12" → PreviewAny "13".
+    ``model``: "plain" or "dynamic" (``BenchModel``)."""
     return {
-        "1": {"class_type": "DuoLoRABench_Model", "inputs": {}},
+        "1": {"class_type": "DuoLoRABench_Model", "inputs": {"which": model}},
         **{nid: {"class_type": "DuoLoRABench_Conditioning", "inputs": {"which": w}}
            for nid, w in (("2", "p_c"), ("3", "p_s"), ("4", "p_cs"), ("5", "negative"))},
         "7": {"class_type": "DuoLoRABench_Latent", "inputs": {"which": "content"}},
@@ -269,11 +284,12 @@ def _per_step(stamps: list[float]) -> float:
 # Phases
 # ---------------------------------------------------------------------------------------------------
 
-def phase_paper(steps: int, deadline: float, checkpointing: bool = True, **widgets: Any) -> dict[str, float]:
+def phase_paper(steps: int, deadline: float, checkpointing: bool = True, model: str = "plain",
+                **widgets: Any) -> dict[str, float]:
     # Constyle on (k = 1): the 8-evaluation step issue 11 measured and the static floor mirrors, although the
     # node's default turned it off on 2026-12-01 (a default step is cheaper: no cycle branches).
     widgets.setdefault("constyle_iterations", 1)
-    r = run_prompt(merge_prompt(mode="paper", steps=steps, gradient_checkpointing=checkpointing, **widgets),
+    r = run_prompt(merge_prompt(model, mode="paper", steps=steps, gradient_checkpointing=checkpointing, **widgets),
                    deadline, MERGE)
     done = len(r["stamps"])
     step = _per_step(r["stamps"])
@@ -328,8 +344,8 @@ def phase_static(steps: int, deadline: float) -> dict[str, float]:
             "peak_gib": _peak_gib()}
 
 
-def phase_mode(mode: str, deadline: float) -> dict[str, float]:
-    r = run_prompt(merge_prompt(mode=mode), deadline, MERGE)
+def phase_mode(mode: str, deadline: float, model: str = "plain") -> dict[str, float]:
+    r = run_prompt(merge_prompt(model, mode=mode), deadline, MERGE)
     if r["stats"] is None:
         return {"wall_s": math.nan, "peak_gib": r["peak"]}
     return {"wall_s": r["stats"].wall_seconds, "peak_gib": r["peak"]}
@@ -383,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         "unet_dtype": str(STATE["dtype"]).removeprefix("torch."), "latent": [1, 4, STATE["side"], STATE["side"]],
         "lora_rank": STATE["rank"], "unet_parameters": STATE["unet_parameters"],
         "peak_kind": "cuda max_memory_allocated" if STATE["cuda"] else "process peak RSS (not per phase)",
-        "budget_s": args.budget,
+        "budget_s": args.budget, "dynamic_vram": STATE["dynamic_kind"],
     }
     print(f"bench/gpu.py · {info['mode']} · {info['device']} · UNet {info['unet_parameters'] / 1e9:.2f} B params "
           f"{info['unet_dtype']} · latents {info['latent']} · rank {info['lora_rank']} "
@@ -418,12 +434,20 @@ def main(argv: list[str] | None = None) -> int:
                                                            prior_loss=False))
     phase("weights", 0.3, mins, lambda d: phase_mode("weights", d))
     phase("layerwise", 0.4, mins, lambda d: phase_mode("layerwise", d))
+    if STATE["dynamic_model"] is not None:
+        # Dynamic VRAM on: paper steps run on ComfyUI's non-dynamic delegate (made and loaded by the first), the
+        # layer-wise recording streams the dynamic model itself (GPU only: it needs the allocator).
+        phase("paper_dynamic", 0.35, mins, lambda d: phase_paper(short, d, model="dynamic"))
+        if STATE["cuda"]:
+            phase("layerwise_dynamic", 0.4, mins, lambda d: phase_mode("layerwise", d, model="dynamic"))
     phase("sample", 0.9, mins, lambda d: phase_sample(args.sample_steps, d))
 
     ratios = {"paper_no_checkpointing_step_over_static": ("paper_no_checkpointing_step_s", "static_step_s"),
               "paper_step_over_static": ("paper_step_s", "static_step_s"),
               "checkpointing_on_over_off": ("paper_step_s", "paper_no_checkpointing_step_s"),
-              "ziplora_out_step_over_paper_step": ("ziplora_out_step_s", "paper_step_s")}
+              "ziplora_out_step_over_paper_step": ("ziplora_out_step_s", "paper_step_s"),
+              "dynamic_step_over_paper_no_dynamic": ("paper_dynamic_step_s", "paper_step_s"),
+              "dynamic_layerwise_over_layerwise": ("layerwise_dynamic_wall_s", "layerwise_wall_s")}
     for name, (a, b) in ratios.items():
         if a in numbers and b in numbers:
             numbers[name] = numbers[a] / numbers[b]
@@ -458,6 +482,10 @@ def report(r: dict[str, Any]) -> str:
         f"  ZipLoRA-out: {g('ziplora_out_step_s')} s/step, peak {g('ziplora_out_peak_gib', '{:.2f}')} GiB",
         (f"  weights mode {g('weights_wall_s', '{:.2f}')} s, layer-wise {g('layerwise_wall_s', '{:.2f}')} s "
          f"(peak {g('layerwise_peak_gib', '{:.2f}')} GiB)"),
+        (f"  dynamic VRAM ({info['dynamic_vram']}): paper {g('paper_dynamic_step_s')} s/step "
+         f"(÷ off {g('dynamic_step_over_paper_no_dynamic', '{:.2f}')}), node {g('paper_dynamic_wall_s', '{:.1f}')} s, "
+         f"peak {g('paper_dynamic_peak_gib', '{:.2f}')} GiB; layer-wise {g('layerwise_dynamic_wall_s', '{:.2f}')} s "
+         f"(peak {g('layerwise_dynamic_peak_gib', '{:.2f}')} GiB)"),
         (f"  Apply Merged LoRA → KSampler: {g('sample_sample_step_s', '{:.4f}')} s/step, apply + sample "
          f"{g('sample_apply_plus_sample_s', '{:.2f}')} s"),
         (f"  total {g('total_s', '{:.0f}')} s" + (f"; skipped: {', '.join(r['skipped'])}" if r["skipped"] else "")

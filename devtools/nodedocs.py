@@ -17,7 +17,7 @@ README = REPO / "README.md"
 BEGIN, END = "<!-- nodes:begin -->", "<!-- nodes:end -->"
 NODE_IDS = (
     "DuoLoRA_LoadContentLoRA", "DuoLoRA_AddContentLoRA", "DuoLoRA_LoadStyleLoRA", "DuoLoRA_ZipRankMerge",
-    "DuoLoRA_ApplyMergedLoRA", "DuoLoRA_SaveMergedLoRA", "DuoLoRA_MergeReport",
+    "DuoLoRA_ApplyMergedLoRA", "DuoLoRA_SaveMergedLoRA", "DuoLoRA_MergeReport", "DuoLoRA_ApplyKLoRA",
 )
 
 
@@ -55,6 +55,8 @@ def render(mappings: dict, display_names: dict) -> str:
                 opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
                 type_name = "COMBO" if isinstance(kind, list) else str(kind)
                 optional = " (optional)" if section == "optional" else ""
+                # Behind the node's "Show … advanced settings" button in the front end.
+                optional += " (advanced)" if opts.get("advanced") else ""
                 tooltip = str(opts.get("tooltip", "")).replace("|", "\\|")
                 default = FILE_COMBOS.get(name) or _default(kind, opts)
                 lines.append(f"| `{name}`{optional} | {type_name} | {default} | {tooltip} |")

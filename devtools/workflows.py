@@ -399,6 +399,14 @@ def _types_match(a: str | None, b: str | None) -> bool:
     return bool({t.strip().upper() for t in str(a).split(",")} & {t.strip().upper() for t in str(b).split(",")})
 
 
+def grows_outputs(definition: dict) -> bool:
+    """True for ComfyUI's own output nodes: newer ComfyUIs give some of them outputs (SaveImage and PreviewImage
+    pass their images on), so a shipped workflow lists their outputs only as far as it links them and loads
+    alike in every supported ComfyUI (the front end adds the ones a host declares beyond those)."""
+    return bool(definition.get("output_node")) and not str(definition.get("python_module", "")).startswith(
+        "custom_nodes")
+
+
 def check_workflow(workflow: dict, object_info: dict, *, files_must_exist: bool = False) -> list[str]:
     """Every problem found in a UI workflow against the node definitions (an empty list: none).
 
@@ -460,7 +468,8 @@ def check_workflow(workflow: dict, object_info: dict, *, files_must_exist: bool 
             if not spec.optional and spec.name not in linked:
                 problems.append(f"{label}: required input {spec.name!r} is not connected")
         outputs = node.get("outputs") or []
-        if len(outputs) != len(definition.get("output", [])):
+        declared = len(definition.get("output", []))
+        if len(outputs) != declared and not (grows_outputs(definition) and len(outputs) < declared):
             problems.append(f"{label}: {len(outputs)} outputs, the definition has {len(definition.get('output', []))}")
 
     for link_id, (origin_id, origin_slot, target_id, target_slot, link_type) in sorted(links.items()):
@@ -575,7 +584,10 @@ class WorkflowBuilder:
         else:
             definition = self.info[class_type]
             values = []
+            n_shown = 0
             for name, spec, role in widget_layout(definition):
+                # The front end draws advanced widgets only on request: they take no room in a new node.
+                n_shown += not spec.options.get("advanced")
                 key = name if role == "value" else f"{spec.name}:{role}"
                 if key in widgets:
                     values.append(widgets.pop(key))
@@ -586,7 +598,7 @@ class WorkflowBuilder:
             sockets = socket_inputs(definition)
             outputs = [{"name": name, "type": kind, "links": []} for name, kind in
                        zip(definition.get("output_name", definition["output"]), definition["output"])]
-            n_widgets = len(values)
+            n_widgets = n_shown
         if widgets:
             raise WorkflowError(f"{class_type} has no widgets {sorted(widgets)}")
         auto = max(len(sockets), len(outputs)) * SLOT_HEIGHT + 6 + (n_widgets * WIDGET_HEIGHT + 8 if n_widgets else 0)
@@ -665,12 +677,17 @@ class WorkflowBuilder:
     def build(self, name: str) -> dict:
         """The UI workflow (version 0.4) with a stable id derived from ``name``."""
         self._execution_order()
+        nodes = copy.deepcopy(self.nodes)
+        for node in nodes:
+            if grows_outputs(self.info.get(node["type"], {})):
+                while node["outputs"] and not node["outputs"][-1].get("links"):
+                    node["outputs"].pop()
         return {
             "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-duolora/example_workflows/{name}")),
             "revision": 0,
             "last_node_id": len(self.nodes),
             "last_link_id": len(self.links),
-            "nodes": copy.deepcopy(self.nodes),
+            "nodes": nodes,
             "links": copy.deepcopy(self.links),
             "groups": copy.deepcopy(self.groups),
             "config": {},
@@ -681,7 +698,7 @@ class WorkflowBuilder:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The three example workflows
+# The example workflows
 # ----------------------------------------------------------------------------------------------------
 
 CKPT = "sd_xl_base_1.0.safetensors"
@@ -715,12 +732,27 @@ RED, RED_BG = "#322", "#533"
 GROUP_COLOURS = {"model": "#3f789e", "refs": "#8A8", "prompts": "#b58b2a", "merge": "#a1309b",
                  "out": "#88A"}
 
-WORKFLOW_NAMES = (
-    "duolora_merge_with_reference_images",
-    "duolora_merge_without_training_images",
-    "duolora_baseline_comparison",
-    "duolora_multi_concept",
-)
+# The examples, simplest first. ComfyUI's template browser shows a custom-node template by its file name
+# alone (front ends 1.32.9 to 1.49.6: the card's title, and again as its description with "_" and "-" as
+# spaces), so the file name is the title; its number keeps the order in an alphabetical listing, and
+# web/duolora_templates.js sorts the server's directory-order list by it.
+QUICK = "1. Merge two LoRAs in seconds"
+WITHOUT_IMAGES = "2. Merge without pictures (each LoRA draws its references)"
+WITH_IMAGES = "3. Merge with your own pictures (as in the paper)"
+COMPARISON = "4. Compare plain sum, ZipLoRA and DuoLoRA"
+KLORA = "5. Subject in a style without merging (K-LoRA)"
+MULTI = "6. Several subjects in one style (multi-concept)"
+WORKFLOW_NAMES = (QUICK, WITHOUT_IMAGES, WITH_IMAGES, COMPARISON, KLORA, MULTI)
+# Folder names the pack is installed under: a git clone (and ComfyUI-Manager) uses the repository's name,
+# the Comfy Registry the package's. The template browser labels the pack's category by the folder's name
+# unless locales/en/main.json names it.
+PACK_FOLDER_NAMES = ("comfyui-duolora", "duolora")
+LOCALES_FILE = REPO_ROOT / "locales" / "en" / "main.json"
+# What a user sees of ZipRank Merge in a new graph (mode, method, steps, balance, the advanced button, the loss
+# curve): the height a template gives it, measured in front end 1.32.9 (tests/browser/test_frontend.py).
+MERGE_HEIGHT = 454
+# A loader and Save Merged LoRA with the line that shows, after a run, the file's summary / the saved name.
+LOADER_HEIGHT, SAVE_HEIGHT = 142, 110
 
 
 def _note(b: WorkflowBuilder, col: Column, text: str, height: float = 180, width: float = 340) -> int:
@@ -734,7 +766,7 @@ def _prompt(b: WorkflowBuilder, col: Column, text: str, title: str, negative: bo
 
 
 def _merge(b: WorkflowBuilder, col: Column, title: str, **widgets: Any) -> int:
-    return b.add("DuoLoRA_ZipRankMerge", col, {**MERGE_SEED, **widgets}, title=title, width=400, height=1072)
+    return b.add("DuoLoRA_ZipRankMerge", col, {**MERGE_SEED, **widgets}, title=title, width=400, height=MERGE_HEIGHT)
 
 
 def _reference_images(b: WorkflowBuilder, vae_src: int, cols: tuple[Column, Column]) -> tuple[int, int, list[int]]:
@@ -759,8 +791,9 @@ def _reference_images(b: WorkflowBuilder, vae_src: int, cols: tuple[Column, Colu
 
 
 def _loras(b: WorkflowBuilder, col: Column) -> tuple[int, int]:
-    c = b.add("DuoLoRA_LoadContentLoRA", col, {"lora_name": CONTENT_LORA}, width=320)
-    s = b.add("DuoLoRA_LoadStyleLoRA", col, {"lora_name": STYLE_LORA}, width=320)
+    # A loader shows its file's summary (key style, base model, layers, rank) in the node after a run.
+    c = b.add("DuoLoRA_LoadContentLoRA", col, {"lora_name": CONTENT_LORA}, width=320, height=LOADER_HEIGHT)
+    s = b.add("DuoLoRA_LoadStyleLoRA", col, {"lora_name": STYLE_LORA}, width=320, height=LOADER_HEIGHT)
     return c, s
 
 
@@ -800,7 +833,8 @@ def _merge_inputs(b: WorkflowBuilder, merge: int, model: int, content: int, styl
 
 def _save_and_report(b: WorkflowBuilder, merge: int, col: Column) -> tuple[int, int]:
     """Save Merged LoRA and Merge Report on the merge's outputs."""
-    save_lora = b.add("DuoLoRA_SaveMergedLoRA", col, {"filename_prefix": "duolora/merged"}, width=320)
+    save_lora = b.add("DuoLoRA_SaveMergedLoRA", col, {"filename_prefix": "duolora/merged"}, width=320,
+                      height=SAVE_HEIGHT)
     b.connect(merge, "merged_lora", save_lora, "merged_lora")
     report = b.add("DuoLoRA_MergeReport", col, width=400, height=340)
     b.connect(merge, "stats", report, "stats")
@@ -825,17 +859,17 @@ def _apply_and_generate(b: WorkflowBuilder, merge: int, ckpt: int, cols: tuple[C
 
 
 def workflow_with_reference_images(info: dict) -> dict:
-    """Workflow 1: the paper's setting — reference images and prompts of both LoRAs."""
+    """Example 3: the paper's setting — reference images and prompts of both LoRAs."""
     b = WorkflowBuilder(info)
     c0, c1, c2, c3, c4, c5, c6 = (Column(x) for x in (0, 360, 660, 1120, 1580, 2040, 2500))
     ckpt = b.add("CheckpointLoaderSimple", c0, {"ckpt_name": CKPT}, width=300, properties={"models": CKPT_MODELS})
     _note(b, c0, (
         "DuoLoRA: merge a content LoRA (your subject) and a style LoRA into one LoRA.\n\n"
         "1. Put both LoRAs in models/loras and pick them in the two loaders.\n"
-        "2. Load 1-4 pictures of the subject and one picture in the style (ideally the LoRAs' training "
-        "images) and write each LoRA's prompt.\n"
-        "3. Queue. The merge learns 100 steps (the paper's setting); the merged LoRA is saved to "
-        "models/loras/duolora/ and applied to the KSampler."), height=230)
+        "2. Load two pictures of the subject (Image Batch joins them) and one picture in the style, "
+        "ideally from the LoRAs' training images, and write each LoRA's prompt.\n"
+        "3. Press Run. The merge learns 100 steps (the paper's setting); Save Merged LoRA shows the file it "
+        "wrote in models/loras/duolora/, and the KSampler draws with the merged LoRA."), height=250)
     enc_c, enc_s, ref_nodes = _reference_images(b, ckpt, (c0, c1))
     p_c = _prompt(b, c2, P_C, "p_c: content LoRA prompt")
     b.connect(ckpt, "CLIP", p_c, "clip")
@@ -846,25 +880,27 @@ def workflow_with_reference_images(info: dict) -> dict:
     content, style = _loras(b, c3)
     merge = _merge(b, c4, "ZipRank Merge (DuoLoRA)")
     _merge_inputs(b, merge, ckpt, content, style, (enc_c, "LATENT", enc_s, "LATENT"), (p_c, p_s, p_cs))
-    save_lora, report = _save_and_report(b, merge, c3)
+    save_lora, report = _save_and_report(b, merge, c4)
     generate = _apply_and_generate(b, merge, ckpt, (c5, c6), "Negative prompt")
     b.group("Base model", [ckpt], GROUP_COLOURS["model"])
     b.group("Reference images", ref_nodes, GROUP_COLOURS["refs"])
     b.group("Prompts of the two LoRAs", [p_c, p_s, p_cs], GROUP_COLOURS["prompts"])
     b.group("DuoLoRA merge", [content, style, merge, save_lora, report], GROUP_COLOURS["merge"])
     b.group("Generate with the merged LoRA", generate, GROUP_COLOURS["out"])
-    return b.build(WORKFLOW_NAMES[0])
+    return b.build(WITH_IMAGES)
 
 
 def workflow_without_training_images(info: dict) -> dict:
-    """Workflow 2: no images — each LoRA draws its own reference latents with the stock LoraLoader."""
+    """Example 2: no images — each LoRA, picked once in its DuoLoRA loader, draws its own reference latents
+    (Apply Merged LoRA applies that loader's LoRA alone) and goes on to the merge."""
     b = WorkflowBuilder(info)
     c0, c1, c2, c3, c5, c6, c7 = (Column(x) for x in (0, 460, 920, 1280, 1720, 2180, 2580))
     ckpt = b.add("CheckpointLoaderSimple", c0, {"ckpt_name": CKPT}, width=300, properties={"models": CKPT_MODELS})
     _note(b, c0, (
         "No training images? Each LoRA draws its own references: the content LoRA renders p_c, the "
         "style LoRA renders p_s, and ZipRank Merge learns from those latents.\n\n"
-        "Pick the same LoRA file in the Load LoRA node and in the DuoLoRA loader of each row."), height=200)
+        "Pick each LoRA once, in Load Content LoRA and Load Style LoRA: the same loader feeds its drawing "
+        "and the merge. Write each LoRA's prompt with its trigger words, then press Run."), height=220)
     duo_loaders = {"content": "DuoLoRA_LoadContentLoRA", "style": "DuoLoRA_LoadStyleLoRA"}
     neg = _prompt(b, c0, NEGATIVE, "Negative prompt", negative=True)
     b.connect(ckpt, "CLIP", neg, "clip")
@@ -876,17 +912,17 @@ def workflow_without_training_images(info: dict) -> dict:
         # Room for the group title between the two rows.
         start = max(c1.y, c2.y, c3.y) + (90 if rows else 0)
         c1.y = c2.y = c3.y = start
-        loader = b.add("LoraLoader", c1, {"lora_name": lora, "strength_model": 1.0, "strength_clip": 1.0},
-                       title=f"Load LoRA ({which})", width=320)
-        b.connect(ckpt, "MODEL", loader, "model")
-        b.connect(ckpt, "CLIP", loader, "clip")
+        duo = b.add(duo_loaders[which], c1, {"lora_name": lora}, width=320, height=LOADER_HEIGHT)
+        apply = b.add("DuoLoRA_ApplyMergedLoRA", c1, title=f"Apply the {which} LoRA alone", width=320)
+        b.connect(ckpt, "MODEL", apply, "model")
+        b.connect(ckpt, "CLIP", apply, "clip")
+        b.connect(duo, f"{which}_lora", apply, "merged_lora")
         prompt = _prompt(b, c1, text, f"p_{which[0]}: {which} LoRA prompt")
-        b.connect(loader, "CLIP", prompt, "clip")
-        duo = b.add(duo_loaders[which], c1, {"lora_name": lora}, width=320)
+        b.connect(apply, "CLIP", prompt, "clip")
         latent = b.add("EmptyLatentImage", c2, {"width": SIZE, "height": SIZE, "batch_size": 2},
                        title=f"{which.capitalize()} references: size and count", width=300)
         ks = b.add("KSampler", c2, {**SAMPLER, "seed": seed}, title=f"Draw {which} references", width=300)
-        b.connect(loader, "MODEL", ks, "model")
+        b.connect(apply, "MODEL", ks, "model")
         b.connect(prompt, "CONDITIONING", ks, "positive")
         b.connect(neg, "CONDITIONING", ks, "negative")
         b.connect(latent, "LATENT", ks, "latent_image")
@@ -895,24 +931,24 @@ def workflow_without_training_images(info: dict) -> dict:
         b.connect(ckpt, "VAE", dec, "vae")
         preview = b.add("PreviewImage", c3, title=f"{which.capitalize()} references", width=380, height=300)
         b.connect(dec, "IMAGE", preview, "images")
-        rows[which] = (loader, prompt, latent, ks, dec, preview, duo)
+        rows[which] = (duo, apply, prompt, latent, ks, dec, preview)
         b.group(f"{which.capitalize()} LoRA draws its references", rows[which],
                 GROUP_COLOURS["refs"] if which == "content" else GROUP_COLOURS["prompts"])
-    content, style = rows["content"][6], rows["style"][6]
+    content, style = rows["content"][0], rows["style"][0]
     merge = _merge(b, c5, "ZipRank Merge (DuoLoRA)")
     _merge_inputs(b, merge, ckpt, content, style,
-                  (rows["content"][3], "LATENT", rows["style"][3], "LATENT"),
-                  (rows["content"][1], rows["style"][1], p_cs))
+                  (rows["content"][4], "LATENT", rows["style"][4], "LATENT"),
+                  (rows["content"][2], rows["style"][2], p_cs))
     save_lora, report = _save_and_report(b, merge, c5)
     generate = _apply_and_generate(b, merge, ckpt, (c6, c7), "Negative prompt (merged LoRA)")
     b.group("Base model and shared prompts", [ckpt, neg, p_cs], GROUP_COLOURS["model"])
     b.group("DuoLoRA merge", [merge, save_lora, report], GROUP_COLOURS["merge"])
     b.group("Generate with the merged LoRA", generate, GROUP_COLOURS["out"])
-    return b.build(WORKFLOW_NAMES[1])
+    return b.build(WITHOUT_IMAGES)
 
 
 def workflow_baseline_comparison(info: dict) -> dict:
-    """Workflow 3: direct merge, ZipLoRA and DuoLoRA side by side (same references, prompt and seed)."""
+    """Example 4: direct merge, ZipLoRA and DuoLoRA side by side (same references, prompt and seed)."""
     b = WorkflowBuilder(info)
     c0, c1, c2 = (Column(x) for x in (0, 360, 660))
     ckpt = b.add("CheckpointLoaderSimple", c0, {"ckpt_name": CKPT}, width=300, properties={"models": CKPT_MODELS})
@@ -956,7 +992,7 @@ def workflow_baseline_comparison(info: dict) -> dict:
         members = [merge, apply, pos, neg]
         if key == "duolora":
             save_lora = b.add("DuoLoRA_SaveMergedLoRA", cm, {"filename_prefix": "duolora/compare_duolora"},
-                              width=320)
+                              width=320, height=SAVE_HEIGHT)
             b.connect(merge, "merged_lora", save_lora, "merged_lora")
             report = b.add("DuoLoRA_MergeReport", cm, width=400, height=300)
             b.connect(merge, "stats", report, "stats")
@@ -965,11 +1001,68 @@ def workflow_baseline_comparison(info: dict) -> dict:
                                 title=f"KSampler ({key})", latent=latent)
         b.group(title, [*members, ks, save], GROUP_COLOURS["merge"] if key == "duolora" else GROUP_COLOURS["out"])
         x += 980
-    return b.build(WORKFLOW_NAMES[2])
+    return b.build(COMPARISON)
+
+
+def workflow_merge_two_loras(info: dict) -> dict:
+    """The quick start: two loaders, ZipRank Merge in weights mode (no pictures, no prompts), Save Merged LoRA
+    and Merge Report. The checkpoint only gives the merge the model's layer shapes; nothing is drawn."""
+    b = WorkflowBuilder(info)
+    c0, c1, c2, c3 = (Column(x, 90) for x in (0, 380, 740, 1180))
+    _note(b, c0, (
+        "Merge two LoRAs in seconds:\n\n"
+        "1. Load Checkpoint: your SDXL model (the merge reads its layer shapes; nothing is drawn).\n"
+        "2. Load Content LoRA: your subject LoRA. Load Style LoRA: your style LoRA.\n"
+        "3. Press Run.\n"
+        "4. Save Merged LoRA shows the file it wrote in models/loras/duolora/. Press R, then pick it in any "
+        "Load LoRA node.\n\n"
+        "Mode 'weights' needs no pictures; for the paper's method (reference pictures, 100 learning steps) "
+        "open the other DuoLoRA templates."), width=340, height=300)
+    ckpt = b.add("CheckpointLoaderSimple", c0, {"ckpt_name": CKPT}, width=340, properties={"models": CKPT_MODELS})
+    content, style = _loras(b, c1)
+    merge = _merge(b, c2, "ZipRank Merge (DuoLoRA)", mode="weights")
+    _merge_inputs(b, merge, ckpt, content, style, None, None)
+    save_lora, report = _save_and_report(b, merge, c3)
+    b.group("Pick two LoRAs, press Run", [ckpt, content, style, merge, save_lora, report],
+            GROUP_COLOURS["merge"])
+    return b.build(QUICK)
+
+
+def locale_messages() -> dict:
+    """locales/en/main.json: "DuoLoRA" as the template browser's label of the pack's category, under each folder
+    name the pack is installed under (ComfyUI serves every pack's locales at /i18n)."""
+    return {"templateWorkflows": {"category": dict.fromkeys(PACK_FOLDER_NAMES, "DuoLoRA")}}
+
+
+def workflow_klora(info: dict) -> dict:
+    """K-LoRA: both LoRAs applied at sampling time, nothing learned, merged or saved."""
+    b = WorkflowBuilder(info)
+    c0, c1, c2, c3 = (Column(x) for x in (0, 360, 720, 1160))
+    ckpt = b.add("CheckpointLoaderSimple", c0, {"ckpt_name": CKPT}, width=300, properties={"models": CKPT_MODELS})
+    _note(b, c0, (
+        "K-LoRA: a subject in a style without a merge. No reference images, no merge time, no file: in every "
+        "attention layer, at every step, Apply K-LoRA uses one of the two LoRAs, the content LoRA early in "
+        "sampling and the style LoRA later.\n\n"
+        "Too little subject: lower beta. Too little style: raise beta or alpha. To keep the result as one "
+        "LoRA file, merge with ZipRank Merge instead."), height=250)
+    content, style = _loras(b, c1)
+    klora = b.add("DuoLoRA_ApplyKLoRA", c1, width=320)
+    b.connect(ckpt, "MODEL", klora, "model")
+    b.connect(content, "content_lora", klora, "content_lora")
+    b.connect(style, "style_lora", klora, "style_lora")
+    pos = _prompt(b, c2, P_CS, "Prompt")
+    neg = _prompt(b, c2, NEGATIVE, "Negative prompt", negative=True)
+    for p in (pos, neg):
+        b.connect(ckpt, "CLIP", p, "clip")
+    latent, ks, save = _generate(b, klora, pos, neg, ckpt, (c2, c3), "duolora/klora")
+    b.group("Base model", [ckpt], GROUP_COLOURS["model"])
+    b.group("K-LoRA (training-free)", [content, style, klora], GROUP_COLOURS["merge"])
+    b.group("Generate", [pos, neg, latent, ks, save], GROUP_COLOURS["out"])
+    return b.build(KLORA)
 
 
 def workflow_multi_concept(info: dict) -> dict:
-    """Workflow 4: two subjects and one style in one merged LoRA (multi-concept); each subject has its own
+    """Two subjects and one style in one merged LoRA (multi-concept); each subject has its own
     pictures and prompts, and the merged LoRA draws either subject in the style."""
     b = WorkflowBuilder(info)
     c0, c1, c2, c3, c4, c5, c6 = (Column(x) for x in (0, 360, 660, 1120, 1580, 2040, 2500))
@@ -1026,7 +1119,7 @@ def workflow_multi_concept(info: dict) -> dict:
     b.group("Prompts of the three LoRAs", list(prompts.values()), GROUP_COLOURS["prompts"])
     b.group("DuoLoRA merge", [content, second, style, merge, save_lora, report], GROUP_COLOURS["merge"])
     b.group("Generate with the merged LoRA", generate, GROUP_COLOURS["out"])
-    return b.build(WORKFLOW_NAMES[3])
+    return b.build(MULTI)
 
 
 def indirection_example(object_info: dict) -> tuple[dict, dict[str, int]]:
@@ -1040,7 +1133,7 @@ def indirection_example(object_info: dict) -> tuple[dict, dict[str, int]]:
     b = WorkflowBuilder(object_info)
     col, col2 = Column(0), Column(420)
     ids = {
-        "ckpt": b.add("CheckpointLoaderSimple", col, {"ckpt_name": "x.safetensors"}),
+        "ckpt": b.add("CheckpointLoaderSimple", col, {"ckpt_name": CKPT}),
         "reroute": b.add("Reroute", col, width=80),
         "lora": b.add("LoraLoader", col, {"lora_name": "y.safetensors"}),
         "text": b.add("CLIPTextEncode", col, {"text": "a"}, width=400, height=120),
@@ -1087,6 +1180,18 @@ def indirection_example(object_info: dict) -> tuple[dict, dict[str, int]]:
 # ----------------------------------------------------------------------------------------------------
 # Inputs for running the examples without downloads (tests, demo, thumbnails)
 # ----------------------------------------------------------------------------------------------------
+
+def put_example_files(base: str | Path, image_size: int = 64) -> None:
+    """Every file the example workflows name, in a ComfyUI base directory: tiny LoRAs in models/loras, pictures in
+    input/, and an empty placeholder for the checkpoint (nothing here loads it). Front end 1.49.6 marks a node whose
+    file combo names a missing file as having errors; with these in place the examples load clean."""
+    base = Path(base)
+    make_tiny_loras(base / "models" / "loras")
+    make_reference_images(base / "input", size=image_size)
+    checkpoint = base / "models" / "checkpoints" / CKPT
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.touch()
+
 
 def make_reference_images(folder: str | Path, size: int = 64,
                           names: tuple[str, ...] = (*CONTENT_IMAGES, STYLE_IMAGE),
@@ -1228,6 +1333,29 @@ body * { visibility: hidden !important; }
 """
 
 
+# ComfyUI's template browser, in every front end the tests meet: up to 1.35.9 a dialog with this class; 1.49.6 draws
+# it as a layout dialog labelled by its key, "global-workflow-template-selector".
+TEMPLATE_DIALOG = ".workflow-template-selector-dialog, [role=dialog][aria-labelledby*='workflow-template-selector']"
+
+
+def template_pictures_js() -> str:
+    """A JavaScript expression: the pictures the template browser shows, e.g. once a pack's category is chosen, that
+    pack's card pictures (front end 1.49.6 shows them from blob: URLs of the fetched files, so not by their URL)."""
+    # One selector list, so an image inside two matching elements (a front end whose dialog matches both forms) is
+    # listed once.
+    images = ", ".join(f"{part.strip()} img" for part in TEMPLATE_DIALOG.split(","))
+    return f"[...document.querySelectorAll({json.dumps(images)})].filter(i => i.offsetParent !== null)"
+
+
+def page_open_template_pack(page: Any, pack: str, timeout: float) -> Any:
+    """Templates in the side bar → the ``pack`` category, as a user clicks through it; returns the dialog."""
+    page.locator(".templates-tab-button").first.click(timeout=timeout)
+    dialog = page.locator(TEMPLATE_DIALOG).first
+    dialog.wait_for(state="visible", timeout=timeout)
+    dialog.get_by_role("button", name=pack).first.click(timeout=timeout)
+    return dialog
+
+
 def page_load_workflow(page: Any, workflow: dict) -> None:
     """Load a UI workflow into the page's ComfyUI app the way opening a file does (``app.loadGraphData``)."""
     page.evaluate("async (wf) => { await window.comfyAPI.app.app.loadGraphData(wf, true, true, null, {}); }",
@@ -1270,10 +1398,12 @@ def page_thumbnail(page: Any, path: str | Path, width: int = 600, quality: int =
 
 
 BUILDERS = {
-    WORKFLOW_NAMES[0]: workflow_with_reference_images,
-    WORKFLOW_NAMES[1]: workflow_without_training_images,
-    WORKFLOW_NAMES[2]: workflow_baseline_comparison,
-    WORKFLOW_NAMES[3]: workflow_multi_concept,
+    QUICK: workflow_merge_two_loras,
+    WITHOUT_IMAGES: workflow_without_training_images,
+    WITH_IMAGES: workflow_with_reference_images,
+    COMPARISON: workflow_baseline_comparison,
+    KLORA: workflow_klora,
+    MULTI: workflow_multi_concept,
 }
 
 
@@ -1319,6 +1449,15 @@ def main(argv: list[str] | None = None) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding="utf-8")
             print(f"wrote {path} ({len(workflow['nodes'])} nodes, {len(workflow['links'])} links)")
+    locales = dumps(locale_messages())
+    if args.check:
+        same = LOCALES_FILE.is_file() and LOCALES_FILE.read_text(encoding="utf-8") == locales
+        print(f"{LOCALES_FILE}: {'up to date' if same else 'DIFFERS from the generator'}")
+        status |= 0 if same else 1
+    elif args.out == EXAMPLES_DIR:
+        LOCALES_FILE.parent.mkdir(parents=True, exist_ok=True)
+        LOCALES_FILE.write_text(locales, encoding="utf-8")
+        print(f"wrote {LOCALES_FILE}")
     return status
 
 

@@ -28,6 +28,9 @@ gradient (a step's cost should be what the model costs; issue 11):
   for that call — y = x·(W + ΔW)ᵀ + b, what a static patch computes — else the run gets the low-rank path
   with its constant masks folded into the factors (no mask multiply, only the LoRAs the run uses).
 
+A layer may also be given one branch for every element (``set_layer_branches``: a sampling-time rule such as
+``duolora.klora`` picks one LoRA per layer and step); it is evaluated like a run of constant masks.
+
 Every module's ``forward`` is wrapped while attached; ``remove`` (or leaving the context manager) restores
 every module exactly (same parameters, same forward, no attribute left behind).
 """
@@ -160,6 +163,8 @@ class Adapter:
         # name -> (the module's own forward attribute before attach, or _MISSING; our wrapper)
         self._wrapped: dict[str, tuple[object, Callable]] = {}
         self._branches: list[Branch] | None = None
+        # Canonical layer name -> the one branch every element of that layer uses (``set_layer_branches``).
+        self._layer_branches: dict[str, Branch] = {}
         self._cache: dict[tuple, Any] = {}
         # How the calls were evaluated since attach: "masked", "rows", "lowrank", "fold" -> module calls.
         self.path_counts: dict[str, int] = {}
@@ -232,6 +237,18 @@ class Adapter:
     def branches(self) -> list[Branch] | None:
         return None if self._branches is None else list(self._branches)
 
+    def set_layer_branches(self, layer_branches: Mapping[str, Branch] | None) -> None:
+        """One branch per named layer, for every batch element, in place of the per-element branches there
+        (None or empty: none). A layer's own branch is evaluated as one constant ΔW (unless it is
+        ``"merged"`` with learned masks under grad mode); the layers not named keep ``set_branches``'s.
+        Sampling-time rules that pick a LoRA per layer and step (``duolora.klora``) set this before each call."""
+        self._layer_branches = {} if not layer_branches else {
+            name: _check_branch(b) for name, b in layer_branches.items()}
+
+    @property
+    def layer_branches(self) -> dict[str, Branch]:
+        return dict(self._layer_branches)
+
     def _runs(self, n: int, name: str) -> list[tuple[int, int, Branch]]:
         """(start, stop, branch) of each run of equal branches over a batch of n elements."""
         key = ("runs", None if self._branches is None else tuple(self._branches), n)
@@ -274,10 +291,12 @@ class Adapter:
         layer = self.merger.layer(name)
         conv = isinstance(module, nn.Conv2d)
         n = x.shape[0] if x.dim() > (3 if conv else 1) else 1
-        runs = self._runs(n, name)
+        own = self._layer_branches.get(name)
+        runs = self._runs(n, name) if own is None else [(0, n, own)]
         grad = torch.is_grad_enabled()
         learned = any(m is not None and m.requires_grad for m in map(layer.mask, layer.tags))
-        if self.constant_path == "masks" or (grad and learned and any(b == MERGED for _, _, b in runs)):
+        masks_path = self.constant_path == "masks" and own in (None, MERGED)
+        if masks_path or (grad and learned and any(b == MERGED for _, _, b in runs)):
             # The masks need a gradient here (or the old path was asked for): the per-element mask path.
             out = inner(x, *args, **kwargs)
             if len(runs) == 1 and runs[0][2] == MERGED:

@@ -6,6 +6,7 @@ Each sub-command's work lives in the engine module it belongs to; this file only
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -17,7 +18,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("inspect", help="describe a LoRA file: key style, base model, layers, ranks, alpha, dtype")
+    from .inspect import EXIT_STATUS_HELP
+
+    p = sub.add_parser("inspect", help="describe a LoRA file: key style, base model, layers, ranks, alpha, dtype",
+                       description="Describe a LoRA file (read header-only) and say whether a merge accepts it.",
+                       epilog=EXIT_STATUS_HELP)
     p.add_argument("file", help="a .safetensors LoRA file")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_inspect)
@@ -92,7 +97,8 @@ def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
                         "(default: none)")
     p.add_argument("--style", dest="style_file", metavar="FILE",
                    help="the style LoRA, with --content (default: none)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="the merged LoRA file to write (.safetensors)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="the merged LoRA file to write; its name must end in .safetensors")
     p.add_argument("--method", choices=("ziprank", "direct", "b_lora"), default=d.method,
                    help="ziprank: solve DuoLoRA's rank masks; direct: plain sum w_c·ΔW_c + w_s·ΔW_s; b_lora: content "
                         "only in output_blocks.0.1, style only in output_blocks.1.1 (ZipLoRA needs the paper mode)")
@@ -106,8 +112,9 @@ def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
                    help="SDXL layer priors: which blocks carry content and which style (paper: low-resolution "
                         "attention = content, high-resolution = style; none: no priors)")
     p.add_argument("--custom-prior", default=d.custom_prior, metavar="SPEC",
-                   help="block roles for --priors custom, e.g. 'content: input_blocks.7.1, middle_block.1; "
-                        "style: output_blocks.3.1'")
+                   help="block roles for --priors custom, e.g. 'content: in7, in8, mid; style: out3' (the short "
+                        "names the node's diagram and the Merge Report show) or with the long names, 'content: "
+                        "input_blocks.7.1, middle_block.1; style: output_blocks.3.1'")
     p.add_argument("--no-prior-loss", action="store_true",
                    help="leave out the priors' rank-constraint term (the masks then only reconstruct)")
     p.add_argument("--prior-loss-kind", choices=PRIOR_LOSS_KINDS, default=d.prior_loss_kind,
@@ -122,6 +129,9 @@ def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lambda-content", type=float, default=d.lambda_content,
                    help="weight of the content reconstruction term")
     p.add_argument("--lambda-style", type=float, default=d.lambda_style, help="weight of the style reconstruction term")
+    p.add_argument("--balance", type=float, default=d.balance, metavar="B",
+                   help="subject against style where the LoRAs collide, from -1 (style) to 1 (content): the "
+                        "reconstruction terms weigh lambda_content·(1 + B) and lambda_style·(1 − B); 0 = the paper")
     p.add_argument("--lambda-sim", type=float, default=None,
                    help="weight of the mask-similarity term mean|m_c ⊙ m_s| (default: the method's, 0 for ziprank)")
     p.add_argument("--fast-keep", type=float, default=d.fast_keep,
@@ -210,7 +220,8 @@ def _merge(args: argparse.Namespace) -> int:
             method=args.method, basis=args.basis, scope=args.scope, objective="weights_only", seed=args.seed,
             prior_preset=args.prior_preset, custom_prior=args.custom_prior, prior_loss=not args.no_prior_loss,
             prior_loss_kind=args.prior_loss_kind, kappa=args.kappa, nu=args.nu, margin=args.margin,
-            lambda_content=args.lambda_content, lambda_style=args.lambda_style, lambda_prior=args.lambda_prior,
+            lambda_content=args.lambda_content, lambda_style=args.lambda_style, balance=args.balance,
+            lambda_prior=args.lambda_prior,
             lambda_sim=args.lambda_sim, prune_threshold=args.prune_threshold, w_c=args.w_c, w_s=args.w_s,
             fast_keep=args.fast_keep, max_rank=args.max_rank,
         )
@@ -238,13 +249,18 @@ def _merge(args: argparse.Namespace) -> int:
     if not args.quiet:
         share = 100.0 * result.kept_components / max(result.total_components, 1)
         print(f"wrote {result.path}: {result.layers} layers, kept {result.kept_components:,} of "
-              f"{result.total_components:,} rank components ({share:.1f} %) in {result.wall_seconds:.1f} s; "
-              f"{describe(result)}")
+              f"{result.total_components:,} rank components ({share:.1f} %) in {result.wall_seconds:.1f} s")
+        print(describe(result))
         if carried:
             print(f"carried {len(carried)} bias/norm differences of the inputs (summed like layers outside the "
                   "learned scope)")
     for line in formats.merge_notes(content if len(content) > 1 else content[0], style):
         print(f"note: {line}", file=sys.stderr)
+    remedy = "give your style LoRA as the second file" if args.contents is None else "give your style LoRA to --style"
+    for path in contents:
+        if formats.same_file_contents(path, style_file):
+            print("warning: " + engine.same_lora_warning(os.path.basename(path), os.path.basename(style_file),
+                                                         remedy), file=sys.stderr)
     return 0
 
 

@@ -35,7 +35,8 @@ class MergeConfig:
     """Every knob of a merge, with the defaults of METHOD.md (§2–§4).
 
     ``lambda_sim`` None means the method's default: 0 for ZipRank/DuoLoRA, 0.01 for ZipLoRA.
-    ``lambda_content``/``lambda_style`` weight the reconstruction terms (1 in the paper; 0 switches one off).
+    ``lambda_content``/``lambda_style`` weight the reconstruction terms (1 in the paper; 0 switches one off);
+    ``balance`` trades them against each other (``reconstruction_weights``: what every mode uses).
     ``objective`` names the objective; ``duolora.engine.run_merge`` runs any of them (``optimize`` runs
     "paper", ``duolora.solver`` the fast ones).
     """
@@ -64,6 +65,9 @@ class MergeConfig:
     constyle_iterations: int = 0
     lambda_content: float = 1.0
     lambda_style: float = 1.0
+    # One knob from style (−1) to content (+1): the two reconstruction terms weigh λ_c·(1 + b) and λ_s·(1 − b)
+    # (``reconstruction_weights``). 0 is the paper's objective exactly; ±1 keeps only one LoRA's term.
+    balance: float = 0.0
     lambda_cyc: float = 0.3
     lambda_rev: float = 0.3
     lambda_prior: float = 0.1
@@ -98,6 +102,9 @@ class MergeConfig:
         for name in ("lr", "grad_clip", "prune_threshold", "fast_keep"):
             if float(getattr(self, name)) < 0:
                 raise ValueError(f"MergeConfig.{name} must be ≥ 0, got {getattr(self, name)}")
+        b = float(self.balance)
+        if not -1.0 <= b <= 1.0:
+            raise ValueError(f"MergeConfig.balance must be between -1 (style) and 1 (content), got {self.balance}")
         if self.prior_preset == "custom":
             preset_roles("custom", self.custom_prior)  # raises ValueError on a malformed block list
 
@@ -106,6 +113,18 @@ class MergeConfig:
         if self.lambda_sim is not None:
             return float(self.lambda_sim)
         return 0.01 if self.method.startswith("ziplora") else 0.0
+
+    @property
+    def reconstruction_weights(self) -> tuple[float, float]:
+        """(weight of the content reconstruction term, weight of the style one): λ_c·(1 + b), λ_s·(1 − b) with
+        b = ``balance``. Moving b towards +1 makes the merge keep what the content LoRA does where the two LoRAs
+        collide, towards −1 the style LoRA's; their sum is unchanged for λ_c = λ_s, so the balance trades one
+        term against the other without weakening the reconstruction against the priors. At b = 0 the weights
+        are λ_c and λ_s themselves (the merge is bit for bit the one without the knob)."""
+        b = float(self.balance)
+        if b == 0.0:
+            return float(self.lambda_content), float(self.lambda_style)
+        return float(self.lambda_content) * (1.0 + b), float(self.lambda_style) * (1.0 - b)
 
     def roles(self) -> dict[str, str]:
         """Block -> "content"/"style" for the chosen prior preset."""

@@ -22,7 +22,8 @@ multi-concept merge: every content LoRA has its own mask, reconstruction term, p
 and Constyle cycle; ``ReferenceInputs.more_content`` holds the references of the content LoRAs after the first),
 and one style source. From files, the weights-only mode (and any method that learns nothing) streams a chunk of
 layers at a time (``duolora.streaming``), so memory stays near the size of the files; the other modes read the
-files whole. Before any work a merge refuses the same file given twice, LoRAs made for different base models,
+files whole. Before any work a merge refuses one file given as two content LoRAs (the same file as content and
+style is the caller's to warn about: ``same_lora_warning``), LoRAs made for different base models,
 and (K ≥ 2) a merged rank above every layer's width. With ``output`` the merged LoRA is also written
 (``formats.save_lora``: atomic, never overwrites unless asked; an existing file is refused before any work).
 
@@ -140,11 +141,19 @@ class MissingReferencesError(ValueError):
 
 
 class SameFileError(MergerError):
-    """One LoRA file given twice (as two content LoRAs, or as content and style)."""
+    """One LoRA file given as two content LoRAs."""
 
 
 class RankWidthError(MergerError):
     """A multi-concept merge whose merged rank would exceed every layer's width."""
+
+
+def same_lora_warning(content: str, style: str, remedy: str) -> str:
+    """The warning for a merge whose content and style are one LoRA (one file, or two identical files): a LoRA
+    merged with itself brings in no second subject or style. ``remedy``: what to pick, in the caller's words."""
+    which = f"the same file, {content}" if content == style else f"identical files ({content} and {style})"
+    return (f"content and style are {which}: a LoRA merged with itself adds nothing new (the plain sum only "
+            f"doubles it); {remedy}.")
 
 
 _RECORDED = ("content_latents", "style_latents", "content_prompt", "style_prompt")
@@ -169,7 +178,10 @@ class OutputFile:
     extra_metadata: Mapping[str, str] = field(default_factory=dict)
 
     def refuse_existing(self) -> None:
+        """Refuse, before any work, a name that is not .safetensors and a file that exists (unless
+        ``overwrite``)."""
         p = Path(self.path)
+        formats.refuse_output_name(p)
         if p.exists() and not self.overwrite:
             raise formats.OutputExistsError(
                 f"{p.name} already exists in {p.parent}; choose another file name or allow overwriting.", p)
@@ -273,15 +285,16 @@ def _identity(src: Source) -> tuple[str, Any]:
 
 
 def _check_distinct(contents: Sequence[Source], style: Source) -> None:
-    """Refuse one file given twice: merging a LoRA with itself only doubles it."""
-    sources = [*contents, style]
+    """Refuse one file given as two content LoRAs: merging a subject with itself only doubles it, and its two
+    masks would compete for the same directions. The same file as content and style is merged (a one-pair merge
+    always was); the CLI and the node warn about it (``same_lora_warning``)."""
     tags = lora_tags(len(contents))
     seen: dict[tuple[str, Any], int] = {}
-    for i, src in enumerate(sources):
+    for i, src in enumerate(contents):
         key = _identity(src)
         if key in seen:
             j = seen[key]
-            first = describe_lora(tags[j], _display(sources[j]), len(contents))
+            first = describe_lora(tags[j], _display(contents[j]), len(contents))
             second = describe_lora(tags[i], _display(src), len(contents))
             same = f"the same file ({key[1]})" if key[0] == "file" else "the same LoRA"
             raise SameFileError(f"{first} and {second} are {same}: give each LoRA once (to make a LoRA stronger, "

@@ -31,12 +31,13 @@ tensors, PEFT ``lora_adapter_metadata``: ``_layer_scale``). Bias/norm difference
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
 import re
+import stat
 import struct
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -171,6 +172,22 @@ class EmptyLoRAError(LoRAError):
 
 class OutputExistsError(LoRAError, FileExistsError):
     """save_lora would overwrite an existing file."""
+
+
+class OutputNameError(LoRAError, ValueError):
+    """An output file name that does not end in .safetensors (the only format written)."""
+
+
+def refuse_output_name(path: str | os.PathLike[str]) -> None:
+    """Raise OutputNameError unless ``path`` ends in .safetensors: what is written is always safetensors, and
+    loaders go by the name."""
+    p = Path(path)
+    if p.suffix.lower() != ".safetensors":
+        why = (f"ComfyUI would refuse a {p.suffix} file as pickle-based" if p.suffix.lower() in PICKLE_SUFFIXES
+               else "ComfyUI lists LoRA files by their extension")
+        raise OutputNameError(
+            f"{p.name}: the merged LoRA is written in the safetensors format, so its name must end in "
+            f".safetensors ({why}); use {p.stem}.safetensors.", p)
 
 
 def _display(path: str | os.PathLike[str] | None) -> str:
@@ -1538,6 +1555,43 @@ def save_lora(
     return save_state_dict(tensors, p, metadata=md, overwrite=overwrite)
 
 
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def same_file_contents(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """True when two paths name the same file or two files with identical bytes."""
+    if os.path.samefile(a, b):
+        return True
+    return os.path.getsize(a) == os.path.getsize(b) and file_sha256(a) == file_sha256(b)
+
+
+def _new_file_beside(p: Path) -> tuple[str, int]:
+    """Create an empty, hidden, uniquely named file in ``p``'s folder: (its path, its permission bits).
+
+    It is created as ``open()`` creates a file, so its mode is what a plain write gives here (0o666 less the
+    process umask): the mode the saved LoRA must end with, readable by whoever may read the user's other
+    files (another account, a service or a container sharing models/loras).
+    """
+    for _ in range(100):
+        tmp = p.with_name(f".{p.name}.{os.urandom(6).hex()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+        return os.fspath(tmp), mode
+    raise FileExistsError(f"could not create a temporary file beside {p.name} in {p.parent}")
+
+
 def save_state_dict(
     tensors: Mapping[str, torch.Tensor],
     path: str | os.PathLike[str],
@@ -1550,6 +1604,7 @@ def save_state_dict(
     appeared meanwhile (another save with the same name); a failed or interrupted save leaves no file.
     """
     p = Path(path)
+    refuse_output_name(p)
     if p.exists() and not overwrite:
         raise OutputExistsError(
             f"{p.name} already exists in {p.parent}; choose another file name or allow overwriting.", p)
@@ -1558,10 +1613,11 @@ def save_state_dict(
         if not isinstance(k, str) or not isinstance(v, str):
             raise TypeError(f"safetensors metadata must map strings to strings; {k!r} -> {type(v).__name__}")
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.close(fd)
+    tmp, mode = _new_file_beside(p)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=md)
+        # safetensors writes through a temporary file of its own, created 0o600, and renames it over ``tmp``.
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         if overwrite:

@@ -18,9 +18,16 @@ from .formats import (
     summary,
     validate_lora,
 )
-from .sdxl import SDXL_LAYOUT
+from .lora import LoRA
+from .sdxl import SDXL_LAYOUT, STANDARD_LAYOUTS
 
-EXIT_BAD_FILE = 2
+# Exit status of ``duolora inspect``: scripts can ask "will a merge take this file?" without parsing text.
+EXIT_USABLE = 0  # described; ``duolora merge`` and the loader nodes accept it for SDXL
+EXIT_REFUSED = 1  # described, but a merge would refuse it (the reason is the "for a merge" line)
+EXIT_BAD_FILE = 2  # not readable as a LoRA at all (the message is on stderr)
+EXIT_STATUS_HELP = (f"exit status: {EXIT_USABLE} = a merge accepts the file; {EXIT_REFUSED} = described, but a merge "
+                    f"would refuse it (the reason is on the 'for a merge' line); {EXIT_BAD_FILE} = not readable as a "
+                    "LoRA (the message is on stderr)")
 
 
 def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -29,6 +36,7 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     they refuse it with (the same validate_lora check, so the three agree on every file)."""
     lora = read_lora(path, load_tensors=False)
     info = summary(lora)
+    info["named_like"] = _named_like(lora) if lora.base == "unknown" and not info["unknown_layers"] else None
     info["non_finite_keys"] = non_finite_keys(path)
     try:
         validate_lora(lora, SDXL_LAYOUT)
@@ -41,6 +49,13 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         refusal = str(non_finite_error(info["file"], os.fspath(path), bad)) if bad else None
     info["for_merge"] = refusal
     return info
+
+
+def _named_like(lora: LoRA) -> str | None:
+    """The label of the standard model whose layer names this LoRA's layers carry (though no shape matches)."""
+    counts = {layout.label: sum(layout.get(name) is not None for name in lora.layers) for layout in STANDARD_LAYOUTS}
+    best = max(counts, key=lambda label: counts[label])
+    return best if counts[best] else None
 
 
 def format_summary(info: dict[str, Any]) -> str:
@@ -104,13 +119,18 @@ def _notes(info: dict[str, Any]) -> list[str]:
     what = (f"a LoRA for {info['family_hint']} (its layer names look like {info['family_hint']} ones)"
             if info["family_hint"] else "a LoRA for a model family DuoLoRA does not know")
     n = info["unknown_layers"]
+    if not n and info.get("named_like"):
+        return [(f"note: its {info['layers']} layers carry {info['named_like']}'s layer names, but none has "
+                 f"{info['named_like']}'s shape: a LoRA for a model built like it at other widths, not for SDXL, "
+                 "SD1.x or SD2.x. DuoLoRA merges SDXL LoRAs.")]
     return [(f"note: this is {what}, not for SDXL, SD1.x or SD2.x: none of its {n} layers is one of theirs. "
              "DuoLoRA merges SDXL LoRAs.")]
 
 
 def run_inspect(path: str | os.PathLike[str], as_json: bool = False, out: TextIO | None = None,
                 err: TextIO | None = None) -> int:
-    """Print a LoRA file's description; 0 on success, 2 (message on stderr) when the file is unusable."""
+    """Print a LoRA file's description. Returns EXIT_USABLE, EXIT_REFUSED (described, but a merge would refuse
+    it) or EXIT_BAD_FILE (not readable; the message on stderr)."""
     out = out or sys.stdout
     err = err or sys.stderr
     try:
@@ -119,4 +139,4 @@ def run_inspect(path: str | os.PathLike[str], as_json: bool = False, out: TextIO
         print(f"error: {e}", file=err)
         return EXIT_BAD_FILE
     print(json.dumps(info, indent=2) if as_json else format_summary(info), file=out)
-    return 0
+    return EXIT_USABLE if info["for_merge"] is None else EXIT_REFUSED

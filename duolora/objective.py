@@ -243,11 +243,12 @@ class DuoLoRAObjective:
             raise ValueError(f"the merger has {n_merger} content LoRA(s) but the references are for "
                              f"{self.n_content}")
         k = int(config.constyle_iterations)
-        per_kind = {"content": float(config.lambda_content),
+        lam_c, lam_s = config.reconstruction_weights
+        per_kind = {"content": lam_c,
                     "cycle": float(config.lambda_cyc) if k > 0 else 0.0,
                     "reverse": float(config.lambda_rev) if k > 0 else 0.0}
         self.weights: dict[str, float] = {
-            "style": float(config.lambda_style),
+            "style": lam_s,
             "prior": float(config.lambda_prior) if config.prior_loss else 0.0,
             "similarity": float(config.effective_lambda_sim),
         }

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .lora import TEXT_ENCODER_PREFIXES
 from .mergers import Merger
-from .sdxl import CONTENT, STYLE, block_of, prior_role
+from .sdxl import CONTENT, STYLE, block_of, prior_role, short_block
 
 GROUPS: tuple[str, ...] = (CONTENT, STYLE, "none")
 _GROUP_COLOURS = {CONTENT: (52, 101, 164), STYLE: (214, 110, 38), "none": (150, 150, 150)}
@@ -106,18 +106,6 @@ def _block(name: str) -> str:
     if name.startswith(TEXT_ENCODER_PREFIXES):
         return name.split(".", 1)[0]
     return block_of(name)
-
-
-def short_block(block: str) -> str:
-    """Compact label: input_blocks.4.1 -> in4, middle_block.1 -> mid, output_blocks.3.1 -> out3."""
-    parts = block.split(".")
-    if parts[0] == "input_blocks" and len(parts) > 1:
-        return "in" + parts[1]
-    if parts[0] == "output_blocks" and len(parts) > 1:
-        return "out" + parts[1]
-    if parts[0] == "middle_block":
-        return "mid"
-    return parts[0][:5]
 
 
 def _block_order(block: str) -> tuple[int, int, str]:

@@ -71,8 +71,26 @@ def is_attention_projection(name: str) -> bool:
     return bool(_ATTN_RE.search(name))
 
 
+def short_block(block: str) -> str:
+    """Compact label: input_blocks.4.1 -> in4, middle_block.1 -> mid, output_blocks.3.1 -> out3 (the names
+    the node's prior diagram and the Merge Report show)."""
+    parts = block.split(".")
+    if parts[0] == "input_blocks" and len(parts) > 1:
+        return "in" + parts[1]
+    if parts[0] == "output_blocks" and len(parts) > 1:
+        return "out" + parts[1]
+    if parts[0] == "middle_block":
+        return "mid"
+    return parts[0][:5]
+
+
+# Short name -> attention block, for custom priors typed the way the diagram and the report label blocks.
+SHORT_ATTENTION_BLOCKS: dict[str, str] = {short_block(b): b for b in ATTENTION_BLOCKS}
+
+
 def parse_custom_preset(spec: str) -> dict[str, str]:
-    """Parse ``"content: input_blocks.7.1, middle_block.1; style: output_blocks.3.1"``.
+    """Parse ``"content: input_blocks.7.1, middle_block.1; style: output_blocks.3.1"``; each block may also be
+    given by its short name (``"content: in7, mid; style: out3"``). Returns long block name -> role.
 
     Raises ValueError with a message that says what is wrong and how to write it.
     """
@@ -92,13 +110,15 @@ def parse_custom_preset(spec: str) -> dict[str, str]:
         role, blocks = (s.strip() for s in part.split(":", 1))
         if role not in (CONTENT, STYLE):
             raise ValueError(f"custom prior role {role!r} must be 'content' or 'style'")
-        for b in (x.strip() for x in blocks.split(",")):
-            if not b:
+        for given in (x.strip() for x in blocks.split(",")):
+            if not given:
                 continue
+            b = SHORT_ATTENTION_BLOCKS.get(given.lower(), given)
             if b not in ATTENTION_BLOCKS:
                 raise ValueError(
-                    f"custom prior block {b!r} is not an SDXL attention block; "
-                    f"choose from {', '.join(ATTENTION_BLOCKS)}"
+                    f"custom prior block {given!r} is not an SDXL attention block; "
+                    f"choose from {', '.join(SHORT_ATTENTION_BLOCKS)} (or their long names "
+                    f"{', '.join(ATTENTION_BLOCKS)})"
                 )
             if b in roles and roles[b] != role:
                 raise ValueError(f"custom prior block {b!r} is both content and style")

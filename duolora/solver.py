@@ -397,7 +397,7 @@ class _Terms:
 
     @classmethod
     def from_config(cls, config: MergeConfig) -> _Terms:
-        return cls(float(config.lambda_content), float(config.lambda_style),
+        return cls(*config.reconstruction_weights,
                    float(config.lambda_prior) if config.prior_loss else 0.0, float(config.effective_lambda_sim),
                    config.prior_loss_kind, float(config.kappa), float(config.nu), float(config.margin),
                    float(config.fast_keep))
@@ -837,14 +837,26 @@ def solve_layerwise(merger: Merger, stats: Mapping[str, LayerActivations], confi
 
 
 
-def describe(result: MergeResult) -> str:
-    """One line: the fast objective (mean over learned layers) at the direct merge and after the solve."""
-    h = result.history
-    if "total" not in h:
-        return "nothing to learn (the method fixes every mask)"
-    parts = [f"objective {h['total'][0]:.4g} -> {h['total'][1]:.4g}"]
-    for k in (*(k for k in h if k.startswith("content")), "style", "prior"):
-        if k in h:
-            parts.append(f"{k} {h[k][0]:.4g} -> {h[k][1]:.4g}")
-    return " · ".join(parts)
+def _percent(fraction: float) -> str:
+    return f"{100.0 * fraction:.2g} %"
 
+
+def describe(result: MergeResult) -> str:
+    """What the solve did, in terms a user can judge: the share of each LoRA's own effect that the merge gives up
+    (the reconstruction terms of the fast objective, mean over learned layers: "content", "content2", …,
+    "style"), then the same for the plain sum it starts from and why the two differ. One or two lines."""
+    h = result.history
+    if "content" not in h or "style" not in h:
+        return "nothing to learn (the method fixes every mask)"
+    terms = [k for k in h if k.startswith("content")] + ["style"]
+    after = ", ".join(f"{k} {_percent(h[k][1])}" for k in terms)
+    pair = len(terms) == 2
+    text = (f"given up by the merge: {after} of the {'two ' if pair else ''}LoRAs' own effect "
+            "(mean over the learned layers; 0 % = kept exactly)")
+    if any(h[k][1] > h[k][0] for k in terms):
+        before = " and ".join(_percent(h[k][0]) for k in terms) if pair else ", ".join(
+            f"{k} {_percent(h[k][0])}" for k in terms)
+        text += (f"\nthe plain sum gives up {before}, keeping {'both' if pair else 'every'} LoRA"
+                 f"{'s' if pair else ''} at full strength in every block; the layer priors weaken each LoRA in the "
+                 f"blocks they give to {'the other' if pair else 'another'}")
+    return text

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import ComfyExtension, io
-
+from .api import ComfyExtension, io
 from .apply import ApplyMergedLoRA
+from .klora import ApplyKLoRA
 from .loaders import AddContentLoRA, LoadContentLoRA, LoadStyleLoRA
 from .merge import ZipRankMerge
 from .report import MergeReport
@@ -12,6 +12,7 @@ from .save import SaveMergedLoRA
 
 NODES: list[type[io.ComfyNode]] = [
     LoadContentLoRA, AddContentLoRA, LoadStyleLoRA, ZipRankMerge, ApplyMergedLoRA, SaveMergedLoRA, MergeReport,
+    ApplyKLoRA,
 ]
 
 

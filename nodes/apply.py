@@ -1,11 +1,12 @@
-"""ApplyMergedLoRA: patch MODEL (and CLIP) with the merged LoRA through ComfyUI's own LoRA path."""
+"""ApplyMergedLoRA: patch MODEL (and CLIP) with a LoRA through ComfyUI's own LoRA path: the merged LoRA, or one
+loader's LoRA alone (to draw references with it, or to compare it with the merge)."""
 
 from __future__ import annotations
 
-from comfy_api.latest import io
-
+from ..duolora import formats
 from . import comfy_bridge as bridge
-from .types import MergedLoRA, MergedLoRAType
+from .api import io
+from .types import LoraStateDict, MergedLoRA, MergedLoRAType, SourceLoRA, SourceLoRAType
 
 
 class ApplyMergedLoRA(io.ComfyNode):
@@ -15,27 +16,36 @@ class ApplyMergedLoRA(io.ComfyNode):
             node_id="DuoLoRA_ApplyMergedLoRA",
             display_name="Apply Merged LoRA",
             category="DuoLoRA",
-            description="Applies the merged LoRA exactly as the stock Load LoRA node applies the saved file.",
+            description="Applies the merged LoRA (or one loader's LoRA alone) exactly as the stock Load LoRA node "
+                        "applies a saved file.",
             inputs=[
                 io.Model.Input("model", tooltip="The SDXL model to patch."),
                 io.Clip.Input("clip", optional=True,
-                              tooltip="Optional: the CLIP to patch with the text-encoder part, if any."),
-                MergedLoRAType.Input("merged_lora", tooltip="From ZipRank Merge."),
+                              tooltip="Optional: the CLIP to patch with the LoRA's text-encoder part, if any."),
+                io.MultiType.Input("merged_lora", types=[MergedLoRAType, SourceLoRAType],
+                                   tooltip="From ZipRank Merge, or from Load Content/Style LoRA to draw with that "
+                                           "LoRA alone."),
                 io.Float.Input("strength_model", default=1.0, min=-100.0, max=100.0, step=0.01,
-                               tooltip="How strongly the merged LoRA changes the UNet."),
+                               tooltip="How strongly the LoRA changes the UNet."),
                 io.Float.Input("strength_clip", default=1.0, min=-100.0, max=100.0, step=0.01,
                                tooltip="How strongly it changes the text encoders."),
             ],
-            outputs=[io.Model.Output(display_name="MODEL"), io.Clip.Output(display_name="CLIP")],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the LoRA applied."),
+                     io.Clip.Output(display_name="CLIP", tooltip="The CLIP with the LoRA applied.")],
         )
 
     @classmethod
-    def execute(cls, model, merged_lora: MergedLoRA, strength_model: float = 1.0, strength_clip: float = 1.0,
-                clip=None) -> io.NodeOutput:
+    def execute(cls, model, merged_lora: MergedLoRA | SourceLoRA, strength_model: float = 1.0,
+                strength_clip: float = 1.0, clip=None) -> io.NodeOutput:
         if strength_model == 0 and strength_clip == 0:
             return io.NodeOutput(model, clip)
         # ComfyUI skips a LoRA weight whose shape does not match with only a log line; say it here instead.
         bridge.validate_for_model(merged_lora.lora, model)
-        new_model, new_clip = bridge.apply_lora_state_dict(model, clip, merged_lora.state_dict,
-                                                           strength_model, strength_clip)
+        if isinstance(merged_lora, SourceLoRA):
+            # The loader's LoRA (its strength folded in), spelled as the merged LoRA is: kohya keys, alpha = rank.
+            state_dict = LoraStateDict(formats.lora_to_state_dict(merged_lora.lora, "kohya_ldm",
+                                                                  layout=bridge.model_layout(model)))
+        else:
+            state_dict = merged_lora.state_dict
+        new_model, new_clip = bridge.apply_lora_state_dict(model, clip, state_dict, strength_model, strength_clip)
         return io.NodeOutput(new_model, new_clip)

@@ -1,8 +1,8 @@
 """The one module of the pack that touches ComfyUI internals (``comfy.*``, ``folder_paths``, ``server``).
 
 Everything here goes through the most public entry point that does the job. Each internal was read in
-ComfyUI 0.3.75 and 0.8.0 (the two versions `make test` runs; both behave alike for every call below, so there is
-no version branch) and in upstream master as of 2026-11 (comfyanonymous/ComfyUI):
+ComfyUI 0.3.75, 0.8.0 and 0.33.0 (the versions `make test` runs); where they differ the code asks for the
+capability (an attribute), never for a version:
 
 * ``folder_paths.get_filename_list / get_full_path_or_raise / get_folder_paths / get_save_image_path``
 * ``comfy.sd.load_lora_for_models`` — the stock LoRA path (LoraLoader uses it), so ApplyMergedLoRA patches
@@ -14,19 +14,36 @@ no version branch) and in upstream master as of 2026-11 (comfyanonymous/ComfyUI)
 * ``BaseModel.apply_model`` (returns the denoised x̂0), ``process_latent_in``, the model's
   ``model_sampling`` (``sigmas``; EPS / V_PREDICTION noise scaling x_t = x0 + σ·ε).
 * ``comfy.utils.ProgressBar``; ``server.PromptServer.instance.send_sync`` (only when a server exists).
+* K-LoRA's sampling-time patch: ``ModelPatcher.clone`` + ``add_wrapper_with_key`` with
+  ``comfy.patcher_extension.WrappersMP.OUTER_SAMPLE`` (``CFGGuider.outer_sample``: one sampling run) and
+  ``WrappersMP.APPLY_MODEL`` (``BaseModel.apply_model(x, t, c_concat, c_crossattn, control, transformer_options)``,
+  t = σ; ``transformer_options["sample_sigmas"]`` is the run's σ schedule, set by ``CFGGuider.inner_sample``);
+  ``BaseModel.model_sampling`` (``sigmas``, or ``sigma_max``/``sigma_min``). Checked in 0.3.75, 0.8.0 and 0.33.0,
+  where these signatures are identical.
+* Dynamic VRAM (0.33): ``ModelPatcher.is_dynamic``, ``ModelPatcherDynamic.get_non_dynamic_delegate`` (absent
+  before: no model is dynamic there), ``load_models_gpu(force_full_load=...)`` (all three),
+  ``comfy.model_management.unload_model_and_clones`` (0.33; without it the copy is left to model management).
+* ``folder_paths.get_user_directory`` (the merge cache's default place); ``ModelPatcher.patches`` /
+  ``object_patches`` / ``model_options`` (read for the merge cache's model fingerprint; a patch added through a
+  ``(key, offset[, function])`` key-map target carries its offset and function in the patch).
+* The node API's ``io.Input`` (``nodes/api.py``): its ``advanced`` / ``extra_dict`` attributes, the one capability
+  branch (``advanced``), since only newer ComfyUIs (0.33.0 here) have the first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import resource
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import comfy.model_management
 import comfy.model_sampling
 import comfy.ops
+import comfy.patcher_extension
 import comfy.sampler_helpers
 import comfy.samplers
 import comfy.sd
@@ -36,13 +53,18 @@ import torch
 
 from ..duolora import formats, sdxl
 from ..duolora.adapter import Adapter, Branch, attach, plain_weight
+from ..duolora.klora import KLoRA, KLoRAPatch, schedule_progress
+from ..duolora.lora import TEXT_ENCODER_PREFIXES, LoRA
+from ..duolora.merge_cache import Fingerprint, MergeCache
 from ..duolora.mergers import Merger
 from ..duolora.objective import DiscreteSchedule
+from .api import io
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
 Interrupted = comfy.model_management.InterruptProcessingException
+_LOG = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -77,6 +99,77 @@ def next_lora_path(filename_prefix: str) -> tuple[str, str]:
         counter += 1
     os.makedirs(full_folder, exist_ok=True)
     return path, os.path.join(subfolder, name) if subfolder else name
+
+
+# The merge cache (duolora.merge_cache): a folder, or "off"; and its bound in MiB.
+MERGE_CACHE_ENV = "DUOLORA_MERGE_CACHE"
+MERGE_CACHE_MB_ENV = "DUOLORA_MERGE_CACHE_MB"
+MERGE_CACHE_DEFAULT_MB = 256
+
+
+def merge_cache() -> MergeCache:
+    """The merge cache: ``$DUOLORA_MERGE_CACHE`` (a folder; ``off`` turns it off), else ``duolora/merge_cache`` in
+    ComfyUI's user directory (``ComfyUI/user/``, which survives restarts, unlike its temp folder), bounded by
+    ``$DUOLORA_MERGE_CACHE_MB`` (default 256)."""
+    where = os.environ.get(MERGE_CACHE_ENV, "").strip()
+    size = os.environ.get(MERGE_CACHE_MB_ENV, "").strip()
+    try:
+        mb = float(size) if size else MERGE_CACHE_DEFAULT_MB
+    except ValueError:
+        raise ValueError(f"{MERGE_CACHE_MB_ENV}={size!r} is not a number of MiB; set it to e.g. 256, "
+                         "or 0 to turn the merge cache off") from None
+    if where.lower() in ("off", "0", "none", "false"):
+        mb = 0
+    folder = where if where and mb > 0 else os.path.join(folder_paths.get_user_directory(), "duolora", "merge_cache")
+    return MergeCache(Path(folder), int(max(mb, 0) * 1024 * 1024))
+
+
+def _plain_patch(value: Any) -> Any:
+    """A model patch as data ``Fingerprint`` takes: weight adapters by their class and tensors; modules by their
+    class and state; anything else (a callable) is refused."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain_patch(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain_patch(v) for k, v in value.items()}
+    if isinstance(value, torch.nn.Module):
+        return (type(value).__qualname__, dict(value.state_dict()))
+    weights = getattr(value, "weights", None)
+    if weights is not None and not callable(weights):
+        return (type(value).__qualname__, _plain_patch(weights))
+    return value
+
+
+def model_fingerprint(model) -> str:
+    """A fingerprint of what a MODEL computes: its class, every weight's name, dtype and shape with its first and
+    last 256 values, its patches (a LoRA applied before the merge), object patches and model options.
+
+    Raises ``Uncacheable`` when a patch or option is a callable (its effect cannot be told from outside)."""
+    fp = Fingerprint(sample=256)
+    fp.add(type(model.model).__qualname__)
+    for name, tensor in model.model.state_dict().items():
+        fp.add(name)
+        fp.tensor(tensor)
+    fp.add(_plain_patch(dict(getattr(model, "patches", {}))))
+    fp.add(_plain_patch(dict(getattr(model, "object_patches", {}))))
+    fp.add(_plain_patch(dict(getattr(model, "model_options", {}))))
+    return fp.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Node inputs
+# ----------------------------------------------------------------------------------------------------
+
+def advanced(widget: io.Input) -> io.Input:
+    """Mark a V3 widget input as advanced (the front end keeps it out of view until the user shows the node's
+    advanced inputs) and return it. Where ComfyUI's ``io.Input`` has an ``advanced`` attribute (0.33.0) it is
+    set; elsewhere (0.3.75, 0.8.0: their widget inputs take no ``advanced=`` or ``extra_dict=``) the same
+    ``"advanced": true`` goes into the input's ``extra_dict``, which ``Input.as_dict`` merges into the options
+    the front end reads (front ends from 1.32.9 on know the key)."""
+    if hasattr(widget, "advanced"):
+        widget.advanced = True
+    else:
+        widget.extra_dict["advanced"] = True
+    return widget
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -114,6 +207,12 @@ class Progress:
     def __init__(self, total: int, node_id: str | None) -> None:
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
         self.node_id = node_id
+        self.total = total
+
+    def finished(self, result) -> None:
+        """One update at the end, for a merge that came from the merge cache (its last step's losses)."""
+        last = {name: values[-1] for name, values in result.history.items() if values}
+        self(self.total, self.total, last)
 
     def __call__(self, step: int, total: int, losses: dict[str, float]) -> None:
         self.bar.update_absolute(step, total)
@@ -132,6 +231,13 @@ def send_message(event: str, data: dict) -> None:
         return
     client_id = getattr(instance, "client_id", None)
     instance.send_sync(event, data, client_id)
+
+
+def send_warning(node_id: str | None, text: str) -> None:
+    """A warning that does not stop the node: in ComfyUI's log, and as a ``duolora.warning`` message that the
+    front end shows on the node."""
+    _LOG.warning("[DuoLoRA] %s", text)
+    send_message("duolora.warning", {"node": node_id, "message": text})
 
 
 def interrupted() -> bool:
@@ -220,6 +326,54 @@ def _check_ordinary(module: torch.nn.Module) -> None:
         )
 
 
+# ----------------------------------------------------------------------------------------------------
+# Dynamic VRAM: which ModelPatcher a merge runs
+# ----------------------------------------------------------------------------------------------------
+
+class DynamicModelError(RuntimeError):
+    """A dynamic-VRAM MODEL that ComfyUI cannot give a trainable (non-dynamic) copy of."""
+
+
+def is_dynamic(model) -> bool:
+    """True when ``model`` loads its weights with ComfyUI's dynamic VRAM (``ModelPatcher.is_dynamic()``): weights
+    are cast into shared device buffers at each forward and LoRA patches are applied at cast time."""
+    check = getattr(model, "is_dynamic", None)
+    return bool(check()) if callable(check) else False
+
+
+def merge_runner(model, needs_grad: bool) -> tuple[Any, bool]:
+    """The ModelPatcher a merge runs on, and whether it is a separate copy that must be released afterwards.
+
+    Forward-only passes (the layer-wise recording) run on ``model`` itself, dynamic or not: dynamic VRAM
+    streams the weights in and the adapter adds its low-rank paths to whatever the ops compute. Passes that
+    backpropagate (paper steps) need every weight a forward used to still hold its values during backward, which
+    dynamic VRAM's shared cast buffers do not promise; there the merge runs on ComfyUI's own non-dynamic delegate
+    of the model (``get_non_dynamic_delegate``, what its samplers use for hooked conditionings: a second copy of
+    the weights, made by the model's loader and kept by ComfyUI for reuse), fully loaded on the device.
+    """
+    if not (needs_grad and is_dynamic(model)):
+        return model, False
+    make = getattr(model, "get_non_dynamic_delegate", None)
+    try:
+        if make is None:
+            raise RuntimeError("this ComfyUI has no non-dynamic delegate")
+        return make(), True
+    except RuntimeError as err:
+        raise DynamicModelError(
+            f"ZipRank Merge cannot learn on this MODEL: it is loaded with ComfyUI's dynamic VRAM and ComfyUI could "
+            f"not make the non-dynamic copy that training needs ({err}). Load the model with a core loader (Load "
+            "Checkpoint, Load Diffusion Model), start ComfyUI with --disable-dynamic-vram, or use mode 'layerwise' "
+            "or 'weights'."
+        ) from None
+
+
+def _release(patcher) -> None:
+    """Hand a merge-only copy's device memory back to ComfyUI's model management (where it can do that)."""
+    unload = getattr(comfy.model_management, "unload_model_and_clones", None)
+    if unload is not None:
+        unload(patcher)
+
+
 # Storage-only weight dtypes (ComfyUI's fp8 checkpoints): the model computes in its manual-cast dtype.
 _STORAGE_DTYPES = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
 
@@ -300,7 +454,7 @@ class ComfyDenoiser(DiscreteSchedule):
     """
 
     def __init__(self, model, merger: Merger, compute_dtype: torch.dtype | None = None,
-                 gradient_checkpointing: bool = True) -> None:
+                 gradient_checkpointing: bool = True, needs_grad: bool = True) -> None:
         sampling = model.get_model_object("model_sampling")
         if not isinstance(sampling, comfy.model_sampling.EPS):
             raise TypeError(
@@ -309,6 +463,9 @@ class ComfyDenoiser(DiscreteSchedule):
             )
         super().__init__(sampling.sigmas.detach().float().cpu())
         self.patcher = model
+        # What the merge runs on (``merge_runner``; set on entering): the MODEL, or its non-dynamic delegate.
+        self.runner = model
+        self.needs_grad = needs_grad
         self.merger = merger
         self.compute_dtype = compute_dtype
         self.gradient_checkpointing = gradient_checkpointing
@@ -330,13 +487,21 @@ class ComfyDenoiser(DiscreteSchedule):
         # differentiation"). So inference mode is off for the whole life of the denoiser, not per call.
         self._stack.enter_context(torch.inference_mode(False))
         try:
-            comfy.model_management.load_models_gpu([self.patcher])
-            base = self.patcher.model
-            _materialise_inference_tensors(base)
+            self.runner, separate = merge_runner(self.patcher, self.needs_grad)
+            if separate:
+                self._stack.callback(_release, self.runner)  # registered first: runs after every other exit
+            # Backward needs the weights that each forward used: with gradients, the UNet stays whole on the
+            # device (no per-forward casting into reused buffers), as ComfyUI's Train LoRA loads it.
+            comfy.model_management.load_models_gpu([self.runner], force_full_load=self.needs_grad)
+            base = self.runner.model
             unet = base.diffusion_model
-            # Only the masks learn: no UNet weight may take a gradient (ComfyUI creates its parameters with
-            # requires_grad=True; a full SDXL would otherwise hold 2.6 B gradients after the merge).
-            self._stack.enter_context(_frozen(base))
+            if self.needs_grad:
+                # Only autograd refuses inference tensors; a forward-only pass reads the weights as they are
+                # (and leaves every tensor and flag of the MODEL untouched).
+                _materialise_inference_tensors(base)
+                # Only the masks learn: no UNet weight may take a gradient (ComfyUI creates its parameters with
+                # requires_grad=True; a full SDXL would otherwise hold 2.6 B gradients after the merge).
+                self._stack.enter_context(_frozen(base))
             modules = {name: module for name, module in _named_lora_modules(unet) if name in self.merger}
             self.modules = modules
             # The low-rank path computes in the UNet's compute dtype, never in a storage dtype (fp8 weights
@@ -364,7 +529,7 @@ class ComfyDenoiser(DiscreteSchedule):
     def prepare_latents(self, samples: torch.Tensor) -> list[torch.Tensor]:
         """A LATENT's samples (B, C, H, W) in the model's internal space, one (1, C, H, W) float32 tensor per
         image on the model's device (moved once: noise, x_t, x̂0 and the losses then stay there)."""
-        x = self.patcher.model.process_latent_in(samples.detach().float())
+        x = self.runner.model.process_latent_in(samples.detach().float())
         return [x[i:i + 1].to(self.device, copy=True) for i in range(x.shape[0])]
 
     def _encode(self, cond: list, x_t: torch.Tensor) -> dict[str, Any]:
@@ -375,7 +540,7 @@ class ComfyDenoiser(DiscreteSchedule):
             return cached
         converted = comfy.sampler_helpers.convert_cond(cond[:1])
         encoded = comfy.samplers.encode_model_conds(
-            self.patcher.model.extra_conds, converted, x_t[:1], self.device, "positive",
+            self.runner.model.extra_conds, converted, x_t[:1], self.device, "positive",
             latent_image=x_t[:1], seed=0,
         )
         out = {}
@@ -406,7 +571,7 @@ class ComfyDenoiser(DiscreteSchedule):
         autocast = (torch.autocast(self.device.type, dtype=self.compute_dtype)
                     if self.compute_dtype not in (None, torch.float32) else contextlib.nullcontext())
         with autocast:
-            denoised = self.patcher.model.apply_model(x, sigma, **kwargs)
+            denoised = self.runner.model.apply_model(x, sigma, **kwargs)
         s = sigma.reshape(-1, *([1] * (x.dim() - 1)))
         return ((x - denoised.float()) / s).to(x_t.device)
 
@@ -419,3 +584,121 @@ def _named_lora_modules(unet: torch.nn.Module) -> Iterator[tuple[str, torch.nn.M
 
 def execution_device(model) -> torch.device:
     return model.load_device
+
+
+# ----------------------------------------------------------------------------------------------------
+# K-LoRA: the rule as a sampling-time patch of a MODEL
+# ----------------------------------------------------------------------------------------------------
+
+KLORA_WRAPPER_KEY = "duolora_klora"
+# How a model call's σ becomes the rule's progress t/T: "steps" places it on the sampling run's own σ schedule
+# (the paper: steps done over steps); "noise" on the model's training noise schedule (the same at a given σ for
+# any step count, scheduler or split of the run into several samplers).
+KLORA_TIMELINES: tuple[str, ...] = ("steps", "noise")
+
+
+class KLoRASampling:
+    """K-LoRA on a MODEL through ComfyUI's own ModelPatcher wrappers, so any sampler and the stock KSampler run it.
+
+    ``outer_sample`` (WrappersMP.OUTER_SAMPLE) spans one sampling run: the rule is attached to the UNet's modules
+    at the run's first model call and removed when the run ends, however it ends. ``apply_model``
+    (WrappersMP.APPLY_MODEL) chooses every layer's LoRA from the call's σ before the call; a call outside a
+    sampling run (a node that calls the model directly) attaches and removes the rule around itself. Nothing is
+    changed on the MODEL that was passed in: the wrappers live on a clone, and the UNet's modules carry the
+    rule only inside those calls (the clone shares them with the original).
+    """
+
+    def __init__(self, klora: KLoRA, timeline: str = "steps") -> None:
+        if timeline not in KLORA_TIMELINES:
+            raise ValueError(f"K-LoRA timeline {timeline!r} is not one of {', '.join(KLORA_TIMELINES)}")
+        self.klora = klora
+        self.timeline = timeline
+        self.patch: KLoRAPatch | None = None
+        self._base_id: int | None = None
+        self._runs = 0
+        self._schedules: dict[int, tuple[Any, list[float]]] = {}
+
+    # -- the wrappers ----------------------------------------------------------------------------------
+    def outer_sample(self, executor, *args: Any, **kwargs: Any) -> Any:
+        self._runs += 1
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self._runs -= 1
+            if self._runs == 0:
+                self.remove()
+
+    def apply_model(self, executor, x: torch.Tensor, t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        base = executor.class_obj
+        options = args[3] if len(args) > 3 else kwargs.get("transformer_options") or {}
+        patch = self._attach(base)
+        patch.set_progress(self.progress(base, t, options))
+        try:
+            return executor(x, t, *args, **kwargs)
+        finally:
+            if self._runs == 0:
+                self.remove()
+
+    # -- progress and life cycle ------------------------------------------------------------------------
+    def progress(self, base, t: torch.Tensor, transformer_options: dict) -> float:
+        """The rule's t/T for a model call at σ = ``t`` (ComfyUI's samplers evaluate a batch at one σ)."""
+        sigma = float(torch.as_tensor(t).reshape(-1)[0])
+        schedule = transformer_options.get("sample_sigmas") if self.timeline == "steps" else None
+        if schedule is None:
+            schedule = self._training_schedule(base)
+        return schedule_progress(sigma, self._as_list(schedule))
+
+    def _as_list(self, schedule: Any) -> list[float]:
+        cached = self._schedules.get(id(schedule))
+        if cached is None or cached[0] is not schedule:
+            cached = (schedule, [float(v) for v in torch.as_tensor(schedule).reshape(-1).tolist()])
+            self._schedules = {id(schedule): cached}
+        return cached[1]
+
+    @staticmethod
+    def _training_schedule(base) -> Any:
+        """The model's noise levels from the highest down (its training σ table; else σ_max, σ_min)."""
+        sampling = base.model_sampling
+        sigmas = getattr(sampling, "sigmas", None)
+        if sigmas is not None:
+            return torch.as_tensor(sigmas).flip(0)
+        return torch.tensor([float(sampling.sigma_max), float(sampling.sigma_min)])
+
+    def _attach(self, base) -> KLoRAPatch:
+        if self.patch is not None and self._base_id != id(base):
+            self.remove()
+        if self.patch is None:
+            unet = base.diffusion_model
+            modules = {name: m for name, m in _named_lora_modules(unet) if name in self.klora.merger}
+            # The low-rank path in float32 whatever the model computes in (as ComfyUI computes a LoRA's ΔW): a
+            # factor with its alpha/rank scale folded in can fall below float16's normal range.
+            self.patch = self.klora.patch(modules, compute_dtype=torch.float32, foldable=foldable)
+            self._base_id = id(base)
+        if not self.patch.attached:
+            self.patch.attach()
+        return self.patch
+
+    def remove(self) -> None:
+        """Take the rule off the UNet's modules (they are exactly as before) and free its cached factors."""
+        if self.patch is not None:
+            self.patch.remove()
+
+
+def klora_model(model, klora: KLoRA, timeline: str = "steps"):
+    """A clone of ``model`` (a ModelPatcher) that samples with K-LoRA; ``model`` itself is left unchanged.
+
+    The LoRAs' bias/norm differences of the UNet (not low-rank layers, so not the rule's to choose) are added as
+    the stock LoRA path adds them, summed where both LoRAs have one (the merger's ``patches``)."""
+    patches = {k: v for k, v in klora.merger.patches.items() if not k.startswith(TEXT_ENCODER_PREFIXES)}
+    if patches:
+        state_dict = formats.lora_to_state_dict(LoRA(patches=patches, base=klora.merger.export_base), "kohya_ldm",
+                                                dtype=torch.float32, layout=model_layout(model))
+        patched, _ = comfy.sd.load_lora_for_models(model, None, state_dict, 1.0, 0.0)
+    else:
+        patched = model.clone()
+    sampling = KLoRASampling(klora, timeline)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KLORA_WRAPPER_KEY,
+                                 sampling.outer_sample)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, KLORA_WRAPPER_KEY,
+                                 sampling.apply_model)
+    return patched

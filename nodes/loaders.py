@@ -3,16 +3,14 @@ more content LoRA, with its own references, for a multi-concept merge."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
-
-from comfy_api.latest import io
 
 from ..duolora import formats
 from ..duolora.lora import LoRA
 from ..duolora.sdxl import SDXL_LAYOUT
 from . import comfy_bridge as bridge
+from .api import io
 from .types import LoraModelType, SourceLoRA, SourceLoRAType
 
 # Module-level cache (V3 nodes keep no instance state): (path, mtime_ns, size, mtime_ns of a PEFT
@@ -23,14 +21,6 @@ _CACHE_SIZE = 4
 # The combo entry for "no file" (ComfyUI's Train LoRA node spells it the same way): with an upstream
 # LORA_MODEL connected, or an empty loras folder, the combo must still hold a valid value.
 NO_FILE = "[None]"
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_cached(path: str) -> tuple[LoRA, str]:
@@ -47,7 +37,7 @@ def read_cached(path: str) -> tuple[LoRA, str]:
     if lora.base in ("sd1", "sd2"):
         # DuoLoRA merges SDXL LoRAs; say so at the loader, before a long merge starts.
         formats.validate_lora(lora, SDXL_LAYOUT)
-    value = (lora, _sha256(path))
+    value = (lora, formats.file_sha256(path))
     with _CACHE_LOCK:
         for old in [k for k in _CACHE if k[0] == key[0]]:
             del _CACHE[old]
@@ -76,7 +66,21 @@ def _read(lora_name: str, strength: float, lora_model: dict | None) -> tuple[Sou
 
 def _load(lora_name: str, strength: float, lora_model: dict | None) -> io.NodeOutput:
     source, summary = _read(lora_name, strength, lora_model)
-    return io.NodeOutput(source, summary)
+    # The summary also goes to the node itself (ui text), where the front end shows it after a run.
+    return io.NodeOutput(source, summary, ui={"text": [summary]})
+
+
+def _fingerprint(lora_name: str) -> tuple[int, int] | str:
+    """What ComfyUI compares between runs to decide whether a loader runs again (its output cache otherwise keys
+    on the inputs alone): the file's modification time and size, so a LoRA overwritten under the same name
+    (retrained, re-downloaded) is read again and everything after it re-runs. Without a file to read, the name."""
+    if not lora_name or lora_name == NO_FILE:
+        return lora_name
+    try:
+        st = os.stat(bridge.lora_path(lora_name))
+    except OSError:  # missing: execute() says so with the node's own message
+        return lora_name
+    return st.st_mtime_ns, st.st_size
 
 
 def _file_inputs(what: str) -> list:
@@ -87,8 +91,8 @@ def _file_inputs(what: str) -> list:
         io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                        tooltip=f"Scales the {what} LoRA before merging (1.0 = as trained)."),
         LoraModelType.Input("lora_model", optional=True,
-                            tooltip="Optional: a LoRA from an upstream node (e.g. ComfyUI's Train LoRA); "
-                                    "when connected it is used instead of the file."),
+                            tooltip="Optional: a LoRA from another node (such as ComfyUI's Train LoRA), "
+                                    "used instead of the file when connected."),
     ]
 
 
@@ -97,11 +101,13 @@ def _schema(node_id: str, display: str, what: str) -> io.Schema:
         node_id=node_id,
         display_name=display,
         category="DuoLoRA",
-        description=f"Reads the {what} LoRA for a DuoLoRA merge (kohya, diffusers/PEFT or ComfyUI keys).",
+        description=f"Reads the {what} LoRA for a DuoLoRA merge (kohya, diffusers/PEFT or ComfyUI keys) and shows "
+                    "what the file holds after a run.",
         inputs=_file_inputs(what),
         outputs=[
             SourceLoRAType.Output(f"{what}_lora", display_name=f"{what}_lora",
-                                  tooltip=f"The {what} LoRA, for ZipRank Merge."),
+                                  tooltip=f"The {what} LoRA, for ZipRank Merge or Apply K-LoRA (or for Apply "
+                                          "Merged LoRA, to draw with it alone)."),
             io.String.Output("summary", display_name="summary",
                              tooltip="Key style, base model, layer count and rank of the file."),
         ],
@@ -109,6 +115,10 @@ def _schema(node_id: str, display: str, what: str) -> io.Schema:
 
 
 class LoadContentLoRA(io.ComfyNode):
+    @classmethod
+    def fingerprint_inputs(cls, lora_name: str = NO_FILE, **_: object) -> tuple[int, int] | str:
+        return _fingerprint(lora_name)
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return _schema("DuoLoRA_LoadContentLoRA", "Load Content LoRA", "content")
@@ -119,6 +129,10 @@ class LoadContentLoRA(io.ComfyNode):
 
 
 class LoadStyleLoRA(io.ComfyNode):
+    @classmethod
+    def fingerprint_inputs(cls, lora_name: str = NO_FILE, **_: object) -> tuple[int, int] | str:
+        return _fingerprint(lora_name)
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return _schema("DuoLoRA_LoadStyleLoRA", "Load Style LoRA", "style")
@@ -131,6 +145,10 @@ class LoadStyleLoRA(io.ComfyNode):
 class AddContentLoRA(io.ComfyNode):
     """One more subject for a multi-concept merge: chained after Load Content LoRA (or another Add Content
     LoRA), it carries its own LoRA file and the references ZipRank Merge learns that subject from."""
+
+    @classmethod
+    def fingerprint_inputs(cls, lora_name: str = NO_FILE, **_: object) -> tuple[int, int] | str:
+        return _fingerprint(lora_name)
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -173,4 +191,4 @@ class AddContentLoRA(io.ComfyNode):
         source, summary = _read(lora_name, strength, lora_model)
         source.previous = content_lora
         source.latents, source.prompt, source.combined_prompt = content_latents, content_prompt, combined_prompt
-        return io.NodeOutput(source, summary)
+        return io.NodeOutput(source, summary, ui={"text": [summary]})

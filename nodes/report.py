@@ -6,9 +6,9 @@ import io as _io
 
 import numpy as np
 import torch
-from comfy_api.latest import io, ui
 from PIL import Image
 
+from .api import io, ui
 from .types import MergeStats, MergeStatsType
 
 

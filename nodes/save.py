@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
-
 from ..duolora import formats
 from . import comfy_bridge as bridge
+from .api import io
 from .types import MergedLoRA, MergedLoRAType
 
 
@@ -16,14 +15,14 @@ class SaveMergedLoRA(io.ComfyNode):
             node_id="DuoLoRA_SaveMergedLoRA",
             display_name="Save Merged LoRA",
             category="DuoLoRA",
-            description="Saves the merged LoRA to models/loras in kohya keys with alpha, which ComfyUI, "
-                        "A1111/Forge and kohya tools load. The metadata records how it was made.",
+            description="Saves the merged LoRA into your loras folder as a standard LoRA (kohya keys with alpha) "
+                        "that ComfyUI, A1111/Forge and kohya tools load, and shows its name here after a run.",
             is_output_node=True,
             inputs=[
                 MergedLoRAType.Input("merged_lora", tooltip="From ZipRank Merge."),
                 io.String.Input("filename_prefix", default="duolora/merged",
-                                tooltip="File name inside models/loras; a sub-folder is allowed. A counter "
-                                        "is added, so no file is ever overwritten."),
+                                tooltip="Name of the file in models/loras (a sub-folder is allowed); a counter "
+                                        "is added so no file is ever overwritten."),
             ],
             outputs=[io.String.Output("path", display_name="path",
                                       tooltip="The saved file, relative to models/loras.")],

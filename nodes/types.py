@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from comfy_api.latest import io
-
 from ..duolora.lora import LoRA
+from .api import io
 
 # A LoRA read by LoadContentLoRA / LoadStyleLoRA, or a list of content LoRAs built by AddContentLoRA.
 SourceLoRAType = io.Custom("DUOLORA_LORA")

@@ -27,8 +27,8 @@ trained on it — content: a star; style: diagonal stripes. It
        merged_lora.safetensors  the merged LoRA as Save Merged LoRA wrote it (kohya keys + provenance)
        summary.json             hit rates and cosines per row, the merge settings, timings, files
 
-``--workflow`` runs the previous demo instead: example workflow 1 on the seeded random tiny SDXL model (the
-merge, report and file are real; its image is noise). Files: merged_lora.safetensors, report.png,
+``--workflow`` runs the previous demo instead: example workflow 3 (with your own pictures) on the seeded random
+tiny SDXL model (the merge, report and file are real; its image is noise). Files: merged_lora.safetensors, report.png,
 image.png, summary.json.
 
 The output folder is never overwritten silently: if it already holds any of the mode's files the demo stops,
@@ -47,7 +47,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEVTOOLS = REPO / "devtools"
-WORKFLOW = REPO / "example_workflows" / "duolora_merge_with_reference_images.json"
+WORKFLOW = REPO / "example_workflows" / "3. Merge with your own pictures (as in the paper).json"
 OUTPUT_FILES = ("grid.png", "report.png", "merged_lora.safetensors", "summary.json")
 WORKFLOW_OUTPUT_FILES = ("merged_lora.safetensors", "report.png", "image.png", "summary.json")
 MERGE = "DuoLoRA_ZipRankMerge"
@@ -103,7 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch CPU threads (default 1: the tiny models gain little from more, and extra "
                              "threads only compete with each other on a busy machine)")
     parser.add_argument("--workflow", action="store_true",
-                        help="run the previous demo instead: example workflow 1 on the random tiny SDXL model")
+                        help="run the previous demo instead: example workflow 3 (with your own pictures) on the "
+                             "random tiny SDXL model")
     parser.add_argument("--size", type=int, default=128,
                         help="--workflow only: reference and output image size in pixels (default 128)")
     parser.add_argument("--force", action="store_true", help="replace the demo files already in --out")
@@ -339,13 +340,13 @@ def run_minibench(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# --workflow: example workflow 1 on the tiny random model (the previous demo)
+# --workflow: example workflow 3 (with your own pictures) on the tiny random model (the previous demo)
 # ------------------------------------------------------------------------------------------------------------
 
 
 def run_workflow(args: argparse.Namespace) -> int:
-    """Example workflow 1 through ComfyUI's executor on the seeded random tiny SDXL model: the merge, the report
-    and the file are the real thing; the image is noise (random weights)."""
+    """Example workflow 3 (with your own pictures) through ComfyUI's executor on the seeded random tiny SDXL
+    model: the merge, the report and the file are the real thing; the image is noise (random weights)."""
     start = time.perf_counter()
     import comfyhost
     import torch

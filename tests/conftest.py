@@ -23,6 +23,10 @@ SHARED_DIR = REPO_ROOT.parent / "shared"
 # the host tests 2-9x slower (measured: 26 s with 1 thread vs 60-240 s with 2 under load).
 torch.set_num_threads(int(os.environ.get("DUOLORA_TEST_THREADS", "1")))
 
+# The merge cache (nodes/caching.py) would answer a test's merge from an earlier test's run; tests measure merges,
+# so it is off unless a test turns it on for itself (tests/test_merge_cache.py).
+os.environ["DUOLORA_MERGE_CACHE"] = "off"
+
 if str(DEVTOOLS_DIR) not in sys.path:
     sys.path.insert(0, str(DEVTOOLS_DIR))
 

@@ -248,3 +248,30 @@ class ToyModel:
             den.prepare_latents = lambda samples: [samples[i:i + 1] for i in range(samples.shape[0])]
             self.denoisers.append(den)
             yield den
+
+
+def dense_klora(content: LoRA, style: LoRA, progress: float, alpha: float = 1.5, beta: float = 0.5,
+                scope: str = "attention") -> tuple[dict[str, str], dict[str, float]]:
+    """K-LoRA's rule computed directly from every layer's dense ΔW in float64 (the test oracle of
+    ``duolora.klora``): per shared layer in scope, S = sum of the K = r_c·r_s largest |ΔW| entries,
+    γ = Σ|ΔW_c| / Σ|ΔW_s| over those layers, content iff S_c > γ·(α·p + β)·S_s.
+
+    Returns (layer -> "content"/"style", layer -> log(S_c / (γ·(α·p + β)·S_s)), the decision's margin)."""
+    from duolora.lora import TEXT_ENCODER_PREFIXES
+    from duolora.sdxl import is_attention_projection
+
+    shared = [n for n in sorted(set(content.layers) & set(style.layers))
+              if not n.startswith(TEXT_ENCODER_PREFIXES) and (scope == "all" or is_attention_projection(n))]
+    tops: dict[str, tuple[float, float]] = {}
+    sum_c = sum_s = 0.0
+    for n in shared:
+        c, s = content.layers[n], style.layers[n]
+        dc, ds = c.delta(torch.float64).abs().flatten(), s.delta(torch.float64).abs().flatten()
+        k = min(c.rank * s.rank, dc.numel())
+        tops[n] = (float(dc.sort(descending=True).values[:k].sum()), float(ds.sort(descending=True).values[:k].sum()))
+        sum_c += float(dc.sum())
+        sum_s += float(ds.sum())
+    threshold = sum_c / sum_s * (alpha * progress + beta)
+    choice = {n: "content" if tc > threshold * ts else "style" for n, (tc, ts) in tops.items()}
+    margin = {n: math.log(tc / (threshold * ts)) for n, (tc, ts) in tops.items()}
+    return choice, margin

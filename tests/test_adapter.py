@@ -147,6 +147,33 @@ def test_batched_branches_equal_separate_forwards_on_a_real_model() -> None:
     assert float((together[1] - together[2]).abs().max()) > 1e-3
 
 
+@pytest.mark.parametrize("path", CONSTANT_PATHS)
+def test_a_layer_branch_overrides_every_element_in_that_layer_only(path: str) -> None:
+    content, style = small_loras()
+    merger = build_merger("ziprank", content, style, MergeConfig(scope="all"))
+    randomise_masks(merger)
+    mods = make_modules(CONV_VARIANTS[0])
+    x = torch.randn(3, 5, 12, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), attach(merger, mods, constant_path=path) as adapter:
+        adapter.set_branches(["merged", "content", "base"])
+        per_element = mods[V_B0](x)
+        adapter.set_layer_branches({Q: "style", V_B0: (0.5, 2.0)})
+        assert adapter.layer_branches == {Q: "style", V_B0: (0.5, 2.0)}
+        q, v, o = mods[Q](x), mods[V_B0](x), mods[O_B1](x)
+        adapter.set_layer_branches(None)
+        o_elements = mods[O_B1](x)
+        with pytest.raises(AdapterError, match="unknown branch 'sideways'"):
+            adapter.set_layer_branches({Q: "sideways"})
+    with torch.no_grad():
+        for i in range(3):
+            assert torch.allclose(q[i], dense_apply(mods[Q], branch_delta(merger, content, style, Q, "style"), x[i])
+                                  + mods[Q](x[i]), atol=1e-5)
+            want = dense_apply(mods[V_B0], branch_delta(merger, content, style, V_B0, (0.5, 2.0)), x[i])
+            assert torch.allclose(v[i], want + mods[V_B0](x[i]), atol=1e-5)
+        assert torch.equal(o, o_elements)  # a layer not named keeps the per-element branches
+        assert not torch.allclose(v, per_element, atol=1e-3)
+
+
 def test_only_merged_elements_carry_gradient() -> None:
     content, style = small_loras()
     merger = build_merger("ziprank", content, style)

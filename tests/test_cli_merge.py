@@ -10,6 +10,7 @@ import logging
 import os
 import pty
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -58,8 +59,15 @@ def run_main(*argv: str) -> tuple[int, str, str]:
 
 def test_merge_writes_what_inspect_accepts(merged: tuple[Path, str]) -> None:
     out, stdout = merged
+    lines = stdout.splitlines()
     assert re.fullmatch(rf"wrote {re.escape(str(out))}: 560 layers, kept [\d,]+ of 3,920 rank components "
-                        r"\([\d.]+ %\) in [\d.]+ s; objective [\d.e-]+ -> [\d.e-]+ · .*\n", stdout), stdout
+                        r"\([\d.]+ %\) in [\d.]+ s", lines[0]), stdout
+    assert re.fullmatch(r"given up by the merge: content [\d.e+-]+ %, style [\d.e+-]+ % of the two LoRAs' own "
+                        r"effect \(mean over the learned layers; 0 % = kept exactly\)", lines[1]), stdout
+    # Readable by anyone who may read the user's files (0o644 under the usual umask 0o022).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
     code, text, err = run_main("inspect", str(out))
     assert code == 0, err
     lines = text.splitlines()
@@ -134,12 +142,77 @@ def test_engine_errors_reach_the_user_unchanged(pair: tuple[Path, Path], tmp_pat
     assert not (tmp_path / "o.safetensors").exists()
 
 
+@pytest.mark.parametrize("name", ["merged.ckpt", "merged.pt", "merged"])
+def test_an_output_name_comfyui_would_not_load_is_refused_before_any_work(
+        pair: tuple[Path, Path], tmp_path: Path, name: str) -> None:
+    code, stdout, err = run_main("merge", str(pair[0]), str(pair[1]), "-o", str(tmp_path / name))
+    why = ("ComfyUI would refuse a .ckpt file as pickle-based" if name.endswith(".ckpt") else
+           "ComfyUI would refuse a .pt file as pickle-based" if name.endswith(".pt") else
+           "ComfyUI lists LoRA files by their extension")
+    stem = name.split(".")[0]
+    assert (code, stdout) == (cli.EXIT_MERGE_FAILED, "")
+    assert err == (f"error: {name}: the merged LoRA is written in the safetensors format, so its name must end in "
+                   f".safetensors ({why}); use {stem}.safetensors.\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_custom_prior_takes_the_short_block_names(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """The names the node's diagram and the Merge Report show (in7, mid, out3) give the same merge as the long
+    names."""
+    files = {}
+    for spelling, spec in (("long", "content: input_blocks.7.1, middle_block.1; style: output_blocks.3.1"),
+                           ("short", "content: in7, MID; style: out3")):
+        files[spelling] = tmp_path / f"{spelling}.safetensors"
+        code, _, err = run_main("merge", str(pair[0]), str(pair[1]), "-o", str(files[spelling]), "--quiet",
+                                "--priors", "custom", "--custom-prior", spec)
+        assert code == 0, err
+    long, short = (formats.load_lora(files[k]) for k in ("long", "short"))
+    assert long.layers.keys() == short.layers.keys()
+    assert all(torch.equal(long.layers[n].up, short.layers[n].up) for n in long.layers)
+    code, _, err = run_main("merge", str(pair[0]), str(pair[1]), "-o", str(tmp_path / "x.safetensors"),
+                            "--priors", "custom", "--custom-prior", "content: in9")
+    assert code == 2 and err.startswith(
+        "error: custom prior block 'in9' is not an SDXL attention block; choose from in4, in5, in7, in8, mid, "
+        "out0, out1, out2, out3, out4, out5 (or their long names input_blocks.4.1, ")
+
+
+def test_the_loss_summary_says_what_a_user_can_judge() -> None:
+    """The summary of the solve (the issue's numbers: content 6.37e-05 -> 0.00233) reads as shares of the two
+    LoRAs' effect and says why the merge gives up more than the plain sum."""
+    from duolora.optimize import MergeResult
+    from duolora.solver import describe
+
+    history = {"total": [0.0021, 0.0017], "content": [6.37e-05, 0.00233], "style": [1.2e-4, 0.00051],
+               "prior": [0.041, 0.0093]}
+    assert describe(MergeResult(merger=None, history=history)) == (
+        "given up by the merge: content 0.23 %, style 0.051 % of the two LoRAs' own effect (mean over the learned "
+        "layers; 0 % = kept exactly)\n"
+        "the plain sum gives up 0.0064 % and 0.012 %, keeping both LoRAs at full strength in every block; the "
+        "layer priors weaken each LoRA in the blocks they give to the other")
+    assert describe(MergeResult(merger=None, history={})) == "nothing to learn (the method fixes every mask)"
+
+
+def test_the_same_file_as_content_and_style_is_warned_about(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(pair[0].read_bytes())
+    cases = ((pair[0], f"the same file, {pair[0].name}"), (copy, f"identical files ({pair[0].name} and copy.safetensors)"))
+    for style, which in cases:
+        code, _, err = run_main("merge", str(pair[0]), str(style), "-o", str(tmp_path / f"out_{style.stem}.safetensors"),
+                                "--quiet", "--method", "direct")
+        assert code == 0
+        assert err == (f"warning: content and style are {which}: a LoRA merged with itself adds nothing new (the "
+                       "plain sum only doubles it); give your style LoRA as the second file.\n")
+    code, _, err = run_main("merge", str(pair[0]), str(pair[1]), "-o", str(tmp_path / "two.safetensors"), "--quiet",
+                            "--method", "direct")
+    assert (code, err) == (0, "")
+
+
 def test_help_documents_every_option_with_its_default() -> None:
     code, text, _ = run_main("merge", "--help")
     assert code == 0
     subparsers = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     options = [a for a in subparsers.choices["merge"]._actions if a.option_strings and a.dest != "help"]
-    assert len(options) == 28
+    assert len(options) == 29
     # One help paragraph per option: from its "  -…" line to the next one.
     paragraphs = {p.split()[0].rstrip(","): " ".join(p.split())
                   for p in re.split(r"\n  (?=-)", text.split("options:", 1)[1])[1:]}

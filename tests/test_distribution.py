@@ -116,7 +116,11 @@ def test_project_dependencies_never_pin_what_comfyui_provides() -> None:
     assert {_requirement_name(d) for d in deps} >= {"safetensors"}
 
 
-def test_readme_shows_the_demo_grid_and_the_screenshot_right_after_the_two_commands() -> None:
+def test_readme_opens_with_one_sentence_and_the_quick_start_then_the_two_commands_and_pictures() -> None:
+    quick = REPO / "docs" / "quick_start.png"
+    assert quick.is_file(), "docs/quick_start.png is missing: tests/browser/test_end_to_end.py writes it"
+    with Image.open(quick) as img:
+        assert img.format == "PNG" and img.width == 1400 and 500 <= img.height <= 1100, (img.format, img.size)
     shot = REPO / "docs" / "screenshot.png"
     assert shot.is_file(), "docs/screenshot.png is missing: tests/browser/test_end_to_end.py writes it"
     with Image.open(shot) as img:
@@ -128,9 +132,23 @@ def test_readme_shows_the_demo_grid_and_the_screenshot_right_after_the_two_comma
         assert img.format == "PNG" and img.size == (300 + 822, 34 + 516), (img.format, img.size)
     assert "<!-- screenshot -->" not in README
     images = re.findall(r"!\[[^\]]+\]\(([^)]+)\)", README)
-    assert images[:2] == ["docs/demo_grid.png", "docs/screenshot.png"], images
-    # Order: title, the two commands, the demo's grid, the screenshot, then the rest.
+    assert images[:3] == ["docs/quick_start.png", "docs/demo_grid.png", "docs/screenshot.png"], images
+    # The first screen: the title, one sentence of what the pack does, then the quick start.
+    title, sentence, heading = [p for p in README.split("\n\n")[:3]]
+    assert title.startswith("# ") and sentence.count(". ") == 0 and sentence.endswith(".") and "\n#" not in sentence
+    assert heading == "## Quick start"
+    # Five steps a ComfyUI user follows: install, the simplest template (by the title the browser shows), two
+    # LoRAs, Run, the file.
+    section = README[README.index("## Quick start"):README.index("\n## ", README.index("## Quick start") + 3)]
+    steps = re.findall(r"^(\d)\. \*\*(.+?)\*\*", section, flags=re.MULTILINE)
+    assert steps == [("1", "Install."), ("2", "Open the simplest template."), ("3", "Pick two LoRAs."),
+                     ("4", "Run."), ("5", "Find the file.")], steps
+    assert "**1. Merge two LoRAs in seconds**" in section and "`weights`" in section
+    assert "ComfyUI-Manager" in section and "models/loras/duolora/" in section and "python -m duolora" in section
+    assert "not been measured" in section  # paper mode's cost on a real SDXL: said, not guessed
+    # Order after it: the two commands, the demo's grid, the screenshot, then the rest.
     commands = README.index("```bash\nmake demo")
+    assert README.index("## Quick start") < README.index("](docs/quick_start.png)") < commands
     assert README.index("make test", commands) < README.index("](docs/demo_grid.png)") < README.index(
         "](docs/screenshot.png)") < README.index("## Install")
     # Nothing in .gitignore keeps the pictures out of the repository.
@@ -138,7 +156,8 @@ def test_readme_shows_the_demo_grid_and_the_screenshot_right_after_the_two_comma
                if p.strip() and not p.startswith("#")]
     for pattern in ignored:
         bare = pattern.rstrip("/")
-        for part in ("docs", "screenshot.png", "docs/screenshot.png", "demo_grid.png", "docs/demo_grid.png"):
+        for part in ("docs", "screenshot.png", "docs/screenshot.png", "demo_grid.png", "docs/demo_grid.png",
+                     "quick_start.png", "docs/quick_start.png"):
             assert not fnmatch.fnmatch(part, bare), pattern
 
 

@@ -7,6 +7,7 @@ malformed inputs are made by each test.
 from __future__ import annotations
 
 import os
+import stat
 import zlib
 from pathlib import Path
 
@@ -580,6 +581,24 @@ def test_save_is_atomic_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     with pytest.raises(OSError, match="disk full"):
         save_lora(synthetic_lora(rank=2), tmp_path / "out.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_saved_files_get_the_mode_a_plain_write_gives(tmp_path: Path, umask: int) -> None:
+    """Written and overwritten files (atomic save through a temporary file) are as readable as a file the same
+    process creates with open(): 0o666 less the umask (0o644 under the usual 0o022), never mkstemp's 0o600."""
+    old = os.umask(umask)
+    try:
+        plain = tmp_path / "plain.bin"
+        plain.write_bytes(b"")
+        path = save_lora(synthetic_lora(rank=2), tmp_path / "out.safetensors")
+        first = stat.S_IMODE(path.stat().st_mode)
+        save_lora(synthetic_lora(rank=2, seed=3), path, overwrite=True)
+        second = stat.S_IMODE(path.stat().st_mode)
+    finally:
+        os.umask(old)
+    assert first == second == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "plain.bin"]
 
 
 def test_save_metadata_must_be_strings(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ like most published LoRAs (~186 MB each), one style at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,8 +17,10 @@ import lorafiles as LF
 import pytest
 import torch
 
+from duolora import sdxl
 from duolora.cli import main
 from duolora.formats import save_lora
+from duolora.inspect import EXIT_BAD_FILE, EXIT_REFUSED, EXIT_USABLE
 from duolora.lora import LoRA
 from duolora.synthetic import synthetic_lora
 
@@ -104,8 +107,42 @@ def test_inspect_reports_nan_and_wrong_base(tmp_path: Path) -> None:
 
     from duolora.inspect import run_inspect
 
-    assert run_inspect(path, out=Sink()) == 0  # a wrong-base or damaged file is described, not refused
+    # Described in full, and the exit status says a merge would refuse it.
+    assert run_inspect(path, out=Sink()) == EXIT_REFUSED == 1
     text = "".join(out)
     assert "base model:          SD1.x\n" in text
     assert f"NaN/Inf tensors:     1 (e.g. {key})\n" in text
     assert text.endswith("note: DuoLoRA merges SDXL LoRAs; this one is for SD1.x.\n")
+
+
+def test_inspect_exit_status_says_whether_a_merge_takes_the_file(full_sdxl: LoRA, tmp_path: Path) -> None:
+    """0: a merge accepts it; 1: described, but a merge would refuse it; 2: not readable as a LoRA. The help
+    says so."""
+    usable = save_lora(synthetic_lora(rank=2, seed=1), tmp_path / "sdxl.safetensors")
+    sd15 = save_lora(synthetic_lora(sdxl.SD15_LAYOUT, rank=2, seed=1), tmp_path / "sd15.safetensors")
+    broken = LF.random_bytes(tmp_path / "broken.safetensors", n=4096, seed=0)
+    runs = {p.name: run_cli("inspect", str(p)) for p in (usable, sd15, broken)}
+    assert {name: r.returncode for name, r in runs.items()} == {
+        "sdxl.safetensors": EXIT_USABLE, "sd15.safetensors": EXIT_REFUSED, "broken.safetensors": EXIT_BAD_FILE}
+    assert (EXIT_USABLE, EXIT_REFUSED, EXIT_BAD_FILE) == (0, 1, 2)
+    assert "for a merge:         usable" in runs["sdxl.safetensors"].stdout
+    assert "for a merge:         refused: sd15.safetensors: this LoRA is for SD1.x" in runs["sd15.safetensors"].stdout
+    assert runs["broken.safetensors"].stdout == ""
+    assert main(["inspect", str(sd15), "--json"]) == EXIT_REFUSED
+    helped = run_cli("inspect", "--help")
+    assert " ".join(helped.stdout.split()).endswith(
+        "exit status: 0 = a merge accepts the file; 1 = described, but a merge would refuse it (the reason is on "
+        "the 'for a merge' line); 2 = not readable as a LoRA (the message is on stderr)")
+
+
+def test_inspect_names_a_lora_with_sdxl_names_at_other_widths(tmp_path: Path) -> None:
+    """Every layer named like an SDXL layer, none of SDXL's shape (a model built like SDXL at other widths):
+    the note counts the file's layers, not the zero layers whose names are unknown."""
+    narrow = sdxl.layout_for(dataclasses.replace(sdxl.SDXL, model_channels=32, num_head_channels=16, context_dim=64))
+    path = save_lora(synthetic_lora(narrow, rank=2, seed=1), tmp_path / "narrow.safetensors", layout=narrow)
+    result = run_cli("inspect", str(path))
+    assert result.returncode == EXIT_REFUSED, result.stderr
+    assert result.stdout.splitlines()[-1] == (
+        "note: its 560 layers carry SDXL's layer names, but none has SDXL's shape: a LoRA for a model built like it "
+        "at other widths, not for SDXL, SD1.x or SD2.x. DuoLoRA merges SDXL LoRAs.")
+    assert "none of its 0 layers" not in result.stdout

@@ -33,6 +33,7 @@ NODES = {
     "DuoLoRA_ApplyMergedLoRA": "Apply Merged LoRA",
     "DuoLoRA_SaveMergedLoRA": "Save Merged LoRA",
     "DuoLoRA_MergeReport": "Merge Report",
+    "DuoLoRA_ApplyKLoRA": "Apply K-LoRA",
 }
 
 
@@ -94,6 +95,7 @@ def test_manager_style_install_loads_nodes_web_extension_and_templates(tmp_path:
         info = _get_json(url + "/object_info")
         extensions = _get_json(url + "/extensions")
         templates = _get_json(url + "/workflow_templates")
+        i18n = _get_json(url + "/i18n")
     log = (base / comfyserver.LOG_NAME).read_text(encoding="utf-8", errors="replace")
     # Only our pack's lines count (ComfyUI's own audio nodes fail to import here without torchaudio).
     problems = [line for line in log.splitlines() if str(pack) in line
@@ -106,7 +108,9 @@ def test_manager_style_install_loads_nodes_web_extension_and_templates(tmp_path:
     ours = {name: (info[name]["display_name"], info[name]["category"]) for name in NODES if name in info}
     assert ours == {name: (display, "DuoLoRA") for name, display in NODES.items()}, f"installed from {how}"
     web = sorted(p.name for p in (pack / "web").glob("*.js"))
-    assert web == ["duolora.js", "duolora_priors.js", "duolora_widgets.js"]
+    assert web == ["duolora.js", "duolora_priors.js", "duolora_templates.js", "duolora_widgets.js"]
     assert sorted(e for e in extensions if e.startswith(f"/extensions/{PACK}/")) == [
         f"/extensions/{PACK}/{name}" for name in web]
     assert sorted(templates) == [PACK] and sorted(templates[PACK]) == sorted(workflows.WORKFLOW_NAMES)
+    # The template browser's label of the pack's category comes from the pack's locales/ folder.
+    assert i18n["en"]["templateWorkflows"]["category"][PACK] == "DuoLoRA"

@@ -74,7 +74,7 @@ def test_loras_are_ordinary_kohya_files(smoke_dir: Path) -> None:
 
 
 SMOKE_ROWS = ["base (no LoRA)", "content LoRA only", "ceiling (LoRA trained on the target)", "tuned plain sum",
-              "direct merge", "ZipRank", "DuoLoRA (shipped defaults)", "DuoLoRA + Constyle (matched λ 0.3)",
+              "direct merge", "K-LoRA", "ZipRank", "DuoLoRA (shipped defaults)", "DuoLoRA + Constyle (matched λ 0.3)",
               "DuoLoRA, prior roles swapped", "fast: weights-only", "layer-wise + 10 % paper steps"]
 # The grid the tuned plain sum is chosen from runs on the dev split only.
 GRID_ROWS = [f"dev: two loaders, content {c:g}, style {s:g}" for c in (0.75, 1.0, 1.25) for s in (0.25, 0.5, 0.75, 1.0)]
@@ -129,6 +129,10 @@ def test_every_method_of_a_unit_samples_from_the_same_noise(smoke_dir: Path) -> 
     # 10 % of the smoke run's single paper step rounds up to one step after the layer-wise solve.
     lwp = runs[("layer-wise + 10 % paper steps", 0)]
     assert lwp["merge_steps_done"] == 1 and len(lwp["per_sample"]["content_hit"]) == 2
+    # The K-LoRA row samples through Apply K-LoRA at the node's defaults, on the 88 attention projections.
+    klora = runs[("K-LoRA", 0)]
+    assert klora["klora_widgets"] == {"alpha": 1.5, "beta": 0.5, "timeline": "steps", "scope": "attention"}
+    assert klora["klora_summary"].startswith("K-LoRA over 88 layers: γ = ") and "merge_widgets" not in klora
     # A merge run records every widget it ran with, the node's defaults included.
     assert runs[("ZipRank", 0)]["merge_widgets"]["prior_loss"] is False
     assert set(runs[("DuoLoRA + Constyle (matched λ 0.3)", 0)]["merge_widgets"]) >= {"prior_loss_kind", "margin", "cycle_scale"}
@@ -164,7 +168,8 @@ def test_runs_record_the_world_they_ran_in(smoke_dir: Path) -> None:
     # One world per row across seeds; rows that read other LoRA files run in other worlds.
     assert all(len(w) == 1 and len(next(iter(w))) == 12 for w in worlds.values())
     assert worlds["base (no LoRA)"] != worlds["content LoRA only"] != worlds["direct merge"]
-    assert worlds["direct merge"] == worlds["ZipRank"]  # both read the base, the classifiers and the pair's LoRAs
+    # Both read the base, the classifiers and the pair's LoRAs (so does K-LoRA).
+    assert worlds["direct merge"] == worlds["ZipRank"] == worlds["K-LoRA"]
     assert worlds["ceiling (LoRA trained on the target)"] != worlds["content LoRA only"]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import stat
 import struct
 
 import comfyhost
@@ -27,6 +28,7 @@ from nodehelpers import (
     write_lora,
 )
 
+from duolora import formats
 from duolora.mergers import B_LORA_CONTENT_BLOCK, B_LORA_STYLE_BLOCK
 from duolora.sdxl import SD15_LAYOUT, SDXL_LAYOUT, block_of
 from duolora.synthetic import synthetic_lora
@@ -138,7 +140,45 @@ def test_paper_mode_without_references_names_the_missing_inputs(host: comfyhost.
     assert err.exception_message == (
         "ZipRank Merge in 'paper' mode learns from reference images and prompts; connect content_latents, "
         "style_latents, content_prompt, style_prompt (VAE Encode of your content and style "
-        "images, CLIP Text Encode of the prompts), or choose method 'direct' to merge without learning.\n")
+        "images, CLIP Text Encode of the prompts), or choose mode 'weights' to merge from the LoRAs alone.\n")
+
+
+def test_constyle_without_combined_prompt_says_how_to_turn_it_off(host: comfyhost.Host, pair) -> None:
+    content, style = pair
+    prompt = merge_prompt(host, content.name, style.name, steps=2, constyle_iterations=1)
+    del prompt[MERGE_ID]["inputs"]["combined_prompt"]
+    prompt["14"] = _save(host, "errors/no_combined")
+    err = _node_error(host, prompt)
+    assert err.exception_message == (
+        "ZipRank Merge in 'paper' mode with the Constyle cycle loss on (constyle_iterations 1) needs "
+        "combined_prompt; connect combined_prompt (CLIP Text Encode of your subject in your style, e.g. 'a sks "
+        "dog in zwz style'), or set constyle_iterations to 0.\n")
+    # Nothing connected at all: every input is named, and both ways out.
+    prompt = merge_prompt(host, content.name, style.name, references=False, steps=2, constyle_iterations=1)
+    prompt["14"] = _save(host, "errors/no_refs_constyle")
+    assert _node_error(host, prompt).exception_message == (
+        "ZipRank Merge in 'paper' mode learns from reference images and prompts; connect content_latents, "
+        "style_latents, content_prompt, style_prompt, combined_prompt (VAE Encode of your content and style "
+        "images, CLIP Text Encode of the prompts) (combined_prompt only for the Constyle cycle loss: or set "
+        "constyle_iterations to 0), or choose mode 'weights' to merge from the LoRAs alone.\n")
+
+
+def test_the_same_file_as_content_and_style_is_warned_about(host: comfyhost.Host, pair) -> None:
+    content, _ = pair
+    prompt = merge_prompt(host, content.name, content.name, references=False, mode="weights")
+    prompt["14"] = _save(host, "errors/same")
+    with real_prompt_server(client_id="browser-1") as server:
+        host.execute(prompt)
+        received = server.drain()
+    warnings = [(data, sid) for event, data, sid in received if event == "duolora.warning"]
+    assert warnings == [({"node": MERGE_ID, "message": (
+        f"content and style are the same file, {content.name}: a LoRA merged with itself adds nothing new (the "
+        "plain sum only doubles it); pick your style LoRA in Load Style LoRA.")}, "browser-1")]
+    # Two different files: no warning.
+    prompt = merge_prompt(host, content.name, pair[1].name, references=False, mode="weights")
+    with real_prompt_server(client_id="browser-1") as server:
+        host.execute({**prompt, "14": _save(host, "errors/different")})
+        assert [e for e, _, _ in server.drain() if e == "duolora.warning"] == []
 
 
 def test_sd15_lora_is_refused_by_the_loader(host: comfyhost.Host) -> None:
@@ -233,6 +273,12 @@ def test_save_counts_never_overwrites_and_is_atomic(host: comfyhost.Host, pair) 
     assert out.ui == {"text": [f"{TEST_SUBDIR}/naming/run_00004_.safetensors"]}
     assert (folder / "run_00003_.safetensors").read_bytes() == b"someone else's file"
 
+    # Readable as any file the process writes (0o644 under the usual umask 0o022), not only by its owner.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in folder.glob("run_0000[124]_.safetensors")} == {
+        oct(0o666 & ~umask)}
+
     listing = folder_listing(folder)
     # A metadata value that is not a string: refused before anything is written.
     bad_meta = dataclasses.replace(merged, metadata={**merged.metadata, "duolora.steps_done": 0})
@@ -265,6 +311,40 @@ def test_loader_reads_a_file_once_until_it_changes(host: comfyhost.Host, pair) -
     assert third.lora is not first.lora
     assert third.sha256 == first.sha256
     assert all(torch.equal(third.lora.layers[n].up, lr.up) for n, lr in first.lora.layers.items())
+
+
+def test_a_lora_file_overwritten_under_its_name_runs_the_merge_again(host: comfyhost.Host, tiny_layout) -> None:
+    """ComfyUI reuses a node's cached output while its inputs are unchanged. A LoRA retrained and saved under the
+    same name changes no input, only the file: the loaders' fingerprint (the file's mtime and size) makes the
+    executor read it again and re-run everything after it."""
+    content, style = tiny_pair(host, tiny_layout, "refresh")
+    prompt = merge_prompt(host, content.name, style.name, references=False, mode="weights")
+    prompt["14"] = _save(host, "refresh/merged")
+    folder = host.loras_dir / TEST_SUBDIR / "refresh"
+    executor = host.executor()
+
+    def cached(result: dict) -> set[str]:
+        return {n for event, data in result["messages"] if event == "execution_cached" for n in data["nodes"]}
+
+    first = host.execute(prompt, executor=executor)
+    assert cached(first) == set() and folder_listing(folder) == ["merged_00001_.safetensors"]
+    again = host.execute(prompt, executor=executor)
+    # Unchanged: every node from the cache, nothing saved again.
+    assert cached(again) == set(prompt) and folder_listing(folder) == ["merged_00001_.safetensors"]
+
+    st = os.stat(content.path)
+    retrained = write_lora(host, synthetic_lora(tiny_layout, rank=RANK_C, text_encoder=True, seed=99, std=0.2),
+                           os.path.basename(content.path), tiny_layout)
+    assert retrained.path == content.path and retrained.sha256() != first["outputs"]["10"][0].sha256
+    # A retrained file of the same rank has the same size; its write time is what tells it apart (set it 2 s
+    # later explicitly, so a coarse file-system clock cannot hide the change).
+    os.utime(content.path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+    third = host.execute(prompt, executor=executor)
+    assert cached(third) == {"1", "11"}  # the checkpoint and the unchanged style loader
+    assert third["outputs"]["10"][0].sha256 == retrained.sha256()
+    assert folder_listing(folder) == ["merged_00001_.safetensors", "merged_00002_.safetensors"]
+    saved = formats.read_lora(folder / "merged_00002_.safetensors", layouts=(tiny_layout,))
+    assert saved.metadata["duolora.content_sha256"] == retrained.sha256()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -319,10 +399,12 @@ def test_lora_model_from_core_train_lora_loads(host: comfyhost.Host) -> None:
     prompt["19"] = node(host, "RebatchLatents", latents=["7", 0], batch_size=1)
     prompt["20"] = node(host, "TrainLoraNode", model=["1", 0], latents=["19", 0], positive=["2", 0], steps=1,
                         rank=2, training_dtype="fp32", lora_dtype="fp32", gradient_checkpointing=False)
-    prompt["21"] = node(host, "DuoLoRA_LoadContentLoRA", lora_name=NO_FILE, lora_model=["20", 1])
+    # Train LoRA's outputs moved (MODEL, LORA_MODEL, … before; LORA_MODEL first in current ComfyUI): by type.
+    slot = comfyhost.output_slot(host, "TrainLoraNode", "LORA_MODEL")
+    prompt["21"] = node(host, "DuoLoRA_LoadContentLoRA", lora_name=NO_FILE, lora_model=["20", slot])
     prompt["22"] = node(host, "PreviewAny", source=["21", 1])
     result = host.execute(prompt)
-    trained = result["outputs"]["20"][1]
+    trained = result["outputs"]["20"][slot]
     loaded = result["outputs"]["21"][0]
     # Every linear and convolution of the UNet (the tiny model has SDXL's 794) as a rank-2 LoRA ...
     assert len(loaded.lora.layers) == 794

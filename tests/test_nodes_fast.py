@@ -45,6 +45,23 @@ def test_weights_mode_needs_no_references_and_equals_the_engine(host: comfyhost.
     assert worst <= 1e-6
 
 
+def test_the_balance_widget_is_the_engine_knob(host: comfyhost.Host, tiny_layout) -> None:
+    content, style = tiny_pair(host, tiny_layout, "fast_w")
+    prompt = merge_prompt(host, content.name, style.name, references=False, mode="weights", balance=0.6)
+    prompt["13"] = node(host, "PreviewAny", source=[MERGE_ID, 0])
+    stats = host.execute(prompt)["outputs"][MERGE_ID][1]
+    assert stats.config["balance"] == 0.6
+    c, s = read_tiny(content.path, tiny_layout), read_tiny(style.path, tiny_layout)
+    engine = solver.merge_weights_only(c, s, MergeConfig(objective="weights_only", balance=0.6)).merger.state_dict()
+    neutral = solver.merge_weights_only(c, s, MergeConfig(objective="weights_only")).merger.state_dict()
+    masks = stats.extra["masks"]
+    assert max(float((masks[k] - engine[k]).abs().max()) for k in masks) <= 1e-6
+    # Towards content: the content masks keep more and the style masks less than at the neutral balance.
+    mean = {w: (sum(float(masks[k].sum()) for k in masks if k.endswith(w)),
+                sum(float(neutral[k].sum()) for k in neutral if k.endswith(w))) for w in ("m_c", "m_s")}
+    assert mean["m_c"][0] > mean["m_c"][1] and mean["m_s"][0] < mean["m_s"][1], mean
+
+
 def test_layerwise_mode_names_the_missing_references(host: comfyhost.Host, tiny_layout) -> None:
     content, style = tiny_pair(host, tiny_layout, "fast_missing")
     prompt = merge_prompt(host, content.name, style.name, references=False, mode="layerwise")
@@ -152,5 +169,7 @@ def test_layerwise_plus_paper_names_the_missing_combined_prompt(host: comfyhost.
     prompt["13"] = node(host, "PreviewAny", source=[MERGE_ID, 0])
     with pytest.raises(comfyhost.NodeExecutionError) as info:
         host.execute(prompt)
-    assert ("ZipRank Merge in 'layerwise+paper' mode runs paper steps with the Constyle cycle loss; connect "
-            "combined_prompt") in str(info.value)
+    assert info.value.exception_message == (
+        "ZipRank Merge in 'layerwise+paper' mode with the Constyle cycle loss on (constyle_iterations 1) needs "
+        "combined_prompt; connect combined_prompt (CLIP Text Encode of your subject in your style, e.g. 'a sks "
+        "dog in zwz style'), or set constyle_iterations to 0.\n")

@@ -149,7 +149,7 @@ def test_merge_config_defaults_round_trip_and_validation() -> None:
                 "lambda_rev": 0.3, "lambda_prior": 0.1, "lambda_sim": None, "fast_keep": 0.0, "prune_threshold": 1e-3,
                 "max_rank": 0, "w_c": 1.0, "w_s": 1.0}
     assert {k: v for k, v in c.to_dict().items() if k in expected} == expected
-    assert set(c.to_dict()) - set(expected) == {"objective", "lambda_content", "lambda_style"}
+    assert set(c.to_dict()) - set(expected) == {"objective", "lambda_content", "lambda_style", "balance"}
     assert c.effective_lambda_sim == 0.0
     assert MergeConfig(method="ziplora_out").effective_lambda_sim == 0.01
     assert MergeConfig(method="ziplora_in", lambda_sim=0.0).effective_lambda_sim == 0.0

@@ -21,10 +21,12 @@ from duolora.sdxl import (
     SD21,
     SDXL,
     SDXL_LAYOUT,
+    SHORT_ATTENTION_BLOCKS,
     Layout,
     UNetConfig,
     block_of,
     layout_for,
+    parse_custom_preset,
     text_encoder_layers,
     unet_layers,
 )
@@ -101,6 +103,18 @@ def test_presets_cover_only_attention_blocks() -> None:
         assert set(roles) <= set(attention_blocks), preset
     assert len(PRESETS["paper"]) == 11
     assert all(block_of(n) in attention_blocks for n in SDXL_LAYOUT.attention_layers())
+
+
+def test_custom_priors_read_short_and_long_block_names() -> None:
+    """The diagram's and the report's labels (in4 … out5, mid) name the eleven attention blocks one to one."""
+    assert list(SHORT_ATTENTION_BLOCKS) == ["in4", "in5", "in7", "in8", "mid", "out0", "out1", "out2", "out3",
+                                            "out4", "out5"]
+    assert list(SHORT_ATTENTION_BLOCKS.values()) == list(ATTENTION_BLOCKS)
+    mixed = parse_custom_preset("content: in7, In8, middle_block.1; style: OUT3, output_blocks.4.1")
+    assert mixed == {"input_blocks.7.1": "content", "input_blocks.8.1": "content", "middle_block.1": "content",
+                     "output_blocks.3.1": "style", "output_blocks.4.1": "style"}
+    with pytest.raises(ValueError, match="^custom prior block 'middle_block.1' is both content and style$"):
+        parse_custom_preset("content: mid; style: middle_block.1")
 
 
 def test_config_from_comfy_dict_is_generated_not_hard_coded() -> None:

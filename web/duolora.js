@@ -1,7 +1,12 @@
 // DuoLoRA front-end extension for ComfyUI.
-//  - ZipRank Merge nodes get a diagram of the SDXL attention blocks coloured by the chosen `prior_preset`
-//    (clickable for `custom`, which writes the `custom_prior` widget) and a live loss curve fed by the
-//    server's "duolora.progress" messages.
+//  - ZipRank Merge nodes show what a user decides (mode, method, balance, steps) and keep the inputs the server marks
+//    "advanced" behind a "show advanced settings" button (the front end's own advanced-widget support; a
+//    front end with its own button in Nodes 2.0 mode shows that one instead), a diagram of the SDXL attention
+//    blocks coloured by the chosen `prior_preset` (clickable for `custom`, which writes the `custom_prior`
+//    widget; shown with the advanced settings) and a live loss curve fed by the server's "duolora.progress"
+//    messages, which says when a run was cancelled and shows the server's "duolora.warning" messages.
+//  - Save Merged LoRA nodes show the name of the file they saved, the loaders what their file holds.
+//  - The pack's templates are listed simplest first (duolora_templates.js).
 //  - Nothing else is touched: the Merge Report's preview is ComfyUI's own ui.images preview.
 // Widgets are looked up by NAME. Every hook is guarded: a missing widget, an unknown front-end version
 // or a page without a canvas makes a feature stay away, never an exception in ComfyUI's hooks.
@@ -9,10 +14,14 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { CUSTOM, OFF, formatCustomPrior, nextRole, presetRoles } from "./duolora_priors.js";
+import { orderTemplates } from "./duolora_templates.js";
 import {
   addProgress,
+  createAdvancedToggle,
   createLossCurve,
   createPriorDiagram,
+  createFileSummary,
+  createSavedName,
   drawLoss,
   emptyLossState,
   ensureStyles,
@@ -25,14 +34,20 @@ const PRESET_WIDGET = "prior_preset";
 const CUSTOM_WIDGET = "custom_prior";
 const DIAGRAM_WIDGET = "duolora_prior_diagram";
 const LOSS_WIDGET = "duolora_loss_curve";
+const ADVANCED_WIDGET = "duolora_advanced_toggle";
+const SAVE_NODE = "DuoLoRA_SaveMergedLoRA";
+const SAVED_WIDGET = "duolora_saved_file";
+const LOADER_NODES = ["DuoLoRA_LoadContentLoRA", "DuoLoRA_LoadStyleLoRA"];
+const SUMMARY_WIDGET = "duolora_file_summary";
 const PROGRESS_EVENT = "duolora.progress";
 const DONE_EVENT = "duolora.done";
+const WARNING_EVENT = "duolora.warning";
 const LOG_PREFIX = "[DuoLoRA]";
 // Wide enough for the eleven blocks of the diagram to be legible at 100 % zoom.
 const MIN_NODE_WIDTH = 400;
 
 // What a test (or a curious user in the console) can read; nothing in ComfyUI depends on it.
-const status = { version: VERSION, loaded: true, setup: false, decorated: 0, progressEvents: 0 };
+const status = { version: VERSION, loaded: true, setup: false, decorated: 0, progressEvents: 0, templatesOrdered: 0 };
 if (typeof window !== "undefined") window.__duolora = status;
 
 function warn(what, error) {
@@ -79,7 +94,7 @@ function forwardWheel(element) {
   );
 }
 
-function addDomWidget(node, name, element, height) {
+function addDomWidget(node, name, element, height, options = {}) {
   if (typeof node.addDOMWidget !== "function") return null;
   const widget = node.addDOMWidget(name, "duolora", element, {
     serialize: false,
@@ -88,6 +103,7 @@ function addDomWidget(node, name, element, height) {
     setValue: () => {},
     getMinHeight: () => height.min,
     ...(height.max ? { getMaxHeight: () => height.max } : {}),
+    ...options,
   });
   // Neither the workflow file (widgets_values) nor the prompt carries our widgets. They must stay
   // LAST in node.widgets: litegraph writes widgets_values[i] at each widget's index but reads the
@@ -156,6 +172,7 @@ function decorateLossCurve(node) {
   if (!widget) return null;
   const loss = { state: emptyLossState(), canvas: curve.canvas, drawnSize: "" };
   const redraw = () => {
+    curve.warning.textContent = loss.state.warning ?? "";
     if (drawLoss(loss.canvas, loss.state)) loss.drawnSize = `${loss.canvas.clientWidth}x${loss.canvas.clientHeight}`;
   };
   loss.redraw = redraw;
@@ -178,12 +195,114 @@ function decorateLossCurve(node) {
   return loss;
 }
 
+/** The options the server gave a node's input (its /object_info entry), or {}. */
+function inputOptions(node, name) {
+  const data = node?.constructor?.nodeData;
+  const v1 = data?.input?.required?.[name] ?? data?.input?.optional?.[name];
+  if (Array.isArray(v1) && v1[1] && typeof v1[1] === "object") return v1[1];
+  const v2 = data?.inputs?.[name];
+  return v2 && typeof v2 === "object" && !Array.isArray(v2) ? v2 : {};
+}
+
+// litegraph draws an advanced widget only while the node's `showAdvanced` is on, and offers "Show Advanced" in
+// the node's menu (front ends 1.32.9 to 1.49.6), but still lays it out at full height: the node would keep
+// all its height with nothing drawn in it. A hidden advanced widget gets no height here.
+function collapseWhenHidden(node, widget) {
+  if (!widget || widget.__duoloraCollapses) return;
+  widget.__duoloraCollapses = true;
+  const hidden = () => !!widget.advanced && !node.showAdvanced;
+  if (typeof widget.computeLayoutSize === "function") {
+    // DOM widgets share the free space by their layout size.
+    const layoutSize = widget.computeLayoutSize;
+    widget.computeLayoutSize = function (...args) {
+      return hidden() ? { minHeight: 0, maxHeight: 0, minWidth: 0 } : layoutSize.apply(this, args);
+    };
+    return;
+  }
+  const computeSize = widget.computeSize;
+  widget.computeSize = function (...args) {
+    if (hidden()) return [0, -4]; // litegraph adds 4 px of margin to each widget
+    if (typeof computeSize === "function") return computeSize.apply(this, args);
+    return [args[0] ?? node.size?.[0] ?? 0, window.LiteGraph?.NODE_WIDGET_HEIGHT ?? 20];
+  };
+}
+
+function markWidgetAdvanced(node, widget) {
+  widget.advanced = true;
+  collapseWhenHidden(node, widget);
+}
+
+// Widgets whose input the server marks "advanced" get the front end's own `advanced` flag (newer front ends
+// set it themselves). Returns how many inputs are advanced.
+function markAdvanced(node) {
+  let count = 0;
+  for (const widget of node.widgets ?? []) {
+    if (inputOptions(node, widget?.name).advanced) {
+      markWidgetAdvanced(node, widget);
+      // A seed's "control after generate" widget goes with it.
+      for (const linked of widget.linkedWidgets ?? []) markWidgetAdvanced(node, linked);
+      count += 1;
+    }
+  }
+  return count;
+}
+
+function advancedShown(node) {
+  return !!node.showAdvanced;
+}
+
+// Set the node's height to what its visible widgets need (shrinking too: hiding the advanced settings should
+// give the space back), never narrower.
+function fitHeight(node) {
+  const size = node.computeSize?.();
+  if (!(size?.length >= 2) || !(node.size?.length >= 2)) return;
+  node.setSize?.([Math.max(node.size[0], size[0], MIN_NODE_WIDTH), size[1]]);
+  markDirty(node);
+}
+
+function decorateAdvancedToggle(node) {
+  const count = markAdvanced(node);
+  // Without litegraph's advanced-widget support (isWidgetVisible) the flag hides nothing: show everything.
+  if (!count || typeof node.isWidgetVisible !== "function") return null;
+  const toggle = createAdvancedToggle(count, () => {
+    try {
+      if (typeof node.toggleAdvanced === "function") node.toggleAdvanced();
+      else node.showAdvanced = !node.showAdvanced;
+    } catch (error) {
+      warn("could not toggle the advanced settings", error);
+      return;
+    }
+    toggle.render(advancedShown(node));
+    fitHeight(node);
+  });
+  // canvasOnly: in Nodes 2.0 mode the front end draws nodes itself (with its own advanced button where it
+  // has one), and there our button would have nothing to do.
+  const widget = addDomWidget(node, ADVANCED_WIDGET, toggle.element, { min: 26, max: 26 }, { canvasOnly: true });
+  if (!widget) return null;
+  // The node's menu ("Show Advanced") and a loaded workflow set showAdvanced too: follow it when drawn.
+  widget.options.onDraw = () => toggle.render(advancedShown(node));
+  toggle.render(advancedShown(node));
+  return { widget, toggle, count };
+}
+
+// A new merge node keeps its seed: ComfyUI's front end would randomize a seed after every run, so each Run
+// would merge again and save another file although nothing changed. A loaded workflow then sets its own value.
+function fixSeed(node) {
+  const control = findWidget(node, "seed")?.linkedWidgets?.find((w) => w?.name === "control_after_generate");
+  if (control && control.value !== "fixed") control.value = "fixed";
+}
+
 function decorateMergeNode(node) {
   if (node.__duolora) return;
   ensureStyles();
+  fixSeed(node);
+  const advanced = decorateAdvancedToggle(node);
   const prior = decoratePriorDiagram(node);
+  // The diagram shows prior_preset, an advanced setting: it comes and goes with it.
+  if (advanced && prior?.widget) markWidgetAdvanced(node, prior.widget);
   const loss = decorateLossCurve(node);
-  node.__duolora = { prior, loss };
+  node.__duolora = { advanced, prior, loss };
+  if (advanced && !advancedShown(node)) fitHeight(node);
   growToFit(node);
   // A workflow being loaded sets the saved size after nodeCreated: grow once more after that.
   setTimeout(() => {
@@ -207,6 +326,30 @@ function growToFit(node) {
     node.setSize?.([width, height]);
     markDirty(node);
   }
+}
+
+// Save Merged LoRA and the loaders return {"ui": {"text": [one line]}}: the saved file's path relative to the
+// loras folder, the file's summary. ComfyUI hands it to onExecuted; the line stays in the node.
+function decorateTextLine(node, name, line) {
+  if (node.__duolora) return;
+  ensureStyles();
+  const widget = addDomWidget(node, name, line.element, { min: 36, max: 60 }, { hideOnZoom: false });
+  if (!widget) return;
+  chain(node, "onExecuted", (output) => {
+    const text = Array.isArray(output?.text) ? output.text[0] : output?.text;
+    if (typeof text === "string" && text) line.render(text);
+  });
+  node.__duolora = { line };
+  growToFit(node);
+  status.decorated += 1;
+}
+
+function decorateSaveNode(node) {
+  decorateTextLine(node, SAVED_WIDGET, createSavedName());
+}
+
+function decorateLoaderNode(node) {
+  decorateTextLine(node, SUMMARY_WIDGET, createFileSummary());
 }
 
 /**
@@ -247,6 +390,32 @@ function onDone(event) {
   loss.redraw();
 }
 
+// A warning from the server that does not stop the merge: on the node, and as a toast where the front end
+// has toasts.
+function onWarning(event) {
+  const data = event?.detail;
+  const message = typeof data?.message === "string" ? data.message : "";
+  if (!message) return;
+  const loss = lossOf(data?.node);
+  if (loss) {
+    loss.state.warning = message;
+    loss.redraw();
+  }
+  try {
+    app?.extensionManager?.toast?.add?.({ severity: "warn", summary: "DuoLoRA", detail: message, life: 15000 });
+  } catch (error) {
+    warn("could not show a toast", error);
+  }
+}
+
+// Cancel stops the prompt in the node that runs: its curve says so instead of stopping at "step 7 / 80".
+function onInterrupted(event) {
+  const loss = lossOf(event?.detail?.node_id);
+  if (!loss || loss.state.done) return;
+  loss.state.cancelled = true;
+  loss.redraw();
+}
+
 // "executing" names the node that starts running: a new run of a merge node clears its curve.
 function onExecuting(event) {
   const loss = lossOf(event?.detail);
@@ -261,20 +430,46 @@ app.registerExtension({
     try {
       api.addEventListener(PROGRESS_EVENT, onProgress);
       api.addEventListener(DONE_EVENT, onDone);
+      api.addEventListener(WARNING_EVENT, onWarning);
       api.addEventListener("executing", onExecuting);
+      api.addEventListener("execution_interrupted", onInterrupted);
       status.setup = true;
     } catch (error) {
       warn("could not listen to server messages", error);
     }
   },
   nodeCreated(node) {
-    if (node?.comfyClass !== MERGE_NODE) return;
+    const decorate = {
+      [MERGE_NODE]: decorateMergeNode,
+      [SAVE_NODE]: decorateSaveNode,
+      ...Object.fromEntries(LOADER_NODES.map((type) => [type, decorateLoaderNode])),
+    }[node?.comfyClass];
+    if (!decorate) return;
     try {
-      decorateMergeNode(node);
+      decorate(node);
     } catch (error) {
       warn(`could not add the DuoLoRA widgets to node ${node?.id}`, error);
     }
   },
 });
+
+// The server lists a pack's templates in directory order: order ours simplest first in every answer the
+// template browser gets (this module runs before the browser first asks).
+try {
+  const original = api.getWorkflowTemplates;
+  if (typeof original === "function") {
+    api.getWorkflowTemplates = async function (...args) {
+      const templates = await original.apply(this, args);
+      try {
+        if (orderTemplates(templates)) status.templatesOrdered += 1;
+      } catch (error) {
+        warn("could not order the templates", error);
+      }
+      return templates;
+    };
+  }
+} catch (error) {
+  warn("could not hook the template list", error);
+}
 
 console.log(`${LOG_PREFIX} front-end extension ${VERSION} loaded`);

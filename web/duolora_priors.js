@@ -26,6 +26,8 @@ export const ATTENTION_BLOCKS = [
 ];
 
 const BLOCK_NAMES = ATTENTION_BLOCKS.map((b) => b.name);
+// Short names (in4, mid, out3: the diagram's labels) -> block names; duolora.sdxl.parse_custom_preset reads both.
+const SHORT_NAMES = Object.fromEntries(ATTENTION_BLOCKS.map((b) => [b.short, b.name]));
 
 // BEGIN PRESETS
 export const PRESETS = {
@@ -62,7 +64,8 @@ export const PRESETS = {
 export const CUSTOM = "custom";
 
 /**
- * Parse the `custom_prior` syntax, e.g. "content: input_blocks.7.1, middle_block.1; style: output_blocks.3.1".
+ * Parse the `custom_prior` syntax, e.g. "content: input_blocks.7.1, middle_block.1; style: output_blocks.3.1"
+ * or with the diagram's short names, "content: in7, mid; style: out3".
  * Lenient where duolora.sdxl.parse_custom_preset raises: what it cannot read goes to `errors`
  * (shown under the diagram) and the rest is kept, so a half-typed value still draws.
  * @param {string} spec
@@ -87,10 +90,11 @@ export function parseCustomPrior(spec) {
       continue;
     }
     for (const rawBlock of part.slice(colon + 1).split(",")) {
-      const block = rawBlock.trim();
-      if (!block) continue;
+      const given = rawBlock.trim();
+      if (!given) continue;
+      const block = SHORT_NAMES[given.toLowerCase()] ?? given;
       if (!BLOCK_NAMES.includes(block)) {
-        errors.push(`'${block}' is not an SDXL attention block`);
+        errors.push(`'${given}' is not an SDXL attention block`);
       } else if (block in roles && roles[block] !== role) {
         errors.push(`'${block}' is both content and style`);
       } else {

@@ -35,6 +35,15 @@ const CSS = `
   border-radius: 2px; margin: 0 3px 0 6px; vertical-align: baseline; }
 .duolora-prior-error { color: var(--error-text, #f87171); }
 .duolora-loss canvas { flex: 1 1 auto; min-height: 0; width: 100%; display: block; }
+.duolora-loss-warning { flex: 0 0 auto; color: #fbbf24; white-space: normal; }
+.duolora-loss-warning:empty { display: none; }
+.duolora-advanced { box-sizing: border-box; width: 100%; height: 100%; margin: 0; padding: 2px 8px;
+  border: 1px dashed var(--border-color, #555); border-radius: 6px; cursor: pointer; text-align: left;
+  background: transparent; color: var(--descrip-text, #aaa); font: 12px/1.2 system-ui, sans-serif; }
+.duolora-advanced:hover { color: var(--input-text, #ddd); border-style: solid; }
+.duolora-saved { box-sizing: border-box; padding: 4px 6px; border-radius: 6px; overflow-wrap: anywhere;
+  background: var(--comfy-input-bg, #222); color: var(--input-text, #ddd); font: 12px/1.3 system-ui, sans-serif; }
+.duolora-saved[data-saved="false"] { color: var(--descrip-text, #999); }
 `;
 
 /** Add the pack's stylesheet to the page once. */
@@ -173,9 +182,66 @@ export function createPriorDiagram(onBlockClick) {
   return { element: root, render };
 }
 
+/**
+ * The switch for a node's advanced settings: a real button (keyboard and screen readers reach it).
+ * @param {number} count how many settings it shows and hides
+ * @param {() => void} onToggle
+ * @returns {{element: HTMLButtonElement, render: (shown: boolean) => void}}
+ */
+export function createAdvancedToggle(count, onToggle) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "duolora-advanced";
+  button.addEventListener("click", (event) => {
+    event.stopPropagation();
+    onToggle?.();
+  });
+  // The canvas would start a drag on pointerdown: the button keeps it.
+  button.addEventListener("pointerdown", (event) => event.stopPropagation());
+  const render = (shown) => {
+    const text = shown ? `▾ Hide the ${count} advanced settings` : `▸ Show ${count} advanced settings`;
+    if (button.textContent === text) return;
+    button.textContent = text;
+    button.setAttribute("aria-expanded", shown ? "true" : "false");
+  };
+  render(false);
+  return { element: button, render };
+}
+
+function createTextLine(placeholder, format) {
+  const root = document.createElement("div");
+  root.className = "duolora-saved";
+  root.setAttribute("role", "status");
+  root.dataset.saved = "false";
+  root.textContent = placeholder;
+  const render = (text) => {
+    root.dataset.saved = "true";
+    root.textContent = format(text);
+    root.title = text;
+  };
+  return { element: root, render };
+}
+
+/**
+ * The line in Save Merged LoRA that says which file the last run wrote.
+ * @returns {{element: HTMLElement, render: (name: string) => void}}
+ */
+export function createSavedName() {
+  return createTextLine("After a run, the saved file's name appears here.",
+    (name) => `Saved in your loras folder as ${name} (press R to list it in Load LoRA)`);
+}
+
+/**
+ * The line in a loader that says what its file holds (key style, base model, layers, rank).
+ * @returns {{element: HTMLElement, render: (summary: string) => void}}
+ */
+export function createFileSummary() {
+  return createTextLine("After a run, what the file holds appears here.", (summary) => summary);
+}
+
 /** The empty state of a loss curve (no run seen yet). */
 export function emptyLossState() {
-  return { steps: [], series: {}, total: 0, lastStep: -1, done: false, keptRank: null };
+  return { steps: [], series: {}, total: 0, lastStep: -1, done: false, cancelled: false, keptRank: null, warning: "" };
 }
 
 /**
@@ -187,7 +253,7 @@ export function emptyLossState() {
 export function addProgress(state, data) {
   const step = Number(data?.step);
   if (!Number.isFinite(step)) return false;
-  if (step <= state.lastStep || state.done) Object.assign(state, emptyLossState());
+  if (step <= state.lastStep || state.done || state.cancelled) Object.assign(state, emptyLossState());
   state.lastStep = step;
   state.total = Number.isFinite(Number(data?.total)) ? Number(data.total) : state.total;
   const index = state.steps.length;
@@ -265,11 +331,15 @@ export function keptRankText(keptRank) {
 export function createLossCurve() {
   const root = document.createElement("div");
   root.className = "duolora-loss";
+  const warning = document.createElement("div");
+  warning.className = "duolora-loss-warning";
+  warning.setAttribute("role", "alert");
+  root.appendChild(warning);
   const canvas = document.createElement("canvas");
   canvas.className = "duolora-loss-canvas";
   canvas.dataset.points = "0";
   root.appendChild(canvas);
-  return { element: root, canvas };
+  return { element: root, canvas, warning };
 }
 
 /**
@@ -298,8 +368,13 @@ export function drawLoss(canvas, state) {
   const n = state.steps.length;
   const header = n
     ? `loss · step ${state.lastStep}${state.total ? ` / ${state.total}` : ""}` +
-      (state.done ? ` · done${keptRankText(state.keptRank)}` : "")
-    : "loss · the curve appears while the merge runs";
+      (state.done ? ` · done${keptRankText(state.keptRank)}` : "") +
+      (state.cancelled ? " · cancelled" : "")
+    : state.cancelled
+      ? "loss · cancelled before the first step"
+      : state.done
+        ? `merged${keptRankText(state.keptRank)}`
+        : "loss · the curve appears while the merge runs";
   // A canvas has no text: the header doubles as its accessible name.
   canvas.setAttribute("aria-label", header);
   ctx.fillStyle = fg;
@@ -332,6 +407,7 @@ export function drawLoss(canvas, state) {
   canvas.dataset.points = "0";
   canvas.dataset.step = n ? String(state.lastStep) : "";
   canvas.dataset.done = state.done ? "true" : "false";
+  canvas.dataset.cancelled = state.cancelled ? "true" : "false";
   if (!n) return true;
 
   const plot = { left: 38, top: y + 15, right: cssW - 4, bottom: cssH - 12 };

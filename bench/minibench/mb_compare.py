@@ -68,16 +68,24 @@ class Stack:
         return "stack_" + "_".join(f"{role}{strength:g}" for role, strength in self.parts)
 
 
+@dataclass(frozen=True)
+class KLoRARow:
+    """A row without a merge: the content and style LoRAs through Apply K-LoRA's sampling-time patch, with these
+    widgets over the node's own defaults (``klora_widgets``)."""
+
+    widgets: tuple[tuple[str, Any], ...] = ()
+
+
 # The row a user's own recipe gives: two stacked loaders at the strengths chosen on the dev split (CHOICES_FILE).
 TUNED = "tuned plain sum"
 # MINIBENCH_CHOICES moves it (the smoke test's own choices; worker processes inherit the environment).
 CHOICES_FILE = Path(os.environ.get("MINIBENCH_CHOICES", mb_common.HERE / "choices.json"))
 # The small grid the tuned plain sum is chosen from: what a user tries by hand, style strength turned down first.
 PLAIN_SUM_GRID = [(c, s) for c in (0.75, 1.0, 1.25) for s in (0.25, 0.5, 0.75, 1.0)]
-# Row name → ZipRankMerge widgets over the node's own defaults, a Stack, TUNED's stack, or None (the base).
+# Row name → ZipRankMerge widgets over the node's own defaults, a Stack, TUNED's stack, a KLoRARow, or None (the base).
 # Rows that say nothing about priors or Constyle run the node's DEFAULTS, so they follow the shipped defaults
 # whenever those change.
-ROWS: dict[str, dict[str, Any] | Stack | None] = {
+ROWS: dict[str, dict[str, Any] | Stack | KLoRARow | None] = {
     "base (no LoRA)": None,
     "content LoRA only": Stack((("content", 1.0),)),
     "style LoRA only": Stack((("style", 1.0),)),
@@ -85,6 +93,8 @@ ROWS: dict[str, dict[str, Any] | Stack | None] = {
     TUNED: None,  # resolved from CHOICES_FILE (tuned_stack)
     "direct merge": {"mode": "paper", "method": "direct", **_PRIORS_OFF},
     "ZipLoRA (out)": {"mode": "paper", "method": "ziplora_out", **_PRIORS_OFF},
+    # Training-free, at the node's defaults (the paper's α 1.5 and β 0.5, the steps timeline, attention layers).
+    "K-LoRA": KLoRARow(),
     "ZipRank": {"mode": "paper", "method": "ziprank", **_PRIORS_OFF},
     # The shipped defaults ARE ZipRank + the share prior (Constyle off by default).
     "DuoLoRA (shipped defaults)": {"mode": "paper", "method": "ziprank"},
@@ -193,7 +203,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def all_rows() -> dict[str, dict[str, Any] | Stack | None]:
+def all_rows() -> dict[str, dict[str, Any] | Stack | KLoRARow | None]:
     return {**ROWS, **VARIANTS}
 
 
@@ -247,12 +257,17 @@ def build_prompt(host, row: str, pair: Pair, seed: int, samples: int, ckpt: str,
     """The API prompt of one (row, pair, seed) run and the ids of its image / merge nodes (miniworld.graph)."""
     stack = stack_of(row)
     merge = merge_widgets(host, row, merge_steps) if is_merge_row(row) else None
+    klora = klora_widgets(host, row) if is_klora_row(row) else None
     return graph.build_prompt(host, pair, seed, samples, ckpt, sampler_steps, cfg, merge=merge,
-                              stack=stack.parts if stack else ())
+                              stack=stack.parts if stack else (), klora=klora)
 
 
 def is_merge_row(row: str) -> bool:
     return isinstance(all_rows()[row], dict)
+
+
+def is_klora_row(row: str) -> bool:
+    return isinstance(all_rows()[row], KLoRARow)
 
 
 def lora_roles(row: str) -> list[str]:
@@ -260,7 +275,15 @@ def lora_roles(row: str) -> list[str]:
     stack = stack_of(row)
     if stack is not None:
         return [role for role, _ in stack.parts]
-    return ["content", "style"] if is_merge_row(row) else []
+    return ["content", "style"] if is_merge_row(row) or is_klora_row(row) else []
+
+
+def klora_widgets(host, row: str) -> dict[str, Any]:
+    """The Apply K-LoRA widgets of a K-LoRA row: the node's defaults with the row's overrides, all resolved."""
+    from comfyhost import widget_defaults
+
+    resolved = {**widget_defaults(host, graph.KLORA_NODE), **dict(all_rows()[row].widgets)}
+    return {k: v for k, v in resolved.items() if not isinstance(v, list)}
 
 
 def merge_widgets(host, row: str, merge_steps: int) -> dict[str, Any]:
@@ -281,7 +304,7 @@ def merge_widgets(host, row: str, merge_steps: int) -> dict[str, Any]:
 
 
 # Widgets the node gained after runs were cached, at the value that reproduces the older behaviour.
-_NEUTRAL_WIDGETS: dict[str, Any] = {"prior_push": "both"}
+_NEUTRAL_WIDGETS: dict[str, Any] = {"prior_push": "both", "balance": 0.0}
 _PRIOR_WIDGETS = ("prior_init", "prior_loss", "prior_loss_kind", "margin", "prior_push", "lambda_prior", "custom_prior")
 _CYCLE_WIDGETS = ("constyle_iterations", "cycle_scale", "lambda_cyc", "lambda_rev")
 
@@ -327,6 +350,9 @@ def effective_widgets(widgets: dict[str, Any]) -> dict[str, Any]:
 def run_key(host, row: str, merge_steps: int) -> str:
     """The cache key of a row's runs: its slug for the rows without a merge, else ``m`` + a hash of the merge
     widgets that take effect (``effective_widgets``), so equal merges share runs whatever the row is called."""
+    if is_klora_row(row):  # its own prefix: a K-LoRA run never shares a key with a merge or a stack
+        blob = json.dumps(klora_widgets(host, row), sort_keys=True)
+        return "k" + hashlib.sha1(blob.encode()).hexdigest()[:12]
     if not is_merge_row(row):
         stack = stack_of(row)
         return stack.key if stack else slug(row)
@@ -572,6 +598,8 @@ def _run_runs(host, todo: list[RunPlan], out: Path, ckpt: Path, loras: Path, cla
                "sampler_steps": sampler_steps, "cfg": cfg, "noise_seed": noise_seed(r.pair, r.seed),
                "prompt_wall_s": round(wall, 2), **{k: round(v, 5) for k, v in mb_stats.unit_means(per_sample).items()},
                "per_sample": per_sample}
+        if is_klora_row(r.row):
+            rec.update(klora_widgets=klora_widgets(host, r.row), klora_summary=result["outputs"]["klora"][1])
         if ids["merge"] is not None:
             stats = result["outputs"][ids["merge"]][1]
             rec.update(trainable_parameters=int(stats.trainable_parameters), merge_wall_s=round(float(stats.wall_seconds), 2),

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       "fast: layer-wise"])
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    unknown = [m for m in args.methods if mb_compare.all_rows().get(m) is None]
+    unknown = [m for m in args.methods if mb_compare.all_rows().get(m) is None or not mb_compare.is_merge_row(m)]
     if unknown:
         ap.error(f"not a merge row of mb_compare: {', '.join(unknown)}")
     pair = mb_compare.builtin_pair(*args.pair.split("×"))

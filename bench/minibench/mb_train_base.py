@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     model = mb_model.build_model_base(args.seed, args.prediction)
     unet = model.diffusion_model
     unet.train()
+    # Current ComfyUI builds its models frozen (BaseModel sets requires_grad False on the UNet); this trains it.
+    unet.requires_grad_(True)
     text = mb_model.MiniTextEncoder()
     with torch.no_grad():
         g0 = torch.Generator().manual_seed(args.seed + 17)

@@ -114,7 +114,7 @@ def smoke(out: Path) -> int:
     mb_masks.main(["--merge-steps", "1", "--checkpoints", str(out), "--json", str(out / "masks.json"),
                    "--methods", "DuoLoRA (shipped defaults)"])
     rows = ["base (no LoRA)", "content LoRA only", "ceiling (LoRA trained on the target)", mb_compare.TUNED,
-            "direct merge", "ZipRank", "DuoLoRA (shipped defaults)", "DuoLoRA + Constyle (matched λ 0.3)",
+            "direct merge", "K-LoRA", "ZipRank", "DuoLoRA (shipped defaults)", "DuoLoRA + Constyle (matched λ 0.3)",
             "DuoLoRA, prior roles swapped",
             "fast: weights-only", "layer-wise + 10 % paper steps"]
     common = {"ckpt": base, "loras": out, "classifiers": classifiers, "samples": 2, "merge_steps": 1,

@@ -17,6 +17,7 @@ from miniworld import loras as mb_lora
 from miniworld import world as mb_world
 
 MERGE_NODE = "DuoLoRA_ZipRankMerge"
+KLORA_NODE = "DuoLoRA_ApplyKLoRA"
 
 
 @dataclass(frozen=True)
@@ -81,20 +82,22 @@ def merge_defaults(host) -> dict[str, Any]:
 
 
 def build_prompt(host, pair: Pair, seed: int, samples: int, ckpt: str, sampler_steps: int, cfg: float, *,
-                 merge: dict[str, Any] | None = None, stack: Sequence[tuple[str, float]] = ()) -> tuple[dict, dict]:
+                 merge: dict[str, Any] | None = None, stack: Sequence[tuple[str, float]] = (),
+                 klora: dict[str, Any] | None = None) -> tuple[dict, dict]:
     """The API prompt of one run and the ids of its image and merge nodes (``{"image": ..., "merge": ...}``).
 
     ``merge``: every ZipRankMerge widget but ``seed`` (the node's seed is ``seed``), or None for no merge.
     ``stack``: (role, strength) pairs, role "content", "style" or "joint" (``Pair.lora_file``): those LoRAs are
     applied one after another with ``LoraLoaderModelOnly`` at those strengths, as a user stacks LoRA loaders.
-    Neither: the base. ``samples`` images (batch), euler / normal, ``sampler_steps`` steps, CFG ``cfg``, from the
-    seed :func:`noise_seed` (pair, seed). The LoRA files must be in ComfyUI's models/loras under
-    ``Pair.lora_file``'s names. Raises ValueError for both ``merge`` and ``stack``.
+    ``klora``: every Apply K-LoRA widget: the content and style LoRAs through K-LoRA's sampling-time patch.
+    None of them: the base. ``samples`` images (batch), euler / normal, ``sampler_steps`` steps, CFG ``cfg``, from
+    the seed :func:`noise_seed` (pair, seed). The LoRA files must be in ComfyUI's models/loras under
+    ``Pair.lora_file``'s names. Raises ValueError when more than one of them is given.
     """
     from comfyhost import widget_defaults
 
-    if merge is not None and stack:
-        raise ValueError("build_prompt: give merge widgets or a stack of LoRAs, not both")
+    if sum((merge is not None, bool(stack), klora is not None)) > 1:
+        raise ValueError("build_prompt: give merge widgets, a stack of LoRAs or K-LoRA widgets, not several")
     p: dict[str, dict] = {}
 
     def add(nid: str, cls: str, **inputs: Any) -> list:
@@ -121,6 +124,10 @@ def build_prompt(host, pair: Pair, seed: int, samples: int, ckpt: str, sampler_s
             strength_clip=0.0)
         model = ["apply", 0]
         ids["merge"] = "merge"
+    if klora is not None:
+        add("lc", "DuoLoRA_LoadContentLoRA", lora_name=pair.lora_file("content"), strength=1.0)
+        add("ls", "DuoLoRA_LoadStyleLoRA", lora_name=pair.lora_file("style"), strength=1.0)
+        model = add("klora", KLORA_NODE, model=model, content_lora=["lc", 0], style_lora=["ls", 0], **klora)
     for i, (role, strength) in enumerate(stack):
         model = add(f"lora{i}", "LoraLoaderModelOnly", model=model, lora_name=pair.lora_file(role),
                     strength_model=float(strength))

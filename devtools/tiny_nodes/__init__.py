@@ -49,15 +49,42 @@ class TinySDXLCheckpoint(io.ComfyNode):
     @classmethod
     def execute(cls, seed: int) -> io.NodeOutput:
         return io.NodeOutput(
-            comfyhost.build_tiny_model(seed),
+            # As core loaders do: with how it is made again (Train LoRA trains on such a fresh copy).
+            comfyhost.tiny_model_loader(seed),
             comfyhost.build_tiny_clip(seed),
             comfyhost.build_tiny_vae(seed),
         )
 
 
+class TinySDXLDynamicModel(io.ComfyNode):
+    """The tiny MODEL in ComfyUI's dynamic-VRAM patcher (``comfyhost.build_dynamic_tiny_model``), where the
+    booted ComfyUI has one."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=comfyhost.TINY_DYNAMIC_MODEL_NODE,
+            display_name="Tiny SDXL dynamic-VRAM model (tests)",
+            category="duolora/testing",
+            description="The tiny model's MODEL in a ModelPatcherDynamic (is_dynamic() is true), for tests.",
+            inputs=[
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="Seed of the random weights (the same as the tiny checkpoint's)."),
+                io.Boolean.Input("loader", default=True,
+                                 tooltip="Register how the model is made again (core loaders do), so ComfyUI can "
+                                         "make a non-dynamic copy."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL")],
+        )
+
+    @classmethod
+    def execute(cls, seed: int, loader: bool = True) -> io.NodeOutput:
+        return io.NodeOutput(comfyhost.build_dynamic_tiny_model(seed, loader=loader))
+
+
 class TinyNodesExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [TinySDXLCheckpoint]
+        return [TinySDXLCheckpoint, TinySDXLDynamicModel]
 
 
 async def comfy_entrypoint() -> TinyNodesExtension:

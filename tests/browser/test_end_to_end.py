@@ -1,19 +1,21 @@
-"""Example workflows 1 and 4 (multi-concept) run end to end by a user in a real browser against a real ComfyUI
-server.
+"""The example workflows run end to end by a user in a real browser against a real ComfyUI server.
 
 What a user does, step by step, on the ComfyUI under test (0.3.75 + frontend 1.32.9, or $COMFYUI_DIR's tree with
 its own front end, e.g. 0.8.0 + 1.35.9) in Debian's headless Chromium:
 the two LoRAs and three reference pictures the workflow names are put in the server's models/loras and
 input/ folders (tiny synthetic LoRAs for the tiny SDXL-layout test model, procedural PNGs), then ComfyUI is
-opened in a new tab; workflow 1 is opened from the template browser; its Load Checkpoint node is replaced by
+opened in a new tab; example 3 (with your own pictures) is opened from the template browser; its Load
+Checkpoint node is replaced by
 the test-only Tiny SDXL checkpoint (nothing else changes: its MODEL, CLIP and VAE go to the same inputs);
 image size and step counts are lowered through the widgets, by name; the Run button queues it. The server
 runs the real nodes; the page shows the loss curve from the real "duolora.progress" messages and the Merge
 Report's preview. The finished graph is saved as <artifacts>/20_end_to_end.png (comfyserver.artifacts_dir) and,
 on the default host (0.3.75) only, as docs/screenshot.png (the README's picture; the same bytes on every run
-here): a run against another ComfyUI never changes a tracked file. The multi-concept workflow (two subjects
-and one style: Load Content LoRA → Add Content LoRA → ZipRank Merge) goes through the same steps; its finished
-graph is saved as <artifacts>/21_multi_concept.png only.
+here): a run against another ComfyUI never changes a tracked file. The quick start (example 1, weights mode)
+is run the same way and its saved file is found through what Save Merged LoRA shows; a merge cancelled with
+ComfyUI's own Cancel button leaves a curve that says so. The multi-concept example (two subjects and one style:
+Load Content LoRA → Add Content LoRA → ZipRank Merge) goes through the same steps; its finished graph is saved
+as <artifacts>/23_multi_concept.png only.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
+import stat
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -29,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import comfyhost
 import comfyserver
 import numpy as np
 import pytest
@@ -47,16 +50,20 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "example_workflows"
 SCREENSHOT = REPO / "docs" / "screenshot.png"
+QUICK_START_PICTURE = REPO / "docs" / "quick_start.png"  # the README's quick-start picture
 ARTIFACTS = comfyserver.artifacts_dir()
 PACK = "comfyui-duolora"
-FIRST = workflows.WORKFLOW_NAMES[0]
-MULTI = "duolora_multi_concept"
+CATEGORY = "DuoLoRA"  # the template browser's label of our pack (locales/en/main.json)
+FIRST = workflows.WITH_IMAGES
+KLORA_WORKFLOW = workflows.KLORA
+MULTI = workflows.MULTI
+KLORA = "DuoLoRA_ApplyKLoRA"
 MERGE, REPORT, SAVE_LORA = "DuoLoRA_ZipRankMerge", "DuoLoRA_MergeReport", "DuoLoRA_SaveMergedLoRA"
 MERGE_STEPS = 3
 SAMPLER_STEPS = 2
 SIZE = 64  # pixels: the empty latent and the reference pictures
 RANK = 8
-RANK_C2 = 4  # the multi-concept workflow's second content LoRA
+RANK_C2 = 4  # the second subject's LoRA, of another rank than the first
 RUN_TIMEOUT_S = 150
 SCREENSHOT_WIDTH = 1400
 # Rendered larger than the README's picture and scaled down, so node text stays sharp.
@@ -70,7 +77,7 @@ def _get_json(url: str) -> dict:
 
 
 def _put_input_files(base: Path) -> dict[str, Path]:
-    """The files workflows 1 and 4 name, made for the tiny model: LoRAs in models/loras, pictures in input/."""
+    """The files the examples name, made for the tiny model: LoRAs in models/loras, pictures in input/."""
     loras = base / "models" / "loras"
     files = workflows.make_tiny_loras(loras, {workflows.CONTENT_LORA: (RANK, 1)}, text_encoder=True)
     files |= workflows.make_tiny_loras(loras, {workflows.STYLE_LORA: (RANK, 2), workflows.CONTENT2_LORA: (RANK_C2, 3)})
@@ -106,7 +113,7 @@ class UserPage:
 
 @pytest.fixture
 def user_page(browser_session: BrowserSession) -> Iterator[UserPage]:
-    """Put the files workflow 1 names into the server's folders, then open ComfyUI in a new tab."""
+    """Put the files the examples name into the server's folders, then open ComfyUI in a new tab."""
     _put_input_files(browser_session.base_directory)
     page = browser_session.page.context.new_page()
     page.set_default_timeout(30_000)
@@ -132,15 +139,12 @@ def _combo_options(page: Any, node_type: str, name: str) -> list:
     )
 
 
-def _open_template(page: Any, name: str = FIRST) -> None:
-    """Templates → comfyui-duolora → the card ``name``, as a user clicks through it."""
+def _open_template(page: Any, name: str = FIRST, node_type: str = MERGE) -> None:
+    """Templates → DuoLoRA → the card titled ``name`` (a workflow with a ``node_type`` node), as a user clicks."""
     page.evaluate("() => { window.comfyAPI.app.app.graph.clear(); }")
-    page.locator(".templates-tab-button").first.click()
-    dialog = page.locator(".workflow-template-selector-dialog")
-    dialog.wait_for(state="visible")
-    dialog.get_by_role("button", name=PACK).click()
-    dialog.get_by_text(name, exact=True).first.click()
-    page.wait_for_function(f"() => window.comfyAPI.app.app.graph._nodes.some(n => n.type === '{MERGE}')")
+    dialog = workflows.page_open_template_pack(page, CATEGORY, timeout=90_000)
+    dialog.get_by_text(name, exact=True).first.click(timeout=90_000)
+    page.wait_for_function(f"() => window.comfyAPI.app.app.graph._nodes.some(n => n.type === '{node_type}')")
     dialog.wait_for(state="hidden")
     page.wait_for_timeout(500)
 
@@ -268,6 +272,13 @@ _JS_REGIONS = """(reportId) => {
 }"""
 
 
+def _umask() -> int:
+    # The server process inherits this process's umask (devtools/comfyserver.py starts it).
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _node_ids(page: Any, node_type: str) -> list[int]:
     return page.evaluate("(t) => window.comfyAPI.app.app.graph._nodes.filter(n => n.type === t).map(n => n.id)",
                            node_type)
@@ -275,6 +286,26 @@ def _node_ids(page: Any, node_type: str) -> list[int]:
 
 def _set_widget(page: Any, node_id: int, name: str, value: object) -> None:
     assert page.evaluate(_JS_SET_WIDGET, [node_id, name, value]), f"node {node_id} has no widget {name!r}"
+
+
+def _small_and_fast(page: Any) -> None:
+    """Few sampler steps and a small canvas, set through the widgets by name."""
+    for node_id in _node_ids(page, "KSampler"):
+        _set_widget(page, node_id, "steps", SAMPLER_STEPS)
+    for node_id in _node_ids(page, "EmptyLatentImage"):
+        _set_widget(page, node_id, "width", SIZE)
+        _set_widget(page, node_id, "height", SIZE)
+
+
+def _click_run(page: Any) -> tuple[str, dict]:
+    """Press the Run button as a user; returns the prompt id the server gave and the prompt the page posted.
+    The Run button sits inside [data-testid=queue-button] up to front end 1.35.9; 1.49.6 draws it elsewhere."""
+    run = page.locator('[data-testid="queue-button"]').get_by_role("button", name=re.compile(r"^\s*Run\s*$")).or_(
+        page.get_by_role("button", name=re.compile(r"^\s*Run\s*$")).filter(visible=True))
+    with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as posted:
+        run.first.click()
+    assert posted.value.status == 200, posted.value.text()
+    return posted.value.json()["prompt_id"], posted.value.request.post_data_json["prompt"]
 
 
 def _wait_for_history(url: str, prompt_id: str, timeout: float) -> dict:
@@ -307,55 +338,11 @@ def _expected_prompt(shipped_api: dict, tiny_id: str) -> dict:
     return expected
 
 
-def _open_on_the_tiny_model(page: Any, url: str, name: str, timings: dict[str, float] | None = None,
-                            t0: float = 0.0) -> dict:
-    """What a user does before Run: the example ``name`` from the template browser (every node known, no
-    missing-nodes dialog, the front end's prompt is the converter's), Load Checkpoint replaced by the tiny one
-    (its MODEL, CLIP and VAE going where they went before), then a small image and few steps set through the
-    widgets by name. Returns the shipped workflow, the replacement's record and the front end's prompt."""
-    _open_template(page, name)
-    state = page.evaluate(_JS_STATE)
-    shipped = workflows.load(EXAMPLES / f"{name}.json")
-    assert sorted(state["types"]) == sorted(n["type"] for n in shipped["nodes"])
-    assert state["unknown"] == [] and state["dialogs"] == [], state
-    shipped_api = workflows.ui_to_api(shipped, _get_json(url + "/object_info"))
-    assert workflows.page_graph_to_prompt(page) == shipped_api
-    if timings is not None:
-        timings["opened_s"] = time.monotonic() - t0
-    replaced = page.evaluate(_JS_REPLACE, [workflows.CHECKPOINT_LOADER, workflows.TINY_CHECKPOINT])
-    assert "error" not in replaced, replaced
-    assert replaced["outputs"] == ["MODEL", "CLIP", "VAE"]
-    (ckpt,) = workflows.nodes_of_type(shipped, workflows.CHECKPOINT_LOADER)
-    shipped_links = sorted([kind, target, slot] for _, origin, _, target, slot, kind in shipped["links"]
-                           if origin == int(ckpt))
-    assert sorted(replaced["before"]) == shipped_links and sorted(replaced["after"]) == shipped_links, replaced
-    for merge_id in _node_ids(page, MERGE):
-        _set_widget(page, merge_id, "steps", MERGE_STEPS)
-    for node_id in _node_ids(page, "KSampler"):
-        _set_widget(page, node_id, "steps", SAMPLER_STEPS)
-    for node_id in _node_ids(page, "EmptyLatentImage"):
-        _set_widget(page, node_id, "width", SIZE)
-        _set_widget(page, node_id, "height", SIZE)
-    front_end = workflows.page_graph_to_prompt(page)
-    assert front_end == _expected_prompt(shipped_api, str(replaced["id"]))
-    return {"shipped": shipped, "replaced": replaced, "front_end": front_end}
-
-
-def _wait_for_preview(page: Any, node_id: int) -> None:
-    """Until ComfyUI has loaded the node's ui image into the node (redrawing the canvas meanwhile)."""
-    page.wait_for_function(
-        """(id) => {
-            const app = window.comfyAPI.app.app;
-            app.canvas.setDirty(true, true);
-            return (app.graph.getNodeById(id)?.imgs?.[0]?.naturalWidth ?? 0) > 0;
-        }""",
-        arg=node_id,
-    )
-
-
-def _save_screenshot(page: Any, node_ids: list[int], report_id: int) -> tuple[Path, dict]:
+def _save_screenshot(page: Any, node_ids: list[int], report_id: int, name: str = "20_end_to_end",
+                     picture: Path = SCREENSHOT) -> tuple[Path, dict]:
     """The finished graph around ``node_ids`` (their groups included), rendered large and scaled to
-    SCREENSHOT_WIDTH; saved to ARTIFACTS/20_end_to_end.png and, on the default host, docs/screenshot.png.
+    SCREENSHOT_WIDTH; saved to ARTIFACTS/<name>.png and, in the run that draws the README's pictures
+    ($DUOLORA_README_HOST=1: scripts/test_hosts.sh sets it for ComfyUI 0.33.0), as ``picture``.
     Returns the path and the boxes (in the saved picture's pixels) of the loss curve and the report node."""
     old_viewport = page.viewport_size
     setting = "async ([k, v]) => await window.comfyAPI.app.app.extensionManager.setting.set(k, v)"
@@ -385,16 +372,16 @@ def _save_screenshot(page: Any, node_ids: list[int], report_id: int) -> tuple[Pa
     img = Image.open(io.BytesIO(png)).convert("RGB")
     img = img.resize((SCREENSHOT_WIDTH, round(img.height * SCREENSHOT_WIDTH / img.width)), Image.Resampling.LANCZOS)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    out = ARTIFACTS / "20_end_to_end.png"
+    out = ARTIFACTS / f"{name}.png"
     img.save(out, format="PNG", optimize=True)
-    if comfyhost.is_default_host():
-        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        img.save(SCREENSHOT, format="PNG", optimize=True)
+    if os.environ.get("DUOLORA_README_HOST") == "1":
+        picture.parent.mkdir(parents=True, exist_ok=True)
+        img.save(picture, format="PNG", optimize=True)
     k = SCREENSHOT_WIDTH / SCREENSHOT_VIEWPORT["width"]
     return out, {name: [round(v * k) for v in box] for name, box in regions.items()}
 
 
-def test_workflow_1_runs_end_to_end_from_the_ui(browser_session: BrowserSession, user_page: UserPage,
+def test_example_with_pictures_runs_end_to_end_from_the_ui(browser_session: BrowserSession, user_page: UserPage,
                                                 tiny_layout) -> None:
     s = browser_session
     page = user_page.page
@@ -409,15 +396,36 @@ def test_workflow_1_runs_end_to_end_from_the_ui(browser_session: BrowserSession,
     images = set(_combo_options(page, "LoadImage", "image"))
     assert {*workflows.CONTENT_IMAGES, workflows.STYLE_IMAGE} <= images, images
 
-    # 2.–4. Workflow 1 from the template browser, on the tiny checkpoint with a small image and few steps.
-    opened = _open_on_the_tiny_model(page, s.url, FIRST, timings, t0)
-    shipped, replaced, front_end = opened["shipped"], opened["replaced"], opened["front_end"]
+    # 2. Example 3 from the template browser: every node known, no missing-nodes dialog.
+    _open_template(page)
+    state = page.evaluate(_JS_STATE)
+    shipped = workflows.load(EXAMPLES / f"{FIRST}.json")
+    assert sorted(state["types"]) == sorted(n["type"] for n in shipped["nodes"])
+    assert state["unknown"] == [] and state["dialogs"] == [], state
+    object_info = _get_json(s.url + "/object_info")
+    shipped_api = workflows.ui_to_api(shipped, object_info)
+    assert workflows.page_graph_to_prompt(page) == shipped_api
+    timings["opened_s"] = time.monotonic() - t0
+
+    # 3. Load Checkpoint -> Tiny SDXL checkpoint, with its MODEL, CLIP and VAE going where they went before.
+    replaced = page.evaluate(_JS_REPLACE, [workflows.CHECKPOINT_LOADER, workflows.TINY_CHECKPOINT])
+    assert "error" not in replaced, replaced
+    assert replaced["outputs"] == ["MODEL", "CLIP", "VAE"]
     (ckpt,) = workflows.nodes_of_type(shipped, workflows.CHECKPOINT_LOADER)
     shipped_links = sorted([kind, target, slot] for _, origin, _, target, slot, kind in shipped["links"]
                            if origin == int(ckpt))
-    assert len(shipped_links) == 9, replaced
+    # Node ids as numbers: front end 1.49.6 gives a loaded link's target id as a string, a new link's as a number.
+    before, after = ([[kind, int(target), slot] for kind, target, slot in replaced[k]] for k in ("before", "after"))
+    assert sorted(before) == shipped_links and len(shipped_links) == 9, replaced
+    assert sorted(after) == shipped_links, replaced
+
+    # 4. Small image and few steps, set through the widgets by name.
     (merge_id,) = _node_ids(page, MERGE)
     (report_id,) = _node_ids(page, REPORT)
+    _set_widget(page, merge_id, "steps", MERGE_STEPS)
+    _small_and_fast(page)
+    front_end = workflows.page_graph_to_prompt(page)
+    assert front_end == _expected_prompt(shipped_api, str(replaced["id"]))
 
     # 5. Look at the merge node (zoomed in far enough for ComfyUI to show its DOM widgets), then Run, as a
     #    user: the Run button. The page's websocket carries everything back.
@@ -429,12 +437,8 @@ def test_workflow_1_runs_end_to_end_from_the_ui(browser_session: BrowserSession,
     }""")
     events_before = page.evaluate(_JS_LISTEN)
     assert events_before is not None, "duolora.js is not loaded (window.__duolora is unset)"
-    run = page.locator('[data-testid="queue-button"]').get_by_role("button", name=re.compile(r"^\s*Run\s*$"))
-    with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as posted:
-        run.first.click()
-    assert posted.value.status == 200, posted.value.text()
-    prompt_id = posted.value.json()["prompt_id"]
-    assert posted.value.request.post_data_json["prompt"] == front_end
+    prompt_id, posted = _click_run(page)
+    assert posted == front_end
     t_run = time.monotonic()
     history = _wait_for_history(s.url, prompt_id, RUN_TIMEOUT_S)
     timings["run_s"] = time.monotonic() - t_run
@@ -471,7 +475,14 @@ def test_workflow_1_runs_end_to_end_from_the_ui(browser_session: BrowserSession,
     preview_path = base / preview["type"] / preview["subfolder"] / preview["filename"]
     with Image.open(preview_path) as img:
         preview_size = img.size
-    _wait_for_preview(page, report_id)
+    page.wait_for_function(
+        """(id) => {
+            const app = window.comfyAPI.app.app;
+            app.canvas.setDirty(true, true);
+            return (app.graph.getNodeById(id)?.imgs?.[0]?.naturalWidth ?? 0) > 0;
+        }""",
+        arg=report_id,
+    )
     shown = page.evaluate(
         "(id) => { const i = window.comfyAPI.app.app.graph.getNodeById(id).imgs[0];"
         " return {w: i.naturalWidth, h: i.naturalHeight, src: i.src}; }", report_id)
@@ -483,6 +494,10 @@ def test_workflow_1_runs_end_to_end_from_the_ui(browser_session: BrowserSession,
     (relative,) = outputs[str(save_lora_id)]["text"]
     merged = base / "models" / "loras" / relative
     assert merged.is_file() and merged.suffix == ".safetensors", merged
+    # The node shows the user where the file went, and the file is as readable as the run's images.
+    shown_name = page.get_by_role("status").filter(has_text=relative)
+    assert shown_name.inner_text() == f"Saved in your loras folder as {relative} (press R to list it in Load LoRA)"
+    assert stat.S_IMODE(merged.stat().st_mode) == 0o666 & ~_umask()
     lora = formats.read_lora(merged, layouts=(tiny_layout,))
     assert lora.metadata["duolora.steps_done"] == str(MERGE_STEPS)
     assert lora.metadata["duolora.content"] == workflows.CONTENT_LORA
@@ -514,30 +529,172 @@ def test_workflow_1_runs_end_to_end_from_the_ui(browser_session: BrowserSession,
     (ARTIFACTS / "end_to_end_timings.json").write_text(json.dumps(timings, indent=1), encoding="utf-8")
 
 
+def test_the_klora_workflow_runs_from_the_ui(browser_session: BrowserSession, user_page: UserPage) -> None:
+    """The K-LoRA example, opened from the template browser and run with the Run button: the same user steps as
+    workflow 1 (tiny checkpoint in place of Load Checkpoint, small canvas, few steps), nothing merged or saved
+    but the image. Its picture goes to <artifacts>/21_klora.png only."""
+    s = browser_session
+    page = user_page.page
+    _open_template(page, KLORA_WORKFLOW, KLORA)
+    state = page.evaluate(_JS_STATE)
+    shipped = workflows.load(EXAMPLES / f"{KLORA_WORKFLOW}.json")
+    assert sorted(state["types"]) == sorted(n["type"] for n in shipped["nodes"])
+    assert state["unknown"] == [] and state["dialogs"] == [], state
+    shipped_api = workflows.ui_to_api(shipped, _get_json(s.url + "/object_info"))
+    assert workflows.page_graph_to_prompt(page) == shipped_api
+
+    replaced = page.evaluate(_JS_REPLACE, [workflows.CHECKPOINT_LOADER, workflows.TINY_CHECKPOINT])
+    assert "error" not in replaced and len(replaced["after"]) == 4, replaced  # MODEL, 2 × CLIP, VAE
+    _small_and_fast(page)
+    front_end = workflows.page_graph_to_prompt(page)
+    assert front_end == _expected_prompt(shipped_api, str(replaced["id"]))
+
+    (klora_id,) = _node_ids(page, KLORA)
+    (sampler_id,) = _node_ids(page, "KSampler")
+    (save_image_id,) = _node_ids(page, "SaveImage")
+    page.evaluate(_JS_LISTEN)
+    prompt_id, posted = _click_run(page)
+    assert posted == front_end
+    history = _wait_for_history(s.url, prompt_id, RUN_TIMEOUT_S)
+    status = history["status"]
+    assert status["status_str"] == "success" and status["completed"] is True, status
+    page.wait_for_function("() => window.__duoloraE2E.success.length + window.__duoloraE2E.errors.length > 0")
+    log = page.evaluate("() => window.__duoloraE2E")
+    assert log["errors"] == [] and [e["prompt_id"] for e in log["success"]] == [prompt_id]
+    # The image sampled through Apply K-LoRA's MODEL was saved at the canvas size.
+    assert str(save_image_id) in {str(e["node"]) for e in log["executed"]}
+    (image,) = history["outputs"][str(save_image_id)]["images"]
+    with Image.open(s.base_directory / "output" / image["subfolder"] / image["filename"]) as img:
+        assert img.size == (SIZE, SIZE) and image["type"] == "output"
+    page.evaluate(_JS_FIT_NODES, [[klora_id, sampler_id, save_image_id], 20])
+    page.wait_for_timeout(500)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "21_klora.png"))
+
+
+def test_quick_start_merges_two_loras_and_shows_where_the_file_went(browser_session: BrowserSession,
+                                                                   user_page: UserPage, tiny_layout) -> None:
+    """The README's quick start as a user follows it: open "1. Merge two LoRAs in seconds", (pick the LoRAs: the
+    template names the two files put in models/loras), press Run, read the saved file's name in Save Merged
+    LoRA, find the file. Only the checkpoint is swapped for the tiny test model."""
+    s = browser_session
+    page = user_page.page
+    _open_template(page, workflows.QUICK)
+    state = page.evaluate(_JS_STATE)
+    shipped = workflows.load(EXAMPLES / f"{workflows.QUICK}.json")
+    assert sorted(state["types"]) == sorted(n["type"] for n in shipped["nodes"])
+    assert state["unknown"] == [] and state["dialogs"] == [], state
+    # Each LoRA is picked once, in its loader; no picture or prompt is asked for.
+    assert workflows.input_file_names(shipped) == {"loras": [workflows.CONTENT_LORA, workflows.STYLE_LORA],
+                                                   "images": [], "checkpoints": [workflows.CKPT]}
+    replaced = page.evaluate(_JS_REPLACE, [workflows.CHECKPOINT_LOADER, workflows.TINY_CHECKPOINT])
+    assert "error" not in replaced and [kind for kind, _, _ in replaced["after"]] == ["MODEL"], replaced
+    (merge_id,) = _node_ids(page, MERGE)
+    (save_id,) = _node_ids(page, SAVE_LORA)
+    page.evaluate(_JS_FIT_NODES, [_node_ids(page, "DuoLoRA_LoadContentLoRA") + [merge_id, save_id], 20])
+    page.evaluate(_JS_LISTEN)
+    t0 = time.monotonic()
+    prompt_id = _click_run(page)[0]
+    history = _wait_for_history(s.url, prompt_id, RUN_TIMEOUT_S)
+    run_s = time.monotonic() - t0
+    assert history["status"]["status_str"] == "success", history["status"]
+
+    # Weights mode learns no steps: the node says the merge is done and what it kept instead of a curve.
+    page.wait_for_function("() => window.__duoloraE2E.done.length > 0")
+    page.evaluate("() => window.comfyAPI.app.app.canvas.setDirty(true, true)")
+    assert page.evaluate(_JS_LOSS, merge_id)["label"].startswith("merged · mean kept rank: content ")
+    (relative,) = history["outputs"][str(save_id)]["text"]
+    shown = page.get_by_role("status").filter(has_text=relative)
+    shown.wait_for(state="visible")
+    assert shown.inner_text() == f"Saved in your loras folder as {relative} (press R to list it in Load LoRA)"
+    assert relative.startswith("duolora/merged_") and relative.endswith("_.safetensors")
+    merged = s.base_directory / "models" / "loras" / relative
+    assert stat.S_IMODE(merged.stat().st_mode) == 0o666 & ~_umask()
+    lora = formats.read_lora(merged, layouts=(tiny_layout,))
+    assert lora.metadata["duolora.mode"] == "weights_only" and lora.metadata["duolora.steps_done"] == "0"
+    # Each loader shows what its file holds: which files went into the merge.
+    for loader in ("DuoLoRA_LoadContentLoRA", "DuoLoRA_LoadStyleLoRA"):
+        (loader_id,) = _node_ids(page, loader)
+        (summary,) = history["outputs"][str(loader_id)]["text"]
+        assert summary.startswith("kohya_ldm · ") and summary.endswith(" · rank 8"), summary
+        assert page.get_by_role("status").filter(has_text=re.compile(f"^{re.escape(summary)}$")).count() == 1
+    (report_id,) = _node_ids(page, REPORT)
+    page.wait_for_function(
+        """(id) => {
+            const app = window.comfyAPI.app.app;
+            app.canvas.setDirty(true, true);
+            return (app.graph.getNodeById(id)?.imgs?.[0]?.naturalWidth ?? 0) > 0;
+        }""", arg=report_id)
+    everything = page.evaluate("() => window.comfyAPI.app.app.graph._nodes.map(n => n.id)")
+    shot, _ = _save_screenshot(page, everything, report_id, "21_quick_start_after_run", QUICK_START_PICTURE)
+    with Image.open(shot) as img:
+        assert img.width == SCREENSHOT_WIDTH and 500 <= img.height <= 1100, img.size
+    (ARTIFACTS / "quick_start_timings.json").write_text(json.dumps({"run_s": run_s}, indent=1), encoding="utf-8")
+    assert user_page.problems_of_ours() == []
+
+
+def test_cancel_leaves_a_curve_that_says_cancelled(browser_session: BrowserSession, user_page: UserPage) -> None:
+    """A long merge, cancelled with ComfyUI's own Cancel button after two steps: the node's curve says so
+    instead of standing at "step 2 / 200" as if the merge still ran."""
+    s = browser_session
+    page = user_page.page
+    _open_template(page)
+    replaced = page.evaluate(_JS_REPLACE, [workflows.CHECKPOINT_LOADER, workflows.TINY_CHECKPOINT])
+    assert "error" not in replaced, replaced
+    (merge_id,) = _node_ids(page, MERGE)
+    _set_widget(page, merge_id, "steps", 200)
+    for node_id in _node_ids(page, "EmptyLatentImage"):
+        _set_widget(page, node_id, "width", SIZE)
+        _set_widget(page, node_id, "height", SIZE)
+    page.evaluate(_JS_FIT_NODES, [[merge_id], 20])
+    page.evaluate(_JS_LISTEN)
+    prompt_id = _click_run(page)[0]
+    page.wait_for_function(f"() => window.__duoloraE2E.progress.filter(p => p.node === '{merge_id}').length >= 2",
+                           timeout=RUN_TIMEOUT_S * 1000)
+    page.get_by_role("button", name="Cancel current run").click()
+    history = _wait_for_history(s.url, prompt_id, RUN_TIMEOUT_S)
+    messages = [m[0] for m in history["status"]["messages"]]
+    assert "execution_interrupted" in messages and history["status"]["completed"] is False, history["status"]
+    page.evaluate("() => window.comfyAPI.app.app.canvas.setDirty(true, true)")
+    curve = page.evaluate(_JS_LOSS, merge_id)
+    steps = len(curve["steps"])
+    assert 2 <= steps < 200 and curve["label"] == f"loss · step {steps} / 200 · cancelled", curve
+    s.screenshot("22_cancelled_merge")
+    assert user_page.problems_of_ours() == []
+
+
 def test_multi_concept_workflow_runs_end_to_end_from_the_ui(browser_session: BrowserSession, user_page: UserPage,
                                                             tiny_layout) -> None:
-    """Workflow 4 from the template browser: two subjects (Load Content LoRA → Add Content LoRA, each with its
-    own picture and prompts) and one style merged into one LoRA, applied, and sampled once per subject."""
+    """The multi-concept example from the template browser: two subjects (Load Content LoRA → Add Content LoRA,
+    each with its own picture and prompts) and one style merged into one LoRA, applied, and sampled once per
+    subject; the same user steps as example 3 (tiny checkpoint, small canvas, few steps)."""
     s = browser_session
     page = user_page.page
     base = s.base_directory
     assert workflows.CONTENT2_LORA in _combo_options(page, "DuoLoRA_AddContentLoRA", "lora_name")
     assert set(workflows.CONTENT2_IMAGES) <= set(_combo_options(page, "LoadImage", "image"))
-
-    front_end = _open_on_the_tiny_model(page, s.url, MULTI)["front_end"]
+    _open_template(page, MULTI)
+    state = page.evaluate(_JS_STATE)
+    shipped = workflows.load(EXAMPLES / f"{MULTI}.json")
+    assert sorted(state["types"]) == sorted(n["type"] for n in shipped["nodes"])
+    assert state["unknown"] == [] and state["dialogs"] == [], state
+    shipped_api = workflows.ui_to_api(shipped, _get_json(s.url + "/object_info"))
+    assert workflows.page_graph_to_prompt(page) == shipped_api
+    replaced = page.evaluate(_JS_REPLACE, [workflows.CHECKPOINT_LOADER, workflows.TINY_CHECKPOINT])
+    assert "error" not in replaced and replaced["outputs"] == ["MODEL", "CLIP", "VAE"], replaced
     (merge_id,) = _node_ids(page, MERGE)
     (report_id,) = _node_ids(page, REPORT)
     (add_id,) = _node_ids(page, "DuoLoRA_AddContentLoRA")
+    _set_widget(page, merge_id, "steps", MERGE_STEPS)
+    _small_and_fast(page)
+    front_end = workflows.page_graph_to_prompt(page)
+    assert front_end == _expected_prompt(shipped_api, str(replaced["id"]))
     assert front_end[str(merge_id)]["inputs"]["content_lora"] == [str(add_id), 0]
 
     page.evaluate(_JS_FIT_NODES, [[merge_id, report_id], 20])
     page.evaluate(_JS_LISTEN)
-    run = page.locator('[data-testid="queue-button"]').get_by_role("button", name=re.compile(r"^\s*Run\s*$"))
-    with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as posted:
-        run.first.click()
-    assert posted.value.status == 200, posted.value.text()
-    prompt_id = posted.value.json()["prompt_id"]
-    assert posted.value.request.post_data_json["prompt"] == front_end
+    prompt_id, posted = _click_run(page)
+    assert posted == front_end
     history = _wait_for_history(s.url, prompt_id, RUN_TIMEOUT_S)
     page.wait_for_function("() => window.__duoloraE2E.success.length + window.__duoloraE2E.errors.length > 0")
     log = page.evaluate("() => window.__duoloraE2E")
@@ -570,11 +727,16 @@ def test_multi_concept_workflow_runs_end_to_end_from_the_ui(browser_session: Bro
         with Image.open(base / "output" / image["subfolder"] / image["filename"]) as img:
             assert img.size == (SIZE, SIZE)
     (preview,) = outputs[str(report_id)]["images"]
-    _wait_for_preview(page, report_id)
+    page.wait_for_function(
+        """(id) => {
+            const app = window.comfyAPI.app.app;
+            app.canvas.setDirty(true, true);
+            return (app.graph.getNodeById(id)?.imgs?.[0]?.naturalWidth ?? 0) > 0;
+        }""", arg=report_id)
     shown = page.evaluate("(id) => window.comfyAPI.app.app.graph.getNodeById(id).imgs[0].src", report_id)
     assert preview["filename"] in shown, (shown, preview)
     page.evaluate(_JS_FIT_NODES, [[merge_id, report_id, add_id, save_lora_id], 20])
     page.wait_for_timeout(800)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "21_multi_concept.png"))
+    page.screenshot(path=str(ARTIFACTS / "23_multi_concept.png"))
     assert user_page.problems_of_ours() == []

@@ -1,9 +1,12 @@
 """The pack's front end in a real browser: a real ComfyUI 0.3.75 server, Debian's headless Chromium.
 
-Checks what a user sees: the extension is served and loads without errors, the six nodes sit under
-"DuoLoRA" in the node library, the layer-prior diagram follows `prior_preset` and edits `custom_prior`
-in custom mode, the loss curve draws "duolora.progress" messages arriving on the websocket, and the
-Merge Report's image preview is ComfyUI's own, untouched by us. Screenshots go to test_artifacts/browser/.
+Checks what a user sees: the extension is served and loads without errors, every node of the pack sits under
+"DuoLoRA" in the node library, ZipRank Merge shows mode, method, steps and balance and keeps the other settings
+behind its "Show 23 advanced settings" button, the layer-prior diagram (with the advanced settings) follows
+`prior_preset` and edits `custom_prior` in custom mode, the loss curve draws "duolora.progress" messages
+arriving on the websocket and says when a run was cancelled or warned about, Save Merged LoRA shows the file it
+saved, and the Merge Report's image preview is ComfyUI's own, untouched by us. Screenshots go to
+test_artifacts/browser/.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 PACK = "comfyui-duolora"
-EXTENSION_FILES = ("duolora.js", "duolora_priors.js", "duolora_widgets.js")
+EXTENSION_FILES = ("duolora.js", "duolora_priors.js", "duolora_templates.js", "duolora_widgets.js")
 # shared contract (notes/nodes_contract.md): node id -> display name; every one in category "DuoLoRA".
 NODES = {
     "DuoLoRA_LoadContentLoRA": "Load Content LoRA",
@@ -35,10 +38,16 @@ NODES = {
     "DuoLoRA_ApplyMergedLoRA": "Apply Merged LoRA",
     "DuoLoRA_SaveMergedLoRA": "Save Merged LoRA",
     "DuoLoRA_MergeReport": "Merge Report",
+    "DuoLoRA_ApplyKLoRA": "Apply K-LoRA",
 }
 MERGE = "DuoLoRA_ZipRankMerge"
 REPORT = "DuoLoRA_MergeReport"
-OUR_WIDGETS = ("duolora_prior_diagram", "duolora_loss_curve")
+SAVE = "DuoLoRA_SaveMergedLoRA"
+OUR_WIDGETS = ("duolora_prior_diagram", "duolora_loss_curve", "duolora_advanced_toggle")
+IN_VIEW = ["mode", "method", "balance", "steps"]  # ZipRank Merge's widgets a user sees without asking
+N_ADVANCED = 23
+SHOW_ADVANCED = f"▸ Show {N_ADVANCED} advanced settings"
+HIDE_ADVANCED = f"▾ Hide the {N_ADVANCED} advanced settings"
 LOSS_TERMS = ("total", "content", "style", "cycle")
 
 
@@ -148,10 +157,84 @@ def _send_ws(s: BrowserSession, messages: list[dict]) -> None:
 
 
 def _merge_node_with_diagram(s: BrowserSession, scale: float = 1.0) -> int:
+    """A new ZipRank Merge node with its advanced settings (and so the prior diagram) shown: the user's click on
+    its button, or, where the front end draws nodes itself (Nodes 2.0), the node menu's "Show Advanced"."""
     _fresh_graph(s, scale)
     node_id = _add_node(s, MERGE, 300, 60)
+    button = s.page.get_by_role("button", name=SHOW_ADVANCED, exact=True)
+    s.page.wait_for_timeout(300)
+    if button.count() and button.first.is_visible():
+        button.click()
+    else:
+        s.page.evaluate("(id) => window.comfyAPI.app.app.graph.getNodeById(id).toggleAdvanced()", node_id)
     s.page.wait_for_selector(".duolora-prior [data-block]", state="visible")
     return node_id
+
+
+_JS_NODE_LAYOUT = """(id) => {
+    const node = window.comfyAPI.app.app.graph.getNodeById(id);
+    return {visible: node.widgets.filter(w => node.isWidgetVisible(w)).map(w => w.name),
+            advanced: node.widgets.filter(w => w.advanced).map(w => w.name),
+            height: node.size[1], needed: node.computeSize()[1], shown: !!node.showAdvanced};
+}"""
+
+
+def test_merge_node_shows_what_a_user_decides_and_keeps_the_rest_one_click_away(
+        browser_session: BrowserSession) -> None:
+    s = browser_session
+    _fresh_graph(s)
+    node_id = _add_node(s, MERGE, 300, 60)
+    s.page.get_by_role("button", name=SHOW_ADVANCED, exact=True).wait_for(state="visible")
+    collapsed = s.page.evaluate(_JS_NODE_LAYOUT, node_id)
+    assert collapsed["visible"] == [*IN_VIEW, "duolora_advanced_toggle", "duolora_loss_curve"], collapsed
+    # 23 settings, the seed's "control after generate" and the prior diagram wait behind the button.
+    assert len(collapsed["advanced"]) == N_ADVANCED + 2 and "duolora_prior_diagram" in collapsed["advanced"]
+    assert collapsed["height"] == collapsed["needed"] <= 500, collapsed
+    assert s.page.locator(".duolora-prior").first.is_hidden()
+    # A new node keeps its seed between runs (randomized, every Run would merge and save again).
+    assert _widget_value(s, node_id, "control_after_generate") == "fixed"
+    s.screenshot("08_merge_node_collapsed")
+
+    s.page.get_by_role("button", name=SHOW_ADVANCED, exact=True).click()
+    expanded = s.page.evaluate(_JS_NODE_LAYOUT, node_id)
+    assert expanded["shown"] is True and len(expanded["visible"]) == len(collapsed["visible"]) + N_ADVANCED + 2
+    assert expanded["height"] == expanded["needed"] >= collapsed["height"] + N_ADVANCED * 20, expanded
+    assert s.page.get_by_role("button", name=HIDE_ADVANCED, exact=True).get_attribute("aria-expanded") == "true"
+    s.page.wait_for_selector(".duolora-prior [data-block]", state="visible")
+    s.screenshot("09_merge_node_expanded")
+
+    s.page.get_by_role("button", name=HIDE_ADVANCED, exact=True).click()
+    again = s.page.evaluate(_JS_NODE_LAYOUT, node_id)
+    assert again == collapsed
+    # Hidden is not gone: every setting still goes to the server, and the workflow keeps every value.
+    prompt = s.page.evaluate("async () => (await window.comfyAPI.app.app.graphToPrompt()).output")
+    assert len(prompt[str(node_id)]["inputs"]) == len(IN_VIEW) + N_ADVANCED
+    saved = s.page.evaluate("(id) => window.comfyAPI.app.app.graph.getNodeById(id).serialize()", node_id)
+    assert len(saved["widgets_values"]) == len(IN_VIEW) + N_ADVANCED + 1  # and the seed's control widget
+    assert _our_problems(s) == []
+
+
+def test_save_node_shows_the_file_it_saved(browser_session: BrowserSession) -> None:
+    s = browser_session
+    _fresh_graph(s)
+    node_id = _add_node(s, SAVE, 300, 60)
+    status = s.page.get_by_role("status").filter(has_text="saved file")
+    assert status.inner_text() == "After a run, the saved file's name appears here."
+    # What ComfyUI sends once the node ran (its ui {"text": [path relative to models/loras]}).
+    _send_ws(s, [{"type": "executed", "data": {"node": str(node_id), "display_node": str(node_id),
+                                               "prompt_id": "duolora-browser-test",
+                                               "output": {"text": ["duolora/merged_00007_.safetensors"]}}}])
+    shown = s.page.get_by_role("status").filter(has_text="merged_00007_")
+    assert shown.inner_text() == (
+        "Saved in your loras folder as duolora/merged_00007_.safetensors (press R to list it in Load LoRA)")
+    s.screenshot("12_save_node_file_name")
+    # A loader shows what its file holds the same way (its ui text is the summary output).
+    loader = _add_node(s, "DuoLoRA_LoadContentLoRA", 300, 260)
+    summary = "kohya_ldm · SDXL · 722 layers (72 text encoder) · rank 16"
+    _send_ws(s, [{"type": "executed", "data": {"node": str(loader), "display_node": str(loader),
+                                               "prompt_id": "duolora-browser-test", "output": {"text": [summary]}}}])
+    assert s.page.get_by_role("status").filter(has_text="kohya_ldm").inner_text() == summary
+    assert _our_problems(s) == []
 
 
 def test_extension_is_served_and_loaded(browser_session: BrowserSession) -> None:
@@ -184,18 +267,21 @@ def test_nodes_listed_under_duolora(browser_session: BrowserSession) -> None:
     )
     assert registered == dict.fromkeys(NODES, "DuoLoRA")
 
-    # The user's view: Node Library sidebar -> "DuoLoRA" folder -> the six display names.
+    # The user's view: Node Library sidebar -> "DuoLoRA" folder -> every display name. Found by their text: each
+    # front end draws the tree with other classes (1.49.6 lists pack categories under "Extensions").
     page = s.page
     page.locator(".node-library-tab-button").first.click()
-    folder = page.locator(".tree-folder .node-label", has_text=re.compile(r"^\s*DuoLoRA\s*$"))
-    folder.first.wait_for(state="visible")
-    folder.first.click()
-    page.wait_for_timeout(300)
-    leaves = page.locator(".tree-leaf .node-label").all_inner_texts()
-    s.screenshot("02_node_library")
-    page.locator(".node-library-tab-button").first.click()  # close the sidebar again
-    missing = [d for d in NODES.values() if not any(leaf.strip() == d for leaf in leaves)]
-    assert missing == [], f"not shown under DuoLoRA in the node library: {missing}; shown: {leaves}"
+    try:
+        folder = page.get_by_text(re.compile(r"^\s*DuoLoRA\s*$")).filter(visible=True).first
+        folder.wait_for(state="visible")
+        folder.click()
+        page.wait_for_timeout(300)
+        shown = {d: page.get_by_text(d, exact=True).filter(visible=True).count() > 0 for d in NODES.values()}
+        s.screenshot("02_node_library")
+    finally:
+        page.locator(".node-library-tab-button").first.click()  # close the sidebar again, whatever happened
+    missing = [d for d, visible in shown.items() if not visible]
+    assert missing == [], f"not shown under DuoLoRA in the node library: {missing}"
     assert _our_problems(s) == []
 
 
@@ -286,6 +372,13 @@ def test_js_custom_prior_syntax_round_trips_through_python(browser_session: Brow
         f"/extensions/{PACK}/duolora_priors.js",
     )
     assert bad == {"roles": {"middle_block.1": "style"}, "errors": ["'input_blocks.9.1' is not an SDXL attention block"]}
+    # The short names the diagram shows (in7, mid, out3) read as their blocks, as in Python.
+    short = "content: in7, MID; style: out3, output_blocks.4.1"
+    parsed = s.page.evaluate("async ([url, text]) => (await import(url)).parseCustomPrior(text)",
+                             [f"/extensions/{PACK}/duolora_priors.js", short])
+    expected = {"input_blocks.7.1": "content", "middle_block.1": "content", "output_blocks.3.1": "style",
+                "output_blocks.4.1": "style"}
+    assert parsed == {"roles": expected, "errors": []} and parse_custom_preset(short) == expected
 
 
 def _loss_canvas(s: BrowserSession, node_id: int) -> dict:
@@ -344,7 +437,7 @@ def test_loss_curve_draws_progress_messages(browser_session: BrowserSession) -> 
     s.screenshot("05_loss_curve")
 
     # Messages for another node leave this curve alone.
-    _send_ws(s, [_progress(str(node_id + 1000), 41, 40)])
+    _send_ws(s, [_progress(str(int(node_id) + 1000), 41, 40)])
     assert _loss_canvas(s, node_id)["points"] == 40 * len(LOSS_TERMS)
 
     kept = {  # the merge node's shape: block -> mean kept rank per prior group
@@ -360,6 +453,37 @@ def test_loss_curve_draws_progress_messages(browser_session: BrowserSession) -> 
     _send_ws(s, [_progress(str(node_id), 1, 40), _progress(str(node_id), 2, 40)])
     fresh = _loss_canvas(s, node_id)
     assert fresh["points"] == 2 * len(LOSS_TERMS) and fresh["step"] == "2" and fresh["done"] == "false", fresh
+    assert _our_problems(s) == []
+
+
+def test_loss_curve_says_when_a_run_was_cancelled_or_warned_about(browser_session: BrowserSession) -> None:
+    s = browser_session
+    node_id = _merge_node_with_diagram(s)
+    node = str(node_id)
+    _send_ws(s, [{"type": "executing", "data": {"node": node, "display_node": node, "prompt_id": "p1"}}])
+    # What the server sends for a merge of one file with itself (nodes/merge.py), then seven steps.
+    warning = ("content and style are the same file, a.safetensors: a LoRA merged with itself adds nothing new "
+               "(the plain sum only doubles it); pick your style LoRA in Load Style LoRA.")
+    _send_ws(s, [{"type": "duolora.warning", "data": {"node": node, "message": warning}}])
+    _send_ws(s, [_progress(node, step, 80) for step in range(1, 8)])
+    # On the node, and in ComfyUI's own toast (also an alert, headed "DuoLoRA").
+    on_node = s.page.get_by_role("alert").filter(has_text=re.compile(r"^content and style are the same file"))
+    assert on_node.inner_text() == warning
+    toast = s.page.get_by_role("alert").filter(has_text=re.compile(r"^DuoLoRA"))
+    assert warning in toast.inner_text()
+    assert _loss_canvas(s, node_id)["label"] == "loss · step 7 / 80"
+    # Cancel: ComfyUI reports the interrupted node; the curve stops saying "step 7 / 80" as if still running.
+    _send_ws(s, [{"type": "execution_interrupted",
+                  "data": {"prompt_id": "p1", "node_id": node, "node_type": MERGE, "executed": []}}])
+    cancelled = _loss_canvas(s, node_id)
+    assert cancelled["label"] == "loss · step 7 / 80 · cancelled" and cancelled["points"] == 7 * len(LOSS_TERMS)
+    s.page.evaluate("() => window.comfyAPI.app.app.canvas.setDirty(true, true)")
+    s.screenshot("13_loss_curve_cancelled")
+    # The next run starts clean: no warning, no "cancelled".
+    _send_ws(s, [{"type": "executing", "data": {"node": node, "display_node": node, "prompt_id": "p2"}},
+                 _progress(node, 1, 80)])
+    assert _loss_canvas(s, node_id)["label"] == "loss · step 1 / 80"
+    assert on_node.count() == 0
     assert _our_problems(s) == []
 
 
