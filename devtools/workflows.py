@@ -753,6 +753,8 @@ LOCALES_FILE = REPO_ROOT / "locales" / "en" / "main.json"
 MERGE_HEIGHT = 454
 # A loader and Save Merged LoRA with the line that shows, after a run, the file's summary / the saved name.
 LOADER_HEIGHT, SAVE_HEIGHT = 142, 110
+# Add Content LoRA: five input sockets, two widgets and the same summary line as the loaders.
+ADD_CONTENT_HEIGHT = 202
 
 
 def _note(b: WorkflowBuilder, col: Column, text: str, height: float = 180, width: float = 340) -> int:
@@ -1087,14 +1089,14 @@ def workflow_multi_concept(info: dict) -> dict:
         prompts[key] = _prompt(b, c2, text, title)
         b.connect(ckpt, "CLIP", prompts[key], "clip")
     content = b.add("DuoLoRA_LoadContentLoRA", c3, {"lora_name": CONTENT_LORA}, title="Load Content LoRA (subject 1)",
-                    width=320)
+                    width=320, height=LOADER_HEIGHT)
     second = b.add("DuoLoRA_AddContentLoRA", c3, {"lora_name": CONTENT2_LORA}, title="Add Content LoRA (subject 2)",
-                   width=320)
+                   width=320, height=ADD_CONTENT_HEIGHT)
     b.connect(content, "content_lora", second, "content_lora")
     b.connect(enc_c2, "LATENT", second, "content_latents")
     b.connect(prompts["p_c2"], "CONDITIONING", second, "content_prompt")
     b.connect(prompts["p_cs2"], "CONDITIONING", second, "combined_prompt")
-    style = b.add("DuoLoRA_LoadStyleLoRA", c3, {"lora_name": STYLE_LORA}, width=320)
+    style = b.add("DuoLoRA_LoadStyleLoRA", c3, {"lora_name": STYLE_LORA}, width=320, height=LOADER_HEIGHT)
     merge = _merge(b, c4, "ZipRank Merge (DuoLoRA)")
     _merge_inputs(b, merge, ckpt, second, style, (enc_c, "LATENT", enc_s, "LATENT"),
                   (prompts["p_c"], prompts["p_s"], prompts["p_cs"]), content_output="content_loras")

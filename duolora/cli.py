@@ -250,10 +250,10 @@ def _merge(args: argparse.Namespace) -> int:
         share = 100.0 * result.kept_components / max(result.total_components, 1)
         print(f"wrote {result.path}: {result.layers} layers, kept {result.kept_components:,} of "
               f"{result.total_components:,} rank components ({share:.1f} %) in {result.wall_seconds:.1f} s")
-        print(describe(result))
         if carried:
             print(f"carried {len(carried)} bias/norm differences of the inputs (summed like layers outside the "
                   "learned scope)")
+        print(describe(result))
     for line in formats.merge_notes(content if len(content) > 1 else content[0], style):
         print(f"note: {line}", file=sys.stderr)
     remedy = "give your style LoRA as the second file" if args.contents is None else "give your style LoRA to --style"

@@ -1571,12 +1571,13 @@ def same_file_contents(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> 
     return os.path.getsize(a) == os.path.getsize(b) and file_sha256(a) == file_sha256(b)
 
 
-def _new_file_beside(p: Path) -> tuple[str, int]:
+def new_file_beside(p: Path) -> tuple[str, int]:
     """Create an empty, hidden, uniquely named file in ``p``'s folder: (its path, its permission bits).
 
     It is created as ``open()`` creates a file, so its mode is what a plain write gives here (0o666 less the
-    process umask): the mode the saved LoRA must end with, readable by whoever may read the user's other
-    files (another account, a service or a container sharing models/loras).
+    process umask): the mode every file the pack writes must end with (a saved LoRA, a merge-cache entry),
+    readable by whoever may read the user's other files (another account, a service or a container sharing
+    models/loras).
     """
     for _ in range(100):
         tmp = p.with_name(f".{p.name}.{os.urandom(6).hex()}.tmp")
@@ -1613,7 +1614,7 @@ def save_state_dict(
         if not isinstance(k, str) or not isinstance(v, str):
             raise TypeError(f"safetensors metadata must map strings to strings; {k!r} -> {type(v).__name__}")
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp, mode = _new_file_beside(p)
+    tmp, mode = new_file_beside(p)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=md)
         # safetensors writes through a temporary file of its own, created 0o600, and renames it over ``tmp``.

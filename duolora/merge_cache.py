@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import MergeConfig
+from .formats import new_file_beside
 from .lora import LoRA
 from .mergers import build_merger
 from .optimize import MergeResult
@@ -173,10 +173,12 @@ class MergeCache:
                 "skipped_steps": result.skipped_steps}
         folder = Path(self.folder)
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".entry-", suffix=SUFFIX, dir=folder)
-        os.close(fd)
+        # The mode a plain write gives (0o666 less the umask), set again after safetensors wrote the file (it
+        # may replace it with one of its own); renamed into place whole.
+        tmp, mode = new_file_beside(self.path(key))
         try:
             save_file(masks, tmp, metadata={"duolora_cache": json.dumps(meta)})
+            os.chmod(tmp, mode)
             os.replace(tmp, self.path(key))
         finally:
             if os.path.exists(tmp):

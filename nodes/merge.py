@@ -63,9 +63,8 @@ class ZipRankMerge(io.ComfyNode):
             display_name="ZipRank Merge (DuoLoRA)",
             category="DuoLoRA",
             description=(
-                "Merges your subject LoRA and your style LoRA into one standard LoRA with DuoLoRA (ICCV 2025); "
-                "mode 'weights' needs no pictures and takes seconds to a minute. Several subjects: chain Add "
-                "Content LoRA nodes after Load Content LoRA."
+                "Merges your subject LoRA (or several, through Add Content LoRA) and your style LoRA into one "
+                "standard LoRA with DuoLoRA (ICCV 2025); mode 'weights' needs no pictures."
             ),
             hidden=[io.Hidden.unique_id],
             inputs=_with_advanced([

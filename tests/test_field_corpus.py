@@ -46,7 +46,8 @@ def check(path: Path, out_dir: Path) -> list[str]:
     """What is wrong with how inspect, merge and the loaders' read treat ``path`` ([] when nothing is)."""
     problems = []
     code, _, err = run_main("inspect", str(path))
-    if code not in (0, 2) or (code == 2 and not one_line_refusal(err, path)):
+    # 0: a merge accepts it; 1: described, a merge would refuse it (said on stdout); 2: not readable, one line.
+    if code not in (0, 1, 2) or (code == 2 and not one_line_refusal(err, path)) or (code in (0, 1) and err):
         problems.append(f"inspect exit {code}: {err!r}")
     inspect_error = err if code == 2 else None
     verdict = inspect_file(path)["for_merge"] if inspect_error is None else None

@@ -8,6 +8,9 @@ within its bound, can be emptied, and a cancelled merge is never stored.
 
 from __future__ import annotations
 
+import os
+import stat
+
 import comfyhost
 import pytest
 import torch
@@ -205,6 +208,20 @@ def test_entries_rebuild_exactly_and_the_folder_keeps_its_bound(tmp_path, tiny_l
     assert bounded.size() <= bounded.max_bytes
     assert bounded.clear() == 2 and bounded.entries() == []
     assert MergeCache(tmp_path / "off", max_bytes=0).put("k", result) is None and not (tmp_path / "off").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_entries_get_the_mode_a_plain_write_gives(tmp_path, tiny_layout, umask: int) -> None:
+    """A cache entry is readable by whoever may read the user's other files (0o666 less the umask), like a saved
+    LoRA; nothing half-written is left beside it."""
+    result, _, _ = _merged(tiny_layout, 1)
+    old = os.umask(umask)
+    try:
+        path = MergeCache(tmp_path / "c").put("k1", result)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["k1" + path.suffix]
 
 
 def test_fingerprints_see_every_value_of_small_tensors_and_refuse_callables() -> None:

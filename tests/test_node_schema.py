@@ -13,7 +13,7 @@ NODES = ("DuoLoRA_LoadContentLoRA", "DuoLoRA_LoadStyleLoRA", "DuoLoRA_ZipRankMer
          "DuoLoRA_SaveMergedLoRA", "DuoLoRA_MergeReport")
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # What a user decides on every merge; everything else of ZipRank Merge is advanced.
-IN_VIEW = ["mode", "method", "steps"]
+IN_VIEW = ["mode", "method", "balance", "steps"]
 TOOLTIP_MAX = 200  # characters
 
 

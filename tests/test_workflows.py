@@ -75,7 +75,7 @@ def test_example_is_valid_for_the_real_node_definitions(name: str, object_info: 
     assert workflows.check_workflow(wf, object_info) == []
     assert workflows.layout_problems(wf) == []
     # The paper's defaults stay in the shipped files: 100 steps, lr 0.01, seed fixed; the quick start merges in
-    # weights mode, every other example in paper mode.
+    # weights mode, the K-LoRA example merges nothing, every other example merges in paper mode.
     modes = []
     for node in wf["nodes"]:
         if node["type"] == "DuoLoRA_ZipRankMerge":
@@ -84,7 +84,7 @@ def test_example_is_valid_for_the_real_node_definitions(name: str, object_info: 
             assert values["steps"] == (0 if values["method"] == "direct" else 100)
             assert values["learning_rate"] == 0.01 and values["control_after_generate"] == "fixed"
             modes.append(values["mode"])
-    assert set(modes) == ({"weights"} if name == workflows.QUICK else {"paper"})
+    assert set(modes) == ({"weights"} if name == workflows.QUICK else set() if name == workflows.KLORA else {"paper"})
     # Files a user must provide are named, as strings, each LoRA once, and nothing else is needed.
     names = workflows.input_file_names(wf)
     assert names["checkpoints"] == [workflows.CKPT]
@@ -191,8 +191,8 @@ def test_example_runs_end_to_end_on_the_tiny_model(name: str, host: comfyhost.Ho
 
     # Every output node ran and reported to the UI, and so did the loaders (the file summary they show).
     outputs = {k for k, v in prompt.items() if object_info[v["class_type"]]["output_node"]}
-    loaders = {k for k, v in prompt.items() if v["class_type"].startswith("DuoLoRA_Load")}
-    assert set(result["ui"]) == outputs | loaders and len(loaders) == 2
+    loaders = {k for k, v in prompt.items() if v["class_type"].startswith(("DuoLoRA_Load", "DuoLoRA_Add"))}
+    assert set(result["ui"]) == outputs | loaders and len(loaders) == (3 if name == workflows.MULTI else 2)
     for loader in loaders:
         assert result["ui"][loader]["text"] == [result["outputs"][loader][1]]
 
