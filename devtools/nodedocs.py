@@ -1,10 +1,10 @@
-"""Render the README's node reference from the real node definitions (ComfyUI's own INPUT_TYPES view).
+"""Render the node reference (docs/nodes.md) from the real node definitions (ComfyUI's own INPUT_TYPES view).
 
     .venv/bin/python devtools/nodedocs.py          # print the section
-    .venv/bin/python devtools/nodedocs.py --write  # replace it in README.md
+    .venv/bin/python devtools/nodedocs.py --write  # replace it in docs/nodes.md
 
-tests/test_readme.py checks that the README holds exactly what this renders, so defaults and tooltips in
-the README cannot drift from the nodes.
+tests/test_readme.py checks that docs/nodes.md holds exactly what this renders, so defaults and tooltips in
+the docs cannot drift from the nodes.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-README = REPO / "README.md"
+NODES_DOC = REPO / "docs" / "nodes.md"
 BEGIN, END = "<!-- nodes:begin -->", "<!-- nodes:end -->"
 NODE_IDS = (
     "DuoLoRA_LoadContentLoRA", "DuoLoRA_AddContentLoRA", "DuoLoRA_LoadStyleLoRA", "DuoLoRA_ZipRankMerge",
@@ -82,7 +82,7 @@ def main(argv: list[str]) -> int:
 
     section = render(nodes.NODE_CLASS_MAPPINGS, nodes.NODE_DISPLAY_NAME_MAPPINGS)
     if "--write" in argv:
-        README.write_text(replace_section(README.read_text(encoding="utf-8"), section), encoding="utf-8")
+        NODES_DOC.write_text(replace_section(NODES_DOC.read_text(encoding="utf-8"), section), encoding="utf-8")
     else:
         print(section)
     return 0

@@ -133,9 +133,12 @@ def test_readme_opens_with_one_sentence_and_the_quick_start_then_the_two_command
     assert "<!-- screenshot -->" not in README
     images = re.findall(r"!\[[^\]]+\]\(([^)]+)\)", README)
     assert images[:3] == ["docs/quick_start.png", "docs/demo_grid.png", "docs/screenshot.png"], images
-    # The first screen: the title, one sentence of what the pack does, then the quick start.
-    title, sentence, heading = [p for p in README.split("\n\n")[:3]]
+    # The first screen: the title, one sentence of what the pack does, the two commands that set everything up,
+    # then the quick start.
+    title, sentence, commands_block, heading = [p for p in README.split("\n\n")[:4]]
     assert title.startswith("# ") and sentence.count(". ") == 0 and sentence.endswith(".") and "\n#" not in sentence
+    assert commands_block.startswith("```bash\nmake demo") and "\nmake test" in commands_block
+    assert commands_block.count("\n") == 3  # the two commands and nothing else
     assert heading == "## Quick start"
     # Five steps a ComfyUI user follows: install, the simplest template (by the title the browser shows), two
     # LoRAs, Run, the file.
@@ -146,11 +149,9 @@ def test_readme_opens_with_one_sentence_and_the_quick_start_then_the_two_command
     assert "**1. Merge two LoRAs in seconds**" in section and "`weights`" in section
     assert "ComfyUI-Manager" in section and "models/loras/duolora/" in section and "python -m duolora" in section
     assert "not been measured" in section  # paper mode's cost on a real SDXL: said, not guessed
-    # Order after it: the two commands, the demo's grid, the screenshot, then the rest.
-    commands = README.index("```bash\nmake demo")
-    assert README.index("## Quick start") < README.index("](docs/quick_start.png)") < commands
-    assert README.index("make test", commands) < README.index("](docs/demo_grid.png)") < README.index(
-        "](docs/screenshot.png)") < README.index("## Install")
+    # Order after it: the quick start's picture, the demo's grid, the screenshot, then the rest.
+    assert README.index("## Quick start") < README.index("](docs/quick_start.png)") < README.index(
+        "](docs/demo_grid.png)") < README.index("](docs/screenshot.png)") < README.index("## Install")
     # Nothing in .gitignore keeps the pictures out of the repository.
     ignored = [p.strip() for p in (REPO / ".gitignore").read_text(encoding="utf-8").splitlines()
                if p.strip() and not p.startswith("#")]

@@ -1,4 +1,6 @@
-"""The README's option table is the MergeConfig: every field, with its real default, exactly once."""
+"""The docs hold what the code declares: docs/method.md's option table is the MergeConfig (every field, with its
+real default, exactly once) and docs/nodes.md is the node reference rendered from the live nodes. The README
+itself stays short (at most 250 lines) and links both."""
 
 from __future__ import annotations
 
@@ -7,11 +9,14 @@ from pathlib import Path
 
 from duolora.config import MergeConfig
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+METHOD = REPO / "docs" / "method.md"
+NODES_DOC = REPO / "docs" / "nodes.md"
 
 
 def _method_rows() -> dict[str, str]:
-    text = README.read_text(encoding="utf-8")
+    text = METHOD.read_text(encoding="utf-8")
     section = text[text.index("<!-- method:begin -->"):text.index("<!-- method:end -->")]
     rows: dict[str, str] = {}
     for line in section.splitlines():
@@ -31,22 +36,35 @@ def _as_text(value: object) -> str:
     return '""' if value == "" else str(value)
 
 
-def test_readme_documents_every_merge_option_with_its_default() -> None:
+def test_method_doc_documents_every_merge_option_with_its_default() -> None:
     rows = _method_rows()
     defaults = MergeConfig().to_dict()
     assert set(rows) == set(defaults), (sorted(set(defaults) - set(rows)), sorted(set(rows) - set(defaults)))
     for name, value in defaults.items():
-        assert rows[name] == _as_text(value), f"{name}: README says {rows[name]!r}, MergeConfig has {value!r}"
+        assert rows[name] == _as_text(value), f"{name}: docs/method.md says {rows[name]!r}, MergeConfig has {value!r}"
 
 
-def test_readme_node_reference_matches_the_registered_nodes(host) -> None:
-    """The README's node section is exactly what devtools/nodedocs.py renders from the live node definitions
+def test_node_reference_matches_the_registered_nodes(host) -> None:
+    """docs/nodes.md's node section is exactly what devtools/nodedocs.py renders from the live node definitions
     (run `.venv/bin/python devtools/nodedocs.py --write` after changing a node)."""
     import nodedocs
 
     import nodes
 
     rendered = nodedocs.render(nodes.NODE_CLASS_MAPPINGS, nodes.NODE_DISPLAY_NAME_MAPPINGS)
-    text = README.read_text(encoding="utf-8")
+    text = NODES_DOC.read_text(encoding="utf-8")
     current = text[text.index(nodedocs.BEGIN):text.index(nodedocs.END) + len(nodedocs.END)]
     assert current == rendered
+
+
+def test_readme_is_short_and_links_what_moved_out() -> None:
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 250
+    for doc in ("docs/method.md", "docs/nodes.md", "docs/cli.md", "docs/lora-files.md", "docs/hosts.md",
+                "docs/benchmarks.md"):
+        assert f"]({doc}" in text, f"the README does not link {doc}"
+        assert (REPO / doc).is_file(), doc
+    # Every relative link in the README and the docs points at a file of the repository.
+    for page in (README, *sorted((REPO / "docs").glob("*.md"))):
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8")):
+            assert (page.parent / target).exists(), f"{page.name} links {target}, which does not exist"
