@@ -1,8 +1,13 @@
 """Check the base model and the classifiers on GENERATED samples (not only on clean renders).
 
     OMP_NUM_THREADS=1 python bench/minibench/mb_validate.py --check       # the base-quality check (below)
+    OMP_NUM_THREADS=1 python bench/minibench/mb_validate.py --loras --name loras   # each LoRA alone
     OMP_NUM_THREADS=1 python bench/minibench/mb_validate.py            # samples + grid + predictions
     OMP_NUM_THREADS=1 python bench/minibench/mb_validate.py --labels results/validation/hand_labels.json
+
+``--loras`` checks each held-out LoRA and each ceiling LoRA alone (files beside ``--ckpt``): ``--per`` samples
+(default 64) of the captions of its own training images at the benchmark's sampler settings, and the share that shows
+what it learned (LORA_TARGET: 90 %); written to ``results/base_check/<--name>.json`` and ``.png`` (8 per LoRA).
 
 ``--check`` samples ``--per`` images (default 4) of each of the 36 (shape, texture) pairs of base training at the
 benchmark's sampler settings (ComfyUI's KSampler code: euler, normal, 20 steps, CFG 2.0, x0 clipped) and prints
@@ -127,8 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--labels", type=Path, default=None)
     ap.add_argument("--check", action="store_true", help="the base-quality check (see the module's help)")
     ap.add_argument("--name", default="current", help="--check: the report's name under results/base_check/")
+    ap.add_argument("--loras", action="store_true",
+                    help="check each held-out LoRA and ceiling LoRA alone on its own prompts instead (LORA_TARGET)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.loras:
+        return loras_main(args)
     if args.check:
         return check_main(args)
     args.per = args.per or 2
@@ -174,6 +183,75 @@ def main(argv: list[str] | None = None) -> int:
     pred_path.write_text(json.dumps(pred, indent=1) + "\n")
     save_samples(x, args.out / SAMPLES)
     print(json.dumps(pred["classifier_prompt_following"]))
+    return 0
+
+
+# Each LoRA alone must draw what it learned in this share of the samples of its own prompts.
+LORA_TARGET = 0.9
+
+
+def lora_words(spec_name: str) -> dict[str, str]:
+    """What a MiniBench LoRA teaches, by its name: {"shape": …} (content), {"texture": …} (style) or both (joint)."""
+    _, role, rest = spec_name.split("_", 2)
+    if role == "content":
+        return {"shape": rest}
+    if role == "style":
+        return {"texture": rest}
+    shape, texture = rest.split("_")
+    return {"shape": shape, "texture": texture}
+
+
+def lora_check(patcher, text, scorer, specs, loras_dir: Path, samples: int, seed: int
+               ) -> tuple[dict, torch.Tensor]:
+    """Each LoRA alone (ComfyUI's own LoRA loading, strength 1) on the captions of its training images, ``samples``
+    images each (split over its distinct captions), at the benchmark's sampler settings: the share of samples that
+    show what it teaches (shape, texture, or both for a ceiling LoRA). Returns (report, the first 8 images of each)."""
+    import comfy.sd
+    import comfy.utils
+    from miniworld.loras import reference_images
+
+    report, rows = {}, []
+    for i, spec in enumerate(specs):
+        refs, captions = reference_images(spec)
+        prompts = list(dict.fromkeys(captions))
+        lora = comfy.utils.load_torch_file(str(loras_dir / f"{spec.name}.safetensors"), safe_load=True)
+        model, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
+        x = mb_common.comfy_sample(model, text, prompts, seed + 100 * i, samples // len(prompts))
+        hit = torch.ones(len(x))
+        entry = {}
+        for kind, word in lora_words(spec.name).items():
+            h = scorer.hits(x, word, kind, refs)
+            entry[f"{kind}_hit ({word})"] = round(float(h.mean()), 4)
+            hit = hit * h
+        entry["hit"] = round(float(hit.mean()), 4)
+        entry["prompts"] = prompts
+        report[spec.name] = entry
+        rows.append(torch.cat([x[:8], torch.ones(8 - len(x[:8]), *x.shape[1:])]))
+    return report, torch.cat(rows)
+
+
+def loras_main(args) -> int:
+    from miniworld import classify as mb_classify
+    from miniworld.loras import ALL_SPECS, JOINT_SPECS
+
+    mb_common.boot()
+    model, text = mb_model.load_checkpoint(str(args.ckpt))
+    patcher = mb_model.build_patcher(model)
+    specs = [s for s in (*ALL_SPECS, *JOINT_SPECS) if (args.ckpt.parent / f"{s.name}.safetensors").is_file()]
+    missing = [s.name for s in (*ALL_SPECS, *JOINT_SPECS) if s not in specs]
+    if missing:
+        print(f"not trained yet (left out): {', '.join(missing)}")
+    report, x = lora_check(patcher, text, mb_classify.Scorer(args.classifiers), specs,
+                           args.ckpt.parent, args.per or 64, args.seed)
+    out = mb_common.RESULTS / "base_check"
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"target": LORA_TARGET, "samples_per_lora": args.per or 64, "sampler": dict(mb_common.SAMPLER),
+              "loras": report, "not_trained": missing}
+    (out / f"{args.name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    mb_world.save_png(mb_world.to_uint8_grid(x, 8, scale=2), str(out / f"{args.name}.png"))
+    for name, entry in report.items():
+        flag = "" if entry["hit"] >= LORA_TARGET else f"  (below {LORA_TARGET:.0%})"
+        print(f"{name:>36}: " + ", ".join(f"{k} {v}" for k, v in entry.items() if k != "prompts") + flag)
     return 0
 
 
