@@ -209,7 +209,7 @@ def comfy_server(
     custom_nodes: Mapping[str, Path] | None = None,
     user_settings: Mapping[str, object] | None = None,
     extra_args: Sequence[str] = (),
-    startup_timeout: float = 90.0,
+    startup_timeout: float = 300.0,
 ) -> Iterator[str]:
     """Start a real ComfyUI server on 127.0.0.1 and yield its base URL (``http://127.0.0.1:<port>``).
 
