@@ -41,6 +41,19 @@ READY_JS = """() => {
 }"""
 
 
+def _load_exactly(page, wf: dict, name: str, tries: int = 3) -> None:
+    """Load ``wf`` and wait until the canvas shows exactly its node ids (raises after ``tries`` loads)."""
+    want = sorted(int(n["id"]) for n in wf["nodes"])
+    shown: list[int] = []
+    for _ in range(tries):
+        workflows.page_load_workflow(page, wf)
+        page.wait_for_timeout(1000)
+        shown = sorted(page.evaluate("() => window.comfyAPI.app.app.graph._nodes.map(n => Number(n.id))"))
+        if shown == want:
+            return
+    raise RuntimeError(f"{name}: the canvas shows nodes {shown}, not the example's {want}")
+
+
 def make_thumbnails(out_dir: Path, width: int = 600, names: tuple[str, ...] = workflows.WORKFLOW_NAMES) -> list[Path]:
     """Write ``<out_dir>/<name>.jpg`` for each example workflow; returns the paths."""
     from playwright.sync_api import sync_playwright
@@ -59,8 +72,12 @@ def make_thumbnails(out_dir: Path, width: int = 600, names: tuple[str, ...] = wo
                 page = context.new_page()
                 page.goto(url, wait_until="domcontentloaded", timeout=90_000)
                 page.wait_for_function(READY_JS, timeout=90_000)
+                # Front end 1.49.6 restores its own start-up workflow a moment after it reports ready, which can
+                # replace a graph loaded too early: load until the canvas holds exactly the example's nodes.
+                page.wait_for_load_state("networkidle")
                 for name in names:
-                    workflows.page_load_workflow(page, workflows.load(REPO / "example_workflows" / f"{name}.json"))
+                    wf = workflows.load(REPO / "example_workflows" / f"{name}.json")
+                    _load_exactly(page, wf, name)
                     # Let the Load Image previews arrive before the picture is taken.
                     page.wait_for_load_state("networkidle")
                     page.wait_for_timeout(800)
