@@ -8,7 +8,7 @@ layers the adapter touches, at their real shapes and token counts:
 * every distinct (in, out, tokens) class of SDXL's attention projections at a ``image``-pixel image
   (1024: 4,096 tokens in the 640-wide blocks, 1,024 in the 1280-wide ones, 77 context tokens for the
   cross-attention keys and values), weighted by how many of the 560 layers it has;
-* per class, one paper-mode step's calls (METHOD.md §4, as ``duolora.objective``: a no-grad call of batch 4
+* per class, one paper-mode step's calls (docs/method.md §4, as ``duolora.objective``: a no-grad call of batch 4
   with branches content, content, style, style; a no-grad call of batch 2; a call of batch 2 on the merged
   branch with gradient, and its backward) through an ``nn.Linear`` with the ZipRank adapter of a rank-64
   synthetic pair attached, against the same calls on the bare ``nn.Linear`` (what a static weight patch

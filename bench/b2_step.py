@@ -1,6 +1,6 @@
 """B2: one paper-mode optimisation step on the tiny SDXL-layout model in the real ComfyUI.
 
-A step (METHOD.md §4, Constyle k = 1) evaluates the UNet 8 times: one no-grad call of batch 4 (the two
+A step (docs/method.md §4, Constyle k = 1) evaluates the UNet 8 times: one no-grad call of batch 4 (the two
 reconstruction targets and the two Constyle "add" hops), one no-grad call of batch 2 (the "remove" hops), one
 call of batch 2 with gradient and its backward. Ratios, all measured in this run (medians of ``steps``
 steps after one warm-up step):

@@ -7,7 +7,7 @@ ComfyUI's ops included) the adapter adds the low-rank path of every LoRA of the 
 
 (conv: the down projection is a convolution with the base module's kernel size, stride, padding and
 dilation, the up projection a 1×1 convolution). The mask of each batch element comes from its *branch*
-(METHOD.md §4: "all three LoRA configurations are the same adapter with different masks"):
+(docs/method.md §4: "all three LoRA configurations are the same adapter with different masks"):
 
 * ``"merged"``  — the merger's own masks (learned ones carry gradient);
 * ``"content"`` — the content LoRA alone, mask (1, 0); with several content LoRAs the first one alone,
@@ -523,7 +523,7 @@ class Adapter:
         if not active:
             return None
         if layer.kind == RANK and len(active) >= 2:
-            # Every LoRA as one rank-(r_c + r_s) LoRA: a fraction of the kernel launches (METHOD.md §2, export
+            # Every LoRA as one rank-(r_c + r_s) LoRA: a fraction of the kernel launches (docs/method.md §2, export
             # form).
             groups = [(tuple(a[0] for a in active), torch.cat([a[1] for a in active], dim=-1))]
         else:

@@ -80,7 +80,7 @@ def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
         help="merge a content and a style LoRA (or several content LoRAs and a style LoRA) from their weights "
              "alone (weights-only mode) into one LoRA",
         description=(
-            "Weights-only DuoLoRA merge (METHOD.md §5): choose ZipRank's rank masks layer by layer from the "
+            "Weights-only DuoLoRA merge (docs/method.md §5): choose ZipRank's rank masks layer by layer from the "
             "LoRA files alone — no model, no reference images — with the SDXL layer priors, and write an exact "
             "standard LoRA (kohya keys, alpha = rank) that ComfyUI's LoraLoader and other tools load. Layers are "
             "streamed, so memory stays near the size of the files. Give CONTENT STYLE, or several subjects with "
@@ -119,7 +119,7 @@ def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
                    help="leave out the priors' rank-constraint term (the masks then only reconstruct)")
     p.add_argument("--prior-loss-kind", choices=PRIOR_LOSS_KINDS, default=d.prior_loss_kind,
                    help="share_hinge: ν·max(0, ρ_other − ρ_dom + margin), ρ the kept share of each LoRA's nuclear "
-                        "norm; hinge: κ‖m_dom‖₁ + ν·max(0, ‖m_other‖₁ − ‖m_dom‖₁ + margin) (METHOD.md §3 "
+                        "norm; hinge: κ‖m_dom‖₁ + ν·max(0, ‖m_other‖₁ − ‖m_dom‖₁ + margin) (docs/method.md §3 "
                         "literally); code_compat: the released code's L2 form")
     p.add_argument("--lambda-prior", type=float, default=d.lambda_prior,
                    help="weight of the prior term (per layer, in units of the layer's lost reconstruction)")

@@ -19,7 +19,7 @@ SCOPES: tuple[str, ...] = ("attention", "all")
 # "layerwise_paper": the layer-wise solve as the starting point of ``steps`` paper steps.
 OBJECTIVES: tuple[str, ...] = ("paper", "layerwise", "weights_only", "layerwise_paper")
 # "share_hinge": the scale-free hinge on kept nuclear-norm shares (the default since MiniBench 2);
-# "hinge": METHOD.md §3 literally (κ‖m_dom‖₁ + ν·max(0, ‖m_other‖₁ − ‖m_dom‖₁ + margin));
+# "hinge": docs/method.md §3 literally (κ‖m_dom‖₁ + ν·max(0, ‖m_other‖₁ − ‖m_dom‖₁ + margin));
 # "code_compat": the released code's L2 form.
 PRIOR_LOSS_KINDS: tuple[str, ...] = ("share_hinge", "hinge", "code_compat")
 # Paper mode's share_hinge: "both" moves both LoRAs' shares; "dominant" only raises the block's own LoRA.
@@ -32,7 +32,7 @@ DEFAULT_PRUNE_THRESHOLD = 1e-3
 
 @dataclass
 class MergeConfig:
-    """Every knob of a merge, with the defaults of METHOD.md (§2–§4).
+    """Every knob of a merge, with the defaults of docs/method.md (§2–§4).
 
     ``lambda_sim`` None means the method's default: 0 for ZipRank/DuoLoRA, 0.01 for ZipLoRA.
     ``lambda_content``/``lambda_style`` weight the reconstruction terms (1 in the paper; 0 switches one off);

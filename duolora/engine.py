@@ -3,9 +3,9 @@
 The ZipRank Merge node and ``duolora merge`` both call it; neither dispatches modes itself. The modes
 (``MergeConfig.objective``; the names users see are the keys of ``MODES``):
 
-* ``paper`` — the paper's objective through the diffusion model (``duolora.optimize``, METHOD.md §4);
+* ``paper`` — the paper's objective through the diffusion model (``duolora.optimize``, docs/method.md §4);
 * ``layerwise`` — one recording pass over the references (``duolora.recording``), then a per-layer solve
-  (``duolora.solver``, METHOD.md §5);
+  (``duolora.solver``, docs/method.md §5);
 * ``weights_only`` — the per-layer solve from the two LoRAs alone (no model, no references);
 * ``layerwise_paper`` — the layer-wise solve as the starting point of ``steps`` paper steps (it replaces the
   prior initialisation, so ``prior_init`` is switched off in the config the merge runs with).

@@ -9,7 +9,7 @@ Canonical names (shared/docs/ARCHITECTURE.md):
     e.g. ``te1.text_model.encoder.layers.0.self_attn.q_proj``.
 
 The scale alpha/rank is folded into ``up`` at load time, so ``delta() == up @ down`` is the whole
-weight update (METHOD.md §1).
+weight update (docs/method.md §1).
 """
 
 from __future__ import annotations
@@ -240,7 +240,7 @@ def merge_patches(content: Mapping[str, torch.Tensor] | Sequence[Mapping[str, to
                   style: Mapping[str, torch.Tensor], w_c: float = 1.0, w_s: float = 1.0) -> dict[str, torch.Tensor]:
     """Bias/norm differences of a merge: w_c·d_c + w_s·d_s where several LoRAs patch a parameter (w_c on each
     content LoRA's when ``content`` is a sequence of them), the one difference unchanged where only one
-    does — the rule every merger applies to layers outside its learned scope (METHOD.md §2), so a merged file
+    does — the rule every merger applies to layers outside its learned scope (docs/method.md §2), so a merged file
     patches what its sources patched."""
     contents = [content] if isinstance(content, Mapping) else list(content)
     sources = [(float(w_c), c) for c in contents] + [(float(w_s), style)]

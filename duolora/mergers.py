@@ -1,4 +1,4 @@
-"""Mergers of K ≥ 1 content LoRAs and a style LoRA (METHOD.md §2 and §7).
+"""Mergers of K ≥ 1 content LoRAs and a style LoRA (docs/method.md §2 and §7).
 
 A merger holds, for every layer any of its LoRAs patches, the frozen factors of each LoRA and one mask per
 LoRA. The formulas below are written for one content LoRA; with several (multi-concept) every content LoRA
@@ -12,7 +12,7 @@ adds its own term B_ci·diag(m_ci)·A_ci, and every statement about "both LoRAs"
 
 Masks are ``nn.Parameter`` where the method learns them and fixed buffers elsewhere, so one adapter
 (``duolora.adapter``) evaluates every method, and every merger exports exactly as a standard LoRA of
-rank r_c + r_s (METHOD.md §2, last paragraph): B_m = [B_c·diag(m_c) | B_s·diag(m_s)], A_m = [A_c; A_s]; with
+rank r_c + r_s (docs/method.md §2, last paragraph): B_m = [B_c·diag(m_c) | B_s·diag(m_s)], A_m = [A_c; A_s]; with
 K content LoRAs, rank Σ r_i: B_m = [B_c1·diag(m_c1) | … | B_cK·diag(m_cK) | B_s·diag(m_s)].
 
 Each LoRA of a merger has a *tag*: "c" for the (first) content LoRA, "c2", "c3", … for further content
@@ -40,7 +40,7 @@ from .sdxl import block_of, is_attention_projection
 RANK, OUT, IN = "rank", "out", "in"
 MASK_KINDS: tuple[str, ...] = (RANK, OUT, IN)
 
-# B-LoRA (Frenkel et al.; METHOD.md §7): the one block that carries content and the one that carries style.
+# B-LoRA (Frenkel et al.; docs/method.md §7): the one block that carries content and the one that carries style.
 B_LORA_CONTENT_BLOCK = "output_blocks.0.1"
 B_LORA_STYLE_BLOCK = "output_blocks.1.1"
 
@@ -83,7 +83,7 @@ def svd_refactor(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.
 
     B: (out, r), A: (r, n). Returns B' (out, k), A' (k, n) with k = min(r, out, n) (k = r on every real
     layer), columns ordered by decreasing singular value. Costs two thin QRs and one r×r SVD, never the
-    dense out×n product (METHOD.md §2, basis decision). Returns float32; B'·A' = B·A to float32 rounding.
+    dense out×n product (docs/method.md §2, basis decision). Returns float32; B'·A' = B·A to float32 rounding.
     ``svd_refactor_many`` does the same for many pairs with one batched call per shape.
     """
     return svd_refactor_many([(B, A)])[0]
@@ -479,7 +479,7 @@ class Merger(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def trainable_parameters(self) -> int:
-        """Number of trainable mask values (METHOD.md §6: 71,680 for ZipRank on SDXL at rank 64)."""
+        """Number of trainable mask values (docs/method.md §6: 71,680 for ZipRank on SDXL at rank 64)."""
         return sum(p.numel() for p in self.mask_parameters())
 
     def delta(self, name: str) -> torch.Tensor:
@@ -491,7 +491,7 @@ class Merger(nn.Module):
         """The merge as a standard LoRA: per layer rank r_c + r_s (Σ r_i over every LoRA) minus pruned components.
 
         Components whose mask satisfies |m| < ``prune_threshold`` (default: the merger's, 1e-3) or m = 0
-        are dropped (the "adaptive rank", METHOD.md §2); layers with nothing left are omitted. The rest is
+        are dropped (the "adaptive rank", docs/method.md §2); layers with nothing left are omitted. The rest is
         exact: B_m·A_m equals the merger's ΔW with the pruned mask entries set to zero. Tensors are float32
         on the CPU with the scale folded into ``up`` (so a writer stores alpha = rank); ``key_style``,
         ``base`` and ``dtype`` are the inputs' when all agree. ``duolora_content`` names the content LoRAs
@@ -536,7 +536,7 @@ class Merger(nn.Module):
 
 
 class DirectMerger(Merger):
-    """ΔW = w_c·ΔW_c + w_s·ΔW_s on every shared layer (w_c on each content LoRA); nothing learned (METHOD.md §2,
+    """ΔW = w_c·ΔW_c + w_s·ΔW_s on every shared layer (w_c on each content LoRA); nothing learned (docs/method.md §2,
     baseline)."""
 
     method = "direct"
@@ -606,7 +606,7 @@ class ZipRankMerger(Merger):
 
 
 class BLoRAMerger(Merger):
-    """B-LoRA block selection (METHOD.md §7): the content LoRA only in output_blocks.0.1, the style LoRA
+    """B-LoRA block selection (docs/method.md §7): the content LoRA only in output_blocks.0.1, the style LoRA
     only in output_blocks.1.1, no UNet update elsewhere; nothing learned.
 
     Every layer keeps both factors (with fixed 0/1 masks) so the adapter can still evaluate the

@@ -1,4 +1,4 @@
-"""The DuoLoRA objective through the diffusion model (METHOD.md §4, "paper mode").
+"""The DuoLoRA objective through the diffusion model (docs/method.md §4, "paper mode").
 
 The engine talks to the model only through the small ``Denoiser`` protocol below, so the same loss
 runs against ComfyUI (``nodes/comfy_bridge.py``), a test double built from real torch modules, or
@@ -132,7 +132,7 @@ class ContentReferences:
 
 @dataclass
 class References:
-    """The merge's training material (METHOD.md §4).
+    """The merge's training material (docs/method.md §4).
 
     ``content``/``style``: clean latents, each (C, H, W) or (1, C, H, W); the loop takes one of each per
     step and cycles through the lists. ``p_c``, ``p_s``, ``p_cs``: the content, style and cross
@@ -200,7 +200,7 @@ def predict_batched(
 
 
 def similarity_loss(merger: Merger) -> torch.Tensor:
-    """L_sim = mean over learned layers of mean|m_c ⊙ m_s| (ZipLoRA; METHOD.md §4).
+    """L_sim = mean over learned layers of mean|m_c ⊙ m_s| (ZipLoRA; docs/method.md §4).
 
     When r_c ≠ r_s (ZipRank) the first min(r_c, r_s) entries are paired **[decided]**. With more than two LoRAs
     in a layer, that layer's value is the mean over every pair of its LoRAs. 0-d tensor; zero without
@@ -221,7 +221,7 @@ def similarity_loss(merger: Merger) -> torch.Tensor:
 
 
 class DuoLoRAObjective:
-    """L = λ_c·L_c + λ_s·L_s + λ_cyc·L_cyc + λ_rev·L_rev + λ_prior·L_prior + λ_sim·L_sim (METHOD.md §4); with
+    """L = λ_c·L_c + λ_s·L_s + λ_cyc·L_cyc + λ_rev·L_rev + λ_prior·L_prior + λ_sim·L_sim (docs/method.md §4); with
     several content LoRAs, λ_c·L_ci, λ_cyc·L_cyci and λ_rev·L_revi for each content LoRA i (module docstring).
 
     A term whose weight is 0 (or whose switch is off: ``constyle_iterations = 0``, ``prior_loss = False``)

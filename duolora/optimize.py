@@ -53,7 +53,7 @@ class MergeResult:
 
     @property
     def kept_components(self) -> int:
-        """Rank components the export kept, summed over its layers (the adaptive rank, METHOD.md §2)."""
+        """Rank components the export kept, summed over its layers (the adaptive rank, docs/method.md §2)."""
         return 0 if self.merged is None else sum(lr.rank for lr in self.merged.layers.values())
 
 
@@ -79,7 +79,7 @@ def optimize(
     progress: ProgressCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> MergeResult:
-    """Learn the merger's masks with the paper objective (METHOD.md §4): Adam (no weight decay),
+    """Learn the merger's masks with the paper objective (docs/method.md §4): Adam (no weight decay),
     gradient-norm clipping, ``config.steps`` steps, seeded by ``config.seed``.
 
     Prior initialisation (``config.prior_init``) runs first. A merger with nothing to learn (direct,

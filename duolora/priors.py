@@ -1,4 +1,4 @@
-"""SDXL layer priors (METHOD.md §3): prior initialisation of the masks and the rank-constraint loss.
+"""SDXL layer priors (docs/method.md §3): prior initialisation of the masks and the rank-constraint loss.
 
 A *prior layer* is a learned layer of a merger whose block has a role ("content" or "style") under the
 chosen preset (``duolora.sdxl.preset_roles`` / ``prior_role``). In a content layer the content mask is
@@ -59,9 +59,9 @@ def _layer_vector(name: str, n: int, seed: int) -> torch.Tensor:
 def prior_init(
     merger: Merger, roles: dict[str, str], tau_c: float = 0.75, tau_s: float = 0.5, seed: int = 0
 ) -> int:
-    """Initialise every learned mask from the layer priors (METHOD.md §3, "Initialisation").
+    """Initialise every learned mask from the layer priors (docs/method.md §3, "Initialisation").
 
-    Per learned layer one v ~ N(0,1), min–max normalised to [0, 1]. Literally as METHOD.md §3 writes it:
+    Per learned layer one v ~ N(0,1), min–max normalised to [0, 1]. Literally as docs/method.md §3 writes it:
     content layer  m_c = v·[v > τ_s],  m_s = v·[v > τ_c];
     style layer    the mirror: m_s = v·[v > τ_s], m_c = v·[v > τ_c]
     (the dominant mask is thresholded at τ_s = 0.5, the other at τ_c = 0.75, so the dominant LoRA keeps
@@ -140,7 +140,7 @@ def layer_prior_loss(
     margin: float = 0.2,
     push: str = "both",
 ) -> torch.Tensor:
-    """The rank-constraint loss L_prior, mean over prior layers (METHOD.md §3, "Rank constraint"); with several
+    """The rank-constraint loss L_prior, mean over prior layers (docs/method.md §3, "Rank constraint"); with several
     content LoRAs a layer's term is the sum over its prior pairs (``prior_pairs``), each as below.
 
     The paper: "in a content layer the content LoRA keeps more rank than the style LoRA, and vice versa",
@@ -155,7 +155,7 @@ def layer_prior_loss(
     stops the gradient through ρ_other: the prior then only strengthens the block's own LoRA (masks may exceed
     1) and never weakens the other one; ``push="both"`` moves both.
 
-    ``kind="hinge"``: METHOD.md §3 literally, L = κ·‖m_dom‖₁ + ν·max(0, ‖m_other‖₁ − ‖m_dom‖₁ + margin)
+    ``kind="hinge"``: docs/method.md §3 literally, L = κ·‖m_dom‖₁ + ν·max(0, ‖m_other‖₁ − ‖m_dom‖₁ + margin)
     (the nuclear norm of diag(m) is ‖m‖₁). With κ = ν it equals κ·max(‖m_dom‖₁, ‖m_other‖₁ + margin): blind
     to which LoRA should dominate, minimal at zero masks (measured on MiniBench: masks sink to ~0.1).
 

@@ -1,4 +1,4 @@
-"""Activation recording of the layer-wise fast mode (METHOD.md §5; the solve is ``duolora.solver``).
+"""Activation recording of the layer-wise fast mode (docs/method.md §5; the solve is ``duolora.solver``).
 
 One no-grad forward pass per reference image, batched over a few noise levels, with the content-only model on
 the content references and the style-only model on the style references (the target branches of the paper's

@@ -1,4 +1,4 @@
-"""SDXL UNet layout: the LoRA-able layers and the content/style layer priors (METHOD.md §3).
+"""SDXL UNet layout: the LoRA-able layers and the content/style layer priors (docs/method.md §3).
 
 Block of a layer: the first three components of its canonical (LDM) name, e.g.
 ``input_blocks.4.1`` for ``input_blocks.4.1.transformer_blocks.0.attn1.to_q`` and ``middle_block.1``

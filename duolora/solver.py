@@ -1,4 +1,4 @@
-"""The per-layer solver of the fast merge modes (METHOD.md §5): ZipRank masks without the paper's 100 steps.
+"""The per-layer solver of the fast merge modes (docs/method.md §5): ZipRank masks without the paper's 100 steps.
 
 Both modes choose, layer by layer, the rank masks m = [m_c; m_s] (n = r_c + r_s entries) of the merged update
 ΔW_m = B_c·diag(m_c)·A_c + B_s·diag(m_s)·A_s by minimising a per-layer version of the paper's two
@@ -40,7 +40,7 @@ singular direction, only where they collide in both.
 
 **Scale and priors [decided].** Per layer the reconstruction is divided by N = ‖ΔW_c·X_c‖² + ‖ΔW_s·X_s‖² (what
 is lost when both masks are 0), so it reads "fraction of the two LoRAs' own effect lost" and needs no unit.
-The layer priors (METHOD.md §3, ``duolora.priors``) enter in the same units with weight λ_prior/r_dom per
+The layer priors (docs/method.md §3, ``duolora.priors``) enter in the same units with weight λ_prior/r_dom per
 layer: κ·‖m_dom‖₁ + ν·max(0, ‖m_other‖₁ − ‖m_dom‖₁ + margin) (or the ``code_compat`` form), so λ_prior = 0.1
 means "keeping the whole dominant LoRA at mask 1 is worth 10 % of this layer's reconstruction". The
 similarity term λ_sim·mean(m_c ⊙ m_s) is included as in paper mode (0 for ZipRank).
@@ -367,7 +367,7 @@ def _sigmas(layer: MergedLayer) -> tuple[torch.Tensor, ...]:
 def layer_prior(m_dom: torch.Tensor, m_other: torch.Tensor, kind: str = "hinge", kappa: float = 1.0,
                 nu: float = 1.0, margin: float = 0.0, w_dom: torch.Tensor | None = None,
                 w_other: torch.Tensor | None = None) -> torch.Tensor:
-    """One prior layer's term of ``duolora.priors.layer_prior_loss`` (METHOD.md §3), unweighted, 0-d.
+    """One prior layer's term of ``duolora.priors.layer_prior_loss`` (docs/method.md §3), unweighted, 0-d.
 
     ``share_hinge`` needs ``w_dom``/``w_other``: each component's share of its LoRA's nuclear norm.
     """

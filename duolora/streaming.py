@@ -1,4 +1,4 @@
-"""The streaming weights-only merge of LoRA files (``duolora merge``; METHOD.md §5): one or more content files
+"""The streaming weights-only merge of LoRA files (``duolora merge``; docs/method.md §5): one or more content files
 and a style file.
 
 ``stream_merge`` reads every file a chunk of layers at a time, builds the merger of that chunk, solves its

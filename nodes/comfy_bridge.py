@@ -509,7 +509,7 @@ class ComfyDenoiser(DiscreteSchedule):
             model_dtype = compute_dtype_of(base)
             self.activation_dtype = self.compute_dtype or model_dtype
             dtype = self.activation_dtype if self.activation_dtype not in _STORAGE_DTYPES else None
-            # Masks and factors stay float32 whatever the model's dtype (METHOD.md §2; the adapter casts).
+            # Masks and factors stay float32 whatever the model's dtype (docs/method.md §2; the adapter casts).
             self.merger.to(device=self.device, dtype=torch.float32)
             _check_ordinary(self.merger)
             self.adapter = self._stack.enter_context(

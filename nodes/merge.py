@@ -109,7 +109,7 @@ class ZipRankMerge(io.ComfyNode):
                                 tooltip="Block roles for prior_preset 'custom', e.g. 'content: in7, in8, mid; "
                                         "style: out3' (or click the blocks in the diagram)."),
                 io.Boolean.Input("prior_init", default=d.prior_init,
-                                 tooltip="Start paper mode from the layer priors (METHOD.md §3) instead of from "
+                                 tooltip="Start paper mode from the layer priors (docs/method.md §3) instead of from "
                                          "the plain sum of both LoRAs."),
                 io.Boolean.Input("prior_loss", default=d.prior_loss,
                                  tooltip="Push each block toward the LoRA the layer priors give it."),

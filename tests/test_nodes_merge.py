@@ -60,7 +60,7 @@ class MergeRun:
 @pytest.fixture(scope="module")
 def run(host: comfyhost.Host, tiny_layout) -> MergeRun:
     content, style = tiny_pair(host, tiny_layout, "merge")
-    # prior_init on (METHOD §3's thresholded start; the default starts at all ones): it zeroes components, so
+    # prior_init on (docs/method.md §3's thresholded start; the default starts at all ones): it zeroes components, so
     # the pruning and adaptive-rank arithmetic below is exercised. Constyle on (off by default): every loss
     # term runs through the real model.
     prompt = merge_prompt(host, content.name, style.name, steps=STEPS, lora_dtype="fp32",

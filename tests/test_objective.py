@@ -53,7 +53,7 @@ def test_calls_are_batched_per_hop(setup) -> None:
     assert isinstance(den, Denoiser)
     expected = {
         0: [(2, False), (2, True)],
-        1: [(4, False), (2, False), (2, True)],  # METHOD.md §4: 8 evaluations, 2 with gradient
+        1: [(4, False), (2, False), (2, True)],  # docs/method.md §4: 8 evaluations, 2 with gradient
         2: [(4, False), (2, False), (2, False), (2, False), (2, True)],
     }
     for k, calls in expected.items():
@@ -66,7 +66,7 @@ def test_calls_are_batched_per_hop(setup) -> None:
 
 
 def _manual_terms(den: ToyDenoiser, refs: References, k: int, seed: int) -> dict[str, float]:
-    """The METHOD.md §4 recipe written out with one unbatched predict per evaluation."""
+    """The docs/method.md §4 recipe written out with one unbatched predict per evaluation."""
     g = torch.Generator().manual_seed(seed)
     sigma = den.sample_sigma(g)
     eps = torch.randn(refs.content[0].shape, generator=g)

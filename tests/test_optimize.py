@@ -14,7 +14,7 @@ from duolora.mergers import build_merger
 from duolora.objective import DuoLoRAObjective
 from duolora.optimize import MergeResult, loss_scaler, optimize
 
-# Measured on this toy (seed 0, 100 steps, every default of METHOD.md; 16 fixed draws): direct-merge
+# Measured on this toy (seed 0, 100 steps, every default of docs/method.md; 16 fixed draws): direct-merge
 # reconstruction L_c + L_s = 0.0580, after DuoLoRA 0.0177, a factor of 3.28. The test demands 2.5.
 REDUCTION = 2.5
 

@@ -1,4 +1,4 @@
-"""Engine tests of duolora.priors: seeded prior initialisation and the rank-constraint loss (METHOD.md §3).
+"""Engine tests of duolora.priors: seeded prior initialisation and the rank-constraint loss (docs/method.md §3).
 
 LoRAs are synthetic (engine_toys.py).
 """

@@ -1,4 +1,4 @@
-// SDXL attention blocks and the layer-prior presets of DuoLoRA (METHOD.md §3), for the front end.
+// SDXL attention blocks and the layer-prior presets of DuoLoRA (docs/method.md §3), for the front end.
 // Pure data and functions: no DOM, no ComfyUI imports, so any page (or a test) can import this module.
 //
 // The PRESETS table below is a copy of duolora/sdxl.py PRESETS. tests/browser/test_presets_table.py

@@ -145,7 +145,7 @@ def _swapped_paper_prior() -> str:
     return "; ".join(parts)
 
 
-# The layer priors and Constyle as METHOD.md §3–4 first specified them (MiniBench 1's defaults) and as the
+# The layer priors and Constyle as docs/method.md §3–§4 first specified them (MiniBench 1's defaults) and as the
 # released code's shipped script sets them; the share-hinge candidates the dev split chooses among.
 _LITERAL = {"prior_preset": "paper", "prior_init": True, "prior_loss": True, "prior_loss_kind": "hinge",
             "margin": 0.0, "lambda_prior": 0.1, "cycle_scale": "fixed", "lambda_cyc": 0.01, "lambda_rev": 0.01}
