@@ -1188,7 +1188,7 @@ def put_example_files(base: str | Path, image_size: int = 64) -> None:
     input/, and an empty placeholder for the checkpoint (nothing here loads it). Front end 1.49.6 marks a node whose
     file combo names a missing file as having errors; with these in place the examples load clean."""
     base = Path(base)
-    make_tiny_loras(base / "models" / "loras")
+    make_tiny_loras(base / "models" / "loras", {CONTENT_LORA: (8, 1), STYLE_LORA: (8, 2), CONTENT2_LORA: (4, 3)})
     make_reference_images(base / "input", size=image_size)
     checkpoint = base / "models" / "checkpoints" / CKPT
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
