@@ -162,3 +162,27 @@ def test_one_file_given_twice_and_b_lora_are_refused_by_name(host: comfyhost.Hos
         host.execute(prompt)
     assert ("ZipRank Merge's style_lora takes one LoRA, from Load Style LoRA; connect Add Content LoRA to "
             "content_lora") in str(info.value)
+
+
+def test_the_merge_cache_keys_on_every_subject(host: comfyhost.Host, tiny_layout, tmp_path, monkeypatch) -> None:
+    """A multi-concept merge run again with the same inputs comes from the merge cache, bit for bit; a change to
+    the second subject's references alone is a different merge."""
+    monkeypatch.setenv("DUOLORA_MERGE_CACHE", str(tmp_path / "merge_cache"))
+    monkeypatch.delenv("DUOLORA_MERGE_CACHE_MB", raising=False)
+    content, content2, style = three_files(host, tiny_layout, "multi_cache")
+
+    def run(second_prompt: str) -> tuple[dict, object, object]:
+        prompt = multi_prompt(host, content.name, content2.name, style.name, mode="paper", steps=2, lora_dtype="fp32")
+        prompt["32"]["inputs"]["text"] = second_prompt
+        prompt["13"] = node(host, "PreviewAny", source=[MERGE_ID, 0])
+        merged, stats = host.execute(prompt)["outputs"][MERGE_ID][:2]
+        return stats.extra["merge_cache"], merged, stats
+
+    first, merged, stats = run("a photo of sks cat")
+    again, merged_again, stats_again = run("a photo of sks cat")
+    assert (first["hit"], again["hit"]) == (False, True) and again["key"] == first["key"]
+    assert merged.state_dict.keys() == merged_again.state_dict.keys()
+    assert all(torch.equal(merged.state_dict[k], merged_again.state_dict[k]) for k in merged.state_dict)
+    assert stats.history == stats_again.history
+    other, _, _ = run("a photo of sks bird")
+    assert other["hit"] is False and other["key"] != first["key"]
