@@ -297,6 +297,19 @@ def _small_and_fast(page: Any) -> None:
         _set_widget(page, node_id, "height", SIZE)
 
 
+def _open_shipped(page: Any, url: str, name: str, node_type: str = MERGE) -> dict:
+    """The example ``name`` from the template browser: every node of the shipped file known, no missing-nodes
+    dialog, and the front end's prompt the converter's. Returns that prompt (the shipped workflow in API form)."""
+    _open_template(page, name, node_type)
+    state = page.evaluate(_JS_STATE)
+    shipped = workflows.load(EXAMPLES / f"{name}.json")
+    assert sorted(state["types"]) == sorted(n["type"] for n in shipped["nodes"])
+    assert state["unknown"] == [] and state["dialogs"] == [], state
+    shipped_api = workflows.ui_to_api(shipped, _get_json(url + "/object_info"))
+    assert workflows.page_graph_to_prompt(page) == shipped_api
+    return shipped_api
+
+
 def _click_run(page: Any) -> tuple[str, dict]:
     """Press the Run button as a user; returns the prompt id the server gave and the prompt the page posted.
     The Run button sits inside [data-testid=queue-button] up to front end 1.35.9; 1.49.6 draws it elsewhere."""
@@ -535,13 +548,7 @@ def test_the_klora_workflow_runs_from_the_ui(browser_session: BrowserSession, us
     but the image. Its picture goes to <artifacts>/21_klora.png only."""
     s = browser_session
     page = user_page.page
-    _open_template(page, KLORA_WORKFLOW, KLORA)
-    state = page.evaluate(_JS_STATE)
-    shipped = workflows.load(EXAMPLES / f"{KLORA_WORKFLOW}.json")
-    assert sorted(state["types"]) == sorted(n["type"] for n in shipped["nodes"])
-    assert state["unknown"] == [] and state["dialogs"] == [], state
-    shipped_api = workflows.ui_to_api(shipped, _get_json(s.url + "/object_info"))
-    assert workflows.page_graph_to_prompt(page) == shipped_api
+    shipped_api = _open_shipped(page, s.url, KLORA_WORKFLOW, KLORA)
 
     replaced = page.evaluate(_JS_REPLACE, [workflows.CHECKPOINT_LOADER, workflows.TINY_CHECKPOINT])
     assert "error" not in replaced and len(replaced["after"]) == 4, replaced  # MODEL, 2 × CLIP, VAE
@@ -673,13 +680,7 @@ def test_multi_concept_workflow_runs_end_to_end_from_the_ui(browser_session: Bro
     base = s.base_directory
     assert workflows.CONTENT2_LORA in _combo_options(page, "DuoLoRA_AddContentLoRA", "lora_name")
     assert set(workflows.CONTENT2_IMAGES) <= set(_combo_options(page, "LoadImage", "image"))
-    _open_template(page, MULTI)
-    state = page.evaluate(_JS_STATE)
-    shipped = workflows.load(EXAMPLES / f"{MULTI}.json")
-    assert sorted(state["types"]) == sorted(n["type"] for n in shipped["nodes"])
-    assert state["unknown"] == [] and state["dialogs"] == [], state
-    shipped_api = workflows.ui_to_api(shipped, _get_json(s.url + "/object_info"))
-    assert workflows.page_graph_to_prompt(page) == shipped_api
+    shipped_api = _open_shipped(page, s.url, MULTI)
     replaced = page.evaluate(_JS_REPLACE, [workflows.CHECKPOINT_LOADER, workflows.TINY_CHECKPOINT])
     assert "error" not in replaced and replaced["outputs"] == ["MODEL", "CLIP", "VAE"], replaced
     (merge_id,) = _node_ids(page, MERGE)
