@@ -367,22 +367,8 @@ def _sigmas(layer: MergedLayer) -> tuple[torch.Tensor, ...]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Priors in the per-layer units
+# The fast objective's weights
 # ---------------------------------------------------------------------------------------------------------
-
-def layer_prior(m_dom: torch.Tensor, m_other: torch.Tensor, kind: str = "hinge", kappa: float = 1.0,
-                nu: float = 1.0, margin: float = 0.0, w_dom: torch.Tensor | None = None,
-                w_other: torch.Tensor | None = None) -> torch.Tensor:
-    """One prior pair's ``duolora.priors.prior_penalty`` at masks m_dom, m_other, unweighted, 0-d.
-
-    ``share_hinge`` needs ``w_dom``/``w_other``: each component's share of its LoRA's nuclear norm.
-    """
-    if kind == "share_hinge":
-        return prior_penalty(kind, (w_dom * m_dom.abs()).sum(), (w_other * m_other.abs()).sum(), nu=nu,
-                             margin=margin)
-    return prior_penalty(kind, m_dom.abs().sum(), m_other.abs().sum(), kappa=kappa, nu=nu, margin=margin,
-                         dom_l2=m_dom.norm(), other_l2=m_other.norm())
-
 
 @dataclass
 class _Terms:
@@ -427,35 +413,6 @@ def _similar_pairs(ranks: Sequence[int]) -> list[tuple[int, int, int]]:
     sl = _slices(ranks)
     return [(sl[a].start, sl[b].start, min(ranks[a], ranks[b]))
             for a in range(len(ranks)) for b in range(a + 1, len(ranks))]
-
-
-def layer_objective(q: LayerQuadratic, role: str | None, masks: Sequence[torch.Tensor],
-                    terms: _Terms) -> dict[str, float]:
-    """The fast objective of one layer at given masks (one per LoRA of the layer, in its tag order):
-    normalised reconstruction per LoRA ("content", …, "style"), prior (summed over the prior pairs),
-    similarity (mean over pairs of LoRAs), keep and total."""
-    losses = q.losses(*masks)
-    scale = q.scale() or 1.0
-    out = {_term(t): L / scale for t, L in zip(q.tags, losses)}
-    lam = [terms.lam_s if t == STYLE_TAG else terms.lam_c for t in q.tags]
-    recon = _sum([w * L for w, L in zip(lam, losses)]) / scale
-    prior = 0.0
-    m = torch.cat([mask.detach().double().cpu() for mask in masks])
-    shares = torch.cat(q.shares())
-    if terms.lam_prior:
-        values = []
-        for d, o in _pair_slices(q.tags, q.ranks, role):
-            raw = float(layer_prior(m[d], m[o], terms.kind, terms.kappa, terms.nu, terms.margin, shares[d], shares[o]))
-            # The L1 forms are per entry of the dominant mask; the share form is already a fraction.
-            values.append(raw if terms.kind == "share_hinge" else raw / (d.stop - d.start))
-        prior = _sum(values) if values else 0.0
-    sim = float(mask_similarity([m[sl] for sl in _slices(q.ranks)]))
-    keep = float((shares * (1.0 - m) ** 2).sum()) if terms.keep else 0.0
-    out["prior"] = prior
-    out["similarity"] = sim
-    out["keep"] = keep
-    out["total"] = recon + terms.lam_prior * prior + terms.lam_sim * sim + terms.keep * keep
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -701,9 +658,9 @@ def _hinge_multiplier(g: _Group, terms: _Terms, lin0: torch.Tensor, a: torch.Ten
 
 def _mean_objective(problems: Sequence[LayerQuadratic], roles: Sequence[str | None],
                     masks: Sequence[Sequence[torch.Tensor]], terms: _Terms) -> dict[str, float]:
-    """The mean over layers of each term of ``layer_objective`` (content, …, style, prior, similarity, keep,
-    total), computed for layers of equal LoRAs and ranks at once (float64; equal to the per-layer terms to float64
-    rounding). A term of a LoRA a layer lacks counts as 0 there."""
+    """The mean over layers of each term of the per-layer fast objective (content, …, style, prior, similarity,
+    keep, total), computed for layers of equal LoRAs and ranks at once (float64; the tests check it against a
+    layer-by-layer evaluation). A term of a LoRA a layer lacks counts as 0 there."""
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(problems):
         groups.setdefault((p.tags, p.ranks), []).append(i)
