@@ -92,22 +92,27 @@ def targets(den: Denoiser, refs: Any, w: Mapping[str, float], k: int, x_c: Seque
     for it in range(k):
         # "remove" hop: x̂0 from the add prediction, re-noise with the same σ and ε, predict with the
         # single LoRA under the original prompt (the released code uses the same LoRA for both hops).
-        hop = []
-        for t, (x, eps_hat) in state.items():
-            noise, branch, prompt = cyc[t][1], cyc[t][2], cyc[t][3]
-            y = den.add_noise(den.x0_from_eps(x, eps_hat, sigma), noise, sigma)
-            hop.append((t, y, (y, sigma, prompt, branch)))
-        removed = predict_batched(den, [h[2] for h in hop])
-        state = {t: (y, e) for (t, y, _), e in zip(hop, removed)}
+        state = _hop(den, cyc, state, sigma, REMOVE_PROMPT)
         if it == k - 1:
             break
         # Next round trip: add the style (content) again to the estimate of the previous one.
-        hop = []
-        for t, (x, eps_hat) in state.items():
-            noise, branch, cross = cyc[t][1], cyc[t][2], cyc[t][4]
-            y = den.add_noise(den.x0_from_eps(x, eps_hat, sigma), noise, sigma)
-            hop.append((t, y, (y, sigma, cross, branch)))
-        added = predict_batched(den, [h[2] for h in hop])
-        state = {t: (y, e) for (t, y, _), e in zip(hop, added)}
+        state = _hop(den, cyc, state, sigma, ADD_PROMPT)
     out.update({t: e for t, (_, e) in state.items()})
     return out
+
+
+# Where a cycle entry (latent, noise, branch, remove prompt, add prompt) keeps the prompt of each hop.
+REMOVE_PROMPT, ADD_PROMPT = 3, 4
+
+
+def _hop(den: Denoiser, cyc: Mapping[str, tuple], state: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+         sigma: torch.Tensor, prompt_at: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One hop of every active cycle: x̂0 from (latent, ε at that latent), re-noised with the cycle's σ and ε,
+    predicted with its branch under the hop's prompt; one batched call. Returns the new (latent, ε) per cycle."""
+    hop = []
+    for t, (x, eps_hat) in state.items():
+        noise, branch, prompt = cyc[t][1], cyc[t][2], cyc[t][prompt_at]
+        y = den.add_noise(den.x0_from_eps(x, eps_hat, sigma), noise, sigma)
+        hop.append((t, y, (y, sigma, prompt, branch)))
+    predicted = predict_batched(den, [h[2] for h in hop])
+    return {t: (y, e) for (t, y, _), e in zip(hop, predicted)}
