@@ -25,7 +25,7 @@ layers at a time (``duolora.streaming``), so memory stays near the size of the f
 files whole. Before any work a merge refuses one file given as two content LoRAs (the same file as content and
 style is the caller's to warn about: ``same_lora_warning``), LoRAs made for different base models,
 and (K ≥ 2) a merged rank above every layer's width. With ``output`` the merged LoRA is also written
-(``formats.save_lora``: atomic, never overwrites unless asked; an existing file is refused before any work).
+(``write_merged``, once: atomic, never overwrites unless asked; an existing file is refused before any work).
 
 Progress: ``progress(done, total, terms)`` after every paper step (terms: that step's loss terms), every
 recorded reference and every streamed chunk of layers (terms empty). Cancel: ``should_cancel()`` is asked
