@@ -240,12 +240,11 @@ def _merge(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_MERGE_FAILED
     progress.close()
-    # What the merge carries besides its layers and what it leaves out: the inputs' bias/norm differences
-    # are added to the written file; every key inspect lists as not merged is said here too.
+    # What the merge carries besides its layers (the inputs' bias/norm differences, written with them) and what
+    # it leaves out: every key inspect lists as not merged is said here too.
     content = [formats.read_lora(p, load_tensors=False) for p in contents]
     style = formats.read_lora(style_file, load_tensors=False)
-    carried = formats.carry_patches(result.path, content if len(content) > 1 else content[0], style, w_c=args.w_c,
-                                    w_s=args.w_s, key_style=args.key_style)
+    carried = result.merged.patches
     if not args.quiet:
         share = 100.0 * result.kept_components / max(result.total_components, 1)
         print(f"wrote {result.path}: {result.layers} layers, kept {result.kept_components:,} of "

@@ -25,7 +25,7 @@ layers at a time (``duolora.streaming``), so memory stays near the size of the f
 files whole. Before any work a merge refuses one file given as two content LoRAs (the same file as content and
 style is the caller's to warn about: ``same_lora_warning``), LoRAs made for different base models,
 and (K ≥ 2) a merged rank above every layer's width. With ``output`` the merged LoRA is also written
-(``formats.save_lora``: atomic, never overwrites unless asked; an existing file is refused before any work).
+(``write_merged``, once: atomic, never overwrites unless asked; an existing file is refused before any work).
 
 Progress: ``progress(done, total, terms)`` after every paper step (terms: that step's loss terms), every
 recorded reference and every streamed chunk of layers (terms empty). Cancel: ``should_cancel()`` is asked
@@ -436,11 +436,28 @@ def _paper(merger: Merger, config: MergeConfig, open_denoiser: DenoiserFactory, 
 def _finish(result: MergeResult, output: OutputFile | None, layout: Layout, start: float) -> MergeResult:
     """Write the export when asked (never after a cancel) and stamp the wall time."""
     if output is not None and not result.cancelled and result.merged is not None:
-        result.path = formats.save_lora(result.merged, output.path, key_style=output.key_style,
-                                        dtype=result.merged.dtype, metadata=file_metadata(result, output),
-                                        overwrite=output.overwrite, layout=layout)
+        result.path = write_merged(result.merged, output.path, file_metadata(result, output),
+                                   key_style=output.key_style, dtype=result.merged.dtype, layout=layout,
+                                   overwrite=output.overwrite)
     result.wall_seconds = time.perf_counter() - start
     return result
+
+
+def write_merged(merged: LoRA | Mapping[str, torch.Tensor], path: str | os.PathLike[str],
+                 metadata: Mapping[str, str], *, key_style: str = "kohya_ldm", dtype: torch.dtype | None = None,
+                 layout: Layout = SDXL_LAYOUT, overwrite: bool = False) -> Path:
+    """Write a merged LoRA file once, atomically (``formats.save_state_dict``): the one writer of ``run_merge``'s
+    ``output`` (``duolora merge``, ``merge_files``) and of the Save Merged LoRA node.
+
+    ``merged``: the export (its layers and bias/norm differences are spelled in ``key_style`` and ``dtype`` by
+    ``formats.save_lora``, with ``metadata`` over the export's own) or tensors already in file form (the node's,
+    which Apply Merged LoRA uses too; ``metadata`` is then written as given). Refuses an existing file unless
+    ``overwrite``. Returns the written path.
+    """
+    if isinstance(merged, LoRA):
+        return formats.save_lora(merged, path, key_style=key_style, dtype=dtype, metadata=metadata,
+                                 overwrite=overwrite, layout=layout)
+    return formats.save_state_dict(merged, path, metadata=metadata, overwrite=overwrite)
 
 
 def file_metadata(result: MergeResult, output: OutputFile | None = None) -> dict[str, str]:

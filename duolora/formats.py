@@ -46,7 +46,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .lora import _FLOAT8, TEXT_ENCODER_PREFIXES, LoRA, LowRank, SkippedKey, merge_patches
+from .lora import _FLOAT8, TEXT_ENCODER_PREFIXES, LoRA, LowRank, SkippedKey
 from .sdxl import (
     ALIAS_ATTN_PROCS,
     ALIAS_COMFYUI,
@@ -1870,31 +1870,3 @@ def merge_notes(content: LoRA | Sequence[LoRA], style: LoRA) -> list[str]:
             if note:
                 lines.append(f"{role} {lora.name}: {note}")
     return lines
-
-
-def carry_patches(out_path: str | os.PathLike[str], content: LoRA | Sequence[LoRA], style: LoRA, *,
-                  w_c: float = 1.0, w_s: float = 1.0, key_style: str = "kohya_ldm", layout: Layout = SDXL_LAYOUT
-                  ) -> dict[str, torch.Tensor]:
-    """Add the inputs' bias/norm differences to a merged file written without them (``duolora merge``).
-
-    The merged differences are ``lora.merge_patches`` (w_c·d_c + w_s·d_s where several inputs have one — w_c on
-    each of several content LoRAs — else the one unchanged), spelled in ``key_style`` in the dtype of the file's
-    factors; the file is rewritten atomically (save_state_dict). ``content``/``style`` may be header-only reads:
-    read_lora loads the differences' values even then. Returns the merged differences ({} and no rewrite when
-    there are none).
-    """
-    contents = [content] if isinstance(content, LoRA) else list(content)
-    patches = merge_patches([c.patches for c in contents] if len(contents) > 1 else contents[0].patches,
-                            style.patches, w_c, w_s)
-    if not patches:
-        return {}
-    header, metadata = _read_header(out_path)
-    tensors = _load_tensors(out_path, header, lazy=False)
-    factor_dtypes = Counter(t.dtype for k, t in tensors.items() if _split_key(k) and not k.endswith(".alpha"))
-    dtype = factor_dtypes.most_common(1)[0][0] if factor_dtypes else torch.float32
-    extra = lora_to_state_dict(LoRA(patches=patches, base=layout.base), key_style, dtype, layout=layout)
-    clash = sorted(set(extra) & set(tensors))
-    if clash:
-        raise ValueError(f"{_display(out_path)} already holds {_examples(clash)}; not adding them twice")
-    save_state_dict({**tensors, **extra}, out_path, metadata=metadata, overwrite=True)
-    return patches

@@ -69,6 +69,11 @@ def describe_lora(tag: str, name: str, n_content: int = 1) -> str:
     return f"content LoRA {1 if tag == 'c' else int(tag[1:])} {name!r}"
 
 
+def term_name(kind: str, index: int) -> str:
+    """The reported name of content LoRA ``index``'s (0-based) loss term of ``kind``: "content", "content2", …"""
+    return kind if index == 0 else f"{kind}{index + 1}"
+
+
 class MergerError(ValueError):
     """A merge that cannot be built; the message names the layer, the files and what to do."""
 
@@ -252,7 +257,7 @@ class MergedLayer(nn.Module):
         """(keep (r,) bool, B_eff, A_eff) after pruning mask entries with |m| < threshold (and exact zeros).
 
         ``max_rank`` > 0 (rank masks only): of what survives, keep at most that many components, those with
-        the largest σᵢ·|mᵢ| (their weight in the masked update's nuclear norm, ``priors.component_weights``).
+        the largest σᵢ·|mᵢ| (their weight in the masked update's nuclear norm, ``component_weights``).
         """
         f = self.factors(which)
         if f is None:
@@ -260,8 +265,6 @@ class MergedLayer(nn.Module):
         m = self.mask(which).detach()
         pruned = torch.where((m.abs() < threshold) | (m == 0), torch.zeros_like(m), m)
         if max_rank > 0 and self.kind == RANK and int((pruned != 0).sum()) > max_rank:
-            from .priors import component_weights
-
             weight = component_weights(self, which).to(pruned.device) * pruned.abs()
             keep_idx = torch.topk(weight, max_rank).indices
             pruned = torch.zeros_like(pruned).index_copy_(0, keep_idx, pruned[keep_idx])
@@ -304,6 +307,36 @@ class MergedLayer(nn.Module):
     def extra_repr(self) -> str:
         ranks = ", ".join(f"r_{t}={self.rank(t)}" for t in self.tags)
         return f"{self.name}, kind={self.kind}, {ranks}, learned={self.learned}"
+
+
+def component_weights(layer: MergedLayer, which: str) -> torch.Tensor:
+    """Weight of each mask entry of ``which`` ("c"/"s") in that LoRA's nuclear norm, shape of the mask.
+
+    Rank masks: wᵢ = ‖B[:, i]‖·‖A[i, :]‖. In the SVD basis (B' = U·Σ^½, A' = Σ^½·Vᵀ, the default) that is exactly
+    σᵢ, the i-th singular value of the layer's ΔW, so Σᵢ wᵢ·|mᵢ| = ‖B'·diag(m)·A'‖_* (the nuclear norm of the
+    masked update); in the raw basis it is the upper bound the triangle inequality gives. Zero-padded or
+    duplicated components change nothing: a zero component weighs 0, and the SVD re-factoring turns split
+    components back into the same σᵢ. Feature masks (ZipLoRA): the norm of the row (out) or of the input
+    channel's columns (in) of ΔW that the entry scales. Detached; cached per device (the factors are frozen).
+    """
+    cache = layer.__dict__.setdefault("_prior_weights", {})
+    B, A = layer.factors(which)
+    key = (which, B.device)
+    w = cache.get(key)
+    if w is None:
+        # Ordinary tensors even when a host calls this under inference mode: w is saved for backward.
+        with torch.inference_mode(False), torch.no_grad():
+            if layer.kind == RANK:
+                w = B.norm(dim=0) * A.norm(dim=1)
+            elif layer.kind == OUT:
+                # ‖row j of B·A‖ = √(B_j·(A·Aᵀ)·B_jᵀ), without the dense product.
+                w = ((B @ (A @ A.T)) * B).sum(1).clamp_min(0).sqrt()
+            else:
+                col = ((A.T @ (B.T @ B)) * A.T).sum(1).clamp_min(0)  # ‖column of ΔW‖² per (channel, tap)
+                w = col.reshape(layer.in_channels, -1).sum(1).sqrt()
+            w = w.detach().float()
+        cache[key] = w
+    return w
 
 
 def check_content_count(method: str, content_names: Sequence[str]) -> None:

@@ -1,15 +1,12 @@
 """The DuoLoRA objective through the diffusion model (docs/method.md §4, "paper mode").
 
-The engine talks to the model only through the small ``Denoiser`` protocol below, so the same loss
-runs against ComfyUI (``nodes/comfy_bridge.py``), a test double built from real torch modules, or
-diffusers. Per step, with one σ and one noise ε shared by every branch:
+The model is reached only through ``duolora.denoiser.Denoiser``. Per step, with one σ and one noise ε shared by
+every branch:
 
 * reconstruction  L_c = MSE(ε_m(x_c, p_c), ε_c(x_c, p_c)),  L_s = MSE(ε_m(x_s, p_s), ε_s(x_s, p_s));
-* Constyle        style cycle on x_c: ε̂ = ε_s(x_c, p_cs), x̂0 from ε̂, re-noise with (σ, ε),
-                  ε_csc = ε_s(·, p_c);  L_cyc = MSE(ε_m(x_c, p_c), ε_csc);  the content cycle mirrors it on
-                  x_s with the content LoRA and p_s: L_rev = MSE(ε_m(x_s, p_s), ε_scs);
-                  ``constyle_iterations`` k repeats the add/remove round trip (0 = off, 1 = the paper);
-* similarity      L_sim = mean over learned layers of mean|m_c ⊙ m_s|;
+* Constyle        L_cyc = MSE(ε_m(x_c, p_c), ε_csc), L_rev = MSE(ε_m(x_s, p_s), ε_scs): the targets of the style
+                  and content cycles and their scale live in ``duolora.constyle``;
+* similarity      L_sim = mean over learned layers of mean|m_c ⊙ m_s| (``mask_similarity``);
 * priors          L_prior from ``duolora.priors.layer_prior_loss``.
 
 With several content LoRAs (multi-concept) each content LoRA i has its own references and prompts (x_ci, p_ci,
@@ -25,27 +22,29 @@ step at k = 1, 2 of them with gradient.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from .adapter import MERGED, STYLE, Branch, content_branch
-from .mergers import Merger
-from .priors import layer_prior_loss
+from . import constyle
+from .adapter import MERGED
+from .denoiser import Denoiser, DiscreteSchedule, predict_batched
+from .mergers import Merger, term_name
+from .priors import layer_prior_loss, preset_roles
 
 if TYPE_CHECKING:
     from .config import MergeConfig
 
+# Names other modules and hosts import from here.
+__all__ = [
+    "LOSS_TERMS", "ContentReferences", "Denoiser", "DiscreteSchedule", "DuoLoRAObjective", "References",
+    "loss_terms", "mask_similarity", "predict_batched", "similarity_loss", "term_name",
+]
+
 LOSS_TERMS: tuple[str, ...] = ("content", "style", "cycle", "reverse", "prior", "similarity")
-
-
-def term_name(kind: str, index: int) -> str:
-    """The reported name of content LoRA ``index``'s (0-based) term of ``kind``: "content", "content2", …"""
-    return kind if index == 0 else f"{kind}{index + 1}"
 
 
 def loss_terms(n_content: int = 1) -> tuple[str, ...]:
@@ -54,70 +53,6 @@ def loss_terms(n_content: int = 1) -> tuple[str, ...]:
     for kind in ("cycle", "reverse"):
         names += [term_name(kind, i) for i in range(n_content)]
     return (*names, "prior", "similarity")
-
-
-@runtime_checkable
-class Denoiser(Protocol):
-    """What the merge loop needs from a diffusion model with a merger attached.
-
-    Latents are (n, C, H, W); ``sigma`` is (n,) in the σ-parameterisation ComfyUI and k-diffusion use.
-    ``cond`` is a sequence of n opaque per-sample conditionings (whatever the reference conditionings
-    are: a ComfyUI CONDITIONING, a tensor of text embeddings, …); the denoiser batches them itself.
-    ``branches`` holds one ``duolora.adapter`` branch per sample ("merged", "content", "style", "base" or a
-    pair (w_c, w_s)); the denoiser passes them to its adapter before the forward pass.
-    Latents, σ and predictions live on the model's device. Optional attribute ``activation_dtype``: the
-    dtype the model computes in (float16 turns on loss scaling in ``duolora.optimize``).
-    """
-
-    def predict(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Sequence[Any],
-                branches: Sequence[Branch]) -> torch.Tensor:
-        """ε predicted for each sample, shape of ``x_t``. Must be differentiable in the merger's masks."""
-        ...
-
-    def sample_sigma(self, generator: torch.Generator) -> torch.Tensor:
-        """One σ drawn uniformly over the model's training timesteps (0-d tensor), using ``generator``."""
-        ...
-
-    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """The noisy latent x_t for clean latent x0, noise ε and σ ((n,) or 0-d)."""
-        ...
-
-    def x0_from_eps(self, x_t: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """The clean-latent estimate x̂0 from x_t and predicted ε."""
-        ...
-
-
-def _bcast(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype)
-    return sigma.reshape(-1, *([1] * (x.dim() - 1))) if sigma.dim() else sigma
-
-
-class DiscreteSchedule:
-    """σ schedule of a discrete ε-prediction model (SD/SDXL), for denoisers to reuse.
-
-    x_t = x0 + σ·ε and x̂0 = x_t − σ·ε (the variance-exploding form ComfyUI's EPS models use; the model
-    scales its input by 1/√(σ²+1) internally). ``sigmas``: (T,) ascending, one per training timestep.
-    """
-
-    def __init__(self, sigmas: torch.Tensor) -> None:
-        self.sigmas = torch.as_tensor(sigmas, dtype=torch.float32).flatten()
-
-    @classmethod
-    def scaled_linear(cls, steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> DiscreteSchedule:
-        """SD/SDXL's training schedule: β linear in √β from ``beta_start`` to ``beta_end``."""
-        betas = torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), steps, dtype=torch.float64) ** 2
-        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        return cls(((1 - alphas_cumprod) / alphas_cumprod).sqrt())
-
-    def sample_sigma(self, generator: torch.Generator) -> torch.Tensor:
-        i = int(torch.randint(0, self.sigmas.numel(), (1,), generator=generator))
-        return self.sigmas[i].clone()
-
-    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return x0 + _bcast(sigma, x0) * eps
-
-    def x0_from_eps(self, x_t: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return x_t - _bcast(sigma, x_t) * eps
 
 
 @dataclass
@@ -179,24 +114,16 @@ def _as_batch1(x: torch.Tensor, what: str) -> torch.Tensor:
     return x
 
 
-def predict_batched(
-    denoiser: Denoiser, items: Sequence[tuple[torch.Tensor, torch.Tensor, Any, Branch]]
-) -> list[torch.Tensor]:
-    """Evaluate (x_t (1,C,H,W), σ (0-d), cond, branch) items with one ``predict`` per latent shape.
-
-    Returns one (1, C, H, W) prediction per item, in order.
-    """
-    groups: dict[tuple, list[int]] = {}
-    for i, (x, _, _, _) in enumerate(items):
-        groups.setdefault((tuple(x.shape), x.dtype, x.device), []).append(i)
-    out: list[torch.Tensor | None] = [None] * len(items)
-    for idx in groups.values():
-        x = torch.cat([items[i][0] for i in idx])
-        sigma = torch.stack([torch.as_tensor(items[i][1], dtype=torch.float32).reshape(()) for i in idx])
-        eps = denoiser.predict(x, sigma.to(x.device), [items[i][2] for i in idx], [items[i][3] for i in idx])
-        for j, i in enumerate(idx):
-            out[i] = eps[j : j + 1]
-    return out  # type: ignore[return-value]
+def mask_similarity(masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """ZipLoRA's similarity of one layer's masks (one per LoRA, along the last dimension; any leading batch
+    shape): mean over every pair of LoRAs of mean_i |m_a,i·m_b,i| over their first k = min(r_a, r_b) entries
+    (0 where k = 0). The one formula of L_sim for paper mode (``similarity_loss``) and the per-layer solver."""
+    pairs = []
+    for i, a in enumerate(masks):
+        for b in masks[i + 1:]:
+            k = min(a.shape[-1], b.shape[-1])
+            pairs.append((a[..., :k] * b[..., :k]).abs().mean(-1) if k else a.new_zeros(a.shape[:-1]))
+    return pairs[0] if len(pairs) == 1 else torch.stack(pairs).mean(0)
 
 
 def similarity_loss(merger: Merger) -> torch.Tensor:
@@ -206,15 +133,7 @@ def similarity_loss(merger: Merger) -> torch.Tensor:
     in a layer, that layer's value is the mean over every pair of its LoRAs. 0-d tensor; zero without
     gradient when nothing is learned.
     """
-    terms = []
-    for layer in merger.learned_layers():
-        masks = [layer.mask(t) for t in layer.present]
-        pair_terms = []
-        for i, a in enumerate(masks):
-            for b in masks[i + 1:]:
-                k = min(a.numel(), b.numel())
-                pair_terms.append((a[:k] * b[:k]).abs().mean())
-        terms.append(pair_terms[0] if len(pair_terms) == 1 else torch.stack(pair_terms).mean())
+    terms = [mask_similarity([layer.mask(t) for t in layer.present]) for layer in merger.learned_layers()]
     if not terms:
         return torch.zeros((), device=merger.device)
     return torch.stack(terms).mean()
@@ -230,8 +149,6 @@ class DuoLoRAObjective:
 
     def __init__(self, merger: Merger, denoiser: Denoiser, references: References,
                  config: MergeConfig, roles: dict[str, str] | None = None) -> None:
-        from .sdxl import preset_roles
-
         self.merger = merger
         self.denoiser = denoiser
         self.references = references
@@ -289,7 +206,7 @@ class DuoLoRAObjective:
         names = range(self.n_content)
         need_c = [w[term_name("content", i)] != 0 or w[term_name("cycle", i)] != 0 for i in names]
         need_s = w["style"] != 0 or any(w[term_name("reverse", i)] != 0 for i in names)
-        targets = self._targets(x_c, x_s, eps_c, eps_s, sigma)
+        targets = constyle.targets(den, refs, w, self.config.constyle_iterations, x_c, x_s, eps_c, eps_s, sigma)
 
         terms: dict[str, torch.Tensor] = {}
         grad_items = [(x_c[i], sigma, subjects[i].p_c, MERGED) for i in names if need_c[i]]
@@ -312,7 +229,7 @@ class DuoLoRAObjective:
         if w["similarity"] != 0:
             terms["similarity"] = similarity_loss(self.merger)
 
-        scale = self._cycle_scales(terms)
+        scale = constyle.cycle_scales(terms, self.n_content, self.config.cycle_scale)
         total = torch.zeros(())
         for i, (t, v) in enumerate(terms.items()):
             # Start from the first term so the total lives on the model's device.
@@ -323,83 +240,3 @@ class DuoLoRAObjective:
         values = dict(zip((*terms, "total"), numbers))
         return total, values
 
-    def _cycle_scales(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per cycle term, the factor of ``cycle_scale="matched"`` (none for "fixed").
-
-        Both a cycle term and its reconstruction term are MSEs of the same merged prediction (ε_m(x_c, p_c)
-        for L_cyc and L_c; ε_m(x_s, p_s) for L_rev and L_s) against different targets, so their gradients
-        share the Jacobian and differ by the residual: ‖∇L‖ ∝ √L to first order. Multiplying L_cyc by
-        √(L_c / L_cyc) (detached) makes λ_cyc·(scaled L_cyc) pull on the masks with the strength of λ_cyc·L_c up
-        to how differently the two residuals project through the Jacobian — λ becomes a relative weight of the
-        same order as reconstruction at 1, whatever the loss scale of the model (measured on the engine's toy:
-        cycle ÷ reconstruction gradient 0.24 at λ = 1 "matched", 0.0025 at the paper's fixed λ = 0.01). The
-        reported values stay unscaled. Content LoRA i's cycle is matched to its own L_ci, each reverse cycle
-        to L_s.
-        """
-        if self.config.cycle_scale != "matched":
-            return {}
-        out = {}
-        pairs = [(term_name("cycle", i), term_name("content", i)) for i in range(self.n_content)]
-        pairs += [(term_name("reverse", i), "style") for i in range(self.n_content)]
-        for cyc, rec in sorted(pairs, key=lambda p: p[0].startswith("reverse")):
-            if cyc in terms and rec in terms:
-                ratio = terms[rec].detach() / terms[cyc].detach().clamp_min(torch.finfo(torch.float32).tiny)
-                out[cyc] = ratio.sqrt()
-        return out
-
-    @torch.no_grad()
-    def _targets(self, x_c: list[torch.Tensor], x_s: torch.Tensor, eps_c: list[torch.Tensor], eps_s: torch.Tensor,
-                 sigma: torch.Tensor) -> dict[str, torch.Tensor]:
-        """No-grad targets of the active terms, one batched call per hop (2k calls for Constyle k)."""
-        w, den, refs = self.weights, self.denoiser, self.references
-        subjects = refs.subjects
-        k = int(self.config.constyle_iterations)
-        # Constyle "add" hop: style cycle adds the style to x_ci, content cycle adds content LoRA i to x_s.
-        # Each entry: (latent, noise, branch of both hops, prompt of the remove hop, prompt of the add hop).
-        cyc = {term_name("cycle", i): (x_c[i], eps_c[i], STYLE, sub.p_c, sub.p_cs) for i, sub in enumerate(subjects)}
-        cyc.update({term_name("reverse", i): (x_s, eps_s, content_branch(i), refs.p_s, sub.p_cs)
-                    for i, sub in enumerate(subjects)})
-        cyc = {t: v for t, v in cyc.items() if w[t] != 0}
-        # The first hop's evaluations ordered by branch (per content LoRA: its target and its add, then the
-        # style target and the style adds): the adapter evaluates each run of equal branches with one fixed ΔW.
-        first = []
-        for i, sub in enumerate(subjects):
-            content, reverse = term_name("content", i), term_name("reverse", i)
-            first += [(content, (x_c[i], sigma, sub.p_c, content_branch(i))) if w[content] != 0 else None,
-                      (reverse + ":add", (x_s, sigma, sub.p_cs, content_branch(i))) if reverse in cyc else None]
-        first.append(("style", (x_s, sigma, refs.p_s, STYLE)) if w["style"] != 0 else None)
-        for i, sub in enumerate(subjects):
-            cycle = term_name("cycle", i)
-            first.append((cycle + ":add", (x_c[i], sigma, sub.p_cs, STYLE)) if cycle in cyc else None)
-        keys = [f[0] for f in first if f is not None]
-        items = [f[1] for f in first if f is not None]
-        out: dict[str, torch.Tensor] = {}
-        if not items:
-            return out
-        preds = dict(zip(keys, predict_batched(den, items)))
-        out.update({t: p for t, p in preds.items() if not t.endswith(":add")})
-        if not cyc:
-            return out
-        state = {t: (x, preds[t + ":add"]) for t, (x, *_rest) in cyc.items()}  # (latent, ε at that latent)
-        for it in range(k):
-            # "remove" hop: x̂0 from the add prediction, re-noise with the same σ and ε, predict with the
-            # single LoRA under the original prompt (the released code uses the same LoRA for both hops).
-            hop = []
-            for t, (x, eps_hat) in state.items():
-                noise, branch, prompt = cyc[t][1], cyc[t][2], cyc[t][3]
-                y = den.add_noise(den.x0_from_eps(x, eps_hat, sigma), noise, sigma)
-                hop.append((t, y, (y, sigma, prompt, branch)))
-            removed = predict_batched(den, [h[2] for h in hop])
-            state = {t: (y, e) for (t, y, _), e in zip(hop, removed)}
-            if it == k - 1:
-                break
-            # Next round trip: add the style (content) again to the estimate of the previous one.
-            hop = []
-            for t, (x, eps_hat) in state.items():
-                noise, branch, cross = cyc[t][1], cyc[t][2], cyc[t][4]
-                y = den.add_noise(den.x0_from_eps(x, eps_hat, sigma), noise, sigma)
-                hop.append((t, y, (y, sigma, cross, branch)))
-            added = predict_batched(den, [h[2] for h in hop])
-            state = {t: (y, e) for (t, y, _), e in zip(hop, added)}
-        out.update({t: e for t, (_, e) in state.items()})
-        return out

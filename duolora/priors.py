@@ -1,7 +1,9 @@
-"""SDXL layer priors (docs/method.md §3): prior initialisation of the masks and the rank-constraint loss.
+"""The layer priors (docs/method.md §3): the block roles in use, the prior initialisation of the masks and the
+rank-constraint penalty that paper mode and the per-layer solver both call (``prior_penalty``).
 
 A *prior layer* is a learned layer of a merger whose block has a role ("content" or "style") under the
-chosen preset (``duolora.sdxl.preset_roles`` / ``prior_role``). In a content layer the content mask is
+chosen preset (``preset_roles`` / ``prior_role``; the block tables live with the SDXL layout in
+``duolora.sdxl``). In a content layer the content mask is
 the *dominant* one and the style mask the *other* one; in a style layer the other way round. With several
 content LoRAs (multi-concept) each of them forms such a pair with the style LoRA (``prior_pairs``): every
 content LoRA is "content" in content blocks and the style's opposite in style blocks. Between two content
@@ -17,8 +19,38 @@ from collections.abc import Sequence
 import torch
 
 from .config import PRIOR_LOSS_KINDS, PRIOR_PUSHES
-from .mergers import OUT, RANK, STYLE_TAG, MergedLayer, Merger
-from .sdxl import CONTENT, STYLE, prior_role
+from .mergers import STYLE_TAG, MergedLayer, Merger, component_weights
+from .sdxl import CONTENT, PRESET_NAMES, PRESETS, STYLE, parse_custom_preset, preset_roles, prior_role
+
+__all__ = [
+    "CONTENT", "PRESETS", "PRESET_NAMES", "STYLE", "component_weights", "kept_share", "layer_prior_loss",
+    "parse_custom_preset", "preset_roles", "prior_init", "prior_layers", "prior_pairs", "prior_penalty",
+    "prior_role",
+]
+
+
+def prior_penalty(kind: str, dom: torch.Tensor, other: torch.Tensor, *, kappa: float = 1.0, nu: float = 1.0,
+                  margin: float = 0.0, dom_l2: torch.Tensor | None = None,
+                  other_l2: torch.Tensor | None = None) -> torch.Tensor:
+    """The rank-constraint penalty of one prior pair, element-wise over any
+    leading (batch) shape; the one formula paper mode (``layer_prior_loss``) and the per-layer solver
+    (``duolora.solver``) evaluate.
+
+    ``dom``, ``other``: how much of each LoRA the masks keep: the kept shares ρ of their nuclear norms
+    (``kind="share_hinge"``, see ``kept_share``) or the L1 norms ‖m‖₁ (``"hinge"``, ``"code_compat"``; the
+    nuclear norm of diag(m)). ``code_compat`` also needs ``dom_l2``/``other_l2``, the masks' L2 norms.
+
+    * ``share_hinge``: ν·max(0, ρ_other − ρ_dom + margin);
+    * ``hinge``:       κ·‖m_dom‖₁ + ν·max(0, ‖m_other‖₁ − ‖m_dom‖₁ + margin);
+    * ``code_compat``: κ·‖m_dom‖₁ + ν·(‖m_other‖₂ − ‖m_dom‖₂).
+    """
+    if kind == "share_hinge":
+        return nu * torch.relu(other - dom + margin)
+    if kind == "hinge":
+        return kappa * dom + nu * torch.relu(other - dom + margin)
+    if kind == "code_compat":
+        return kappa * dom + nu * (other_l2 - dom_l2)
+    raise ValueError(f"prior loss kind {kind!r} is not one of {', '.join(PRIOR_LOSS_KINDS)}")
 
 
 def prior_layers(merger: Merger, roles: dict[str, str]) -> list[tuple[MergedLayer, str]]:
@@ -91,36 +123,6 @@ def prior_init(
     return len(with_role)
 
 
-def component_weights(layer: MergedLayer, which: str) -> torch.Tensor:
-    """Weight of each mask entry of ``which`` ("c"/"s") in that LoRA's nuclear norm, shape of the mask.
-
-    Rank masks: wᵢ = ‖B[:, i]‖·‖A[i, :]‖. In the SVD basis (B' = U·Σ^½, A' = Σ^½·Vᵀ, the default) that is exactly
-    σᵢ, the i-th singular value of the layer's ΔW, so Σᵢ wᵢ·|mᵢ| = ‖B'·diag(m)·A'‖_* (the nuclear norm of the
-    masked update); in the raw basis it is the upper bound the triangle inequality gives. Zero-padded or
-    duplicated components change nothing: a zero component weighs 0, and the SVD re-factoring turns split
-    components back into the same σᵢ. Feature masks (ZipLoRA): the norm of the row (out) or of the input
-    channel's columns (in) of ΔW that the entry scales. Detached; cached per device (the factors are frozen).
-    """
-    cache = layer.__dict__.setdefault("_prior_weights", {})
-    B, A = layer.factors(which)
-    key = (which, B.device)
-    w = cache.get(key)
-    if w is None:
-        # Ordinary tensors even when a host calls this under inference mode: w is saved for backward.
-        with torch.inference_mode(False), torch.no_grad():
-            if layer.kind == RANK:
-                w = B.norm(dim=0) * A.norm(dim=1)
-            elif layer.kind == OUT:
-                # ‖row j of B·A‖ = √(B_j·(A·Aᵀ)·B_jᵀ), without the dense product.
-                w = ((B @ (A @ A.T)) * B).sum(1).clamp_min(0).sqrt()
-            else:
-                col = ((A.T @ (B.T @ B)) * A.T).sum(1).clamp_min(0)  # ‖column of ΔW‖² per (channel, tap)
-                w = col.reshape(layer.in_channels, -1).sum(1).sqrt()
-            w = w.detach().float()
-        cache[key] = w
-    return w
-
-
 def kept_share(layer: MergedLayer, which: str, mask: torch.Tensor | None = None) -> torch.Tensor:
     """ρ = Σᵢ wᵢ·|mᵢ| / Σᵢ wᵢ: the share of this LoRA's nuclear norm that the masks keep (1 at m = 1; 0-d).
 
@@ -140,7 +142,8 @@ def layer_prior_loss(
     margin: float = 0.2,
     push: str = "both",
 ) -> torch.Tensor:
-    """The rank-constraint loss L_prior, mean over prior layers (docs/method.md §3, "Rank constraint"); with several
+    """The rank-constraint loss L_prior (docs/method.md §3, "Rank constraint"): ``prior_penalty`` of every prior
+    pair, summed per layer, mean over prior layers; with several
     content LoRAs a layer's term is the sum over its prior pairs (``prior_pairs``), each as below.
 
     The paper: "in a content layer the content LoRA keeps more rank than the style LoRA, and vice versa",
@@ -177,13 +180,13 @@ def layer_prior_loss(
                 rho_other = kept_share(layer, o)
                 if push == "dominant":
                     rho_other = rho_other.detach()
-                pair_terms.append(nu * torch.relu(rho_other - kept_share(layer, d) + margin))
-                continue
-            l1_dom = dom.abs().sum()
-            if kind == "hinge":
-                pair_terms.append(kappa * l1_dom + nu * torch.relu(other.abs().sum() - l1_dom + margin))
+                pair_terms.append(prior_penalty(kind, kept_share(layer, d), rho_other, nu=nu, margin=margin))
+            elif kind == "hinge":
+                pair_terms.append(prior_penalty(kind, dom.abs().sum(), other.abs().sum(), kappa=kappa, nu=nu,
+                                                margin=margin))
             else:
-                pair_terms.append(kappa * l1_dom + nu * (other.norm() - dom.norm()))
+                pair_terms.append(prior_penalty(kind, dom.abs().sum(), other.abs().sum(), kappa=kappa, nu=nu,
+                                                dom_l2=dom.norm(), other_l2=other.norm()))
         if pair_terms:
             terms.append(pair_terms[0] if len(pair_terms) == 1 else torch.stack(pair_terms).sum())
     if not terms:

@@ -22,7 +22,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .lora import TEXT_ENCODER_PREFIXES
 from .mergers import Merger
-from .sdxl import CONTENT, STYLE, block_of, prior_role, short_block
+from .priors import CONTENT, STYLE, kept_share, preset_roles, prior_role
+from .sdxl import block_of, short_block
 
 GROUPS: tuple[str, ...] = (CONTENT, STYLE, "none")
 _GROUP_COLOURS = {CONTENT: (52, 101, 164), STYLE: (214, 110, 38), "none": (150, 150, 150)}
@@ -262,11 +263,7 @@ def build_report(merger: Merger, history: dict[str, list[float]] | None = None,
 
     ``roles``: block -> "content"/"style" (default: the "paper" preset) to group layers by prior.
     """
-    from .sdxl import preset_roles
-
     roles = preset_roles("paper") if roles is None else roles
-    from .priors import kept_share
-
     threshold = merger.prune_threshold if prune_threshold is None else float(prune_threshold)
     kept = merger.kept_ranks(threshold)
     layers = []

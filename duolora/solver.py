@@ -40,15 +40,18 @@ singular direction, only where they collide in both.
 
 **Scale and priors [decided].** Per layer the reconstruction is divided by N = ‖ΔW_c·X_c‖² + ‖ΔW_s·X_s‖² (what
 is lost when both masks are 0), so it reads "fraction of the two LoRAs' own effect lost" and needs no unit.
-The layer priors (docs/method.md §3, ``duolora.priors``) enter in the same units with weight λ_prior/r_dom per
-layer: κ·‖m_dom‖₁ + ν·max(0, ‖m_other‖₁ − ‖m_dom‖₁ + margin) (or the ``code_compat`` form), so λ_prior = 0.1
-means "keeping the whole dominant LoRA at mask 1 is worth 10 % of this layer's reconstruction". The
-similarity term λ_sim·mean(m_c ⊙ m_s) is included as in paper mode (0 for ZipRank).
+The layer priors (docs/method.md §3) enter in the same units through the penalty paper mode uses
+(``duolora.priors.prior_penalty``):
+the ``share_hinge`` form ν·max(0, ρ_other − ρ_dom + margin) with weight λ_prior per layer (ρ is already a
+fraction of each LoRA), the L1 forms (``hinge``: κ·‖m_dom‖₁ + ν·max(0, ‖m_other‖₁ − ‖m_dom‖₁ + margin), or
+``code_compat``) with weight λ_prior/r_dom, so λ_prior = 0.1 means "keeping the whole dominant LoRA at mask 1 is
+worth 10 % of this layer's reconstruction". The similarity term λ_sim·mean(m_c ⊙ m_s) is included as in paper
+mode (``duolora.objective.mask_similarity``; 0 for ZipRank).
 
 **Solver [decided].** Masks are kept in the box [0, 1] (a mask attenuates; it also keeps the problem well
-posed when H ∘ K is singular). On the box ‖m‖₁ = Σm is linear and the hinge of two linear functions is
-convex, so with the default ``hinge`` prior each layer is a small convex problem. It starts from the
-closed-form minimiser of the quadratic part (one (r_c + r_s)-sized linear solve, clipped into the box) and
+posed when H ∘ K is singular). On the box ‖m‖₁ = Σm and ρ = Σ shareᵢ·mᵢ are linear and the hinge of two
+linear functions is convex, so with the ``share_hinge`` or ``hinge`` prior each layer is a small convex problem.
+It starts from the closed-form minimiser of the quadratic part (one (r_c + r_s)-sized linear solve, clipped into the box) and
 runs accelerated projected (sub)gradient steps (FISTA with restart, Jacobi-preconditioned, all layers of
 equal ranks batched). The prior initialisation of paper mode (``prior_init``) is NOT used as a start: the
 minimiser of a convex problem does not depend on it, so both fast modes are deterministic (the seed only
@@ -84,11 +87,12 @@ from .mergers import (
     Merger,
     MergerError,
     build_merger,
+    component_weights,
     svd_refactor_many,
 )
+from .objective import mask_similarity
 from .optimize import MergeResult
-from .priors import prior_pairs
-from .sdxl import CONTENT, STYLE, prior_role
+from .priors import CONTENT, STYLE, prior_pairs, prior_penalty, prior_role
 
 FAST_METHODS: tuple[str, ...] = ("ziprank", "direct", "b_lora")
 # Projected-gradient iterations of the per-layer solve (it stops earlier once the masks stop moving).
@@ -128,7 +132,7 @@ class LayerQuadratic:
     tags: tuple[str, ...]
     ranks: tuple[int, ...]
     P: tuple[torch.Tensor, ...]
-    # σᵢ of each LoRA's components (``priors.component_weights``), float64; None (or empty): all ones.
+    # σᵢ of each LoRA's components (``mergers.component_weights``), float64; None (or empty): all ones.
     sigmas: tuple[torch.Tensor | None, ...] = ()
 
     @property
@@ -176,17 +180,22 @@ class LayerQuadratic:
 
     def losses(self, *masks: torch.Tensor) -> tuple[float, ...]:
         """(L_1, …, L_P) at the masks (one per LoRA: m_c (r_c,), m_s (r_s,) for a pair), unnormalised."""
-        m = torch.cat([mask.detach().double().cpu() for mask in masks])
-        out = []
-        for e, P in zip(self.targets(), self.P):
-            d = m - e
-            out.append(float(d @ P @ d))
-        return tuple(out)
+        m = torch.cat([mask.detach().double().cpu() for mask in masks])[None]
+        losses = reconstruction_losses([P[None] for P in self.P], self.targets(), m)
+        return tuple(float(L[0]) for L in losses)
 
     def scale(self) -> float:
         """N = Σ L_i at m = 0: the LoRAs' own effect on their own inputs (the normaliser)."""
         parts = [e @ P @ e for e, P in zip(self.targets(), self.P)]
         return float(_sum(parts))
+
+
+def reconstruction_losses(P: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
+                          m: torch.Tensor) -> list[torch.Tensor]:
+    """(L_1, …, L_P) of L layers at masks m (L, n): L_i = (m − e_i)ᵀ·P_i·(m − e_i), one (L,) tensor per LoRA;
+    P_i (L, n, n) and m float64, e_i (n,) (``LayerQuadratic.targets``). The batched solver minimises the same
+    quadratic in its expanded form mᵀ·P·m − 2·qᵀ·m + const (``_group``)."""
+    return [((m - e) * _matvec(P_i, m - e)).sum(1) for e, P_i in zip(targets, P)]
 
 
 def _slices(ranks: Sequence[int]) -> list[slice]:
@@ -355,31 +364,12 @@ def activation_quadratic(layer: MergedLayer, stats: LayerActivations) -> LayerQu
 
 
 def _sigmas(layer: MergedLayer) -> tuple[torch.Tensor, ...]:
-    from .priors import component_weights
-
     return tuple(component_weights(layer, t).double().cpu() for t in layer.present)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Priors in the per-layer units
+# The fast objective's weights
 # ---------------------------------------------------------------------------------------------------------
-
-def layer_prior(m_dom: torch.Tensor, m_other: torch.Tensor, kind: str = "hinge", kappa: float = 1.0,
-                nu: float = 1.0, margin: float = 0.0, w_dom: torch.Tensor | None = None,
-                w_other: torch.Tensor | None = None) -> torch.Tensor:
-    """One prior layer's term of ``duolora.priors.layer_prior_loss`` (docs/method.md §3), unweighted, 0-d.
-
-    ``share_hinge`` needs ``w_dom``/``w_other``: each component's share of its LoRA's nuclear norm.
-    """
-    if kind == "share_hinge":
-        return nu * torch.relu((w_other * m_other.abs()).sum() - (w_dom * m_dom.abs()).sum() + margin)
-    l1_dom = m_dom.abs().sum()
-    if kind == "hinge":
-        return kappa * l1_dom + nu * torch.relu(m_other.abs().sum() - l1_dom + margin)
-    if kind == "code_compat":
-        return kappa * l1_dom + nu * (m_other.norm() - m_dom.norm())
-    raise ValueError(f"prior loss kind {kind!r} is not one of share_hinge, hinge, code_compat")
-
 
 @dataclass
 class _Terms:
@@ -424,36 +414,6 @@ def _similar_pairs(ranks: Sequence[int]) -> list[tuple[int, int, int]]:
     sl = _slices(ranks)
     return [(sl[a].start, sl[b].start, min(ranks[a], ranks[b]))
             for a in range(len(ranks)) for b in range(a + 1, len(ranks))]
-
-
-def layer_objective(q: LayerQuadratic, role: str | None, masks: Sequence[torch.Tensor],
-                    terms: _Terms) -> dict[str, float]:
-    """The fast objective of one layer at given masks (one per LoRA of the layer, in its tag order):
-    normalised reconstruction per LoRA ("content", …, "style"), prior (summed over the prior pairs),
-    similarity (mean over pairs of LoRAs), keep and total."""
-    losses = q.losses(*masks)
-    scale = q.scale() or 1.0
-    out = {_term(t): L / scale for t, L in zip(q.tags, losses)}
-    lam = [terms.lam_s if t == STYLE_TAG else terms.lam_c for t in q.tags]
-    recon = _sum([w * L for w, L in zip(lam, losses)]) / scale
-    prior = 0.0
-    m = torch.cat([mask.detach().double().cpu() for mask in masks])
-    shares = torch.cat(q.shares())
-    if terms.lam_prior:
-        values = []
-        for d, o in _pair_slices(q.tags, q.ranks, role):
-            raw = float(layer_prior(m[d], m[o], terms.kind, terms.kappa, terms.nu, terms.margin, shares[d], shares[o]))
-            # The L1 forms are per entry of the dominant mask; the share form is already a fraction.
-            values.append(raw if terms.kind == "share_hinge" else raw / (d.stop - d.start))
-        prior = _sum(values) if values else 0.0
-    sims = [float((m[a:a + k] * m[b:b + k]).abs().mean()) if k else 0.0 for a, b, k in _similar_pairs(q.ranks)]
-    sim = sims[0] if len(sims) == 1 else sum(sims) / len(sims)
-    keep = float((shares * (1.0 - m) ** 2).sum()) if terms.keep else 0.0
-    out["prior"] = prior
-    out["similarity"] = sim
-    out["keep"] = keep
-    out["total"] = recon + terms.lam_prior * prior + terms.lam_sim * sim + terms.keep * keep
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -699,9 +659,9 @@ def _hinge_multiplier(g: _Group, terms: _Terms, lin0: torch.Tensor, a: torch.Ten
 
 def _mean_objective(problems: Sequence[LayerQuadratic], roles: Sequence[str | None],
                     masks: Sequence[Sequence[torch.Tensor]], terms: _Terms) -> dict[str, float]:
-    """The mean over layers of each term of ``layer_objective`` (content, …, style, prior, similarity, keep,
-    total), computed for layers of equal LoRAs and ranks at once (float64; equal to the per-layer terms to float64
-    rounding). A term of a LoRA a layer lacks counts as 0 there."""
+    """The mean over layers of each term of the per-layer fast objective (content, …, style, prior, similarity,
+    keep, total), computed for layers of equal LoRAs and ranks at once (float64; the tests check it against a
+    layer-by-layer evaluation). A term of a LoRA a layer lacks counts as 0 there."""
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(problems):
         groups.setdefault((p.tags, p.ranks), []).append(i)
@@ -711,7 +671,7 @@ def _mean_objective(problems: Sequence[LayerQuadratic], roles: Sequence[str | No
         Ps = [torch.stack([problems[i].P[j] for i in idx]) for j in range(len(ranks))]
         m = torch.stack([torch.cat([mask.detach().double().cpu() for mask in masks[i]]) for i in idx])
         e = problems[idx[0]].targets()
-        losses = [((m - e_j) * _matvec(P_j, m - e_j)).sum(1) for e_j, P_j in zip(e, Ps)]
+        losses = reconstruction_losses(Ps, e, m)
         scale = _sum([P_j[:, s, s].sum((1, 2)) for P_j, s in zip(Ps, sl)])
         scale = torch.where(scale != 0, scale, torch.ones_like(scale))
         # layer_prior on the (dominant, other) parts of each prior pair of the prior layers, per dominant entry.
@@ -725,23 +685,19 @@ def _mean_objective(problems: Sequence[LayerQuadratic], roles: Sequence[str | No
             dom = torch.where(content_role, where[d_tag], where[o_tag])
             oth = torch.where(content_role, where[o_tag], where[d_tag])
             if terms.kind == "share_hinge":
-                rho_dom, rho_other = (a * shares * dom).sum(1), (a * shares * oth).sum(1)
-                raw = terms.nu * torch.relu(rho_other - rho_dom + terms.margin)
+                raw = prior_penalty(terms.kind, (a * shares * dom).sum(1), (a * shares * oth).sum(1), nu=terms.nu,
+                                    margin=terms.margin)
                 per_entry = torch.ones_like(raw)  # already a fraction of each LoRA
             else:
-                l1_dom, l1_other = (a * dom).sum(1), (a * oth).sum(1)
-                if terms.kind == "hinge":
-                    raw = terms.kappa * l1_dom + terms.nu * torch.relu(l1_other - l1_dom + terms.margin)
-                elif terms.kind == "code_compat":
-                    raw = terms.kappa * l1_dom + terms.nu * ((m * oth).norm(dim=1) - (m * dom).norm(dim=1))
-                else:
-                    raise ValueError(f"prior loss kind {terms.kind!r} is not one of share_hinge, hinge, code_compat")
+                l2 = terms.kind == "code_compat"
+                raw = prior_penalty(terms.kind, (a * dom).sum(1), (a * oth).sum(1), kappa=terms.kappa, nu=terms.nu,
+                                    margin=terms.margin, dom_l2=(m * dom).norm(dim=1) if l2 else None,
+                                    other_l2=(m * oth).norm(dim=1) if l2 else None)
                 per_entry = dom.sum(1)
             per_pair.append(raw / per_entry)
         zeros = torch.zeros(len(idx), dtype=torch.float64)
         prior = torch.where(has_role, _sum(per_pair), torch.zeros_like(per_pair[0])) if per_pair else zeros
-        sims = [(m[:, a_:a_ + k] * m[:, b_:b_ + k]).abs().mean(1) if k else zeros for a_, b_, k in _similar_pairs(ranks)]
-        sim = sims[0] if len(sims) == 1 else torch.stack(sims).mean(0)
+        sim = mask_similarity([m[:, s] for s in sl])
         keep = (shares * (1.0 - m) ** 2).sum(1) if terms.keep else zeros
         lam = [terms.lam_s if t == STYLE_TAG else terms.lam_c for t in tags]
         recon = _sum([w * L_j for w, L_j in zip(lam, losses)]) / scale

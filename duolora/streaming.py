@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from . import formats
 from .config import MergeConfig
-from .lora import LoRA
+from .lora import LoRA, merge_patches
 from .mergers import DirectMerger, Merger, _agreed, build_merger
 from .optimize import MergeResult
 from .sdxl import STANDARD_LAYOUTS, Layout
@@ -151,7 +151,8 @@ def stream_merge(
     ``progress(layers_done, layers_total, {})`` after every chunk; ``should_cancel()`` before every chunk
     (True: the result comes back with ``cancelled=True`` and no ``merged``). Returns a ``MergeResult``
     with ``merger=None``, ``merged`` (metadata: ``Merger.export``'s provenance, from a chunk built by the
-    requested method when there is one), ``total_components`` and ``history``: each term of the fast
+    requested method when there is one; ``patches``: the inputs' bias/norm differences merged as
+    ``Merger.export`` merges them), ``total_components`` and ``history``: each term of the fast
     objective, mean over the learned layers, at the direct merge and after the solve. Raises the engine's
     typed errors (``formats.LoRAError``, ``MergerError``, ``FastModeError``).
     """
@@ -202,7 +203,10 @@ def stream_merge(
             r.close()
     history = {k: [v[0] / max(1, len(learned)), v[1] / max(1, len(learned))] for k, v in history_acc.items()}
     key_style = _agreed([m.key_style for m in metas], "unknown")  # as Merger.export
+    # The inputs' bias/norm differences, as Merger.export carries them (the headers hold their values).
+    patches = merge_patches([m.patches for m in metas[:-1]] if len(metas) > 2 else metas[0].patches,
+                            metas[-1].patches, config.w_c, config.w_s)
     merged = LoRA(layers=layers, metadata=metadata, source=None, key_style=key_style, base=layout.base,
-                  dtype=out_dtype)
+                  dtype=out_dtype, patches=patches)
     return MergeResult(merger=None, history=history, config=config, merged=merged, total_components=total,
                        wall_seconds=time.perf_counter() - start)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..duolora import formats
+from ..duolora import engine
 from . import comfy_bridge as bridge
 from .api import io
 from .types import MergedLoRA, MergedLoRAType
@@ -31,5 +31,5 @@ class SaveMergedLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, merged_lora: MergedLoRA, filename_prefix: str = "duolora/merged") -> io.NodeOutput:
         path, relative = bridge.next_lora_path(filename_prefix)
-        formats.save_state_dict(merged_lora.state_dict, path, metadata=merged_lora.metadata)
+        engine.write_merged(merged_lora.state_dict, path, merged_lora.metadata)
         return io.NodeOutput(relative, ui={"text": [relative]})

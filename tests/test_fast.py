@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from engine_toys import ToyDenoiser, single_thread, toy_references, toy_setup  # noqa: F401 - autouse fixture
+from fast_oracle import layer_objective, layer_prior
 from torch import nn
 
 from duolora import engine, formats, recording, solver
@@ -225,7 +226,7 @@ def test_prior_terms_match_the_priors_module() -> None:
             dom, other = (layer.m_c, layer.m_s) if role == CONTENT else (layer.m_s, layer.m_c)
             w = {k: component_weights(layer, k) / component_weights(layer, k).sum() for k in "cs"}
             w_dom, w_other = (w["c"], w["s"]) if role == CONTENT else (w["s"], w["c"])
-            per_layer.append(float(solver.layer_prior(dom.detach(), other.detach(), kind, 1.0, 0.7, 0.3,
+            per_layer.append(float(layer_prior(dom.detach(), other.detach(), kind, 1.0, 0.7, 0.3,
                                                       w_dom, w_other)))
         expected = float(layer_prior_loss(merger, roles, kind, 1.0, 0.7, 0.3).detach())
         assert abs(sum(per_layer) / len(per_layer) - expected) < 1e-6
@@ -260,11 +261,11 @@ def test_hinge_solution_is_a_minimum_of_the_full_objective() -> None:
     for layer in merger.learned_layers():
         quad = solver.weights_quadratic(layer)
         role = prior_role(layer.name, roles)
-        base = solver.layer_objective(quad, role, (layer.m_c, layer.m_s), terms)["total"]
+        base = layer_objective(quad, role, (layer.m_c, layer.m_s), terms)["total"]
         for _ in range(20):
             dc = 1e-3 * torch.randn(layer.m_c.shape, generator=g)
             ds = 1e-3 * torch.randn(layer.m_s.shape, generator=g)
-            trial = solver.layer_objective(quad, role, ((layer.m_c + dc).clamp(0, 1), (layer.m_s + ds).clamp(0, 1)),
+            trial = layer_objective(quad, role, ((layer.m_c + dc).clamp(0, 1), (layer.m_s + ds).clamp(0, 1)),
                                          terms)["total"]
             improved += trial < base - 1e-7 * abs(base)
     assert improved == 0
@@ -377,7 +378,7 @@ def test_solver_history_is_the_mean_of_the_per_layer_objective(kind: str, tiny_l
         quad = solver.weights_quadratic(layer)
         role = prior_role(layer.name, roles)
         for point, masks in enumerate(((torch.ones(4), torch.ones(6)), (layer.m_c, layer.m_s))):
-            for k, v in solver.layer_objective(quad, role, masks, terms).items():
+            for k, v in layer_objective(quad, role, masks, terms).items():
                 per_layer.setdefault(k, [[], []])[point].append(v)
     assert set(result.history) == set(per_layer) == {"content", "style", "prior", "similarity", "keep", "total"}
     # Both prior layers and layers without a role are in the mean.

@@ -399,6 +399,36 @@ def test_cli_merge_carries_patches_and_says_what_is_not_merged(tmp_path: Path) -
     assert merged.skipped == []
 
 
+@pytest.mark.parametrize("method", ["direct", "ziprank"])
+def test_cli_and_merge_files_write_one_identical_file_once(method: str, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    c_path, _ = rich_file(tmp_path / "c.safetensors", seed=1)
+    s_path, _ = rich_file(tmp_path / "s.safetensors", seed=2)
+    written = []
+    save = F.save_state_dict
+
+    def counted(tensors, path, *args, **kwargs):
+        written.append(Path(path).name)
+        return save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(F, "save_state_dict", counted)
+    code, _, err = run_main("merge", str(c_path), str(s_path), "-o", str(tmp_path / "cli.safetensors"),
+                            "--method", method, "--w-c", "0.5", "--w-s", "2", "--dtype", "fp32", "--quiet")
+    assert code == 0, err
+    with safe_open(tmp_path / "cli.safetensors", "pt") as f:
+        config = MergeConfig.from_dict(json.loads(f.metadata()["duolora_config"]))
+    assert (config.method, config.w_c, config.w_s) == (method, 0.5, 2.0)
+    from duolora import engine
+
+    engine.merge_files(c_path, s_path, tmp_path / "engine.safetensors", config, dtype=torch.float32)
+    assert written == ["cli.safetensors", "engine.safetensors"]  # one write each, nothing read back and rewritten
+    with safe_open(tmp_path / "cli.safetensors", "pt") as a, safe_open(tmp_path / "engine.safetensors", "pt") as b:
+        assert a.metadata() == b.metadata()
+        assert sorted(a.keys()) == sorted(b.keys())
+        assert sum(k.endswith((".diff", ".diff_b")) for k in a.keys()) == 6  # noqa: SIM118
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118
+
+
 # ========================================================== 5. a few unknown modules in an SDXL file
 @pytest.mark.parametrize(("n_unknown", "refused"), [(1, False), (10, False), (186, False), (187, True)])
 def test_few_unknown_modules_load_many_refuse(n_unknown: int, refused: bool, tmp_path: Path) -> None:

@@ -12,7 +12,14 @@ from engine_toys import single_thread, toy_setup  # noqa: F401 - autouse fixture
 from duolora.config import MergeConfig
 from duolora.lora import LoRA
 from duolora.mergers import ZipLoRAMerger, ZipRankMerger, build_merger
-from duolora.priors import component_weights, kept_share, layer_prior_loss, prior_init, prior_layers
+from duolora.priors import (
+    component_weights,
+    kept_share,
+    layer_prior_loss,
+    prior_init,
+    prior_layers,
+    prior_penalty,
+)
 from duolora.sdxl import preset_roles
 
 PAPER = preset_roles("paper")
@@ -21,6 +28,21 @@ PAPER = preset_roles("paper")
 def toy_merger(scope: str = "all", rank_c: int = 8, rank_s: int = 6) -> ZipRankMerger:
     _, content, style = toy_setup(rank_c=rank_c, rank_s=rank_s)
     return build_merger("ziprank", content, style, MergeConfig(scope=scope))
+
+
+def test_prior_penalty_is_the_written_formula_batched() -> None:
+    dom, other = torch.tensor([0.5, 0.9, 0.2], dtype=torch.float64), torch.tensor([0.7, 0.1, 0.2],
+                                                                                   dtype=torch.float64)
+    l2_dom, l2_other = torch.tensor([1.0, 2.0, 3.0]).double(), torch.tensor([2.0, 1.0, 3.0]).double()
+    share = prior_penalty("share_hinge", dom, other, kappa=5.0, nu=2.0, margin=0.1)
+    assert share.tolist() == pytest.approx([2 * 0.3, 0.0, 2 * 0.1], abs=1e-15)  # κ unused; zero past the margin
+    hinge = prior_penalty("hinge", dom, other, kappa=0.5, nu=2.0, margin=0.1)
+    assert hinge.tolist() == pytest.approx([0.25 + 0.6, 0.45, 0.1 + 0.2], abs=1e-15)
+    compat = prior_penalty("code_compat", dom, other, kappa=0.5, nu=2.0, margin=0.1, dom_l2=l2_dom,
+                           other_l2=l2_other)
+    assert compat.tolist() == pytest.approx([0.25 + 2.0, 0.45 - 2.0, 0.1], abs=1e-15)  # no hinge, no margin
+    with pytest.raises(ValueError, match="prior loss kind 'l2' is not one of share_hinge, hinge, code_compat"):
+        prior_penalty("l2", dom, other)
 
 
 def test_prior_init_follows_the_thresholds_per_role() -> None:
