@@ -225,12 +225,13 @@ def _merge(args: argparse.Namespace) -> int:
             lambda_sim=args.lambda_sim, prune_threshold=args.prune_threshold, w_c=args.w_c, w_s=args.w_s,
             fast_keep=args.fast_keep, max_rank=args.max_rank,
         )
+        layout = formats.merge_layout(contents[0])  # the model family: SDXL's or a DiT's, from the content file
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
         if dtype is None:  # auto: the (first) content file's dtype (formats.output_dtype: never float8)
             dtype = formats.output_dtype(None, formats.read_lora(contents[0], load_tensors=False).dtype)
         output = engine.OutputFile(args.output, key_style=args.key_style, dtype=dtype, overwrite=args.force)
         result = engine.run_merge(contents if len(contents) > 1 else contents[0], style_file, config, output=output,
-                                  progress=progress, iterations=args.iterations)
+                                  progress=progress, iterations=args.iterations, layout=layout)
     except formats.OutputExistsError as e:
         progress.close()
         print(f"error: {e} Pass --force to overwrite it.", file=sys.stderr)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -46,23 +47,20 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .lora import _FLOAT8, TEXT_ENCODER_PREFIXES, LoRA, LowRank, SkippedKey
-from .sdxl import (
+from .families import BASE_LABELS, BASE_LAYOUTS, KNOWN_LAYOUTS, STANDARD_LAYOUTS, family_of
+from .families.sdxl import SDXL_LAYOUT, _attn_procs_spelling
+from .layout import (
     ALIAS_ATTN_PROCS,
     ALIAS_COMFYUI,
     ALIAS_KOHYA_DIFFUSERS,
     ALIAS_KOHYA_LDM,
     ALIAS_KOHYA_TE,
-    BASE_LABELS,
-    SD15_LAYOUT,
-    SD21_LAYOUT,
-    SDXL_LAYOUT,
-    STANDARD_LAYOUTS,
+    ALIAS_XLABS,
     Layer,
     Layout,
-    _attn_procs_spelling,
     is_attention_projection,
 )
+from .lora import _FLOAT8, TEXT_ENCODER_PREFIXES, LoRA, LowRank, SkippedKey
 
 KEY_STYLES: tuple[str, ...] = (
     "kohya_ldm",
@@ -407,8 +405,16 @@ _EMBEDDING_RE = re.compile(r"^(bundle_emb\..*|emb_params|string_to_param\..*|str
 _CLONEOFSIMO_RE = re.compile(r"^(unet|text_encoder):\d+:(up|down)$")
 
 
+# XLabs' Flux LoRA processors: double_blocks.N.processor.qkv_lora1.down.weight (lora1: the image stream, lora2:
+# the text stream); their single-block qkv_lora/proj_lora end like diffusers' processors ("_lora.down.weight").
+_XLABS_RE = re.compile(r"^(.+\.processor\.(?:qkv|proj)_lora[12])\.(down|up)\.weight$")
+
+
 def _split_key(key: str) -> tuple[str, str, str] | None:
     """(module, part, suffix family) for a LoRA tensor key, or None."""
+    xlabs = _XLABS_RE.match(key)
+    if xlabs is not None:
+        return xlabs.group(1), xlabs.group(2), "xlabs"
     for suffix, part, family in _LORA_SUFFIXES:
         if key.endswith(suffix) and len(key) > len(suffix):
             return key[: -len(suffix)], part, family
@@ -462,6 +468,8 @@ def _style_of(alias_kind: str, family: str) -> str:
         return "kohya"  # text encoders are spelled alike in both kohya styles
     if alias_kind == ALIAS_COMFYUI:
         return "comfyui"
+    if alias_kind == ALIAS_XLABS:
+        return "xlabs"
     if alias_kind == ALIAS_ATTN_PROCS or family == "procs":
         return "diffusers_attn_procs"
     if "<" in alias_kind:  # a combination outside KEY_STYLES: "<prefix><path>" + the suffix family
@@ -495,10 +503,24 @@ def _base_hint(metadata: Mapping[str, str], modules: Iterable[str]) -> str | Non
         return "sd2"
     if version.startswith("sd_v1") or "stable-diffusion-v1" in arch:
         return "sd1"
+    # kohya's sd-scripts writes "flux1" (and modelspec "flux-1-dev/lora"); Black Forest Labs' names say flux-1
+    if version.startswith("flux1") or arch.startswith(("flux-1", "flux.1")):
+        return "flux"
     mods = list(modules)
     if any(m.startswith("lora_te_") for m in mods) and not any(m.startswith("lora_te2_") for m in mods):
         return "sd1"  # kohya writes lora_te_ only for single-text-encoder models
     return None
+
+
+def _expected_shape(layout: Layout, module: str) -> tuple[int, ...] | None:
+    """The weight shape ``module`` patches in ``layout`` (a slice's rows for a Part of a fused layer), or None."""
+    hit = layout.resolve_part(module)
+    if hit is None:
+        return None
+    layer, _, index = hit
+    if index is None:
+        return layer.shape
+    return (layer.parts[index].rows, *layer.shape[1:])
 
 
 def _detect(shapes: Mapping[str, tuple[int, ...]], layouts: tuple[Layout, ...], hint: str | None
@@ -508,11 +530,11 @@ def _detect(shapes: Mapping[str, tuple[int, ...]], layouts: tuple[Layout, ...], 
     for i, layout in enumerate(layouts):
         named = matched = 0
         for module, shape in shapes.items():
-            hit = layout.resolve(module)
-            if hit is None:
+            expected = _expected_shape(layout, module)
+            if expected is None:
                 continue
             named += 1
-            matched += _shapes_match(shape, hit[0].shape)
+            matched += _shapes_match(shape, expected)
         score = (matched, named, int(hint == layout.base), -i)
         if best is None or score > best[0]:
             best = (score, layout)
@@ -522,7 +544,7 @@ def _detect(shapes: Mapping[str, tuple[int, ...]], layouts: tuple[Layout, ...], 
 
 def _context_width_base(widths: Iterable[int]) -> str | None:
     for w in widths:
-        for layout in STANDARD_LAYOUTS:
+        for layout in STANDARD_LAYOUTS:  # the UNet bases: their cross-attention reads the text embeddings
             if w == layout.config.context_dim:
                 return layout.base
     return None
@@ -532,7 +554,8 @@ def _context_width_base(widths: Iterable[int]) -> str | None:
 PEFT_METADATA_KEY = "lora_adapter_metadata"
 # diffusers' save_lora_weights prefixes each component's LoraConfig with its pipeline attribute name
 # (loaders/lora_base.py _pack_dict_with_prefix); a config without prefixes covers every module.
-_PEFT_COMPONENTS = (("unet.", "unet"), ("text_encoder.", "te1"), ("text_encoder_2.", "te2"))
+_PEFT_COMPONENTS = (("unet.", "unet"), ("transformer.", "unet"), ("text_encoder.", "te1"),
+                    ("text_encoder_2.", "te2"))
 _PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}  # peft.LoraConfig's own defaults
 # PEFT's save_pretrained writes a folder: the tensors as adapter_model.safetensors (keys
 # base_model.model.<module>.lora_A/lora_B.weight, no alpha) and the LoraConfig as adapter_config.json beside
@@ -542,8 +565,8 @@ PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
 # Module prefixes PEFT's state dict gives a model it wraps: a file spelled so and holding no scale of its
 # own is likely a save_pretrained adapter whose scale stayed in its adapter_config.json.
-_PEFT_WRAPPED_PREFIXES = ("base_model.model.", "unet.base_model.model.", "text_encoder.base_model.model.",
-                          "text_encoder_2.base_model.model.")
+_PEFT_WRAPPED_PREFIXES = ("base_model.model.", "unet.base_model.model.", "transformer.base_model.model.",
+                          "text_encoder.base_model.model.", "text_encoder_2.base_model.model.")
 SCALE_SOURCES = {
     "alpha_tensor": ".alpha tensors",
     "peft_metadata": "the header's lora_adapter_metadata (PEFT lora_alpha / r)",
@@ -657,11 +680,12 @@ def _pattern_key(patterns: Mapping[str, object], module: str) -> str | None:
     return None
 
 
-def _peft_module_name(layer: Layer) -> str:
-    """The module name PEFT matches rank_pattern/alpha_pattern against: the diffusers path in its model."""
+def _peft_module_name(layer: Layer, part: int | None = None) -> str:
+    """The module name PEFT matches rank_pattern/alpha_pattern against: the diffusers path in its model (of the
+    slice ``part`` of a fused layer)."""
     if layer.is_text_encoder:
         return layer.diffusers.split(".", 1)[1]
-    return layer.diffusers
+    return layer.parts[part].path if part is not None else layer.diffusers
 
 
 # Where a LoraConfig was found, as messages name it, and the reader that would refuse a contradiction.
@@ -670,12 +694,12 @@ _PEFT_PLACES = {"peft_metadata": (f"its header's {PEFT_METADATA_KEY}", "diffuser
 
 
 def _peft_scale(config: Mapping, layer: Layer, rank: int, module: str, name: str,
-                source: str | None, place: str = "peft_metadata") -> tuple[float, float, str]:
+                source: str | None, place: str = "peft_metadata", part: int | None = None) -> tuple[float, float, str]:
     """(alpha, scale, detail) of one layer under a component's LoraConfig, as peft's LoraLayer sets it:
     scale = lora_alpha / r (lora_alpha / √r with use_rslora), r and lora_alpha from rank_pattern/alpha_pattern
     where a pattern matches. ``place``: where the config was found (a key of ``_PEFT_PLACES``)."""
     where, reader = _PEFT_PLACES[place]
-    peft_name = _peft_module_name(layer)
+    peft_name = _peft_module_name(layer, part)
     try:
         r = config.get("r", _PEFT_DEFAULTS["r"])
         alpha = config.get("lora_alpha", _PEFT_DEFAULTS["lora_alpha"])
@@ -707,7 +731,7 @@ def _peft_scale(config: Mapping, layer: Layer, rank: int, module: str, name: str
 
 def _layer_scale(layer: Layer, module: str, rank: int, alpha_tensor: torch.Tensor | None,
                  peft: dict[str, dict] | None, name: str, source: str | None,
-                 sidecar: dict[str, dict] | None = None) -> tuple[float | None, float, str]:
+                 sidecar: dict[str, dict] | None = None, part: int | None = None) -> tuple[float | None, float, str]:
     """(alpha, scale, source) of one layer, applied as the writer's own loader applies it.
 
     kohya (networks/lora.py), ComfyUI (comfy/weight_adapter/lora.py) and diffusers' kohya conversion all read a
@@ -735,7 +759,7 @@ def _layer_scale(layer: Layer, module: str, rank: int, alpha_tensor: torch.Tenso
     for place, parts in (("peft_metadata", peft), ("peft_config", sidecar)):
         config = None if parts is None else parts.get(component, parts.get("*"))
         if config is not None:
-            p_alpha, p_scale, detail = _peft_scale(config, layer, rank, module, name, source, place)
+            p_alpha, p_scale, detail = _peft_scale(config, layer, rank, module, name, source, place, part)
             found.append((place, p_alpha, p_scale, f"{_PEFT_PLACES[place][0]} says {detail} (scale {p_scale:g})"))
     if len(found) > 1 and not all(math.isclose(f[2], found[0][2], rel_tol=1e-6) for f in found[1:]):
         a, b = found[0], next(f for f in found[1:] if not math.isclose(f[2], found[0][2], rel_tol=1e-6))
@@ -782,7 +806,8 @@ def state_dict_to_lora(
     wrong base: that is load_lora's job. Raises LoRAError subclasses for inputs that are not low-rank
     LoRAs or are malformed. Every key that is not loaded is listed in ``LoRA.skipped`` with a reason:
     rank-0 layers (ΔW = 0) and alphas without factors are left out this way, not refused.
-    ``layouts`` are the candidate bases, tried in order (default: SDXL, SD1.x, SD2.x).
+    ``layouts`` are the candidate bases, tried in order (default: SDXL, SD1.x, SD2.x, Flux.1, Z-Image,
+    Qwen-Image). Slices of a fused layer (diffusers' to_q/to_k/to_v of Flux's qkv) are fused (``_fuse``).
 
     The scale of each layer comes from where its writer keeps it (``_layer_scale``): ``.alpha`` tensors, the
     header's PEFT ``lora_adapter_metadata``, or the ``adapter_config.json`` PEFT's save_pretrained writes beside
@@ -792,7 +817,7 @@ def state_dict_to_lora(
     Bias/norm differences (``.diff_b``, 1-D ``.diff``, ``.w_norm``, ``.b_norm``) become ``LoRA.patches``.
     """
     metadata = dict(metadata or {}) or _file_metadata(source)
-    layouts = layouts or STANDARD_LAYOUTS
+    layouts = layouts or KNOWN_LAYOUTS
     name = _display(source)
     if not sd:
         raise EmptyLoRAError(f"{name} contains no tensors at all. Pick a LoRA file that has layers.", source)
@@ -889,23 +914,25 @@ def state_dict_to_lora(
     styles: Counter[str] = Counter()
     te_styles: Counter[str] = Counter()
     dtypes: Counter[torch.dtype] = Counter()
+    slices: dict[str, list[tuple[int, str, torch.Tensor, torch.Tensor]]] = {}
     for module, g in lora_modules.items():
         if module in empty:
             skipped.extend(SkippedKey(key, RANK_ZERO_REASON, "ignored", module=module) for key in g.values())
             continue
-        hit = layout.resolve(module)
+        hit = layout.resolve_part(module)
         family = families.get(module, "")
         if hit is None:
             styles[_syntactic_style(module, family)] += 1
             kind, reason = _unknown_module(module, layout, layouts)
             skipped.extend(SkippedKey(key, reason, kind, module=module) for key in g.values())
             continue
-        layer, alias_kind = hit
-        if layer.name in spelled:
+        layer, alias_kind, part = hit
+        earlier = spelled.get(layer.name)
+        if earlier is not None and (part is None or layer.name not in slices):
             raise MalformedLoRAError(
-                f"{name}: layer '{layer.name}' appears twice (as '{spelled[layer.name]}' and '{module}'). "
+                f"{name}: layer '{layer.name}' appears twice (as '{earlier}' and '{module}'). "
                 "A LoRA file must hold each layer once; re-export it.", source)
-        spelled[layer.name] = module
+        spelled.setdefault(layer.name, module)
         (te_styles if layer.is_text_encoder else styles)[_style_of(alias_kind, family)] += 1
         up, down = factors[module]
         dtypes[sd[g["down"]].dtype] += 1
@@ -913,7 +940,7 @@ def state_dict_to_lora(
         # also lora_mid's, which is square)
         alpha, scale, scale_source = _layer_scale(layer, module, int(sd[g["down"]].shape[0]),
                                                   sd[g["alpha"]] if "alpha" in g else None, peft, name, source,
-                                                  sidecar)
+                                                  sidecar, part)
         up32, down32 = up.to(torch.float32), down.to(torch.float32)
         if down32.dim() == 4 and up32.dim() == 2:
             up32 = up32.reshape(*up32.shape, 1, 1)
@@ -921,10 +948,15 @@ def state_dict_to_lora(
             up32 = up32.reshape(up32.shape[0], up32.shape[1])
         if scale != 1.0 and up32.device.type != "meta":
             up32 = up32 * scale
-        layers[layer.name] = LowRank(up32.contiguous(), down32.contiguous())
-        alphas[layer.name] = alpha
-        scales[layer.name] = scale
-        sources[layer.name] = scale_source
+        if part is not None:
+            slices.setdefault(layer.name, []).append((part, module, up32, down32))
+        else:
+            layers[layer.name] = LowRank(up32.contiguous(), down32.contiguous())
+        alphas.setdefault(layer.name, alpha)
+        scales.setdefault(layer.name, scale)
+        sources.setdefault(layer.name, scale_source)
+    for lname, found in slices.items():
+        layers[lname] = _fuse(layout[lname], found, name, source)
     if sidecar is None and peft is None and "none" in sources.values() and _looks_like_peft_adapter(
             source, lora_modules, families):
         sources = {k: "peft_config_missing" if v == "none" else v for k, v in sources.items()}
@@ -961,6 +993,60 @@ def state_dict_to_lora(
         scale_sources={k: sources[k] for k in layers},
         patches=patches,
     )
+
+
+def _fuse(layer: Layer, found: list[tuple[int, str, torch.Tensor, torch.Tensor]], name: str,
+          source: str | None) -> LowRank:
+    """One low-rank layer from a file's slices of a fused layer (``Part``s: diffusers' to_q/to_k/to_v of
+    Flux's fused qkv), each (part index, module, up with its scale folded in, down), exactly as ComfyUI applies
+    them: slice i adds up_i·down_i to rows start_i:start_i + rows_i, so the fused ΔW is
+    blockdiag-placed up · [down_1; down_2; …] (rank Σ r_i; rows no slice patches stay zero).
+
+    A file for a model of another width than the table's (a width-shrunk test model) gets the table's slice
+    geometry scaled by the ratio of the input widths (every slice is a whole multiple of the hidden width).
+    """
+    widths = {int(down.shape[1]) for _, _, _, down in found}
+    if len(widths) != 1:
+        raise MalformedLoRAError(
+            f"{name}: the slices of layer '{layer.name}' ({_examples([m for _, m, _, _ in found])}) read inputs of "
+            f"different widths {sorted(widths)}; they patch one weight and must read the same input. Re-export "
+            "the file.", source)
+    width = widths.pop()
+    ratio = width / layer.shape[1]
+    rows_total = layer.shape[0] * ratio
+    taken: list[tuple[int, int, str]] = []
+    placed = []
+    for index, module, up, down in sorted(found, key=lambda f: (layer.parts[f[0]].start, f[0])):
+        part = layer.parts[index]
+        start, rows = part.start * ratio, part.rows * ratio
+        if int(up.shape[0]) != rows or not float(start).is_integer() or not float(rows).is_integer():
+            raise MalformedLoRAError(
+                f"{name}: '{module}' patches {int(up.shape[0])} rows of '{layer.name}', but that slice has "
+                f"{rows:g} rows for an input width of {width}; the file does not fit the model's layout. "
+                "Re-export the LoRA.", source)
+        start, rows = int(start), int(rows)
+        for other_start, other_rows, other in taken:
+            if start < other_start + other_rows and other_start < start + rows:
+                raise MalformedLoRAError(
+                    f"{name}: '{module}' and '{other}' both patch rows of '{layer.name}' (rows {start}–"
+                    f"{start + rows - 1} and {other_start}–{other_start + other_rows - 1}); a LoRA file must hold "
+                    "each layer once. Re-export it.", source)
+        taken.append((start, rows, module))
+        if part.swap_halves and up.device.type != "meta":
+            half = int(up.shape[0]) // 2
+            up = torch.cat([up[half:], up[:half]])
+        placed.append((start, rows, up, down))
+    rank = sum(int(down.shape[0]) for _, _, _, down in placed)
+    device = placed[0][3].device
+    up_full = torch.zeros((int(rows_total), rank, *placed[0][2].shape[2:]), dtype=torch.float32, device=device)
+    col = 0
+    for start, rows, up, down in placed:
+        r = int(down.shape[0])
+        if device.type != "meta":
+            up_full[start:start + rows, col:col + r] = up
+        col += r
+    down_full = torch.cat([down for _, _, _, down in placed])
+    return LowRank(up_full.contiguous(), down_full.contiguous())
 
 
 def _unknown_module(module: str, layout: Layout, layouts: tuple[Layout, ...]) -> tuple[str, str]:
@@ -1207,7 +1293,7 @@ def load_lora(path: str | os.PathLike[str], layout: Layout = SDXL_LAYOUT) -> LoR
     Returns the LoRA with ``base`` set to ``layout.base``. Raises WrongBaseModelError, UnknownKeyStyleError,
     LayerMismatchError, NonFiniteError or EmptyLoRAError (besides read_lora's errors).
     """
-    candidates = (layout, *(x for x in STANDARD_LAYOUTS if x is not layout))
+    candidates = (layout, *(x for x in KNOWN_LAYOUTS if x is not layout))
     lora = read_lora(path, layouts=candidates)
     validate_lora(lora, layout)
     lora.base = layout.base
@@ -1237,6 +1323,15 @@ def validate_lora(lora: LoRA, layout: Layout = SDXL_LAYOUT, *, text_encoders: bo
     unknown = unknown_modules(lora)
     if not lora.layers and unknown:
         raise _nothing_resolved_error(lora, layout, unknown)
+    if lora.base == "unknown" and lora.layers and all(layout.get(n) is None for n in lora.layers):
+        owner = next((k for k in KNOWN_LAYOUTS if k.family != layout.family
+                      and all(k.get(n) is not None for n in lora.layers)), None)
+        if owner is not None:
+            label = family_of(owner).label
+            raise WrongBaseModelError(
+                f"{name}: this LoRA is for {label}, not {layout.label}: its {len(lora.layers)} layers are {label} "
+                f"layers (e.g. {_examples(list(lora.layers), 2)}), none of which exists in {layout.label}. Pick a "
+                f"LoRA trained for {layout.label}.", src, base=owner.base, expected=layout.base)
     unknown_keys = [s.key for s in lora.skipped if s.kind == "unknown_key"]
     if unknown_keys:
         n = len(unknown_keys)
@@ -1330,7 +1425,10 @@ def non_finite_layers(path: str | os.PathLike[str], layout: Layout = SDXL_LAYOUT
         for key in header:
             split = _split_key(key)
             patch = None if split is not None else _patch_of(key, header[key]["shape"])
-            hit = layout.resolve_module(split[0] if split else patch[0]) if split or patch else None
+            if split is not None:
+                hit = layout.resolve_part(split[0])
+            else:
+                hit = layout.resolve_module(patch[0]) if patch is not None else None
             if hit is None:
                 continue
             t = f.get_tensor(key)
@@ -1341,7 +1439,7 @@ def non_finite_layers(path: str | os.PathLike[str], layout: Layout = SDXL_LAYOUT
 
 def _spelling_of(module: str) -> tuple[str, str, Layout] | None:
     """(unrecognised prefix, canonical layer, layout) when ``module`` is a known layer behind a foreign prefix."""
-    for layout in STANDARD_LAYOUTS:
+    for layout in KNOWN_LAYOUTS:
         found = layout.find_known_path(module)
         if found is not None:
             return found[0], found[1], layout
@@ -1373,9 +1471,10 @@ def _nothing_resolved_error(lora: LoRA, layout: Layout, unknown: list[str]) -> L
             "reads' lists every spelling DuoLoRA reads.", src, base=claimed)
     family = _family_hint(unknown)
     looks = f" (its layer names look like {family} ones)" if family else ""
+    known = "SDXL, SD1.x or SD2.x" if layout.family == "sdxl" else layout.label
     return WrongBaseModelError(
         f"{name}: this LoRA is not for {layout.label}: none of its {n} layers (e.g. {_examples(unknown, 2)}) "
-        f"exists in SDXL, SD1.x or SD2.x; it was probably made for another model family{looks}. Pick a LoRA "
+        f"exists in {known}; it was probably made for another model family{looks}. Pick a LoRA "
         f"trained for {layout.label}.", src, base="unknown", expected=layout.base)
 
 
@@ -1386,7 +1485,7 @@ def _module_of(key: str) -> str:
 
 def _base_evidence(lora: LoRA, layout: Layout) -> str:
     for lname, lr in lora.layers.items():
-        if lname.endswith(".attn2.to_k") and not lr.is_conv:
+        if lname.endswith(".attn2.to_k") and not lr.is_conv and hasattr(layout.config, "context_dim"):
             return (f"its cross-attention layers read {lr.in_features}-wide text embeddings; "
                     f"{layout.label}'s read {layout.config.context_dim}")
     for lname, lr in lora.layers.items():
@@ -1401,7 +1500,16 @@ def _base_evidence(lora: LoRA, layout: Layout) -> str:
 
 # ------------------------------------------------------------------------------------------ writing
 def _layout_for_base(base: str) -> Layout:
-    return {"sd1": SD15_LAYOUT, "sd2": SD21_LAYOUT}.get(base, SDXL_LAYOUT)
+    return BASE_LAYOUTS.get(base, SDXL_LAYOUT)
+
+
+def merge_layout(path: str | os.PathLike[str]) -> Layout:
+    """The layout a merge of the LoRA file at ``path`` is checked against: its family's full-size layout when its
+    header is detected as a diffusion transformer's (Flux.1, Z-Image, Qwen-Image), else SDXL's (a file for
+    SD1.x/SD2.x or an unknown model is then refused with SDXL's messages, as the merge always did)."""
+    base = read_lora(path, load_tensors=False, layouts=KNOWN_LAYOUTS).base
+    layout = BASE_LAYOUTS.get(base)
+    return layout if layout is not None and layout.family != "sdxl" else SDXL_LAYOUT
 
 
 def lora_to_state_dict(
@@ -1429,6 +1537,11 @@ def lora_to_state_dict(
     if alpha is not None and not alpha > 0:
         raise ValueError(f"alpha must be positive, not {alpha!r}")
     layout = layout or _layout_for_base(lora.base)
+    family = family_of(layout)
+    if key_style not in family.key_styles:
+        raise ValueError(f"{family.label} LoRAs are not written in key style {key_style!r}; choose one of "
+                         f"{', '.join(family.key_styles)}")
+    prefix = _diffusers_prefix(layout)
     dtype = dtype or lora.dtype or torch.float32
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -1450,6 +1563,9 @@ def lora_to_state_dict(
                 f"{lora.name}: cannot write layer '{lname}': {layout.label} has no such layer.",
                 lora.source, layers=[lname])
         te = layer.is_text_encoder
+        if layer.parts and key_style in _SPLIT_STYLES:
+            out.update(_split_state_dict(layer, lr, key_style, prefix, dtype, alpha, own))
+            continue
         if key_style == "kohya_ldm":
             module, down_s, up_s = layer.kohya, ".lora_down.weight", ".lora_up.weight"
         elif key_style == "kohya_diffusers":
@@ -1457,10 +1573,10 @@ def lora_to_state_dict(
         elif key_style == "comfyui":
             module, down_s, up_s = layer.comfyui, ".lora_down.weight", ".lora_up.weight"
         elif key_style == "diffusers_peft":
-            module = layer.diffusers if te else "unet." + layer.diffusers
+            module = layer.diffusers if te else prefix + layer.diffusers
             down_s, up_s = ".lora_A.weight", ".lora_B.weight"
         elif key_style == "diffusers":
-            module = layer.diffusers if te else "unet." + layer.diffusers
+            module = layer.diffusers if te else prefix + layer.diffusers
             down_s, up_s = ((".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight") if te
                             else (".lora.down.weight", ".lora.up.weight"))
         else:  # diffusers_attn_procs
@@ -1484,7 +1600,58 @@ def lora_to_state_dict(
             raise LayerMismatchError(
                 f"{lora.name}: cannot write the difference of '{param}': {layout.label} has no such parameter.",
                 lora.source, layers=[param])
-        out[_patch_spelling(target, key_style) + (".diff" if kind == "weight" else ".diff_b")] = own(diff)
+        if target.parts and key_style in _SPLIT_STYLES:
+            raise LayerMismatchError(
+                f"{lora.name}: the difference of '{param}' cannot be written in key style {key_style!r}, which "
+                f"splits the layer; write {family.label} LoRAs with bias differences in kohya_ldm or comfyui keys.",
+                lora.source, layers=[param])
+        out[_patch_spelling(target, key_style, prefix) + (".diff" if kind == "weight" else ".diff_b")] = own(diff)
+    return out
+
+
+# Key styles that spell a fused layer by its diffusers slices (Flux's to_q/to_k/to_v instead of qkv).
+_SPLIT_STYLES = ("kohya_diffusers", "diffusers_peft", "diffusers")
+_SPLIT_SUFFIXES = {"kohya_diffusers": (".lora_down.weight", ".lora_up.weight"),
+                   "diffusers_peft": (".lora_A.weight", ".lora_B.weight"),
+                   "diffusers": (".lora.down.weight", ".lora.up.weight")}
+
+
+def _diffusers_prefix(layout: Layout) -> str:
+    """What diffusers puts before the denoiser's module paths: ``unet.`` for a UNet, ``transformer.`` for a DiT."""
+    return "unet." if layout.family == "sdxl" else "transformer."
+
+
+def _split_state_dict(layer: Layer, lr: LowRank, key_style: str, prefix: str, dtype: torch.dtype,
+                      alpha: float | None, own) -> dict[str, torch.Tensor]:
+    """A fused layer written as its diffusers slices (``Part``s with a path): each slice gets the layer's down
+    factor and the rows of its up factor (halves swapped where the writer orders them so), so the slices ComfyUI
+    applies at their row offsets add up to exactly the fused ΔW."""
+    parts = [p for p in layer.parts if p.path]
+    covered = sorted((p.start, p.start + p.rows) for p in parts)
+    if covered[0][0] != 0 or covered[-1][1] != layer.shape[0] or any(
+            a[1] != b[0] for a, b in itertools.pairwise(covered)):
+        raise ValueError(f"the diffusers slices of '{layer.name}' do not cover its rows exactly")
+    if int(lr.up.shape[0]) != layer.shape[0]:
+        raise ValueError(f"'{layer.name}' has {int(lr.up.shape[0])} rows in the LoRA but {layer.shape[0]} in the "
+                         "layout it is written with; pass the model's own layout")
+    if alpha is not None:
+        lr = LowRank(lr.up * (lr.rank / float(alpha)), lr.down)
+    cast = lr.to(dtype=dtype)
+    down_s, up_s = _SPLIT_SUFFIXES[key_style]
+    out: dict[str, torch.Tensor] = {}
+    for part in parts:
+        rows = cast.up[part.start:part.start + part.rows]
+        if part.swap_halves:
+            half = int(rows.shape[0]) // 2
+            rows = torch.cat([rows[half:], rows[:half]])
+        if key_style == "kohya_diffusers":
+            module = "lora_transformer_" + part.path.replace(".", "_")
+        else:
+            module = prefix + part.path
+        out[module + down_s] = own(cast.down)
+        out[module + up_s] = own(rows)
+        if alpha is not None or key_style == "kohya_diffusers":
+            out[module + ".alpha"] = exact_scalar(float(alpha if alpha is not None else lr.rank), dtype)
     return out
 
 
@@ -1503,7 +1670,7 @@ def output_dtype(requested: torch.dtype | None, content: torch.dtype | None) -> 
     return torch.bfloat16 if content in _FLOAT8 else content
 
 
-def _patch_spelling(layer: Layer, key_style: str) -> str:
+def _patch_spelling(layer: Layer, key_style: str, prefix: str = "unet.") -> str:
     """The module spelling of a bias/norm difference: one ComfyUI's key maps read (comfy/lora.py)."""
     if key_style == "kohya_ldm":
         return layer.kohya  # lora_unet_… for the UNet; text_encoders.… for CLIP norms (see sdxl._te_module)
@@ -1511,7 +1678,7 @@ def _patch_spelling(layer: Layer, key_style: str) -> str:
         return layer.kohya_diffusers
     if key_style == "comfyui":
         return layer.comfyui
-    return layer.diffusers if layer.is_text_encoder else "unet." + layer.diffusers
+    return layer.diffusers if layer.is_text_encoder else prefix + layer.diffusers
 
 
 def exact_scalar(value: float, dtype: torch.dtype) -> torch.Tensor:

@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Any, TextIO
 
+from .families import BASE_LAYOUTS, KNOWN_LAYOUTS
 from .formats import (
     LoRAError,
     non_finite_error,
@@ -18,8 +19,9 @@ from .formats import (
     summary,
     validate_lora,
 )
+from .layout import Layout
 from .lora import LoRA
-from .sdxl import SDXL_LAYOUT, STANDARD_LAYOUTS
+from .sdxl import SDXL_LAYOUT
 
 # Exit status of ``duolora inspect``: scripts can ask "will a merge take this file?" without parsing text.
 EXIT_USABLE = 0  # described; ``duolora merge`` and the loader nodes accept it for SDXL
@@ -38,22 +40,30 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     info = summary(lora)
     info["named_like"] = _named_like(lora) if lora.base == "unknown" and not info["unknown_layers"] else None
     info["non_finite_keys"] = non_finite_keys(path)
+    layout = _merge_layout(lora)
     try:
-        validate_lora(lora, SDXL_LAYOUT)
+        validate_lora(lora, layout)
         refusal = None
     except LoRAError as e:
         refusal = str(e)
     if refusal is None and info["non_finite_keys"]:
         # the layers a merge reads (a NaN in a key no merge reads, e.g. an embedded token, refuses nothing)
-        bad = non_finite_layers(path, SDXL_LAYOUT)
+        bad = non_finite_layers(path, layout)
         refusal = str(non_finite_error(info["file"], os.fspath(path), bad)) if bad else None
     info["for_merge"] = refusal
     return info
 
 
+def _merge_layout(lora: LoRA) -> Layout:
+    """The layout ``duolora merge`` checks this file against (``formats.merge_layout``): a diffusion
+    transformer's when the file is detected as one, else SDXL's."""
+    layout = BASE_LAYOUTS.get(lora.base)
+    return layout if layout is not None and layout.family != "sdxl" else SDXL_LAYOUT
+
+
 def _named_like(lora: LoRA) -> str | None:
     """The label of the standard model whose layer names this LoRA's layers carry (though no shape matches)."""
-    counts = {layout.label: sum(layout.get(name) is not None for name in lora.layers) for layout in STANDARD_LAYOUTS}
+    counts = {layout.label: sum(layout.get(name) is not None for name in lora.layers) for layout in KNOWN_LAYOUTS}
     best = max(counts, key=lambda label: counts[label])
     return best if counts[best] else None
 
@@ -109,6 +119,9 @@ def _notes(info: dict[str, Any]) -> list[str]:
     """The closing note: what the file is when it is not an SDXL LoRA."""
     if info["base"] == "sdxl":
         return []
+    if info["base"] in BASE_LAYOUTS and BASE_LAYOUTS[info["base"]].family != "sdxl":
+        return [(f"note: a {info['base_label']} LoRA: duolora merge merges it weights-only with another "
+                 f"{info['base_label']} LoRA; the nodes merge SDXL LoRAs.")]
     if info["base"] != "unknown":
         return [f"note: DuoLoRA merges SDXL LoRAs; this one is for {info['base_label']}."]
     spelling = info["unrecognised_spelling"]

@@ -18,10 +18,11 @@ from safetensors import safe_open
 
 from . import formats
 from .config import MergeConfig
+from .families import KNOWN_LAYOUTS
+from .layout import Layout
 from .lora import LoRA, merge_patches
 from .mergers import DirectMerger, Merger, _agreed, build_merger
 from .optimize import MergeResult
-from .sdxl import STANDARD_LAYOUTS, Layout
 from .solver import SOLVER_ITERATIONS, check_method, solve_weights
 
 # Layers read, solved and exported together (bounds the extra memory of the stream).
@@ -51,7 +52,7 @@ class _LayerReader:
             split = formats._split_key(key)  # the key grammar lives in formats
             if split is None:
                 continue
-            hit = layout.resolve(split[0])
+            hit = layout.resolve_part(split[0])  # a slice of a fused layer is read with its other slices
             if hit is not None and hit[0].name in meta.layers:
                 self.groups.setdefault(hit[0].name, []).append(key)
 
@@ -77,7 +78,7 @@ class _LayerReader:
 
 def _read_header(path: str | os.PathLike[str], layout: Layout) -> LoRA:
     """Header-only read (meta tensors) validated against ``layout``: names, shapes, base model."""
-    candidates = (layout, *(x for x in STANDARD_LAYOUTS if x is not layout))
+    candidates = (layout, *(x for x in KNOWN_LAYOUTS if x is not layout))
     meta = formats.read_lora(path, load_tensors=False, layouts=candidates)
     formats.validate_lora(meta, layout)
     meta.base = layout.base

@@ -1,0 +1,92 @@
+"""The model families DuoLoRA knows, each a table (``duolora.layout.Family`` + its ``Layout``s).
+
+``sdxl`` (with SD1.x/SD2.x, which share its UNet table), ``flux`` (Flux.1), ``zimage`` (Z-Image, ComfyUI's
+Lumina2 class) and ``qwen_image``. Adding a family adds a module here, not a code path elsewhere: the
+engine, the file formats and the ComfyUI bridge read these tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ..layout import Family, Layout, parse_custom_prior
+from . import flux, qwen_image, sdxl, zimage
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (sdxl.FAMILY, flux.FAMILY, zimage.FAMILY, qwen_image.FAMILY)}
+# The family of each base model a LoRA may be detected for.
+BASE_FAMILY: dict[str, str] = {"sdxl": "sdxl", "sd1": "sdxl", "sd2": "sdxl", "flux": "flux", "zimage": "zimage",
+                               "qwen_image": "qwen_image"}
+BASE_LABELS: dict[str, str] = {**sdxl.BASE_LABELS, "flux": flux.FAMILY.label, "zimage": zimage.FAMILY.label,
+                               "qwen_image": qwen_image.FAMILY.label}
+# The full-size layout of each base: what a file is detected against, in the order ties are broken.
+STANDARD_LAYOUTS: tuple[Layout, ...] = sdxl.STANDARD_LAYOUTS
+KNOWN_LAYOUTS: tuple[Layout, ...] = (*sdxl.STANDARD_LAYOUTS, flux.FLUX_LAYOUT, zimage.ZIMAGE_LAYOUT,
+                                     qwen_image.QWEN_IMAGE_LAYOUT)
+BASE_LAYOUTS: dict[str, Layout] = {layout.base: layout for layout in KNOWN_LAYOUTS}
+
+# Every family's presets: SDXL's first, "none" and "custom" last (the names are unique across families).
+PRESET_NAMES: tuple[str, ...] = (
+    *dict.fromkeys(n for f in FAMILIES.values() for n in f.presets if n != "none"), "none", "custom")
+
+
+def family_of(layout_or_base: Layout | str) -> Family:
+    """The Family of a Layout or a base name ("sd1" and "sd2" belong to "sdxl"; an unknown base too)."""
+    if isinstance(layout_or_base, Layout):
+        return FAMILIES[layout_or_base.family]
+    return FAMILIES[BASE_FAMILY.get(layout_or_base, "sdxl")]
+
+
+def preset_family(preset: str) -> Family | None:
+    """The family whose blocks a named preset refers to (None for "none", "custom" and unknown names)."""
+    if preset in ("none", "custom"):
+        return None
+    return next((f for f in FAMILIES.values() if preset in f.presets), None)
+
+
+def parse_custom_preset(spec: str, family: Family | None = None) -> dict[str, str]:
+    """Block -> role of a custom prior for ``family``; without one, for the first family whose blocks it names
+    (SDXL's message when it names none)."""
+    if family is not None:
+        return parse_custom_prior(spec, family)
+    first: ValueError | None = None
+    for candidate in FAMILIES.values():
+        try:
+            return parse_custom_prior(spec, candidate)
+        except ValueError as e:
+            first = first or e
+    assert first is not None
+    raise first
+
+
+def preset_roles(preset: str, custom: str | Mapping[str, str] | None = None,
+                 family: Family | None = None) -> dict[str, str]:
+    """Block -> role for a preset name (``custom`` takes a spec string or a dict)."""
+    if preset == "custom":
+        if isinstance(custom, Mapping):
+            return dict(custom)
+        return parse_custom_preset(custom or "", family)
+    for candidate in ([family] if family is not None else FAMILIES.values()):
+        if preset in candidate.presets:
+            return dict(candidate.presets[preset])
+    names = family.preset_names if family is not None else PRESET_NAMES
+    raise ValueError(f"unknown layer-prior preset {preset!r}; choose one of {', '.join(names)}")
+
+
+def resolve_preset(family: Family, preset: str, custom: str = "") -> tuple[str, str | None]:
+    """(the preset a merge on ``family`` uses, a note when it is not the one asked for).
+
+    Another family's named preset names blocks this model does not have: the merge uses ``family``'s default
+    preset instead and says so. A custom prior must name this family's blocks (ValueError otherwise).
+    """
+    if preset == "custom":
+        try:
+            parse_custom_prior(custom, family)
+        except ValueError as e:
+            raise ValueError(f"{e} (the model is {family.label})") from None
+        return preset, None
+    if preset in family.presets:
+        return preset, None
+    owner = preset_family(preset)
+    named = f"names {owner.label} blocks" if owner is not None else "is unknown"
+    return family.default_preset, (f"prior preset '{preset}' {named}; a {family.label} merge uses "
+                                   f"'{family.default_preset}'")
