@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import PRIOR_LOSS_KINDS, PRIOR_PUSHES
+from .config import PRIOR_LOSS_KINDS, PRIOR_PUSHES, default
 from .mergers import OUT, RANK, STYLE_TAG, MergedLayer, Merger
 from .sdxl import CONTENT, STYLE, prior_role
 
@@ -57,7 +57,8 @@ def _layer_vector(name: str, n: int, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def prior_init(
-    merger: Merger, roles: dict[str, str], tau_c: float = 0.75, tau_s: float = 0.5, seed: int = 0
+    merger: Merger, roles: dict[str, str], tau_c: float = default("tau_c"), tau_s: float = default("tau_s"),
+    seed: int = default("seed"),
 ) -> int:
     """Initialise every learned mask from the layer priors (METHOD.md §3, "Initialisation").
 
@@ -134,11 +135,11 @@ def kept_share(layer: MergedLayer, which: str, mask: torch.Tensor | None = None)
 def layer_prior_loss(
     merger: Merger,
     roles: dict[str, str],
-    kind: str = "share_hinge",
-    kappa: float = 1.0,
-    nu: float = 1.0,
-    margin: float = 0.2,
-    push: str = "both",
+    kind: str = default("prior_loss_kind"),
+    kappa: float = default("kappa"),
+    nu: float = default("nu"),
+    margin: float = default("margin"),
+    push: str = default("prior_push"),
 ) -> torch.Tensor:
     """The rank-constraint loss L_prior, mean over prior layers (METHOD.md §3, "Rank constraint"); with several
     content LoRAs a layer's term is the sum over its prior pairs (``prior_pairs``), each as below.
