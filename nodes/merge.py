@@ -4,15 +4,12 @@ inside the real model."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 
 import torch
 
-from .. import duolora
 from ..duolora import config as config_knobs
-from ..duolora import engine, formats, report
-from ..duolora.config import MergeConfig
+from ..duolora import engine, formats, provenance, report
 from ..duolora.optimize import MergeResult
 from . import caching
 from . import comfy_bridge as bridge
@@ -177,7 +174,7 @@ class ZipRankMerge(io.ComfyNode):
                         "style": s.mean_kept_s, "layers": s.layers}
                 for s in rep.by_block()}
         dtype = formats.output_dtype(DTYPES.get(lora_dtype), content.dtype)
-        metadata = _provenance(config, chain, style_lora, merger.trainable_parameters(), result, kept)
+        metadata = _provenance(chain, style_lora, merger.trainable_parameters(), result, kept)
         state_dict = LoraStateDict(
             formats.lora_to_state_dict(merged_lora, "kohya_ldm", dtype=dtype, layout=layout))
         merged = MergedLoRA(lora=merged_lora, state_dict=state_dict, metadata=metadata, method=method)
@@ -244,29 +241,12 @@ def _missing_references_message(mode: str, error: engine.MissingReferencesError,
             f"{_CONNECT_REFERENCES}{constyle}, or choose mode 'weights' to merge from the LoRAs alone.")
 
 
-def _provenance(config: MergeConfig, chain: list[SourceLoRA], style: SourceLoRA, trainable: int,
-                result: MergeResult, kept: dict) -> dict[str, str]:
-    """What a saved merge records: the settings and every source file (name, SHA-256, strength); further content
-    LoRAs of a multi-concept merge as ``duolora.content_2``, … ."""
-    content = chain[0]
-    more = {}
-    for i, src in enumerate(chain[1:], start=2):
-        more.update({f"duolora.content_{i}": src.name, f"duolora.content_{i}_sha256": src.sha256 or "",
-                     f"duolora.content_{i}_strength": f"{src.strength:g}"})
-    return {
-        "duolora.version": duolora.__version__,
-        "duolora.method": config.method,
-        "duolora.mode": config.objective,
-        "duolora.config": json.dumps(config.to_dict(), sort_keys=True),
-        "duolora.content": content.name,
-        "duolora.content_sha256": content.sha256 or "",
-        "duolora.content_strength": f"{content.strength:g}",
-        "duolora.style": style.name,
-        "duolora.style_sha256": style.sha256 or "",
-        "duolora.style_strength": f"{style.strength:g}",
-        "duolora.trainable_parameters": str(trainable),
-        "duolora.steps_done": str(result.steps_done),
-        "duolora.kept_rank": json.dumps(kept, sort_keys=True),
-        **more,
-    }
-
+def _provenance(chain: list[SourceLoRA], style: SourceLoRA, trainable: int, result: MergeResult,
+                kept: dict) -> dict[str, str]:
+    """What a saved merge records (``duolora.provenance``: the same keys ``duolora merge`` writes): the
+    settings, every source file (name, SHA-256, strength) and the run's trainable parameters, steps and kept
+    ranks."""
+    sources = [provenance.Source(src.name, src.sha256, src.strength) for src in chain]
+    return {**provenance.file_metadata(result),
+            **provenance.source_metadata(sources, provenance.Source(style.name, style.sha256, style.strength)),
+            **provenance.run_metadata(result, trainable, kept)}
