@@ -186,6 +186,8 @@ class MergeConfig:
         "above this.")
 
     def __post_init__(self) -> None:
+        # The user's mode names ("weights") are accepted for the objective they run ("weights_only").
+        self.objective = objective_of(self.objective)
         self.validate()
 
     def validate(self) -> None:

@@ -61,3 +61,5 @@ def test_one_mode_vocabulary_both_spellings_accepted() -> None:
     assert [objective_of(o) for o in ("weights_only", "layerwise_paper")] == ["weights_only", "layerwise_paper"]
     assert [mode_of(o) for o in ("weights_only", "weights", "layerwise_paper")] == [
         "weights", "weights", "layerwise+paper"]
+    assert MergeConfig(objective="weights") == MergeConfig(objective="weights_only")
+    assert MergeConfig(objective="layerwise+paper").objective == "layerwise_paper"
