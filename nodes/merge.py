@@ -28,16 +28,21 @@ from .types import (
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The knobs on the node, in the order it shows them: every MergeConfig field with a ``ui`` name.
 KNOBS = tuple(f for f in config_knobs.KNOBS if f.metadata["ui"] is not None)
-# How the merge runs on this machine, not what it computes: the node's own settings (not in MergeConfig).
-_RUN_SETTINGS = (
-    io.Boolean.Input("gradient_checkpointing", default=True,
-                     tooltip="Use much less memory in the paper modes for a little more time."),
-    io.Combo.Input("compute_dtype", options=["auto", *DTYPES], default="auto",
-                   tooltip="Precision of the model while merging (auto: the model's own)."),
-    io.Combo.Input("lora_dtype", options=["auto", *DTYPES], default="auto",
-                   tooltip="Precision of the merged LoRA (auto: the content LoRA file's)."),
-)
-_RUN_DEFAULTS = {widget.id: widget.default for widget in _RUN_SETTINGS}
+
+
+def _run_settings() -> tuple[io.Input, ...]:
+    """How the merge runs on this machine, not what it computes: the node's own settings (not in MergeConfig)."""
+    return (
+        io.Boolean.Input("gradient_checkpointing", default=True,
+                         tooltip="Use much less memory in the paper modes for a little more time."),
+        io.Combo.Input("compute_dtype", options=["auto", *DTYPES], default="auto",
+                       tooltip="Precision of the model while merging (auto: the model's own)."),
+        io.Combo.Input("lora_dtype", options=["auto", *DTYPES], default="auto",
+                       tooltip="Precision of the merged LoRA (auto: the content LoRA file's)."),
+    )
+
+
+_RUN_DEFAULTS = {widget.id: widget.default for widget in _run_settings()}
 
 # What a user decides on every merge (mode, method, balance, steps) stays in view; the method's finer knobs,
 # precision and memory settings sit behind the front end's "advanced" switch (a knob's ``advanced`` metadata).
@@ -66,7 +71,7 @@ def _knob_input(f: dataclasses.Field) -> io.Input:
 
 
 def _widgets() -> list[io.Input]:
-    inputs = [*(_knob_input(f) for f in KNOBS), *_RUN_SETTINGS]
+    inputs = [*(_knob_input(f) for f in KNOBS), *_run_settings()]
     for widget in inputs:
         if widget.id in ADVANCED_INPUTS:
             bridge.advanced(widget)
