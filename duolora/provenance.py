@@ -7,7 +7,8 @@ Every key is ``duolora_<name>``:
   ``style``, ``scope``, ``prune_threshold``, ``basis`` (the exporting merger's), ``mode`` (the user's name of the
   mode: paper, layerwise, weights, layerwise+paper), ``config`` (the whole ``MergeConfig`` as JSON) and, for the
   fast modes, ``fast_objective`` (the per-layer objective before and after the solve);
-* from the sources (``source_metadata``): ``version`` (of this pack), ``content_sha256``,
+* from the sources (``source_metadata``): ``version`` (of this pack), ``content`` and ``style`` (the names the
+  user gave the files), ``content_sha256``,
   ``content_strength``, ``style_sha256``, ``style_strength``, and for every further content LoRA of a
   multi-concept merge ``content_2``, ``content_2_sha256``, ``content_2_strength``, … ;
 * from a run through the model (``run_metadata``): ``trainable_parameters``, ``steps_done``, ``kept_rank``
@@ -59,11 +60,13 @@ def file_metadata(result: MergeResult, extra: Mapping[str, str] | None = None) -
 
 
 def source_metadata(contents: Sequence[Source], style: Source) -> dict[str, str]:
-    """The pack's version and every source file's SHA-256 and strength (the names are the merger's
-    ``duolora_content``/``duolora_style``; further content LoRAs also by name, as ``duolora_content_2``, …)."""
+    """The pack's version and every source: ``duolora_content`` (the names joined by " + ") and
+    ``duolora_style`` as the user named the files (the node: relative to models/loras), each file's SHA-256
+    and strength, further content LoRAs also by name, as ``duolora_content_2``, … ."""
     from . import __version__
 
-    md = {PREFIX + "version": __version__}
+    md = {PREFIX + "version": __version__, PREFIX + "content": " + ".join(src.name for src in contents),
+          PREFIX + "style": style.name}
     for i, src in enumerate(contents, start=1):
         key = PREFIX + ("content" if i == 1 else f"content_{i}")
         if i > 1:
