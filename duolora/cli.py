@@ -70,11 +70,8 @@ class _MergeHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
     """``duolora merge CONTENT STYLE -o OUT`` or ``duolora merge --content A --content B --style S -o OUT``: the
     weights-only merge (no model, no images) of one content LoRA or several with a style LoRA."""
-    from .config import BASES, DEFAULT_PRUNE_THRESHOLD, PRIOR_LOSS_KINDS, SCOPES, MergeConfig
-    from .sdxl import PRESET_NAMES
     from .solver import SOLVER_ITERATIONS
 
-    d = MergeConfig()
     p = sub.add_parser(
         "merge",
         help="merge a content and a style LoRA (or several content LoRAs and a style LoRA) from their weights "
@@ -99,56 +96,7 @@ def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
                    help="the style LoRA, with --content (default: none)")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="the merged LoRA file to write; its name must end in .safetensors")
-    p.add_argument("--method", choices=("ziprank", "direct", "b_lora"), default=d.method,
-                   help="ziprank: solve DuoLoRA's rank masks; direct: plain sum w_c·ΔW_c + w_s·ΔW_s; b_lora: content "
-                        "only in output_blocks.0.1, style only in output_blocks.1.1 (ZipLoRA needs the paper mode)")
-    p.add_argument("--basis", choices=BASES, default=d.basis,
-                   help="svd: one mask entry per singular direction (the paper's math); raw: per rank component "
-                        "of the file's own factors (the released code)")
-    p.add_argument("--scope", choices=SCOPES, default=d.scope,
-                   help="attention: masks on the 560 attention projections (the paper); all: on every layer both "
-                        "files patch. Other shared layers are summed with --w-c/--w-s")
-    p.add_argument("--priors", choices=PRESET_NAMES, default=d.prior_preset, dest="prior_preset",
-                   help="SDXL layer priors: which blocks carry content and which style (paper: low-resolution "
-                        "attention = content, high-resolution = style; none: no priors)")
-    p.add_argument("--custom-prior", default=d.custom_prior, metavar="SPEC",
-                   help="block roles for --priors custom, e.g. 'content: in7, in8, mid; style: out3' (the short "
-                        "names the node's diagram and the Merge Report show) or with the long names, 'content: "
-                        "input_blocks.7.1, middle_block.1; style: output_blocks.3.1'")
-    p.add_argument("--no-prior-loss", action="store_true",
-                   help="leave out the priors' rank-constraint term (the masks then only reconstruct)")
-    p.add_argument("--prior-loss-kind", choices=PRIOR_LOSS_KINDS, default=d.prior_loss_kind,
-                   help="share_hinge: ν·max(0, ρ_other − ρ_dom + margin), ρ the kept share of each LoRA's nuclear "
-                        "norm; hinge: κ‖m_dom‖₁ + ν·max(0, ‖m_other‖₁ − ‖m_dom‖₁ + margin) (docs/method.md §3 "
-                        "literally); code_compat: the released code's L2 form")
-    p.add_argument("--lambda-prior", type=float, default=d.lambda_prior,
-                   help="weight of the prior term (per layer, in units of the layer's lost reconstruction)")
-    p.add_argument("--kappa", type=float, default=d.kappa, help="κ: weight of the dominant mask's L1 norm")
-    p.add_argument("--nu", type=float, default=d.nu, help="ν: weight of the hinge between the two masks")
-    p.add_argument("--margin", type=float, default=d.margin, help="margin of the hinge")
-    p.add_argument("--lambda-content", type=float, default=d.lambda_content,
-                   help="weight of the content reconstruction term")
-    p.add_argument("--lambda-style", type=float, default=d.lambda_style, help="weight of the style reconstruction term")
-    p.add_argument("--balance", type=float, default=d.balance, metavar="B",
-                   help="subject against style where the LoRAs collide, from -1 (style) to 1 (content): the "
-                        "reconstruction terms weigh lambda_content·(1 + B) and lambda_style·(1 − B); 0 = the paper")
-    p.add_argument("--lambda-sim", type=float, default=None,
-                   help="weight of the mask-similarity term mean|m_c ⊙ m_s| (default: the method's, 0 for ziprank)")
-    p.add_argument("--fast-keep", type=float, default=d.fast_keep,
-                   help="γ of the keep term γ·Σ shareᵢ·(1 − mᵢ)²: holds each LoRA's strongest singular directions "
-                        "near full strength (0: pure per-layer reconstruction, which weakens LoRAs where they collide)")
-    p.add_argument("--prune-threshold", type=float, default=DEFAULT_PRUNE_THRESHOLD,
-                   help="rank components with |mask| below this are dropped from the file")
-    p.add_argument("--max-rank", type=int, default=d.max_rank,
-                   help="rank budget: keep at most this many components of each LoRA per learned layer, the "
-                        "strongest by σ·|mask| (0: no budget)")
-    p.add_argument("--w-c", type=float, default=d.w_c,
-                   help="content weight (of each content LoRA) in the layers merged as a plain sum (text encoders, "
-                        "layers out of scope)")
-    p.add_argument("--w-s", type=float, default=d.w_s, help="style weight of the layers merged as a plain sum")
-    p.add_argument("--seed", type=int, default=d.seed,
-                   help="recorded in the file's metadata; the weights-only solve is deterministic (a convex "
-                        "problem per layer), so the result does not depend on it")
+    _add_knob_options(p)
     p.add_argument("--iterations", type=int, default=SOLVER_ITERATIONS,
                    help="cap on the solver's projected-gradient steps per batch of layers (it stops earlier "
                         "once the masks settle)")
@@ -159,6 +107,51 @@ def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
     p.set_defaults(func=_merge)
+
+
+def _cli_knobs() -> tuple:
+    """The MergeConfig knobs ``duolora merge`` offers: those with a ``cli`` option name, in field order."""
+    from .config import KNOBS
+
+    return tuple(f for f in KNOBS if f.metadata["cli"] is not None)
+
+
+def _cli_help(text: str) -> str:
+    """A knob's help sentence in argparse's style: lower-case start, no closing full stop."""
+    return text[0].lower() + text[1:-1] if text.endswith(".") else text
+
+
+def _add_knob_options(p: argparse.ArgumentParser) -> None:
+    """One option per MergeConfig knob with a ``cli`` name: its default, choices and help from the field."""
+    for f in _cli_knobs():
+        meta, option = f.metadata, f.metadata["cli"]
+        text = _cli_help(meta["help"])
+        if isinstance(f.default, bool):
+            # A True knob is switched off by "--no-…"; a False one on by its plain option.
+            p.add_argument(option, action="store_true", dest=option[2:].replace("-", "_"),
+                           help=("do not " + text) if option.startswith("--no-") else text)
+            continue
+        choices = meta["cli_choices"] or meta["choices"]
+        if meta["none"] is not None:
+            p.add_argument(option, type=float, default=None, dest=f.name,
+                           help=f"{text} (default: {meta['none']})")
+        elif choices is not None:
+            p.add_argument(option, choices=choices, default=f.default, dest=f.name, help=text)
+        else:
+            p.add_argument(option, type=type(f.default), default=f.default, dest=f.name, help=text)
+
+
+def _knob_values(args: argparse.Namespace) -> dict:
+    """MergeConfig keyword arguments from the parsed knob options."""
+    values = {}
+    for f in _cli_knobs():
+        option = f.metadata["cli"]
+        if isinstance(f.default, bool):
+            given = getattr(args, option[2:].replace("-", "_"))
+            values[f.name] = (not given) if option.startswith("--no-") else given
+        else:
+            values[f.name] = getattr(args, f.name)
+    return values
 
 
 class _TerminalProgress:
@@ -208,7 +201,7 @@ def _merge_inputs(args: argparse.Namespace) -> tuple[list[str], str]:
 def _merge(args: argparse.Namespace) -> int:
     import torch
 
-    from . import engine, formats
+    from . import engine, formats, provenance
     from .config import MergeConfig
     from .mergers import MergerError
     from .solver import describe
@@ -216,20 +209,16 @@ def _merge(args: argparse.Namespace) -> int:
     progress = _TerminalProgress(not args.quiet)
     try:
         contents, style_file = _merge_inputs(args)
-        config = MergeConfig(
-            method=args.method, basis=args.basis, scope=args.scope, objective="weights_only", seed=args.seed,
-            prior_preset=args.prior_preset, custom_prior=args.custom_prior, prior_loss=not args.no_prior_loss,
-            prior_loss_kind=args.prior_loss_kind, kappa=args.kappa, nu=args.nu, margin=args.margin,
-            lambda_content=args.lambda_content, lambda_style=args.lambda_style, balance=args.balance,
-            lambda_prior=args.lambda_prior,
-            lambda_sim=args.lambda_sim, prune_threshold=args.prune_threshold, w_c=args.w_c, w_s=args.w_s,
-            fast_keep=args.fast_keep, max_rank=args.max_rank,
-        )
+        config = MergeConfig(objective="weights_only", **_knob_values(args))
         layout = formats.merge_layout(contents[0])  # the model family: SDXL's or a DiT's, from the content file
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
         if dtype is None:  # auto: the (first) content file's dtype (formats.output_dtype: never float8)
             dtype = formats.output_dtype(None, formats.read_lora(contents[0], load_tensors=False).dtype)
-        output = engine.OutputFile(args.output, key_style=args.key_style, dtype=dtype, overwrite=args.force)
+        sources = provenance.source_metadata(
+            [provenance.Source(os.path.basename(p), formats.file_sha256(p)) for p in contents],
+            provenance.Source(os.path.basename(style_file), formats.file_sha256(style_file)))
+        output = engine.OutputFile(args.output, key_style=args.key_style, dtype=dtype, overwrite=args.force,
+                                   extra_metadata=sources)
         result = engine.run_merge(contents if len(contents) > 1 else contents[0], style_file, config, output=output,
                                   progress=progress, iterations=args.iterations, layout=layout)
     except formats.OutputExistsError as e:

@@ -1,7 +1,7 @@
 """One entry point for every merge: ``run_merge`` runs any mode with any method and exports the result.
 
 The ZipRank Merge node and ``duolora merge`` both call it; neither dispatches modes itself. The modes
-(``MergeConfig.objective``; the names users see are the keys of ``MODES``):
+(``MergeConfig.objective``; the names users see are the keys of ``config.MODES``):
 
 * ``paper`` — the paper's objective through the diffusion model (``duolora.optimize``, docs/method.md §4);
 * ``layerwise`` — one recording pass over the references (``duolora.recording``), then a per-layer solve
@@ -37,7 +37,6 @@ by the callback itself propagates unchanged.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -49,7 +48,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from . import formats, streaming
+from . import formats, provenance, streaming
 from .config import MergeConfig
 from .lora import TEXT_ENCODER_PREFIXES, LoRA
 from .mergers import Merger, MergerError, build_merger, check_content_count, describe_lora, lora_tags
@@ -60,9 +59,6 @@ from .sdxl import BASE_LABELS, SDXL_LAYOUT, Layout, is_attention_projection
 from .solver import SOLVER_ITERATIONS, check_method, solve_layerwise, solve_weights
 
 # The modes as users name them (the node's ``mode`` widget, the ``duolora_mode`` file metadata) -> objective.
-MODES: dict[str, str] = {"paper": "paper", "layerwise": "layerwise", "weights": "weights_only",
-                         "layerwise+paper": "layerwise_paper"}
-_MODE_OF = {objective: mode for mode, objective in MODES.items()}
 # The fast mode whose per-layer solve an objective uses (for ``solver.check_method``'s message).
 _FAST_MODE = {"weights_only": "weights", "layerwise": "layerwise", "layerwise_paper": "layerwise"}
 # Methods whose masks are all fixed: every mode gives the same merge, and files can always stream.
@@ -461,16 +457,8 @@ def write_merged(merged: LoRA | Mapping[str, torch.Tensor], path: str | os.PathL
 
 
 def file_metadata(result: MergeResult, output: OutputFile | None = None) -> dict[str, str]:
-    """What a written merge records over the exporting merger's keys: the mode, the whole config, the fast
-    objective before and after the solve (fast modes), then ``output.extra_metadata``."""
-    config = result.config or MergeConfig()
-    md = {"duolora_mode": _MODE_OF[config.objective],
-          "duolora_config": json.dumps(config.to_dict(), sort_keys=True)}
-    total = result.history.get("total")
-    if config.objective in ("weights_only", "layerwise") and total and len(total) == 2:
-        md["duolora_fast_objective"] = f"{total[0]:.6g} -> {total[1]:.6g}"
-    md.update(dict(output.extra_metadata if output is not None else {}))
-    return md
+    """What a written merge records (``provenance.file_metadata``), with ``output.extra_metadata`` over it."""
+    return provenance.file_metadata(result, output.extra_metadata if output is not None else None)
 
 
 def merge_files(

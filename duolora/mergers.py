@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import BASES, DEFAULT_PRUNE_THRESHOLD, METHODS, SCOPES, MergeConfig
+from .config import BASES, DEFAULT_PRUNE_THRESHOLD, METHODS, SCOPES, MergeConfig, default
 from .lora import TEXT_ENCODER_PREFIXES, LoRA, LowRank, merge_patches
 from .sdxl import block_of, is_attention_projection
 
@@ -382,11 +382,11 @@ class Merger(nn.Module):
         content: LoRA | Sequence[LoRA],
         style: LoRA,
         *,
-        scope: str = "attention",
-        w_c: float = 1.0,
-        w_s: float = 1.0,
-        prune_threshold: float = DEFAULT_PRUNE_THRESHOLD,
-        max_rank: int = 0,
+        scope: str = default("scope"),
+        w_c: float = default("w_c"),
+        w_s: float = default("w_s"),
+        prune_threshold: float = default("prune_threshold"),
+        max_rank: int = default("max_rank"),
     ) -> None:
         super().__init__()
         if scope not in SCOPES:
@@ -609,7 +609,7 @@ class ZipRankMerger(Merger):
 
     method = "ziprank"
 
-    def __init__(self, content: LoRA | Sequence[LoRA], style: LoRA, *, basis: str = "svd", **kwargs: Any) -> None:
+    def __init__(self, content: LoRA | Sequence[LoRA], style: LoRA, *, basis: str = default("basis"), **kwargs: Any) -> None:
         if basis not in BASES:
             raise MergerError(f"ZipRank basis {basis!r} is not one of {', '.join(BASES)}")
         self.basis = basis
@@ -675,16 +675,12 @@ def build_merger(method: str, content: LoRA | Sequence[LoRA], style: LoRA,
     unknown method or basis, incompatible layer shapes, a learning method with no layer to learn, or
     several content LoRAs for a method that merges one (B-LoRA).
     """
-    scope = getattr(config, "scope", "attention")
-    kwargs: dict[str, Any] = {
-        "scope": scope,
-        "w_c": getattr(config, "w_c", 1.0),
-        "w_s": getattr(config, "w_s", 1.0),
-        "prune_threshold": getattr(config, "prune_threshold", DEFAULT_PRUNE_THRESHOLD),
-        "max_rank": getattr(config, "max_rank", 0),
-    }
+    config = MergeConfig() if config is None else config
+    scope = config.scope
+    kwargs: dict[str, Any] = {"scope": scope, "w_c": config.w_c, "w_s": config.w_s,
+                              "prune_threshold": config.prune_threshold, "max_rank": config.max_rank}
     if method == "ziprank":
-        merger: Merger = ZipRankMerger(content, style, basis=getattr(config, "basis", "svd"), **kwargs)
+        merger: Merger = ZipRankMerger(content, style, basis=config.basis, **kwargs)
     elif method in ("ziplora_out", "ziplora_in"):
         merger = ZipLoRAMerger(content, style, side=method.split("_")[1], **kwargs)
     elif method == "direct":

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import PRIOR_LOSS_KINDS, PRIOR_PUSHES
+from .config import PRIOR_LOSS_KINDS, PRIOR_PUSHES, default
 from .mergers import STYLE_TAG, MergedLayer, Merger, component_weights
 from .sdxl import CONTENT, PRESET_NAMES, PRESETS, STYLE, parse_custom_preset, preset_roles, prior_role
 
@@ -89,7 +89,8 @@ def _layer_vector(name: str, n: int, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def prior_init(
-    merger: Merger, roles: dict[str, str], tau_c: float = 0.75, tau_s: float = 0.5, seed: int = 0
+    merger: Merger, roles: dict[str, str], tau_c: float = default("tau_c"), tau_s: float = default("tau_s"),
+    seed: int = default("seed"),
 ) -> int:
     """Initialise every learned mask from the layer priors (docs/method.md §3, "Initialisation").
 
@@ -136,11 +137,11 @@ def kept_share(layer: MergedLayer, which: str, mask: torch.Tensor | None = None)
 def layer_prior_loss(
     merger: Merger,
     roles: dict[str, str],
-    kind: str = "share_hinge",
-    kappa: float = 1.0,
-    nu: float = 1.0,
-    margin: float = 0.2,
-    push: str = "both",
+    kind: str = default("prior_loss_kind"),
+    kappa: float = default("kappa"),
+    nu: float = default("nu"),
+    margin: float = default("margin"),
+    push: str = default("prior_push"),
 ) -> torch.Tensor:
     """The rank-constraint loss L_prior (docs/method.md §3, "Rank constraint"): ``prior_penalty`` of every prior
     pair, summed per layer, mean over prior layers; with several

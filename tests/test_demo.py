@@ -128,7 +128,7 @@ def test_demo_merged_lora_loads_with_the_stock_lora_loader(demo_run, host: comfy
     out, _, _ = demo_run
     path = out / "merged_lora.safetensors"
     lora = formats.read_lora(path)
-    assert lora.metadata["duolora.method"] == "ziprank" and lora.metadata["duolora.steps_done"] == "2"
+    assert lora.metadata["duolora_method"] == "ziprank" and lora.metadata["duolora_steps_done"] == "2"
     assert len(lora.layers) == 88
     name = "test_demo_merged.safetensors"
     shutil.copyfile(path, host.loras_dir / name)

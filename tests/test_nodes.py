@@ -344,7 +344,7 @@ def test_a_lora_file_overwritten_under_its_name_runs_the_merge_again(host: comfy
     assert third["outputs"]["10"][0].sha256 == retrained.sha256()
     assert folder_listing(folder) == ["merged_00001_.safetensors", "merged_00002_.safetensors"]
     saved = formats.read_lora(folder / "merged_00002_.safetensors", layouts=(tiny_layout,))
-    assert saved.metadata["duolora.content_sha256"] == retrained.sha256()
+    assert saved.metadata["duolora_content_sha256"] == retrained.sha256()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -171,20 +171,20 @@ def test_saved_metadata_records_the_merge(run: MergeRun) -> None:
     stats = run.out(MERGE_ID, 1)
     with safe_open(str(run.saved_path), framework="pt") as f:
         meta = f.metadata()
-    assert meta["duolora.version"] == duolora.__version__
-    assert meta["duolora.method"] == "ziprank"
-    assert meta["duolora.mode"] == "paper"
-    config = json.loads(meta["duolora.config"])
+    assert meta["duolora_version"] == duolora.__version__
+    assert meta["duolora_method"] == "ziprank"
+    assert meta["duolora_mode"] == "paper"
+    config = json.loads(meta["duolora_config"])
     assert config == stats.config
     assert set(config) == {f.name for f in dataclasses.fields(MergeConfig)}
     assert (config["steps"], config["prune_threshold"], config["method"]) == (STEPS, PRUNE, "ziprank")
-    assert meta["duolora.content"] == run.content.name
-    assert meta["duolora.style"] == run.style.name
-    assert meta["duolora.content_sha256"] == run.content.sha256()
-    assert meta["duolora.style_sha256"] == run.style.sha256()
-    assert json.loads(meta["duolora.kept_rank"]) == stats.kept_rank_by_block
-    assert meta["duolora.trainable_parameters"] == str(N_ATTENTION * (RANK_C + RANK_S))
-    assert meta["duolora.steps_done"] == str(STEPS)
+    assert meta["duolora_content"] == run.content.name
+    assert meta["duolora_style"] == run.style.name
+    assert meta["duolora_content_sha256"] == run.content.sha256()
+    assert meta["duolora_style_sha256"] == run.style.sha256()
+    assert json.loads(meta["duolora_kept_rank"]) == stats.kept_rank_by_block
+    assert meta["duolora_trainable_parameters"] == str(N_ATTENTION * (RANK_C + RANK_S))
+    assert meta["duolora_steps_done"] == str(STEPS)
 
 
 def test_lora_model_output_works_with_core_nodes(host: comfyhost.Host, run: MergeRun, tiny_layout) -> None:

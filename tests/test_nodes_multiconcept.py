@@ -101,9 +101,9 @@ def test_two_subjects_and_a_style_merge_through_the_executor(host: comfyhost.Hos
     assert max(saved.layers[n].rank for n in unet) <= RANK_C + RANK_C2 + RANK_S
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-    assert (meta["duolora.content"], meta["duolora.content_2"], meta["duolora.style"]) == (
-        content.name, content2.name, style.name)
-    assert meta["duolora.content_2_sha256"] == content2.sha256() and meta["duolora.content_2_strength"] == "1"
+    assert (meta["duolora_content"], meta["duolora_content_2"], meta["duolora_style"]) == (
+        f"{content.name} + {content2.name}", content2.name, style.name)
+    assert meta["duolora_content_2_sha256"] == content2.sha256() and meta["duolora_content_2_strength"] == "1"
     # The report shows every LoRA, by name, and its numbers.
     text = result["outputs"]["14"][1]
     assert (f"LoRAs: content 1 {content.path.name}, content 2 {content2.path.name}, style {style.path.name}"

@@ -170,7 +170,7 @@ def test_share_hinge_values_and_gradients() -> None:
            for k, v in w.items()}
     # Content layer: ν·max(0, ρ_s − ρ_c + δ); style layer: ν·max(0, ρ_c − ρ_s + δ); mean over the two.
     expected = (max(0.0, rho[("c", "s")] - rho[("c", "c")] + 0.2) + max(0.0, rho[("s", "c")] - rho[("s", "s")] + 0.2)) / 2
-    loss = layer_prior_loss(merger, PAPER, "share_hinge", nu=1.0, margin=0.2)
+    loss = layer_prior_loss(merger, PAPER, "share_hinge", nu=1.0, margin=0.2, push="both")
     assert loss.item() == pytest.approx(expected, abs=1e-6)
     assert expected > 0
     loss.backward()

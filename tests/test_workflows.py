@@ -227,17 +227,18 @@ def test_example_runs_end_to_end_on_the_tiny_model(name: str, host: comfyhost.Ho
         assert total_rank == sum(r.kept for r in rows) <= sum(r.rank for r in rows)
         assert any(n.startswith("te1.") for n in lora.layers), "the content LoRA's text-encoder part is kept"
         md = lora.metadata
-        config = json.loads(md["duolora.config"])
+        config = json.loads(md["duolora_config"])
         merge_inputs = prompt[merge_id]["inputs"]
-        assert md["duolora.method"] == merge_inputs["method"] == config["method"]
+        assert md["duolora_method"] == merge_inputs["method"] == config["method"]
         assert config["steps"] == merge_inputs["steps"] and config["seed"] == merge_inputs["seed"]
-        assert md["duolora.content"] == workflows.CONTENT_LORA and md["duolora.style"] == workflows.STYLE_LORA
-        assert md["duolora.content_sha256"] == _sha256(inputs[workflows.CONTENT_LORA])
-        assert md["duolora.style_sha256"] == _sha256(inputs[workflows.STYLE_LORA])
-        assert md["duolora.steps_done"] == str(merge_steps[merge_id])
+        contents = f"{workflows.CONTENT_LORA} + {workflows.CONTENT2_LORA}" if multi else workflows.CONTENT_LORA
+        assert md["duolora_content"] == contents and md["duolora_style"] == workflows.STYLE_LORA
+        assert md["duolora_content_sha256"] == _sha256(inputs[workflows.CONTENT_LORA])
+        assert md["duolora_style_sha256"] == _sha256(inputs[workflows.STYLE_LORA])
+        assert md["duolora_steps_done"] == str(merge_steps[merge_id])
         if multi:
-            assert md["duolora.content_2"] == workflows.CONTENT2_LORA
-            assert md["duolora.content_2_sha256"] == _sha256(inputs[workflows.CONTENT2_LORA])
+            assert md["duolora_content_2"] == workflows.CONTENT2_LORA
+            assert md["duolora_content_2_sha256"] == _sha256(inputs[workflows.CONTENT2_LORA])
         else:
             assert "duolora.content_2" not in md
 
@@ -286,7 +287,7 @@ def test_demo_script_writes_the_merge_results(tmp_path: Path) -> None:
     for name, path in summary["files"].items():
         assert Path(path) == (out / name).resolve() and Path(path).is_file()
     lora = formats.read_lora(out / "merged_lora.safetensors")
-    assert lora.metadata["duolora.method"] == "ziprank" and lora.metadata["duolora.steps_done"] == "2"
+    assert lora.metadata["duolora_method"] == "ziprank" and lora.metadata["duolora_steps_done"] == "2"
     with Image.open(out / "image.png") as img:
         assert img.size == (64, 64)
     with Image.open(out / "report.png") as img:

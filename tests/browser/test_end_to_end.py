@@ -512,9 +512,9 @@ def test_example_with_pictures_runs_end_to_end_from_the_ui(browser_session: Brow
     assert shown_name.inner_text() == f"Saved in your loras folder as {relative} (press R to list it in Load LoRA)"
     assert stat.S_IMODE(merged.stat().st_mode) == 0o666 & ~_umask()
     lora = formats.read_lora(merged, layouts=(tiny_layout,))
-    assert lora.metadata["duolora.steps_done"] == str(MERGE_STEPS)
-    assert lora.metadata["duolora.content"] == workflows.CONTENT_LORA
-    assert lora.metadata["duolora.style"] == workflows.STYLE_LORA
+    assert lora.metadata["duolora_steps_done"] == str(MERGE_STEPS)
+    assert lora.metadata["duolora_content"] == workflows.CONTENT_LORA
+    assert lora.metadata["duolora_style"] == workflows.STYLE_LORA
     assert 0 < max(layer.rank for layer in lora.layers.values()) <= 2 * RANK
     (save_image_id,) = _node_ids(page, "SaveImage")
     (image,) = outputs[str(save_image_id)]["images"]
@@ -618,7 +618,7 @@ def test_quick_start_merges_two_loras_and_shows_where_the_file_went(browser_sess
     merged = s.base_directory / "models" / "loras" / relative
     assert stat.S_IMODE(merged.stat().st_mode) == 0o666 & ~_umask()
     lora = formats.read_lora(merged, layouts=(tiny_layout,))
-    assert lora.metadata["duolora.mode"] == "weights_only" and lora.metadata["duolora.steps_done"] == "0"
+    assert lora.metadata["duolora_mode"] == "weights" and lora.metadata["duolora_steps_done"] == "0"
     # Each loader shows what its file holds: which files went into the merge.
     for loader in ("DuoLoRA_LoadContentLoRA", "DuoLoRA_LoadStyleLoRA"):
         (loader_id,) = _node_ids(page, loader)
@@ -717,8 +717,8 @@ def test_multi_concept_workflow_runs_end_to_end_from_the_ui(browser_session: Bro
     (relative,) = outputs[str(save_lora_id)]["text"]
     lora = formats.read_lora(base / "models" / "loras" / relative, layouts=(tiny_layout,))
     md = lora.metadata
-    assert (md["duolora.content"], md["duolora.content_2"], md["duolora.style"]) == (
-        workflows.CONTENT_LORA, workflows.CONTENT2_LORA, workflows.STYLE_LORA)
+    assert (md["duolora_content"], md["duolora_content_2"], md["duolora_style"]) == (
+        f"{workflows.CONTENT_LORA} + {workflows.CONTENT2_LORA}", workflows.CONTENT2_LORA, workflows.STYLE_LORA)
     assert 0 < max(layer.rank for layer in lora.layers.values()) <= 2 * RANK + RANK_C2
     # Two pictures, one per subject's prompt, at the size set above; the report's preview in its node.
     saves = _node_ids(page, "SaveImage")
