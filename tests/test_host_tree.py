@@ -76,7 +76,7 @@ def test_runnable_copy_leaves_out_what_the_base_directory_provides(tmp_path: Pat
 
 
 def test_a_relative_comfyui_dir_is_made_absolute_for_child_processes(tmp_path: Path) -> None:
-    """The Makefile passes ../shared/hosts/comfyui-0.8.0; servers and scripts started by tests run elsewhere."""
+    """The Makefile passes ../shared/hosts/comfyui-0.33.0; servers and scripts started by tests run elsewhere."""
     tree = fake_tree(tmp_path / "ComfyUI")
     work = tmp_path / "work"
     work.mkdir()
