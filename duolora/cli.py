@@ -201,7 +201,7 @@ def _merge_inputs(args: argparse.Namespace) -> tuple[list[str], str]:
 def _merge(args: argparse.Namespace) -> int:
     import torch
 
-    from . import engine, formats, provenance
+    from . import engine, formats
     from .config import MergeConfig
     from .mergers import MergerError
     from .solver import describe
@@ -214,13 +214,9 @@ def _merge(args: argparse.Namespace) -> int:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
         if dtype is None:  # auto: the (first) content file's dtype (formats.output_dtype: never float8)
             dtype = formats.output_dtype(None, formats.read_lora(contents[0], load_tensors=False).dtype)
-        sources = provenance.source_metadata(
-            [provenance.Source(os.path.basename(p), formats.file_sha256(p)) for p in contents],
-            provenance.Source(os.path.basename(style_file), formats.file_sha256(style_file)))
-        output = engine.OutputFile(args.output, key_style=args.key_style, dtype=dtype, overwrite=args.force,
-                                   extra_metadata=sources)
-        result = engine.run_merge(contents if len(contents) > 1 else contents[0], style_file, config, output=output,
-                                  progress=progress, iterations=args.iterations, layout=layout)
+        result = engine.merge_files(contents if len(contents) > 1 else contents[0], style_file, args.output, config,
+                                    dtype=dtype, key_style=args.key_style, overwrite=args.force, layout=layout,
+                                    progress=progress, iterations=args.iterations)
     except formats.OutputExistsError as e:
         progress.close()
         print(f"error: {e} Pass --force to overwrite it.", file=sys.stderr)

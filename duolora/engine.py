@@ -477,9 +477,12 @@ def merge_files(
     extra_metadata: Mapping[str, str] | None = None,
 ) -> MergeResult:
     """The weights-only merge of LoRA files (one content file or several, and a style file) into a standard LoRA
-    file: ``run_merge`` with file sources and an ``OutputFile`` (the objective is forced to ``weights_only``; default config: ``MergeConfig()``)."""
+    file: ``run_merge`` with file sources and an ``OutputFile`` (the objective is forced to ``weights_only``;
+    default config: ``MergeConfig()``). ``duolora merge`` runs exactly this. The file records its sources
+    (``provenance.file_sources``: names and SHA-256) with ``extra_metadata`` over them."""
     config = dataclasses.replace(config or MergeConfig(), objective="weights_only")
+    contents = [content_path] if isinstance(content_path, (str, os.PathLike)) else list(content_path)
     output = OutputFile(out_path, key_style=key_style, dtype=dtype, overwrite=overwrite,
-                        extra_metadata=dict(extra_metadata or {}))
+                        extra_metadata={**provenance.file_sources(contents, style_path), **(extra_metadata or {})})
     return run_merge(content_path, style_path, config, progress=progress, output=output, layout=layout,
                      chunk_layers=chunk_layers, iterations=iterations)

@@ -21,6 +21,7 @@ Files the node wrote earlier spell the keys ``duolora.<name>`` and record the mo
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -57,6 +58,15 @@ def file_metadata(result: MergeResult, extra: Mapping[str, str] | None = None) -
         md[PREFIX + "fast_objective"] = f"{total[0]:.6g} -> {total[1]:.6g}"
     md.update(dict(extra or {}))
     return md
+
+
+def file_sources(contents: Sequence[str | os.PathLike[str]], style: str | os.PathLike[str]) -> dict[str, str]:
+    """``source_metadata`` of LoRA files merged from disk (``duolora merge``, ``engine.merge_files``): each
+    file by its own name, with the SHA-256 of its bytes, at strength 1."""
+    from .formats import file_sha256
+
+    return source_metadata([Source(os.path.basename(p), file_sha256(p)) for p in contents],
+                           Source(os.path.basename(style), file_sha256(style)))
 
 
 def source_metadata(contents: Sequence[Source], style: Source) -> dict[str, str]:
