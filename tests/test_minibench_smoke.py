@@ -6,6 +6,7 @@ boots without it, so the smoke run happens in a subprocess. The full benchmark i
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -76,8 +77,11 @@ def test_loras_are_ordinary_kohya_files(smoke_dir: Path) -> None:
 SMOKE_ROWS = ["base (no LoRA)", "content LoRA only", "ceiling (LoRA trained on the target)", "tuned plain sum",
               "direct merge", "K-LoRA", "ZipRank", "DuoLoRA (shipped defaults)", "DuoLoRA + Constyle (matched λ 0.3)",
               "DuoLoRA, prior roles swapped", "fast: weights-only", "layer-wise + 10 % paper steps"]
-# The grid the tuned plain sum is chosen from runs on the dev split only.
+# The grid the tuned plain sum is chosen from and the balance candidates run on the dev split only.
 GRID_ROWS = [f"dev: two loaders, content {c:g}, style {s:g}" for c in (0.75, 1.0, 1.25) for s in (0.25, 0.5, 0.75, 1.0)]
+BALANCE_ROWS = [f"dev: {name}, balance {b}" for name in ("DuoLoRA", "weights-only") for b in ("+0.25", "+0.5", "+0.75",
+                                                                                          "+0.9")]
+DEV_ROWS = SMOKE_ROWS + GRID_ROWS + BALANCE_ROWS + ["dev: DuoLoRA, balance -0.5"]
 
 
 @pytest.mark.slow
@@ -87,7 +91,7 @@ def test_paired_comparison_through_the_executor(smoke_dir: Path) -> None:
     assert summary["dev"]["pairs"] == ["star×diagonal"] and summary["test"]["pairs"] == ["heart×zigzag"]
     for split in ("dev", "test"):
         rows = summary[split]["rows"]
-        assert list(rows) == SMOKE_ROWS + (GRID_ROWS if split == "dev" else [])
+        assert list(rows) == (DEV_ROWS if split == "dev" else SMOKE_ROWS)
         assert all(r["units"] == 2 for r in rows.values())  # 1 pair × 2 seeds
         for row, r in rows.items():
             for m in ("content_hit", "style_hit", "both_hit"):
@@ -102,7 +106,7 @@ def test_paired_comparison_through_the_executor(smoke_dir: Path) -> None:
         assert rows["direct merge"]["trainable_parameters"] == 0
         table = (results / f"{split}_table.md").read_text()
         assert [ln.split(" | ")[0] for ln in table.splitlines() if ln.startswith("| ") and " | 2 | " in ln] == [
-            f"| {r}" for r in SMOKE_ROWS + (GRID_ROWS if split == "dev" else [])]
+            f"| {r}" for r in (DEV_ROWS if split == "dev" else SMOKE_ROWS)]
         assert "| method | Δ both % vs tuned plain sum |" in table
         assert (results / f"{split}_grid.png").stat().st_size > 1000
 
@@ -159,6 +163,27 @@ def test_tuned_plain_sum_is_chosen_on_dev_by_the_written_rule(smoke_dir: Path) -
     path = next((smoke_dir / "results" / "runs" / "heart__zigzag").glob(
         f"stack_content{chosen['content']:g}_style{chosen['style']:g}_s0.json"))
     assert json.loads(path.read_text())["row"] == "tuned plain sum"
+
+
+@pytest.mark.slow
+def test_balance_is_chosen_on_dev_by_the_written_rule(smoke_dir: Path) -> None:
+    choice = json.loads((smoke_dir / "choices.json").read_text())["balance"]
+    assert choice["pairs"] == ["star×diagonal"] and choice["seeds"] == [0, 1]
+    per_mode, mean = choice["both_hit"], choice["both_hit_mean"]
+    assert sorted(mean) == sorted(["+0", "+0.25", "+0.5", "+0.75", "+0.9"]) and len(per_mode) == 10
+    for b, v in mean.items():  # one value for both modes: the mean of paper's and weights-only's both-hit
+        assert v == pytest.approx((per_mode[f"paper {b}"] + per_mode[f"weights {b}"]) / 2, abs=1e-4)
+    # The rule: the best mean both-hit; within 2 points, the value nearest 0 (the paper's balance).
+    best = max(mean.values())
+    tied = [float(b) for b, v in mean.items() if v >= best - 0.02]
+    assert choice["chosen"] == min(tied, key=abs)
+    # The direction check reads paper mode at -0.5, 0 and the chosen value (+0.5 when 0 is chosen).
+    points = choice["direction_check"]["paper"]
+    assert list(points) == ["-0.5", "+0", f"{choice['chosen'] if choice['chosen'] else 0.5:+g}"]
+    hits = list(points.values())
+    monotone = all(x["content_hit"] <= y["content_hit"] and x["style_hit"] >= y["style_hit"]
+                   for x, y in itertools.pairwise(hits))
+    assert choice["direction_check"]["monotone"] is monotone
 
 
 @pytest.mark.slow

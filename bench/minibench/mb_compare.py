@@ -134,6 +134,21 @@ def plain_sum_row(content: float, style: float) -> str:
     return f"dev: two loaders, content {content:g}, style {style:g}"
 
 
+# The balance the merge ships with is chosen on the dev split from these (BALANCE_RULE); each mode's row at
+# balance 0 is its standard row (BALANCE_ROW_AT_ZERO).
+BALANCE_CANDIDATES = (0.0, 0.25, 0.5, 0.75, 0.9)
+BALANCE_MODES = ("paper", "weights")
+BALANCE_ROW_AT_ZERO = {"paper": "DuoLoRA (shipped defaults)", "weights": "fast: weights-only"}
+# The direction check (content hit rises and style hit falls as balance rises) adds one point towards style.
+BALANCE_TOWARDS_STYLE = -0.5
+
+
+def balance_row(mode: str, balance: float) -> str:
+    if balance == 0:
+        return BALANCE_ROW_AT_ZERO[mode]
+    return f"dev: {'DuoLoRA' if mode == 'paper' else 'weights-only'}, balance {balance:+g}"
+
+
 def _swapped_paper_prior() -> str:
     """The ``paper`` preset with the roles exchanged (content = 16×16 blocks, style = 8×8 blocks), as a
     ``custom_prior`` spec: a diagnostic row for where this world keeps its textures."""
@@ -200,6 +215,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "layer-wise + 10 % paper steps": {"mode": "layerwise+paper", "method": "ziprank", "steps_fraction": 0.1},
     # The grid the tuned plain sum is chosen from (dev split only).
     **{plain_sum_row(c, s): Stack((("content", c), ("style", s))) for c, s in PLAIN_SUM_GRID},
+    # The balance candidates the shipped default is chosen from (dev split only; BALANCE_RULE), and the
+    # direction check's point towards style.
+    **{balance_row(mode, b): {"mode": mode, "method": "ziprank", "balance": b}
+       for mode in BALANCE_MODES for b in BALANCE_CANDIDATES if b != 0},
+    balance_row("paper", BALANCE_TOWARDS_STYLE): {"mode": "paper", "method": "ziprank",
+                                                  "balance": BALANCE_TOWARDS_STYLE},
 }
 
 
@@ -543,7 +564,8 @@ def run(pairs: list[Pair], rows: list[str], seeds: list[int], out: Path, ckpt: P
 def run_splits(splits: dict[str, list[Pair]], rows: list[str], seeds: dict[str, list[int]], out: Path, **kw: Any
                ) -> None:
     """``run`` on each split (its rows by ``rows_of_split``). Before the tuned plain sum's strengths exist, the dev
-    split runs its other rows first, then chooses them (``choose_plain_sum``); the test split refuses to run it."""
+    split runs its other rows first, then chooses them (``choose_plain_sum``); the test split refuses to run it.
+    After the dev split, ``choose_balance`` records the balance its candidates choose."""
     for split, pairs in splits.items():
         split_rows = rows_of_split(rows, split)
         if TUNED in rows and tuned_stack() is None:
@@ -553,6 +575,8 @@ def run_splits(splits: dict[str, list[Pair]], rows: list[str], seeds: dict[str, 
             run(pairs, [r for r in split_rows if r != TUNED], seeds[split], out, **kw)
             choose_plain_sum(out, pairs, seeds[split], kw["ckpt"], kw["classifiers"], kw["loras"])
         run(pairs, split_rows, seeds[split], out, **kw)
+        if split == "dev" and all(row in split_rows for row in balance_rows()):
+            choose_balance(out, pairs, seeds[split], kw["ckpt"], kw["classifiers"], kw["loras"], kw["merge_steps"])
 
 
 def _worker_main(plan_file: Path) -> int:
@@ -803,10 +827,20 @@ def byo_rows(rows: list[str]) -> list[str]:
 
 
 def rows_of_split(rows: list[str], split: str) -> list[str]:
-    """The rows a split runs: on the dev split, the plain-sum grid the tuned plain sum is chosen from joins them."""
+    """The rows a split runs: on the dev split, the plain-sum grid the tuned plain sum is chosen from and the balance
+    candidates the shipped balance is chosen from join them."""
+    rows = list(rows)
     if split == "dev" and TUNED in rows:
-        return [*rows, *(plain_sum_row(c, s) for c, s in PLAIN_SUM_GRID)]
-    return list(rows)
+        rows += [plain_sum_row(c, s) for c, s in PLAIN_SUM_GRID]
+    if split == "dev" and all(row in rows for row in BALANCE_ROW_AT_ZERO.values()):
+        rows += [r for r in balance_rows() if r not in rows]
+    return rows
+
+
+def balance_rows() -> list[str]:
+    """The rows BALANCE_RULE reads: each mode at each candidate, and paper mode towards style."""
+    rows = [balance_row(mode, b) for mode in BALANCE_MODES for b in BALANCE_CANDIDATES]
+    return [*rows, balance_row("paper", BALANCE_TOWARDS_STYLE)]
 
 
 PLAIN_SUM_RULE = (
@@ -844,6 +878,58 @@ def choose_plain_sum(out: Path, pairs: list[Pair], seeds: list[int], ckpt: Path,
     print(f"tuned plain sum (dev split): content {chosen[0]:g}, style {chosen[1]:g} "
           f"(both-hit {100 * both[chosen]:.1f} %; best {100 * best:.1f} %)")
     return tuned_stack(path)
+
+
+BALANCE_RULE = (
+    "The balance the merge ships with (MergeConfig.balance, one value for every mode) is the candidate of "
+    "BALANCE_CANDIDATES (0, 0.25, 0.5, 0.75, 0.9) with the highest both-hit averaged over paper mode (DuoLoRA at the "
+    "other shipped defaults) and weights-only mode, each the mean over the dev split's units at "
+    "mb_common.SEEDS['dev']; candidates within 2 percentage points of the best are tied, and a tie goes to the "
+    "value nearest 0 (the paper's balance). Chosen once and written to choices.json; the test split only reports "
+    "it. The direction check, reported beside it and choosing nothing: in paper mode at balance -0.5, 0 and the "
+    "chosen value (or +0.5 when 0 is chosen), content hit rises and style hit falls as balance rises.")
+
+
+def choose_balance(out: Path, pairs: list[Pair], seeds: list[int], ckpt: Path, classifiers: Path, loras: Path,
+                   merge_steps: int, path: Path | None = None) -> float:
+    """Apply BALANCE_RULE to the dev runs of the balance rows and record the choice in choices.json (with every
+    candidate's both-hit per mode, and the direction check's content and style hits)."""
+    path = path or CHOICES_FILE
+    rows = {(mode, b): balance_row(mode, b) for mode in BALANCE_MODES for b in BALANCE_CANDIDATES}
+    names = balance_rows()
+    world = {(pair.slug, row): world_id(ckpt, classifiers, loras, pair, row) for pair in pairs for row in names}
+    host = mb_common.boot()
+    data = collect(out, pairs, names, seeds, {row: run_key(host, row, merge_steps) for row in names}, world)
+    want = len(pairs) * len(seeds)
+    missing = [row for row in names if len(data.get(row, {})) < want]
+    if missing:
+        raise RuntimeError(f"choose_balance: the dev runs of {len(missing)} balance row(s) are missing "
+                           f"({missing[0]!r} …); run the dev split first")
+
+    def level(row: str, metric: str) -> float:
+        return mb_stats.mean([mb_stats.unit_means(rec["per_sample"])[metric] for rec in data[row].values()])
+
+    per_mode = {(mode, b): level(row, "both_hit") for (mode, b), row in rows.items() if b in BALANCE_CANDIDATES}
+    both = {b: mb_stats.mean([per_mode[(mode, b)] for mode in BALANCE_MODES]) for b in BALANCE_CANDIDATES}
+    best = max(both.values())
+    chosen = min((b for b, v in both.items() if v >= best - 0.02), key=abs)
+    direction = [BALANCE_TOWARDS_STYLE, 0.0, chosen if chosen != 0 else 0.5]
+    check = {f"{b:+g}": {"content_hit": round(level(balance_row("paper", b), "content_hit"), 4),
+                         "style_hit": round(level(balance_row("paper", b), "style_hit"), 4)} for b in direction}
+    hits = list(check.values())
+    monotone = all(x["content_hit"] <= y["content_hit"] and x["style_hit"] >= y["style_hit"]
+                   for x, y in itertools.pairwise(hits))
+    record = json.loads(path.read_text()) if path.exists() else {}
+    record["balance"] = {
+        "rule": BALANCE_RULE, "pairs": [p.name for p in pairs], "seeds": seeds,
+        "both_hit": {f"{mode} {b:+g}": round(v, 4) for (mode, b), v in per_mode.items()},
+        "both_hit_mean": {f"{b:+g}": round(v, 4) for b, v in both.items()},
+        "chosen": chosen, "direction_check": {"paper": check, "monotone": monotone},
+    }
+    path.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+    print(f"balance (dev split): {chosen:+g} (both-hit {100 * both[chosen]:.1f} %, mean of paper and weights-only; "
+          f"best {100 * best:.1f} %); direction check in paper mode {'holds' if monotone else 'does not hold'}")
+    return chosen
 
 
 def select_rows(names: list[str]) -> list[str]:
