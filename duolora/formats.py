@@ -48,7 +48,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .families import BASE_LABELS, BASE_LAYOUTS, KNOWN_LAYOUTS, STANDARD_LAYOUTS, family_of
-from .families.sdxl import SDXL_LAYOUT, _attn_procs_spelling
+from .families.sdxl import SDXL_LAYOUT, attn_procs_spelling
 from .layout import (
     ALIAS_ATTN_PROCS,
     ALIAS_COMFYUI,
@@ -60,7 +60,7 @@ from .layout import (
     Layout,
     is_attention_projection,
 )
-from .lora import _FLOAT8, TEXT_ENCODER_PREFIXES, LoRA, LowRank, SkippedKey
+from .lora import FLOAT8_DTYPES, TEXT_ENCODER_PREFIXES, LoRA, LowRank, SkippedKey
 
 KEY_STYLES: tuple[str, ...] = (
     "kohya_ldm",
@@ -410,7 +410,7 @@ _CLONEOFSIMO_RE = re.compile(r"^(unet|text_encoder):\d+:(up|down)$")
 _XLABS_RE = re.compile(r"^(.+\.processor\.(?:qkv|proj)_lora[12])\.(down|up)\.weight$")
 
 
-def _split_key(key: str) -> tuple[str, str, str] | None:
+def split_key(key: str) -> tuple[str, str, str] | None:
     """(module, part, suffix family) for a LoRA tensor key, or None."""
     xlabs = _XLABS_RE.match(key)
     if xlabs is not None:
@@ -832,7 +832,7 @@ def state_dict_to_lora(
     patch_keys: list[tuple[str, str, str]] = []
     skipped: list[SkippedKey] = []
     for key in keys:
-        split = _split_key(key)
+        split = split_key(key)
         if split is not None:
             module, part, family = split
             groups.setdefault(module, {})[part] = key
@@ -1423,7 +1423,7 @@ def non_finite_layers(path: str | os.PathLike[str], layout: Layout = SDXL_LAYOUT
     found: dict[str, None] = {}
     with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
         for key in header:
-            split = _split_key(key)
+            split = split_key(key)
             patch = None if split is not None else _patch_of(key, header[key]["shape"])
             if split is not None:
                 hit = layout.resolve_part(split[0])
@@ -1479,7 +1479,7 @@ def _nothing_resolved_error(lora: LoRA, layout: Layout, unknown: list[str]) -> L
 
 
 def _module_of(key: str) -> str:
-    split = _split_key(key)
+    split = split_key(key)
     return split[0] if split else key
 
 
@@ -1584,7 +1584,7 @@ def lora_to_state_dict(
                 module = layer.diffusers
                 down_s, up_s = ".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"
             else:
-                module = _attn_procs_spelling(layer.diffusers) or layer.diffusers
+                module = attn_procs_spelling(layer.diffusers) or layer.diffusers
                 down_s, up_s = "_lora.down.weight", "_lora.up.weight"
         if alpha is not None:
             lr = LowRank(lr.up * (lr.rank / float(alpha)), lr.down)
@@ -1667,7 +1667,7 @@ def output_dtype(requested: torch.dtype | None, content: torch.dtype | None) -> 
         return requested
     if content is None:
         return torch.float16
-    return torch.bfloat16 if content in _FLOAT8 else content
+    return torch.bfloat16 if content in FLOAT8_DTYPES else content
 
 
 def _patch_spelling(layer: Layer, key_style: str, prefix: str = "unet.") -> str:

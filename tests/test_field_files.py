@@ -597,7 +597,7 @@ def test_rank_zero_layer_contributes_nothing_and_is_named(case: str, tmp_path: P
     path, q_delta = rank_zero_file(tmp_path / "pruned.safetensors", case)
     name, spelling = RANK_ZERO[case]
     keys = sorted(LF.rank_zero(name, spelling))  # a safetensors file lists its keys sorted
-    module = F._split_key(keys[0])[0]
+    module = F.split_key(keys[0])[0]
     lora = F.load_lora(path)
     assert list(lora.layers) == [Q] and torch.equal(lora.layers[Q].delta(torch.float64), q_delta)
     assert lora.skipped == [SkippedKey(k, F.RANK_ZERO_REASON, "ignored", module=module) for k in keys]
