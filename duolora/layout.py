@@ -19,7 +19,7 @@ from typing import Any
 CONTENT = "content"
 STYLE = "style"
 
-# How an alias spells a layer; formats.py turns (alias kind, LoRA suffix) into a key style.
+# How an alias spells a layer; formats.keys turns (alias kind, LoRA suffix) into a key style.
 ALIAS_LDM = "ldm"  # canonical / bare LDM path
 ALIAS_COMFYUI = "comfyui"  # diffusion_model.… / text_encoders.clip_l.transformer.…
 ALIAS_DIFFUSERS = "diffusers"  # unet.… / transformer.… / bare diffusers path / text_encoder.…

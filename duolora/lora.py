@@ -107,12 +107,13 @@ class LowRank:
         return LowRank(up.to(device=device, dtype=dtype), down.to(device=device, dtype=dtype))
 
 
-_FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-                if hasattr(torch, n))
+# The float8 dtypes of this torch build (e4m3/e5m2 and their fnuz variants): narrow-range storage formats.
+FLOAT8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                      if hasattr(torch, n))
 
 
 def _needs_balance(up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype) -> bool:
-    if dtype in _FLOAT8:
+    if dtype in FLOAT8_DTYPES:
         return up.numel() > 0 and down.numel() > 0 and up.device.type != "meta"
     if dtype != torch.float16 or up.numel() == 0 or down.numel() == 0 or up.device.type == "meta":
         return False

@@ -40,7 +40,7 @@ from .families.sdxl import (
     UNET_DOTTED_PREFIXES,
     UNET_UNDERSCORE_PREFIXES,
     UNetConfig,
-    _attn_procs_spelling,
+    attn_procs_spelling,
     layout_for,
     parse_custom_preset,
     short_block,
@@ -70,7 +70,7 @@ __all__ = [
     "CLIP_VOCAB", "CONTENT", "DEFAULT_PRESET", "KNOWN_LAYOUTS", "OMI_TE_NAMES", "PATH_CLIP", "PATH_DIFFUSERS",
     "PATH_LDM", "PRESETS", "PRESET_NAMES", "SD15", "SD15_LAYOUT", "SD21", "SD21_LAYOUT", "SDXL", "SDXL_LAYOUT",
     "SHORT_ATTENTION_BLOCKS", "STANDARD_LAYOUTS", "STYLE", "TE_CLIP_G", "TE_CLIP_H", "TE_CLIP_L", "UNET_DOTTED_PREFIXES",
-    "UNET_UNDERSCORE_PREFIXES", "Layer", "Layout", "UNetConfig", "_attn_procs_spelling", "block_of",
+    "UNET_UNDERSCORE_PREFIXES", "Layer", "Layout", "UNetConfig", "attn_procs_spelling", "block_of",
     "is_attention_projection", "layout_for", "parse_custom_preset", "preset_roles", "prior_role", "short_block",
     "text_encoder_extras", "text_encoder_layers", "text_encoder_norms", "unet_layers", "unet_norms",
 ]

@@ -49,7 +49,7 @@ class _LayerReader:
             self._file = safe_open(self.path, framework="pt", device="cpu")
         self.groups: dict[str, list[str]] = {}
         for key in self._file.keys():  # noqa: SIM118 (safe_open is not iterable)
-            split = formats._split_key(key)  # the key grammar lives in formats
+            split = formats.split_key(key)  # the key grammar lives in formats
             if split is None:
                 continue
             hit = layout.resolve_part(split[0])  # a slice of a fused layer is read with its other slices

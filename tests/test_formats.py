@@ -575,7 +575,7 @@ def test_save_is_atomic_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         Path(filename).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(F, "save_file", broken_save_file)
+    monkeypatch.setattr("duolora.formats.write.save_file", broken_save_file)  # where the writer looks it up
     with pytest.raises(OSError, match="disk full"):
         save_lora(synthetic_lora(rank=2), tmp_path / "out.safetensors")
     assert list(tmp_path.iterdir()) == []

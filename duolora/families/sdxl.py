@@ -458,7 +458,7 @@ def _unet_alias_kind(prefix: str, path_style: str) -> str:
     return f"{prefix}<{path_style}>"
 
 
-def _attn_procs_spelling(diffusers: str) -> str | None:
+def attn_procs_spelling(diffusers: str) -> str | None:
     """Legacy diffusers attention-processor spelling: ``…attn1.processor.to_q``, ``…processor.to_out``."""
     m = re.search(r"\.(attn[12])\.(to_q|to_k|to_v|to_out\.0)$", diffusers)
     if not m:
@@ -506,7 +506,7 @@ def _build_aliases(
             for style, path in paths:
                 add(prefix + path.replace(".", "_"), name, _unet_alias_kind(prefix, style))
         for _, path in paths[1:]:
-            procs = _attn_procs_spelling(path)
+            procs = attn_procs_spelling(path)
             if procs:
                 add(procs, name, ALIAS_ATTN_PROCS)
                 add("unet." + procs, name, ALIAS_ATTN_PROCS)
