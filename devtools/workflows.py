@@ -1271,18 +1271,18 @@ def make_reference_images(folder: str | Path, size: int = 64,
 
 def make_tiny_loras(folder: str | Path, specs: dict[str, tuple[int, int]] | None = None,
                     text_encoder: bool = False) -> dict[str, Path]:
-    """Synthetic LoRAs for the tiny SDXL test model (devtools/comfyhost.TINY_UNET_CONFIG), kohya keys.
+    """Synthetic LoRAs for the tiny SDXL test model (devtools/tinysdxl.TINY_UNET_CONFIG), kohya keys.
 
     ``specs``: file name -> (rank, seed); default: the examples' content LoRA (rank 8, seed 1) and style
     LoRA (rank 8, seed 2). ``text_encoder`` adds te1/te2 layers of the tiny CLIP. Returns name -> path.
     """
-    import comfyhost
+    import tinysdxl
 
     from duolora import formats, sdxl, synthetic
 
     specs = specs or {CONTENT_LORA: (8, 1), STYLE_LORA: (8, 2)}
-    te_dims = comfyhost.TINY_TE_DIMS if text_encoder else None
-    layout = sdxl.layout_for(sdxl.UNetConfig.from_comfy(comfyhost.TINY_UNET_CONFIG), te_dims=te_dims)
+    te_dims = tinysdxl.TINY_TE_DIMS if text_encoder else None
+    layout = sdxl.layout_for(sdxl.UNetConfig.from_comfy(tinysdxl.TINY_UNET_CONFIG), te_dims=te_dims)
     paths = {}
     for name, (rank, seed) in specs.items():
         lora = synthetic.synthetic_lora(layout, rank=rank, seed=seed, std=0.2, text_encoder=text_encoder)

@@ -225,7 +225,7 @@ def run_minibench(args: argparse.Namespace) -> int:
     for path in lora_files.values():
         shutil.copyfile(path, host.loras_dir / path.name)
 
-    from comfyhost import widget_defaults
+    from objectinfo import widget_defaults
 
     defaults = graph.merge_defaults(host)
     default_steps = int(defaults["steps"])
