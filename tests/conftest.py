@@ -31,15 +31,17 @@ if str(DEVTOOLS_DIR) not in sys.path:
     sys.path.insert(0, str(DEVTOOLS_DIR))
 
 import comfyhost
+import comfytree
+import tinysdxl
 
 
 def pytest_report_header(config: pytest.Config) -> str:
     """Which ComfyUI the host tests run: first line of every test log."""
     try:
-        tree = comfyhost.source_tree()
+        tree = comfytree.source_tree()
     except RuntimeError as err:
         return f"ComfyUI host: none ({err})"
-    return f"ComfyUI host: {comfyhost.tree_version(tree)} from {tree}"
+    return f"ComfyUI host: {comfytree.tree_version(tree)} from {tree}"
 
 
 @pytest.fixture(scope="session")
@@ -57,37 +59,37 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> comfyhost.Host:
 @pytest.fixture
 def tiny_model(host: comfyhost.Host):
     """A fresh seeded tiny SDXL ``ModelPatcher`` (seed 0); fresh per test, so patches never leak."""
-    return comfyhost.build_tiny_model(seed=0)
+    return tinysdxl.build_tiny_model(seed=0)
 
 
 @pytest.fixture
 def tiny_clip(host: comfyhost.Host):
     """A fresh seeded tiny SDXL ``comfy.sd.CLIP`` (clip_l + clip_g, seed 0)."""
-    return comfyhost.build_tiny_clip(seed=0)
+    return tinysdxl.build_tiny_clip(seed=0)
 
 
 @pytest.fixture(scope="module")
 def unet(host: comfyhost.Host):
     """One seeded tiny SDXL ``ModelPatcher`` per test module, for tests that only read its keys and weights."""
-    return comfyhost.build_tiny_model(seed=0)
+    return tinysdxl.build_tiny_model(seed=0)
 
 
 @pytest.fixture(scope="module")
 def clip(host: comfyhost.Host):
     """One seeded tiny SDXL CLIP per test module, for tests that only read it."""
-    return comfyhost.build_tiny_clip(seed=0)
+    return tinysdxl.build_tiny_clip(seed=0)
 
 
 @pytest.fixture
 def tiny_vae(host: comfyhost.Host):
     """A fresh seeded tiny TAESD ``comfy.sd.VAE`` (seed 0)."""
-    return comfyhost.build_tiny_vae(seed=0)
+    return tinysdxl.build_tiny_vae(seed=0)
 
 
 @pytest.fixture(scope="session")
 def sdxl_meta(host: comfyhost.Host):
     """The full-size SDXL ``comfy.model_base.SDXL`` on the meta device (shapes only, no memory)."""
-    return comfyhost.full_sdxl_meta()
+    return tinysdxl.full_sdxl_meta()
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +97,7 @@ def tiny_layout():
     """The duolora Layout of the tiny SDXL model and its two tiny text encoders (no ComfyUI needed)."""
     from duolora import sdxl
 
-    return sdxl.layout_for(sdxl.UNetConfig.from_comfy(comfyhost.TINY_UNET_CONFIG), te_dims=comfyhost.TINY_TE_DIMS)
+    return sdxl.layout_for(sdxl.UNetConfig.from_comfy(tinysdxl.TINY_UNET_CONFIG), te_dims=tinysdxl.TINY_TE_DIMS)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -19,6 +19,7 @@ from types import ModuleType
 from typing import Any
 
 import comfyhost
+import objectinfo
 import torch
 
 from duolora import formats
@@ -41,7 +42,7 @@ MERGE_ID = "12"  # the ZipRankMerge node in every prompt built here
 
 def node(host: comfyhost.Host, class_type: str, **inputs: Any) -> dict[str, Any]:
     """One API-prompt entry: the node's widget defaults overridden by ``inputs`` (links are [id, slot])."""
-    return {"class_type": class_type, "inputs": {**comfyhost.widget_defaults(host, class_type), **inputs}}
+    return {"class_type": class_type, "inputs": {**objectinfo.widget_defaults(host, class_type), **inputs}}
 
 
 def reference_nodes(host: comfyhost.Host) -> dict[str, dict]:

@@ -32,15 +32,15 @@ EXPECTED = {
 
 
 # With dynamic VRAM in the host: paper mode on the dynamic model (on a CPU through ComfyUI's non-dynamic delegate
-# of comfyhost's dynamic stand-in; the layer-wise pass on the dynamic model itself needs a GPU).
+# of dynamicvram's dynamic stand-in; the layer-wise pass on the dynamic model itself needs a GPU).
 EXPECTED_DYNAMIC = {*(f"paper_dynamic_{k}" for k in PHASE_STEPS), "dynamic_step_over_paper_no_dynamic"}
 
 
 @pytest.mark.slow
 def test_gpu_bench_rehearsal_writes_every_number(tmp_path: Path, host) -> None:
-    import comfyhost
+    import dynamicvram
 
-    dynamic = comfyhost.dynamic_vram_available()
+    dynamic = dynamicvram.dynamic_vram_available()
     out = tmp_path / "gpu.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("OUT", None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import comfyhost
 import pytest
+import tinysdxl
 import torch
 from nodehelpers import merge_prompt, node, pack_module, read_tiny, tiny_pair
 
@@ -40,7 +41,7 @@ def _refs(den, out) -> References:
 def test_latents_on_the_device_and_no_grad_calls_fold(host: comfyhost.Host, references) -> None:
     bridge = pack_module("nodes.comfy_bridge")
     lc, ls, out = references
-    model = comfyhost.build_tiny_model(seed=0)
+    model = tinysdxl.build_tiny_model(seed=0)
     config = MergeConfig(steps=2, constyle_iterations=1)  # the cycle adds a second no-grad call per step
     merger = build_merger("ziprank", lc, ls, config)
     with torch.inference_mode(), bridge.ComfyDenoiser(model, merger, gradient_checkpointing=False) as den:
@@ -65,7 +66,7 @@ def test_latents_on_the_device_and_no_grad_calls_fold(host: comfyhost.Host, refe
 def test_an_fp8_stored_model_merges_in_its_compute_dtype(host: comfyhost.Host, references) -> None:
     bridge = pack_module("nodes.comfy_bridge")
     lc, ls, out = references
-    model = comfyhost.build_tiny_model(seed=0, dtype=torch.float8_e4m3fn, manual_cast_dtype=torch.float32)
+    model = tinysdxl.build_tiny_model(seed=0, dtype=torch.float8_e4m3fn, manual_cast_dtype=torch.float32)
     to_q = model.model.diffusion_model.input_blocks[4][1].transformer_blocks[0].attn1.to_q
     assert to_q.weight.dtype == torch.float8_e4m3fn and to_q.comfy_cast_weights
     config = MergeConfig(steps=2)

@@ -10,7 +10,9 @@ progress updates, so the merge checks the flag itself before every step instead 
 from __future__ import annotations
 
 import comfyhost
+import dynamicvram
 import pytest
+import tinysdxl
 import torch
 from nodehelpers import MERGE_ID, TEST_SUBDIR, folder_listing, merge_prompt, node, snapshot, tiny_pair
 
@@ -22,7 +24,7 @@ def pair(host: comfyhost.Host, tiny_layout):
 
 def _untouched(model) -> None:
     """``model`` (a MODEL) is exactly what the tiny checkpoint node builds, with nothing left behind."""
-    fresh = comfyhost.build_tiny_model(seed=0)
+    fresh = tinysdxl.build_tiny_model(seed=0)
     before, after = snapshot(fresh.model), snapshot(model.model)
     assert after.keys() == before.keys()
     assert [k for k in before if not torch.equal(after[k], before[k])] == []
@@ -63,7 +65,7 @@ def test_the_merge_checks_for_cancel_before_every_step_itself(host: comfyhost.Ho
 
 
 def test_cancel_on_a_dynamic_model_leaves_it_and_comfyuis_copy_clean(host: comfyhost.Host, pair) -> None:
-    if not comfyhost.dynamic_vram_available():
+    if not dynamicvram.dynamic_vram_available():
         pytest.skip("this ComfyUI has no dynamic VRAM (comfy.model_patcher.ModelPatcherDynamic)")
     content, style = pair
     prompt = merge_prompt(host, content.name, style.name, steps=6)

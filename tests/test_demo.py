@@ -18,6 +18,7 @@ from pathlib import Path
 
 import comfyhost
 import miniworld
+import objectinfo
 import pytest
 from PIL import Image
 
@@ -96,7 +97,7 @@ def test_demo_merges_with_the_nodes_defaults(demo_run, host: comfyhost.Host) -> 
     changes only the method. The defaults come from the live node, so the demo follows them when they change."""
     out, _, _ = demo_run
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    defaults = {k: v for k, v in comfyhost.widget_defaults(host, "DuoLoRA_ZipRankMerge").items()
+    defaults = {k: v for k, v in objectinfo.widget_defaults(host, "DuoLoRA_ZipRankMerge").items()
                 if not isinstance(v, list)}
     rows = {r["row"]: r for r in summary["rows"]}
     assert rows["DuoLoRA merge"]["merge_settings"] == {**defaults, "steps": 2, "seed": 0}

@@ -7,7 +7,7 @@ non-dynamic delegate of the model (``get_non_dynamic_delegate``), fully loaded.
 
 The limit of these tests: on a CPU ComfyUI never makes a dynamic patcher (``ModelPatcherDynamic.__new__`` hands
 back a plain ``ModelPatcher`` for a CPU load device) and its allocator needs a GPU. The MODEL here is a real
-``ModelPatcherDynamic`` instance initialised as its base class (``comfyhost.build_dynamic_tiny_model``): the
+``ModelPatcherDynamic`` instance initialised as its base class (``dynamicvram.build_dynamic_tiny_model``): the
 strategy choice, the delegate and the paper merge through it run; loading the dynamic patcher itself (the
 layer-wise pass on it) runs only on a GPU (bench/gpu.py measures both).
 """
@@ -15,14 +15,16 @@ layer-wise pass on it) runs only on a GPU (bench/gpu.py measures both).
 from __future__ import annotations
 
 import comfyhost
+import dynamicvram
 import pytest
+import tinysdxl
 import torch
 from nodehelpers import MERGE_ID, merge_prompt, node, pack_module, snapshot, tiny_pair
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _dynamic_host(host: comfyhost.Host) -> None:
-    if not comfyhost.dynamic_vram_available():
+    if not dynamicvram.dynamic_vram_available():
         pytest.skip("this ComfyUI has no dynamic VRAM (comfy.model_patcher.ModelPatcherDynamic)")
 
 
@@ -35,8 +37,8 @@ def test_the_strategy_follows_is_dynamic_and_the_delegate_is_comfyuis(host: comf
     import comfy.model_patcher
 
     bridge = pack_module("nodes.comfy_bridge")
-    dynamic = comfyhost.build_dynamic_tiny_model(seed=0)
-    plain = comfyhost.build_tiny_model(seed=0)
+    dynamic = dynamicvram.build_dynamic_tiny_model(seed=0)
+    plain = tinysdxl.build_tiny_model(seed=0)
     assert type(dynamic) is comfy.model_patcher.ModelPatcherDynamic and dynamic.is_dynamic()
     assert bridge.is_dynamic(dynamic) and not bridge.is_dynamic(plain)
     # Forward-only passes and every non-dynamic model: the MODEL itself.
@@ -94,7 +96,7 @@ def test_paper_mode_on_a_dynamic_model_learns_what_it_learns_on_the_plain_one(ho
     # The dynamic MODEL itself was never trained on: its weights, flags, patches and modules are as built.
     model = dynamic["20"][0]
     assert model.is_dynamic()
-    before = snapshot(comfyhost.build_tiny_model(seed=0).model)
+    before = snapshot(tinysdxl.build_tiny_model(seed=0).model)
     after = snapshot(model.model)
     assert [k for k in before if not torch.equal(before[k], after[k])] == []
     assert model.patches == {}
@@ -114,7 +116,7 @@ def test_apply_merged_lora_patches_a_dynamic_model_through_comfyuis_lora_path(ho
     out = _merge_outputs(host, content, style, None)
     merged = out[MERGE_ID][0]
     apply = host.node_class_mappings["DuoLoRA_ApplyMergedLoRA"]
-    dynamic = comfyhost.build_dynamic_tiny_model(seed=0)
+    dynamic = dynamicvram.build_dynamic_tiny_model(seed=0)
     patched = apply.execute(model=dynamic, merged_lora=merged, strength_model=0.7).result[0]
     stock, _ = comfy.sd.load_lora_for_models(dynamic, None, dict(merged.state_dict), 0.7, 0.0)
     # The same patches, keyed and weighted as ComfyUI's own LoRA loading makes them, on a clone of the MODEL; the

@@ -269,11 +269,11 @@ if __name__ == "__main__":
             for v in VARIANTS:
                 digests[f"{m}/{o}/{v}"] = merge_case(m, o, v)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "devtools"))
-    import comfyhost
+    import tinysdxl
 
     from duolora import sdxl
 
-    layout = sdxl.layout_for(sdxl.UNetConfig.from_comfy(comfyhost.TINY_UNET_CONFIG), te_dims=comfyhost.TINY_TE_DIMS)
+    layout = sdxl.layout_for(sdxl.UNetConfig.from_comfy(tinysdxl.TINY_UNET_CONFIG), te_dims=tinysdxl.TINY_TE_DIMS)
     with tempfile.TemporaryDirectory() as tmp:
         for m in FILE_METHODS:
             for v in VARIANTS:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 import re
 
-import comfyhost
 import pytest
+import tinysdxl
 import torch
 
 from duolora import formats, sdxl
@@ -56,7 +56,7 @@ def only(lora: LoRA, names: list[str]) -> LoRA:
 def test_sdxl_table_is_the_real_unet(sdxl_meta) -> None:
     table = sdxl.unet_layers(sdxl.SDXL)
     real = linear_conv_weights(sdxl_meta.diffusion_model)
-    assert comfyhost.num_parameters(sdxl_meta.diffusion_model) == SDXL_UNET_PARAMETERS
+    assert tinysdxl.num_parameters(sdxl_meta.diffusion_model) == SDXL_UNET_PARAMETERS
     assert len(real) == 794
     assert list(table) == list(real)
     assert {n: layer.shape for n, layer in table.items()} == real

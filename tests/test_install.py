@@ -19,8 +19,8 @@ import urllib.request
 from pathlib import Path
 
 import comfyserver
+import examplegraphs
 import pytest
-import workflows
 
 pytestmark = pytest.mark.slow
 
@@ -111,6 +111,6 @@ def test_manager_style_install_loads_nodes_web_extension_and_templates(tmp_path:
     assert web == ["duolora.js", "duolora_priors.js", "duolora_templates.js", "duolora_widgets.js"]
     assert sorted(e for e in extensions if e.startswith(f"/extensions/{PACK}/")) == [
         f"/extensions/{PACK}/{name}" for name in web]
-    assert sorted(templates) == [PACK] and sorted(templates[PACK]) == sorted(workflows.WORKFLOW_NAMES)
+    assert sorted(templates) == [PACK] and sorted(templates[PACK]) == sorted(examplegraphs.WORKFLOW_NAMES)
     # The template browser's label of the pack's category comes from the pack's locales/ folder.
     assert i18n["en"]["templateWorkflows"]["category"][PACK] == "DuoLoRA"

@@ -13,6 +13,7 @@ import stat
 
 import comfyhost
 import pytest
+import tinysdxl
 import torch
 from nodehelpers import MERGE_ID, merge_prompt, node, pack_module, tiny_pair, write_lora
 
@@ -138,10 +139,10 @@ def test_the_default_folder_is_in_comfyuis_user_directory(host: comfyhost.Host, 
 
 def test_a_callable_in_the_model_options_keeps_the_merge_out_of_the_cache(host: comfyhost.Host) -> None:
     bridge = pack_module("nodes.comfy_bridge")
-    model = comfyhost.build_tiny_model(seed=0)
+    model = tinysdxl.build_tiny_model(seed=0)
     before = bridge.model_fingerprint(model)
-    assert bridge.model_fingerprint(comfyhost.build_tiny_model(seed=0)) == before
-    assert bridge.model_fingerprint(comfyhost.build_tiny_model(seed=1)) != before
+    assert bridge.model_fingerprint(tinysdxl.build_tiny_model(seed=0)) == before
+    assert bridge.model_fingerprint(tinysdxl.build_tiny_model(seed=1)) != before
     model.set_model_unet_function_wrapper(lambda apply, args: apply(args["input"], args["timestep"], **args["c"]))
     # The pack's own class (ComfyUI loaded the pack as a package of its own, beside the test's `duolora`).
     with pytest.raises(pack_module("duolora.merge_cache").Uncacheable, match="cannot fingerprint a builtins.function"):
@@ -157,11 +158,11 @@ def test_patches_with_key_map_offsets_are_part_of_the_model_fingerprint(host: co
     diff = ("diff", (torch.full((32, 32), 0.01),))
     fingerprints = []
     for target in (key, (key, (0, 0, 16)), (key, (0, 16, 16))):
-        model = comfyhost.build_tiny_model(seed=0)
+        model = tinysdxl.build_tiny_model(seed=0)
         assert model.add_patches({target: diff}) == [target]
         fingerprints.append(bridge.model_fingerprint(model))
     assert len(set(fingerprints)) == 3
-    model = comfyhost.build_tiny_model(seed=0)
+    model = tinysdxl.build_tiny_model(seed=0)
     model.add_patches({(key, (0, 0, 16), lambda w: w): diff})
     with pytest.raises(pack_module("duolora.merge_cache").Uncacheable, match="cannot fingerprint a builtins.function"):
         bridge.model_fingerprint(model)

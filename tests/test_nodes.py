@@ -10,7 +10,9 @@ import stat
 import struct
 
 import comfyhost
+import objectinfo
 import pytest
+import tinysdxl
 import torch
 from nodehelpers import (
     MERGE_ID,
@@ -68,7 +70,7 @@ def test_cancel_stops_the_merge_and_leaves_everything_as_it_was(host: comfyhost.
 
     model = interrupted.result["outputs"]["1"][0]
     # The checkpoint node builds seeded weights: a fresh build is the snapshot from before the merge.
-    before = snapshot(comfyhost.build_tiny_model(seed=0).model)
+    before = snapshot(tinysdxl.build_tiny_model(seed=0).model)
     after = snapshot(model.model)
     assert after.keys() == before.keys()
     assert [k for k in before if not torch.equal(after[k], before[k])] == []
@@ -400,7 +402,7 @@ def test_lora_model_from_core_train_lora_loads(host: comfyhost.Host) -> None:
     prompt["20"] = node(host, "TrainLoraNode", model=["1", 0], latents=["19", 0], positive=["2", 0], steps=1,
                         rank=2, training_dtype="fp32", lora_dtype="fp32", gradient_checkpointing=False)
     # Train LoRA's outputs moved (MODEL, LORA_MODEL, … before; LORA_MODEL first in current ComfyUI): by type.
-    slot = comfyhost.output_slot(host, "TrainLoraNode", "LORA_MODEL")
+    slot = objectinfo.output_slot(host, "TrainLoraNode", "LORA_MODEL")
     prompt["21"] = node(host, "DuoLoRA_LoadContentLoRA", lora_name=NO_FILE, lora_model=["20", slot])
     prompt["22"] = node(host, "PreviewAny", source=["21", 1])
     result = host.execute(prompt)

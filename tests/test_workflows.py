@@ -19,8 +19,13 @@ import sys
 from pathlib import Path
 
 import comfyhost
+import examplegraphs
+import exampleinputs
+import exampleparts
+import objectinfo
 import pytest
-import workflows
+import workflowcheck
+import workflowformat
 from PIL import Image
 
 from duolora import formats
@@ -35,21 +40,21 @@ TEST_SIZE = 64  # pixels
 
 @pytest.fixture(scope="module")
 def object_info(host: comfyhost.Host) -> dict:
-    return workflows.node_definitions()
+    return objectinfo.node_definitions()
 
 
 @pytest.fixture(scope="module")
 def inputs(host: comfyhost.Host) -> dict[str, Path]:
     """The files the examples name: tiny LoRAs in loras/ (content with text-encoder layers), PNGs in input/."""
-    files = workflows.make_tiny_loras(host.loras_dir, {workflows.CONTENT_LORA: (RANK_C, 1)}, text_encoder=True)
-    files |= workflows.make_tiny_loras(host.loras_dir, {workflows.STYLE_LORA: (RANK_S, 2),
-                                                        workflows.CONTENT2_LORA: (RANK_C2, 3)})
-    files |= workflows.make_reference_images(host.input_dir, size=TEST_SIZE)
+    files = exampleinputs.make_tiny_loras(host.loras_dir, {exampleparts.CONTENT_LORA: (RANK_C, 1)}, text_encoder=True)
+    files |= exampleinputs.make_tiny_loras(host.loras_dir, {exampleparts.STYLE_LORA: (RANK_S, 2),
+                                                            exampleparts.CONTENT2_LORA: (RANK_C2, 3)})
+    files |= exampleinputs.make_reference_images(host.input_dir, size=TEST_SIZE)
     return files
 
 
 def test_the_examples_are_shipped_with_thumbnails_numbered_simplest_first() -> None:
-    assert NAMES == sorted(workflows.WORKFLOW_NAMES) == list(workflows.WORKFLOW_NAMES)
+    assert NAMES == sorted(examplegraphs.WORKFLOW_NAMES) == list(examplegraphs.WORKFLOW_NAMES)
     # The file name is what the template browser shows: a number for the order, then the title.
     assert [name.split(". ", 1)[0] for name in NAMES] == ["1", "2", "3", "4", "5", "6"]
     for path in EXAMPLES:
@@ -61,9 +66,9 @@ def test_the_examples_are_shipped_with_thumbnails_numbered_simplest_first() -> N
 
 
 def test_shipped_files_are_what_the_generator_makes_from_the_real_definitions(object_info: dict) -> None:
-    built = workflows.build_examples(object_info)
+    built = examplegraphs.build_examples(object_info)
     for path in EXAMPLES:
-        assert path.read_text(encoding="utf-8") == workflows.dumps(built[path.stem]), (
+        assert path.read_text(encoding="utf-8") == workflowformat.dumps(built[path.stem]), (
             f"{path.name} differs from devtools/workflows.py's output: run `.venv/bin/python devtools/workflows.py` "
             f"(a node's widgets changed?) and scripts/make_thumbnails.py"
         )
@@ -71,36 +76,37 @@ def test_shipped_files_are_what_the_generator_makes_from_the_real_definitions(ob
 
 @pytest.mark.parametrize("name", NAMES)
 def test_example_is_valid_for_the_real_node_definitions(name: str, object_info: dict) -> None:
-    wf = workflows.load(REPO / "example_workflows" / f"{name}.json")
-    assert workflows.check_workflow(wf, object_info) == []
-    assert workflows.layout_problems(wf) == []
+    wf = workflowformat.load(REPO / "example_workflows" / f"{name}.json")
+    assert workflowcheck.check_workflow(wf, object_info) == []
+    assert workflowcheck.layout_problems(wf) == []
     # The paper's defaults stay in the shipped files: 100 steps, lr 0.01, seed fixed; the quick start merges in
     # weights mode, the K-LoRA example merges nothing, every other example merges in paper mode.
     modes = []
     for node in wf["nodes"]:
         if node["type"] == "DuoLoRA_ZipRankMerge":
-            values = dict(zip([n for n, _, _ in workflows.widget_layout(object_info[node["type"]])],
+            values = dict(zip([n for n, _, _ in objectinfo.widget_layout(object_info[node["type"]])],
                               node["widgets_values"]))
             assert values["steps"] == (0 if values["method"] == "direct" else 100)
             assert values["learning_rate"] == 0.01 and values["control_after_generate"] == "fixed"
             modes.append(values["mode"])
-    assert set(modes) == ({"weights"} if name == workflows.QUICK else set() if name == workflows.KLORA else {"paper"})
+    assert set(modes) == ({"weights"} if name == examplegraphs.QUICK
+                          else set() if name == examplegraphs.KLORA else {"paper"})
     # Files a user must provide are named, as strings, each LoRA once, and nothing else is needed.
-    names = workflows.input_file_names(wf)
-    assert names["checkpoints"] == [workflows.CKPT]
-    second = [workflows.CONTENT2_LORA] if name == workflows.MULTI else []
-    assert sorted(names["loras"]) == sorted([workflows.CONTENT_LORA, workflows.STYLE_LORA, *second])
-    if name == workflows.QUICK:
+    names = exampleinputs.input_file_names(wf)
+    assert names["checkpoints"] == [exampleparts.CKPT]
+    second = [exampleparts.CONTENT2_LORA] if name == examplegraphs.MULTI else []
+    assert sorted(names["loras"]) == sorted([exampleparts.CONTENT_LORA, exampleparts.STYLE_LORA, *second])
+    if name == examplegraphs.QUICK:
         assert names["images"] == []
 
 
 def test_check_workflow_reports_each_kind_of_problem(object_info: dict) -> None:
-    wf = copy.deepcopy(workflows.load(REPO / "example_workflows" / f"{workflows.WITH_IMAGES}.json"))
+    wf = copy.deepcopy(workflowformat.load(REPO / "example_workflows" / f"{examplegraphs.WITH_IMAGES}.json"))
     by_type = {n["type"]: n for n in reversed(wf["nodes"])}
     ks, merge = by_type["KSampler"], by_type["DuoLoRA_ZipRankMerge"]
 
     def set_widget(node: dict, name: str, value: object) -> None:
-        names = [n for n, _, _ in workflows.widget_layout(object_info[node["type"]])]
+        names = [n for n, _, _ in objectinfo.widget_layout(object_info[node["type"]])]
         node["widgets_values"][names.index(name)] = value
 
     set_widget(ks, "control_after_generate", "sometimes")
@@ -111,7 +117,7 @@ def test_check_workflow_reports_each_kind_of_problem(object_info: dict) -> None:
     by_type["VAEDecode"]["type"] = "NoSuchNode"
     by_type["SaveImage"]["inputs"][0]["link"] = None  # required socket left open, its link now dangles
     link = next(link for link in wf["links"] if link[3] == by_type["SaveImage"]["id"])
-    problems = workflows.check_workflow(wf, object_info)
+    problems = workflowcheck.check_workflow(wf, object_info)
     k, m, s = ks["id"], merge["id"], by_type["SaveImage"]["id"]
     assert problems == [
         (f"node {by_type['DuoLoRA_LoadContentLoRA']['id']} (DuoLoRA_LoadContentLoRA) widget lora_name: "
@@ -131,10 +137,10 @@ def test_check_workflow_reports_each_kind_of_problem(object_info: dict) -> None:
 def test_ui_to_api_follows_reroutes_bypassed_nodes_and_primitives(object_info: dict) -> None:
     """Every indirection graphToPrompt resolves (expected values by reading the graph; the browser test
     checks the same graph against the front end itself)."""
-    wf, ids = workflows.indirection_example(object_info)
+    wf, ids = examplegraphs.indirection_example(object_info)
     i = {role: str(node_id) for role, node_id in ids.items()}
-    assert workflows.check_workflow(wf, object_info) == []
-    api = workflows.ui_to_api(wf, object_info)
+    assert workflowcheck.check_workflow(wf, object_info) == []
+    api = workflowformat.ui_to_api(wf, object_info)
     # No reroute, bypassed loader, note or front-end primitive in the prompt.
     assert sorted(api, key=int) == sorted([i["ckpt"], i["text"], i["latent"], i["steps"], i["ksampler"]], key=int)
     assert api[i["ksampler"]]["inputs"] == {
@@ -144,23 +150,23 @@ def test_ui_to_api_follows_reroutes_bypassed_nodes_and_primitives(object_info: d
     }
     assert api[i["steps"]]["inputs"] == {"value": 7}  # its control_after_generate widget is not sent
     assert api[i["text"]]["inputs"] == {"text": "a", "clip": [i["ckpt"], 1]}
-    assert api[i["ckpt"]] == {"inputs": {"ckpt_name": workflows.CKPT}, "class_type": "CheckpointLoaderSimple",
+    assert api[i["ckpt"]] == {"inputs": {"ckpt_name": exampleparts.CKPT}, "class_type": "CheckpointLoaderSimple",
                               "_meta": {"title": "Load Checkpoint"}}
     # A muted (mode 2) source drops the input, as graphToPrompt does.
-    next(n for n in wf["nodes"] if n["id"] == ids["latent"])["mode"] = workflows.MODE_NEVER
-    assert "latent_image" not in workflows.ui_to_api(wf, object_info)[i["ksampler"]]["inputs"]
+    next(n for n in wf["nodes"] if n["id"] == ids["latent"])["mode"] = workflowformat.MODE_NEVER
+    assert "latent_image" not in workflowformat.ui_to_api(wf, object_info)[i["ksampler"]]["inputs"]
 
 
 def _api_prompt_for_test(name: str, object_info: dict) -> tuple[dict, dict, dict[str, int]]:
     """(UI workflow, API prompt for the tiny model with small steps/sizes, merge node id -> its test steps)."""
-    wf = workflows.load(REPO / "example_workflows" / f"{name}.json")
-    shipped = workflows.ui_to_api(wf, object_info)
-    prompt = workflows.use_tiny_checkpoint(shipped)
+    wf = workflowformat.load(REPO / "example_workflows" / f"{name}.json")
+    shipped = workflowformat.ui_to_api(wf, object_info)
+    prompt = workflowformat.use_tiny_checkpoint(shipped)
     # Only the checkpoint loader changed: same nodes, same inputs everywhere else.
     changed = [k for k in shipped if shipped[k] != prompt[k]]
     assert sorted(prompt) == sorted(shipped)
-    assert changed == workflows.nodes_of_type(shipped, workflows.CHECKPOINT_LOADER) and len(changed) == 1
-    assert prompt[changed[0]]["class_type"] == workflows.TINY_CHECKPOINT
+    assert changed == workflowformat.nodes_of_type(shipped, workflowformat.CHECKPOINT_LOADER) and len(changed) == 1
+    assert prompt[changed[0]]["class_type"] == workflowformat.TINY_CHECKPOINT
     steps = {}
     for node_id, entry in prompt.items():
         inputs = entry["inputs"]
@@ -184,15 +190,15 @@ def test_example_runs_end_to_end_on_the_tiny_model(name: str, host: comfyhost.Ho
                                                    inputs: dict[str, Path], tiny_layout) -> None:
     wf, prompt, merge_steps = _api_prompt_for_test(name, object_info)
     # With the generated files in place every file the workflow names exists, except the real checkpoint.
-    ckpt = workflows.nodes_of_type(wf, workflows.CHECKPOINT_LOADER)[0]
-    assert workflows.check_workflow(wf, workflows.node_definitions(), files_must_exist=True) == [
-        f"node {ckpt} (CheckpointLoaderSimple) widget ckpt_name: '{workflows.CKPT}' is not one of []"]
+    ckpt = workflowformat.nodes_of_type(wf, workflowformat.CHECKPOINT_LOADER)[0]
+    assert workflowcheck.check_workflow(wf, objectinfo.node_definitions(), files_must_exist=True) == [
+        f"node {ckpt} (CheckpointLoaderSimple) widget ckpt_name: '{exampleparts.CKPT}' is not one of []"]
     result = host.execute(prompt)
 
     # Every output node ran and reported to the UI, and so did the loaders (the file summary they show).
     outputs = {k for k, v in prompt.items() if object_info[v["class_type"]]["output_node"]}
     loaders = {k for k, v in prompt.items() if v["class_type"].startswith(("DuoLoRA_Load", "DuoLoRA_Add"))}
-    assert set(result["ui"]) == outputs | loaders and len(loaders) == (3 if name == workflows.MULTI else 2)
+    assert set(result["ui"]) == outputs | loaders and len(loaders) == (3 if name == examplegraphs.MULTI else 2)
     for loader in loaders:
         assert result["ui"][loader]["text"] == [result["outputs"][loader][1]]
 
@@ -204,7 +210,7 @@ def test_example_runs_end_to_end_on_the_tiny_model(name: str, host: comfyhost.Ho
         assert stats.steps_done == steps and stats.method == prompt[node_id]["inputs"]["method"]
 
     # Saved merged LoRAs: readable, rank r_c + r_s minus what was pruned, provenance in the metadata.
-    for save_id in workflows.nodes_of_type(prompt, "DuoLoRA_SaveMergedLoRA"):
+    for save_id in workflowformat.nodes_of_type(prompt, "DuoLoRA_SaveMergedLoRA"):
         merge_id = prompt[save_id]["inputs"]["merged_lora"][0]
         (relative,) = result["ui"][save_id]["text"]
         path = host.loras_dir / relative
@@ -214,7 +220,7 @@ def test_example_runs_end_to_end_on_the_tiny_model(name: str, host: comfyhost.Ho
         rows = stats.report.layers
         assert {r.rank_c for r in rows if not r.name.startswith(("te1.", "te2."))} == {RANK_C}
         assert {r.rank_s for r in rows} <= {0, RANK_S}
-        multi = name == workflows.MULTI
+        multi = name == examplegraphs.MULTI
         # The multi-concept example merges a second content LoRA into every attention layer.
         assert {m.rank for r in rows if not r.name.startswith(("te1.", "te2.")) for m in r.more} == (
             {RANK_C2} if multi else set())
@@ -231,29 +237,30 @@ def test_example_runs_end_to_end_on_the_tiny_model(name: str, host: comfyhost.Ho
         merge_inputs = prompt[merge_id]["inputs"]
         assert md["duolora_method"] == merge_inputs["method"] == config["method"]
         assert config["steps"] == merge_inputs["steps"] and config["seed"] == merge_inputs["seed"]
-        contents = f"{workflows.CONTENT_LORA} + {workflows.CONTENT2_LORA}" if multi else workflows.CONTENT_LORA
-        assert md["duolora_content"] == contents and md["duolora_style"] == workflows.STYLE_LORA
-        assert md["duolora_content_sha256"] == _sha256(inputs[workflows.CONTENT_LORA])
-        assert md["duolora_style_sha256"] == _sha256(inputs[workflows.STYLE_LORA])
+        contents = (f"{exampleparts.CONTENT_LORA} + {exampleparts.CONTENT2_LORA}" if multi
+                    else exampleparts.CONTENT_LORA)
+        assert md["duolora_content"] == contents and md["duolora_style"] == exampleparts.STYLE_LORA
+        assert md["duolora_content_sha256"] == _sha256(inputs[exampleparts.CONTENT_LORA])
+        assert md["duolora_style_sha256"] == _sha256(inputs[exampleparts.STYLE_LORA])
         assert md["duolora_steps_done"] == str(merge_steps[merge_id])
         if multi:
-            assert md["duolora_content_2"] == workflows.CONTENT2_LORA
-            assert md["duolora_content_2_sha256"] == _sha256(inputs[workflows.CONTENT2_LORA])
+            assert md["duolora_content_2"] == exampleparts.CONTENT2_LORA
+            assert md["duolora_content_2_sha256"] == _sha256(inputs[exampleparts.CONTENT2_LORA])
         else:
             assert "duolora.content_2" not in md
 
     # Apply K-LoRA chose a LoRA in each of the tiny model's 560 attention projections.
-    for klora_id in workflows.nodes_of_type(prompt, "DuoLoRA_ApplyKLoRA"):
+    for klora_id in workflowformat.nodes_of_type(prompt, "DuoLoRA_ApplyKLoRA"):
         summary = result["outputs"][klora_id][1]
         assert summary.startswith("K-LoRA over 560 layers: γ = "), summary
 
     # Generated images have the canvas size; previews exist.
-    for save_id in workflows.nodes_of_type(prompt, "SaveImage"):
+    for save_id in workflowformat.nodes_of_type(prompt, "SaveImage"):
         (image,) = result["ui"][save_id]["images"]
         assert image["type"] == "output"
         with Image.open(host.output_dir / image["subfolder"] / image["filename"]) as img:
             assert img.size == (TEST_SIZE, TEST_SIZE)
-    for report_id in workflows.nodes_of_type(prompt, "DuoLoRA_MergeReport"):
+    for report_id in workflowformat.nodes_of_type(prompt, "DuoLoRA_MergeReport"):
         (preview,) = result["ui"][report_id]["images"]
         assert preview["type"] == "temp"
         with Image.open(host.temp_dir / preview["subfolder"] / preview["filename"]) as img:

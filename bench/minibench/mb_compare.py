@@ -301,7 +301,7 @@ def lora_roles(row: str) -> list[str]:
 
 def klora_widgets(host, row: str) -> dict[str, Any]:
     """The Apply K-LoRA widgets of a K-LoRA row: the node's defaults with the row's overrides, all resolved."""
-    from comfyhost import widget_defaults
+    from objectinfo import widget_defaults
 
     resolved = {**widget_defaults(host, graph.KLORA_NODE), **dict(all_rows()[row].widgets)}
     return {k: v for k, v in resolved.items() if not isinstance(v, list)}
@@ -313,7 +313,7 @@ def merge_widgets(host, row: str, merge_steps: int) -> dict[str, Any]:
     Everything is resolved here (defaults included), so a run's record says exactly what ran and a cached run
     can be checked against the row's current widgets.
     """
-    from comfyhost import widget_defaults
+    from objectinfo import widget_defaults
 
     widgets = dict(all_rows()[row] or {})
     fraction = widgets.pop("steps_fraction", None)

@@ -134,7 +134,7 @@ def _specs(triple: Triple) -> list:
 
 def merge_widgets(host, row: str, merge_steps: int) -> dict[str, Any]:
     """The row's ZipRankMerge widgets, resolved (node defaults, the row's overrides, the bench's fixed settings)."""
-    from comfyhost import widget_defaults
+    from objectinfo import widget_defaults
 
     resolved = {**widget_defaults(host, MERGE), **ROWS[row][1], "steps": merge_steps, "compute_dtype": "fp32",
                 "lora_dtype": "fp32", "gradient_checkpointing": False}
@@ -158,7 +158,7 @@ def build_prompt(host, row: str, triple: Triple, seed: int, samples: int, ckpt: 
 
     Subject i is sampled from its target prompt with ``noise_seed(pair_i, seed)`` (the pair benchmark's noise
     of that pair and seed); every merge node's seed is the unit's seed."""
-    from comfyhost import widget_defaults
+    from objectinfo import widget_defaults
 
     how, _ = ROWS[row]
     widgets = merge_widgets(host, row, merge_steps) if how != "tuned" else {}

