@@ -325,7 +325,7 @@ def _check_width(contents: Sequence[LoRA], style: LoRA, config: MergeConfig) -> 
         if len(parts) < 2:
             return  # a layer one file alone patches keeps that file's rank, never above its width
         width = min(parts[0].out_features, parts[0].in_features * parts[0].kernel_size[0] * parts[0].kernel_size[1])
-        # The rank budget caps each LoRA's components in the layers ZipRank learns (MergedLayer._kept).
+        # The rank budget caps each LoRA's components in the layers ZipRank learns (``duolora.export.kept_factors``).
         budget = (config.max_rank if config.max_rank > 0 and config.method == "ziprank"
                   and not name.startswith(TEXT_ENCODER_PREFIXES)
                   and (config.scope == "all" or is_attention_projection(name)) else 0)

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 import torch
 
 from .config import PRIOR_LOSS_KINDS, PRIOR_PUSHES, default
-from .mergers import STYLE_TAG, MergedLayer, Merger, component_weights
+from .mergedlayer import MergedLayer, component_weights
+from .mergers import STYLE_TAG, Merger
 from .sdxl import CONTENT, PRESET_NAMES, PRESETS, STYLE, parse_custom_preset, preset_roles, prior_role
 
 __all__ = [

@@ -17,6 +17,7 @@ from fast_oracle import layer_objective
 from duolora import engine, formats, recording, solver
 from duolora.adapter import MERGED, attach
 from duolora.config import MergeConfig
+from duolora.export import kept_components
 from duolora.lora import LoRA, LowRank
 from duolora.mergers import MergerError, ZipRankMerger, build_merger, svd_refactor
 from duolora.objective import ContentReferences, DuoLoRAObjective, References
@@ -73,7 +74,7 @@ def test_two_subjects_and_a_style_merge_into_one_exact_lora(method: str, objecti
     kept_total, worst = 0, 0.0
     with torch.no_grad():
         for name, layer in merger.items():
-            kept = layer.kept_components(config.prune_threshold)
+            kept = kept_components(layer, config.prune_threshold)
             reference = torch.zeros(layer.weight_shape).reshape(layer.out_features, -1)
             for t in layer.present:
                 m = layer.mask(t).clone()
