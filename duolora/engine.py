@@ -49,14 +49,16 @@ import torch
 from torch import nn
 
 from . import formats, provenance, streaming
+from .boxqp import SOLVER_ITERATIONS
 from .config import MergeConfig
 from .lora import TEXT_ENCODER_PREFIXES, LoRA
 from .mergers import Merger, MergerError, build_merger, check_content_count, describe_lora, lora_tags
 from .objective import ContentReferences, Denoiser, References
 from .optimize import MergeResult, optimize
+from .quadratics import check_method
 from .recording import record_activations
 from .sdxl import BASE_LABELS, SDXL_LAYOUT, Layout, is_attention_projection
-from .solver import SOLVER_ITERATIONS, check_method, solve_layerwise, solve_weights
+from .solver import solve_layerwise, solve_weights
 
 # The modes as users name them (the node's ``mode`` widget, the ``duolora_mode`` file metadata) -> objective.
 # The fast mode whose per-layer solve an objective uses (for ``solver.check_method``'s message).

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from . import formats
+from .boxqp import SOLVER_ITERATIONS
 from .config import MergeConfig
 from .export import agreed_value
 from .families import KNOWN_LAYOUTS
@@ -24,7 +25,8 @@ from .layout import Layout
 from .lora import LoRA, merge_patches
 from .mergers import DirectMerger, Merger, build_merger
 from .optimize import MergeResult
-from .solver import SOLVER_ITERATIONS, check_method, solve_weights
+from .quadratics import check_method
+from .solver import solve_weights
 
 # Layers read, solved and exported together (bounds the extra memory of the stream).
 CHUNK_LAYERS = 32
