@@ -2,7 +2,8 @@
 A' = Σ^½·Vᵀ without forming the dense out×in product, one batched QR/SVD per factor shape.
 
 ZipRank masks the SVD-basis factors by default (``ZipRankMerger(basis="svd")``), so a zero mask entry removes one
-singular direction; the weights-only solve uses the same basis for the raw-basis layers it reads.
+singular direction; the weights-only problem of a raw-basis merger takes its down factors A' from here
+(``duolora.quadratics.weights_quadratics``).
 """
 
 from __future__ import annotations
