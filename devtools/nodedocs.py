@@ -1,20 +1,27 @@
-"""Render the node reference (docs/nodes.md) from the real node definitions (ComfyUI's own INPUT_TYPES view).
+"""Render the docs' generated sections: the node reference (docs/nodes.md) from the real node definitions
+(ComfyUI's own INPUT_TYPES view), and the merge option table (docs/method.md §9) from ``MergeConfig``'s field
+metadata (``duolora.config.knob``: help, node input, command-line option, bounds, choices).
 
-    .venv/bin/python devtools/nodedocs.py          # print the section
-    .venv/bin/python devtools/nodedocs.py --write  # replace it in docs/nodes.md
+    .venv/bin/python devtools/nodedocs.py          # print both sections
+    .venv/bin/python devtools/nodedocs.py --write  # replace them in docs/nodes.md and docs/method.md
 
-tests/test_readme.py checks that docs/nodes.md holds exactly what this renders, so defaults and tooltips in
-the docs cannot drift from the nodes.
+tests/test_readme.py checks that both files hold exactly what this renders, so defaults, tooltips and option
+meanings in the docs cannot drift from the nodes and the config.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
+
+from duolora.config import KNOBS, ui_value
 
 REPO = Path(__file__).resolve().parents[1]
 NODES_DOC = REPO / "docs" / "nodes.md"
 BEGIN, END = "<!-- nodes:begin -->", "<!-- nodes:end -->"
+METHOD_DOC = REPO / "docs" / "method.md"
+OPTIONS_BEGIN, OPTIONS_END = "<!-- method:begin -->", "<!-- method:end -->"
 NODE_IDS = (
     "DuoLoRA_LoadContentLoRA", "DuoLoRA_AddContentLoRA", "DuoLoRA_LoadStyleLoRA", "DuoLoRA_ZipRankMerge",
     "DuoLoRA_ApplyMergedLoRA", "DuoLoRA_SaveMergedLoRA", "DuoLoRA_MergeReport", "DuoLoRA_ApplyKLoRA",
@@ -68,8 +75,75 @@ def render(mappings: dict, display_names: dict) -> str:
     return "\n".join(lines)
 
 
-def replace_section(text: str, section: str) -> str:
-    a, b = text.index(BEGIN), text.index(END) + len(END)
+def _cell(text: object) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _code(value: object) -> str:
+    """A value as the option table writes it: `""` for the empty string, else its str()."""
+    return '`""`' if value == "" else f"`{value}`"
+
+
+def _bound(value: float) -> str:
+    if value >= 2 ** 32 and (int(value) + 1) & int(value) == 0:
+        return f"2^{(int(value) + 1).bit_length() - 1} − 1"  # a seed's range
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _values(f: dataclasses.Field) -> str:
+    """The values a knob takes: its choices, True/False, or its bounds (the node widget's); a knob whose None has
+    a meaning (``none``) is shown with it, not with the node's -1 that stands for it."""
+    meta = f.metadata
+    if meta["choices"] is not None:
+        return ", ".join(_code(c) for c in meta["choices"])
+    if isinstance(f.default, bool):
+        return "`True`, `False`"
+    low = 0 if meta["none"] is not None else meta["min"]
+    if low is None and meta["max"] is None:
+        text = "a number" if isinstance(f.default, (int, float)) else "text"
+    elif meta["max"] is None:
+        text = f"≥ {_bound(low)}"
+    else:
+        text = f"{_bound(low)} … {_bound(meta['max'])}"
+    return f"`None` ({meta['none']}) or {text}" if meta["none"] is not None else text
+
+
+def _node_input(f: dataclasses.Field) -> str:
+    meta = f.metadata
+    if meta["ui"] is None:
+        return "—"
+    text = f"`{meta['ui']}`"
+    if meta["choices"] is not None:
+        shown = [ui_value(f, c) for c in meta["choices"]]
+        if shown != list(meta["choices"]):
+            text += ": " + ", ".join(_code(c) for c in shown)
+    return text + (" (advanced)" if meta["advanced"] else "")
+
+
+def _cli_option(f: dataclasses.Field) -> str:
+    meta = f.metadata
+    if meta["cli"] is None:
+        return "—"
+    text = f"`{meta['cli']}`"
+    if meta["cli_choices"] is not None:
+        text += " (" + ", ".join(_code(c) for c in meta["cli_choices"]) + ")"
+    return text
+
+
+def render_options(knobs: tuple[dataclasses.Field, ...] = KNOBS) -> str:
+    """The option table of docs/method.md §9: one row per ``MergeConfig`` field, in its declaration order, all
+    from the field's default and ``knob`` metadata."""
+    lines = [OPTIONS_BEGIN, "| option | default | values | node input | `duolora merge` | meaning |",
+             "|---|---|---|---|---|---|"]
+    for f in knobs:
+        cells = [f"`{f.name}`", _code(f.default), _values(f), _node_input(f), _cli_option(f), f.metadata["help"]]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    lines.append(OPTIONS_END)
+    return "\n".join(lines)
+
+
+def replace_section(text: str, section: str, begin: str = BEGIN, end: str = END) -> str:
+    a, b = text.index(begin), text.index(end) + len(end)
     return text[:a] + section + text[b:]
 
 
@@ -81,10 +155,15 @@ def main(argv: list[str]) -> int:
     import nodes
 
     section = render(nodes.NODE_CLASS_MAPPINGS, nodes.NODE_DISPLAY_NAME_MAPPINGS)
+    options = render_options()
     if "--write" in argv:
         NODES_DOC.write_text(replace_section(NODES_DOC.read_text(encoding="utf-8"), section), encoding="utf-8")
+        METHOD_DOC.write_text(replace_section(METHOD_DOC.read_text(encoding="utf-8"), options, OPTIONS_BEGIN,
+                                              OPTIONS_END), encoding="utf-8")
     else:
         print(section)
+        print()
+        print(options)
     return 0
 
 

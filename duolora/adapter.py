@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mergers import IN, OUT, RANK, STYLE_TAG, MergedLayer, Merger
+from .mergedlayer import IN, OUT, RANK, MergedLayer
+from .mergers import STYLE_TAG, Merger
 
 if TYPE_CHECKING:
     from typing_extensions import Self

@@ -70,7 +70,7 @@ class _MergeHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
     """``duolora merge CONTENT STYLE -o OUT`` or ``duolora merge --content A --content B --style S -o OUT``: the
     weights-only merge (no model, no images) of one content LoRA or several with a style LoRA."""
-    from .solver import SOLVER_ITERATIONS
+    from .boxqp import SOLVER_ITERATIONS
 
     p = sub.add_parser(
         "merge",

@@ -49,14 +49,16 @@ import torch
 from torch import nn
 
 from . import formats, provenance, streaming
+from .boxqp import SOLVER_ITERATIONS
 from .config import MergeConfig
 from .lora import TEXT_ENCODER_PREFIXES, LoRA
 from .mergers import Merger, MergerError, build_merger, check_content_count, describe_lora, lora_tags
 from .objective import ContentReferences, Denoiser, References
 from .optimize import MergeResult, optimize
+from .quadratics import check_method
 from .recording import record_activations
 from .sdxl import BASE_LABELS, SDXL_LAYOUT, Layout, is_attention_projection
-from .solver import SOLVER_ITERATIONS, check_method, solve_layerwise, solve_weights
+from .solver import solve_layerwise, solve_weights
 
 # The modes as users name them (the node's ``mode`` widget, the ``duolora_mode`` file metadata) -> objective.
 # The fast mode whose per-layer solve an objective uses (for ``solver.check_method``'s message).
@@ -325,7 +327,7 @@ def _check_width(contents: Sequence[LoRA], style: LoRA, config: MergeConfig) -> 
         if len(parts) < 2:
             return  # a layer one file alone patches keeps that file's rank, never above its width
         width = min(parts[0].out_features, parts[0].in_features * parts[0].kernel_size[0] * parts[0].kernel_size[1])
-        # The rank budget caps each LoRA's components in the layers ZipRank learns (MergedLayer._kept).
+        # The rank budget caps each LoRA's components in the layers ZipRank learns (``duolora.export.kept_factors``).
         budget = (config.max_rank if config.max_rank > 0 and config.method == "ziprank"
                   and not name.startswith(TEXT_ENCODER_PREFIXES)
                   and (config.scope == "all" or is_attention_projection(name)) else 0)

@@ -41,7 +41,8 @@ from torch import nn
 
 from .adapter import CONTENT, STYLE, Adapter, plain_weight
 from .lora import LoRA
-from .mergers import DirectMerger, MergedLayer
+from .mergedlayer import MergedLayer
+from .mergers import DirectMerger
 
 if TYPE_CHECKING:
     from typing_extensions import Self

@@ -12,8 +12,7 @@ adds its own term B_ci·diag(m_ci)·A_ci, and every statement about "both LoRAs"
 
 Masks are ``nn.Parameter`` where the method learns them and fixed buffers elsewhere, so one adapter
 (``duolora.adapter``) evaluates every method, and every merger exports exactly as a standard LoRA of
-rank r_c + r_s (docs/method.md §2, last paragraph): B_m = [B_c·diag(m_c) | B_s·diag(m_s)], A_m = [A_c; A_s]; with
-K content LoRAs, rank Σ r_i: B_m = [B_c1·diag(m_c1) | … | B_cK·diag(m_cK) | B_s·diag(m_s)].
+rank r_c + r_s (Σ r_i with several content LoRAs; ``duolora.export``).
 
 Each LoRA of a merger has a *tag*: "c" for the (first) content LoRA, "c2", "c3", … for further content
 LoRAs, "s" for the style LoRA (``content_tag``). A layer's factors and mask of LoRA ``t`` are its buffers
@@ -33,12 +32,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import BASES, DEFAULT_PRUNE_THRESHOLD, METHODS, SCOPES, MergeConfig, default
+from .config import BASES, METHODS, SCOPES, MergeConfig, default
+from .export import agreed_value, export_lora, kept_ranks
 from .lora import TEXT_ENCODER_PREFIXES, LoRA, LowRank, merge_patches
+from .mergedlayer import IN, OUT, RANK, MergedLayer, component_weights
 from .sdxl import block_of, is_attention_projection
+from .svdbasis import SVD_BATCH, svd_refactor, svd_refactor_many
 
-RANK, OUT, IN = "rank", "out", "in"
-MASK_KINDS: tuple[str, ...] = (RANK, OUT, IN)
+# Names other modules and hosts import from here (the layer, its mask kinds and the SVD basis live in
+# ``duolora.mergedlayer`` and ``duolora.svdbasis``).
+__all__ = [
+    "B_LORA_CONTENT_BLOCK", "B_LORA_STYLE_BLOCK", "IN", "MULTI_CONTENT_METHODS", "OUT", "RANK",
+    "STYLE_TAG", "SVD_BATCH", "BLoRAMerger", "DirectMerger", "MergedLayer", "Merger", "MergerError",
+    "ZipLoRAMerger", "ZipRankMerger", "build_merger", "check_content_count", "component_weights", "content_list",
+    "content_tag", "describe_lora", "lora_tags", "parameter_counts", "print_parameter_counts",
+    "sdxl_attention_shapes", "svd_refactor", "svd_refactor_many", "term_name", "trainable_count",
+]
 
 # B-LoRA (Frenkel et al.; docs/method.md §7): the one block that carries content and the one that carries style.
 B_LORA_CONTENT_BLOCK = "output_blocks.0.1"
@@ -78,267 +87,6 @@ class MergerError(ValueError):
     """A merge that cannot be built; the message names the layer, the files and what to do."""
 
 
-# Factor pairs per batched QR/SVD call: bounds the stacked copies (64 pairs of SDXL's largest rank-64
-# attention factors are about 40 MB) while leaving too few calls for their overhead to matter.
-SVD_BATCH = 64
-
-
-def svd_refactor(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Re-factor ΔW = B·A into its SVD basis: B' = U·Σ^½, A' = Σ^½·Vᵀ with B'·A' = B·A.
-
-    B: (out, r), A: (r, n). Returns B' (out, k), A' (k, n) with k = min(r, out, n) (k = r on every real
-    layer), columns ordered by decreasing singular value. Costs two thin QRs and one r×r SVD, never the
-    dense out×n product (docs/method.md §2, basis decision). Returns float32; B'·A' = B·A to float32 rounding.
-    ``svd_refactor_many`` does the same for many pairs with one batched call per shape.
-    """
-    return svd_refactor_many([(B, A)])[0]
-
-
-def svd_refactor_many(
-    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], batch: int = SVD_BATCH
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``svd_refactor`` of every (B, A) in ``pairs``, in order.
-
-    Pairs of equal shapes (out, r), (r, n) on the same device are stacked, up to ``batch`` at a time, and
-    share one batched QR of the B's, one of the Aᵀ's and one batched r×r SVD, instead of three LAPACK calls
-    and a dozen small tensor operations per pair (SDXL: 1,120 pairs per merge, in 4 shapes). Each pair's
-    result equals its own ``svd_refactor`` to float32 rounding (LAPACK factors every matrix of a batch on
-    its own; only the final products may round differently). The results of one batch are views of one
-    stacked tensor, so they live and die together.
-    """
-    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(pairs)
-    groups: dict[tuple, list[int]] = {}
-    for i, (B, A) in enumerate(pairs):
-        groups.setdefault((tuple(B.shape), tuple(A.shape), B.device), []).append(i)
-    for (b_shape, a_shape, device), idx in groups.items():
-        if device.type == "meta":
-            # Shape-only factors (parameter counting on full SDXL shapes): nothing to compute.
-            k = min(b_shape[1], b_shape[0], a_shape[1])
-            for i in idx:
-                out[i] = (torch.empty(b_shape[0], k, device="meta"), torch.empty(k, a_shape[1], device="meta"))
-            continue
-        for lo in range(0, len(idx), max(1, int(batch))):
-            part = idx[lo:lo + max(1, int(batch))]
-            for i, factors in zip(part, _svd_refactor_stacked(
-                    torch.stack([pairs[i][0].detach().to(torch.float32) for i in part]),
-                    torch.stack([pairs[i][1].detach().to(torch.float32) for i in part]))):
-                out[i] = factors
-    return out  # type: ignore[return-value]
-
-
-def _svd_refactor_stacked(B: torch.Tensor, A: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The SVD basis of each B[i]·A[i]; B (L, out, r), A (L, r, n) float32."""
-    # The thin QRs run in float32 (float64 LAPACK QR is several times slower on tall matrices, and the
-    # result is float32 anyway); the small r×r core is factored in float64.
-    qb, rb = torch.linalg.qr(B)  # B = Qb·Rb
-    qa, ra = torch.linalg.qr(A.transpose(1, 2))  # Aᵀ = Qa·Ra, so A = Raᵀ·Qaᵀ
-    u, s, vh = torch.linalg.svd(rb.double() @ ra.double().transpose(1, 2), full_matrices=False)
-    root = s.clamp_min(0).sqrt()
-    b_new = qb @ (u * root[:, None, :]).to(torch.float32)
-    a_new = (root[:, :, None] * vh).to(torch.float32) @ qa.transpose(1, 2)
-    return [(b_new[j], a_new[j]) for j in range(b_new.shape[0])]
-
-
-def _ordinary(t: torch.Tensor) -> torch.Tensor:
-    """float32, detached, and not an inference tensor (shares storage with ``t`` when it already is)."""
-    t = t.detach().to(torch.float32)
-    return t.clone() if t.is_inference() else t
-
-
-class MergedLayer(nn.Module):
-    """One layer of a merger: frozen factors of each LoRA and their masks.
-
-    ``parts``: tag -> ((B, A), mask) or None when that file has no such layer, in the merger's tag order
-    (content tags, then "s"). Buffers ``B_<tag>`` (out, r), ``A_<tag>`` (r, in·kh·kw), float32 (``None``
-    when the file lacks the layer); masks ``m_<tag>``: parameters when ``learned`` else buffers, of length r
-    (kind "rank"), out (kind "out") or in channels (kind "in").
-    """
-
-    def __init__(
-        self,
-        name: str,
-        template: LowRank,
-        kind: str,
-        parts: Mapping[str, tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor] | None],
-        learned: bool,
-    ) -> None:
-        super().__init__()
-        if kind not in MASK_KINDS:
-            raise ValueError(f"mask kind {kind!r} is not one of {MASK_KINDS}")
-        self.name = name
-        self.kind = kind
-        self.learned = learned
-        self.tags: tuple[str, ...] = tuple(parts)
-        # Shape-only copy of a file layer, so the export can rebuild the same layer kind (linear/conv).
-        self.template = LowRank(torch.empty(template.up.shape, device="meta"),
-                                torch.empty(template.down.shape, device="meta"))
-        self.is_conv = template.is_conv
-        self.kernel_size = template.kernel_size
-        self.out_features = template.out_features
-        self.in_channels = template.in_features
-        # Hosts build mergers under torch.inference_mode(); inference tensors cannot take part in the
-        # autograd graph of the optimisation, so every tensor kept here is an ordinary one.
-        with torch.inference_mode(False):
-            for tag, part in parts.items():
-                B, A = part[0] if part is not None else (None, None)
-                # Factors are not part of state_dict(): it holds just the masks (a small, savable result).
-                self.register_buffer(f"B_{tag}", None if B is None else _ordinary(B), persistent=False)
-                self.register_buffer(f"A_{tag}", None if A is None else _ordinary(A), persistent=False)
-                if part is None:
-                    self.register_buffer(f"m_{tag}", None)
-                elif learned:
-                    setattr(self, f"m_{tag}", nn.Parameter(part[1].detach().to(torch.float32).clone()))
-                else:
-                    self.register_buffer(f"m_{tag}", part[1].detach().to(torch.float32).clone())
-
-    @property
-    def present(self) -> tuple[str, ...]:
-        """The tags of the LoRAs that patch this layer, in order."""
-        return tuple(t for t in self.tags if getattr(self, f"B_{t}") is not None)
-
-    # -- shapes --------------------------------------------------------------------------------------
-    @property
-    def weight_shape(self) -> tuple[int, ...]:
-        if self.is_conv:
-            return (self.out_features, self.in_channels, *self.kernel_size)
-        return (self.out_features, self.in_channels)
-
-    def factors(self, which: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(B, A) of LoRA ``which`` (a tag: "c", "c2", …, "s") as 2-D tensors, or None when that file lacks
-        the layer."""
-        B = getattr(self, f"B_{which}")
-        return None if B is None else (B, getattr(self, f"A_{which}"))
-
-    def mask(self, which: str) -> torch.Tensor | None:
-        return getattr(self, f"m_{which}")
-
-    def rank(self, which: str) -> int:
-        f = self.factors(which)
-        return 0 if f is None else int(f[1].shape[0])
-
-    # -- the update ------------------------------------------------------------------------------------
-    def masked_factors(
-        self, which: str, mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(B_eff, A_eff) with the mask (default: this layer's own) folded into one factor.
-
-        B_eff·A_eff is this LoRA's contribution to ΔW, as (out, r) and (r, in·kh·kw) matrices.
-        """
-        f = self.factors(which)
-        if f is None:
-            return None
-        B, A = f
-        m = self.mask(which) if mask is None else mask
-        if self.kind == RANK:
-            return B * m[None, :], A
-        if self.kind == OUT:
-            return B * m[:, None], A
-        taps = self.kernel_size[0] * self.kernel_size[1]
-        # A's columns are (channel, kh, kw) flattened: one channel's entry covers its kh·kw taps.
-        return B, A * m.repeat_interleave(taps)[None, :]
-
-    def delta(self) -> torch.Tensor:
-        """Dense ΔW with the patched weight's shape. For tests and tiny layers only."""
-        total = torch.zeros(self.out_features, self.in_channels * self.kernel_size[0] * self.kernel_size[1])
-        total = total.to(device=self._device())
-        for which in self.tags:
-            mf = self.masked_factors(which)
-            if mf is not None:
-                total = total + mf[0] @ mf[1]
-        return total.reshape(self.weight_shape)
-
-    def _device(self) -> torch.device:
-        for tag in self.present:
-            return getattr(self, f"B_{tag}").device
-        return torch.device("cpu")
-
-    def _kept(self, which: str, threshold: float,
-              max_rank: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(keep (r,) bool, B_eff, A_eff) after pruning mask entries with |m| < threshold (and exact zeros).
-
-        ``max_rank`` > 0 (rank masks only): of what survives, keep at most that many components, those with
-        the largest σᵢ·|mᵢ| (their weight in the masked update's nuclear norm, ``component_weights``).
-        """
-        f = self.factors(which)
-        if f is None:
-            return None
-        m = self.mask(which).detach()
-        pruned = torch.where((m.abs() < threshold) | (m == 0), torch.zeros_like(m), m)
-        if max_rank > 0 and self.kind == RANK and int((pruned != 0).sum()) > max_rank:
-            weight = component_weights(self, which).to(pruned.device) * pruned.abs()
-            keep_idx = torch.topk(weight, max_rank).indices
-            pruned = torch.zeros_like(pruned).index_copy_(0, keep_idx, pruned[keep_idx])
-        B_eff, A_eff = self.masked_factors(which, pruned)
-        if self.kind == RANK:
-            keep = pruned != 0
-        else:
-            # Feature masks zero rows of B or columns of A; a component survives while both of its
-            # factors still have a non-zero entry.
-            keep = (B_eff.abs().amax(dim=0) > 0) & (A_eff.abs().amax(dim=1) > 0)
-        return keep, B_eff.detach(), A_eff.detach()
-
-    def kept_components(self, threshold: float = DEFAULT_PRUNE_THRESHOLD, max_rank: int = 0) -> tuple[int, ...]:
-        """How many rank components of each LoRA the export keeps, in tag order ((content, style) for a pair)."""
-        out = []
-        for which in self.tags:
-            k = self._kept(which, threshold, max_rank)
-            out.append(0 if k is None else int(k[0].sum()))
-        return tuple(out)
-
-    def export(self, threshold: float = DEFAULT_PRUNE_THRESHOLD,
-               max_rank: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The exported factors (out, k), (k, in·kh·kw), k = kept components; None if nothing is kept."""
-        Bs, As = [], []
-        for which in self.tags:
-            k = self._kept(which, threshold, max_rank)
-            if k is None:
-                continue
-            keep, B_eff, A_eff = k
-            if not bool(keep.all()):
-                # index_select with positions is several times faster than boolean indexing on the CPU.
-                idx = keep.nonzero().squeeze(1)
-                B_eff, A_eff = B_eff.index_select(1, idx), A_eff.index_select(0, idx)
-            Bs.append(B_eff)
-            As.append(A_eff)
-        if not Bs or sum(b.shape[1] for b in Bs) == 0:
-            return None
-        return torch.cat(Bs, dim=1).contiguous(), torch.cat(As, dim=0).contiguous()
-
-    def extra_repr(self) -> str:
-        ranks = ", ".join(f"r_{t}={self.rank(t)}" for t in self.tags)
-        return f"{self.name}, kind={self.kind}, {ranks}, learned={self.learned}"
-
-
-def component_weights(layer: MergedLayer, which: str) -> torch.Tensor:
-    """Weight of each mask entry of ``which`` ("c"/"s") in that LoRA's nuclear norm, shape of the mask.
-
-    Rank masks: wᵢ = ‖B[:, i]‖·‖A[i, :]‖. In the SVD basis (B' = U·Σ^½, A' = Σ^½·Vᵀ, the default) that is exactly
-    σᵢ, the i-th singular value of the layer's ΔW, so Σᵢ wᵢ·|mᵢ| = ‖B'·diag(m)·A'‖_* (the nuclear norm of the
-    masked update); in the raw basis it is the upper bound the triangle inequality gives. Zero-padded or
-    duplicated components change nothing: a zero component weighs 0, and the SVD re-factoring turns split
-    components back into the same σᵢ. Feature masks (ZipLoRA): the norm of the row (out) or of the input
-    channel's columns (in) of ΔW that the entry scales. Detached; cached per device (the factors are frozen).
-    """
-    cache = layer.__dict__.setdefault("_prior_weights", {})
-    B, A = layer.factors(which)
-    key = (which, B.device)
-    w = cache.get(key)
-    if w is None:
-        # Ordinary tensors even when a host calls this under inference mode: w is saved for backward.
-        with torch.inference_mode(False), torch.no_grad():
-            if layer.kind == RANK:
-                w = B.norm(dim=0) * A.norm(dim=1)
-            elif layer.kind == OUT:
-                # ‖row j of B·A‖ = √(B_j·(A·Aᵀ)·B_jᵀ), without the dense product.
-                w = ((B @ (A @ A.T)) * B).sum(1).clamp_min(0).sqrt()
-            else:
-                col = ((A.T @ (B.T @ B)) * A.T).sum(1).clamp_min(0)  # ‖column of ΔW‖² per (channel, tap)
-                w = col.reshape(layer.in_channels, -1).sum(1).sqrt()
-            w = w.detach().float()
-        cache[key] = w
-    return w
-
-
 def check_content_count(method: str, content_names: Sequence[str]) -> None:
     """Raise MergerError when ``method`` cannot merge this many content LoRAs (B-LoRA merges exactly one)."""
     if len(content_names) > 1 and method not in MULTI_CONTENT_METHODS:
@@ -355,10 +103,6 @@ def content_list(content: LoRA | Sequence[LoRA]) -> list[LoRA]:
     if not contents:
         raise MergerError("a merge needs at least one content LoRA")
     return contents
-
-
-def _agreed(values: Sequence[Any], default: Any) -> Any:
-    return values[0] if all(v == values[0] for v in values) else default
 
 
 def _ones_mask(kind: str, lr: LowRank) -> torch.Tensor:
@@ -408,9 +152,9 @@ class Merger(nn.Module):
         loras = [*contents, style]
         self._names = dict(zip(self.tags, [lora.name for lora in loras]))
         # The export is spelled and typed like the inputs when they all agree (a writer may override both).
-        self.export_key_style = _agreed([lora.key_style for lora in loras], "unknown")
-        self.export_base = _agreed([lora.base for lora in loras], "unknown")
-        self.export_dtype = _agreed([lora.dtype for lora in loras], None)
+        self.export_key_style = agreed_value([lora.key_style for lora in loras], "unknown")
+        self.export_base = agreed_value([lora.base for lora in loras], "unknown")
+        self.export_dtype = agreed_value([lora.dtype for lora in loras], None)
         # Bias/norm differences are not low-rank layers: every method sums them like its fixed layers.
         self.patches = merge_patches([c.patches for c in contents], style.patches, self.w_c, self.w_s)
         self.layers = nn.ModuleList()
@@ -521,47 +265,14 @@ class Merger(nn.Module):
 
     # -- export ----------------------------------------------------------------------------------------
     def export(self, prune_threshold: float | None = None) -> LoRA:
-        """The merge as a standard LoRA: per layer rank r_c + r_s (Σ r_i over every LoRA) minus pruned components.
-
-        Components whose mask satisfies |m| < ``prune_threshold`` (default: the merger's, 1e-3) or m = 0
-        are dropped (the "adaptive rank", docs/method.md §2); layers with nothing left are omitted. The rest is
-        exact: B_m·A_m equals the merger's ΔW with the pruned mask entries set to zero. Tensors are float32
-        on the CPU with the scale folded into ``up`` (so a writer stores alpha = rank); ``key_style``,
-        ``base`` and ``dtype`` are the inputs' when all agree. ``duolora_content`` names the content LoRAs
-        joined by " + ". The merger's ``max_rank`` (the opt-in rank
-        budget) caps the components each LoRA keeps per LEARNED layer (see ``MergedLayer._kept``); fixed layers
-        keep their files' components.
-        ``patches`` are the inputs' bias/norm
-        differences, w_c·d_c + w_s·d_s where several have one (``lora.merge_patches``).
-        """
-        threshold = self.prune_threshold if prune_threshold is None else float(prune_threshold)
-        layers: dict[str, LowRank] = {}
-        with torch.no_grad():
-            for name, layer in self.items():
-                ex = layer.export(threshold, self.max_rank if layer.learned else 0)
-                if ex is None:
-                    continue
-                layers[name] = layer.template.with_factors(ex[0].cpu(), ex[1].cpu())
-        metadata = {
-            "duolora_method": self.method,
-            "duolora_content": self.content_name,
-            "duolora_style": self.style_name,
-            "duolora_scope": self.scope,
-            "duolora_prune_threshold": repr(threshold),
-        }
-        basis = getattr(self, "basis", None)
-        if basis is not None:
-            metadata["duolora_basis"] = basis
-        return LoRA(layers=layers, metadata=metadata, source=None, key_style=self.export_key_style,
-                    base=self.export_base, dtype=self.export_dtype, patches=dict(self.patches))
+        """The merge as a standard LoRA, pruned at ``prune_threshold`` (default: the merger's); see
+        ``duolora.export.export_lora``."""
+        return export_lora(self, prune_threshold)
 
     def kept_ranks(self, prune_threshold: float | None = None) -> dict[str, tuple[int, ...]]:
         """Per layer: the kept components of each LoRA after pruning, in tag order ((content, style) for a
-        pair)."""
-        threshold = self.prune_threshold if prune_threshold is None else float(prune_threshold)
-        with torch.no_grad():
-            return {name: layer.kept_components(threshold, self.max_rank if layer.learned else 0)
-                    for name, layer in self.items()}
+        pair); see ``duolora.export.kept_ranks``."""
+        return kept_ranks(self, prune_threshold)
 
     def extra_repr(self) -> str:
         return (f"method={self.method}, scope={self.scope}, layers={len(self.layers)}, "

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 import torch
 
 from .config import PRIOR_LOSS_KINDS, PRIOR_PUSHES, default
-from .mergers import STYLE_TAG, MergedLayer, Merger, component_weights
+from .mergedlayer import MergedLayer, component_weights
+from .mergers import STYLE_TAG, Merger
 from .sdxl import CONTENT, PRESET_NAMES, PRESETS, STYLE, parse_custom_preset, preset_roles, prior_role
 
 __all__ = [
@@ -34,7 +35,7 @@ def prior_penalty(kind: str, dom: torch.Tensor, other: torch.Tensor, *, kappa: f
                   other_l2: torch.Tensor | None = None) -> torch.Tensor:
     """The rank-constraint penalty of one prior pair, element-wise over any
     leading (batch) shape; the one formula paper mode (``layer_prior_loss``) and the per-layer solver
-    (``duolora.solver``) evaluate.
+    (``duolora.boxqp``) evaluate.
 
     ``dom``, ``other``: how much of each LoRA the masks keep: the kept shares ρ of their nuclear norms
     (``kind="share_hinge"``, see ``kept_share``) or the L1 norms ‖m‖₁ (``"hinge"``, ``"code_compat"``; the

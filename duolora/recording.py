@@ -22,7 +22,7 @@ from .adapter import STYLE as STYLE_BRANCH
 from .adapter import Adapter, content_branch
 from .config import MergeConfig
 from .mergers import STYLE_TAG, Merger
-from .solver import FastModeError, LayerActivations, check_method
+from .quadratics import FastModeError, LayerActivations, check_method
 
 if TYPE_CHECKING:
     from typing_extensions import Self

@@ -17,13 +17,16 @@ import torch
 from safetensors import safe_open
 
 from . import formats
+from .boxqp import SOLVER_ITERATIONS
 from .config import MergeConfig
+from .export import agreed_value
 from .families import KNOWN_LAYOUTS
 from .layout import Layout
 from .lora import LoRA, merge_patches
-from .mergers import DirectMerger, Merger, _agreed, build_merger
+from .mergers import DirectMerger, Merger, build_merger
 from .optimize import MergeResult
-from .solver import SOLVER_ITERATIONS, check_method, solve_weights
+from .quadratics import check_method
+from .solver import solve_weights
 
 # Layers read, solved and exported together (bounds the extra memory of the stream).
 CHUNK_LAYERS = 32
@@ -203,7 +206,7 @@ def stream_merge(
         for r in readers:
             r.close()
     history = {k: [v[0] / max(1, len(learned)), v[1] / max(1, len(learned))] for k, v in history_acc.items()}
-    key_style = _agreed([m.key_style for m in metas], "unknown")  # as Merger.export
+    key_style = agreed_value([m.key_style for m in metas], "unknown")  # as Merger.export
     # The inputs' bias/norm differences, as Merger.export carries them (the headers hold their values).
     patches = merge_patches([m.patches for m in metas[:-1]] if len(metas) > 2 else metas[0].patches,
                             metas[-1].patches, config.w_c, config.w_s)

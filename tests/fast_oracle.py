@@ -1,5 +1,6 @@
-"""The fast modes' per-layer objective evaluated one layer at a time, as the solver's module docstring writes it:
-the oracle the tests hold ``solver._mean_objective`` (the batched history) and the solver's optimality against.
+"""The fast modes' per-layer objective evaluated one layer at a time, as the docstrings of ``duolora.solver`` and
+``duolora.boxqp`` write it: the oracle the tests hold ``boxqp.mean_objective`` (the batched history) and the
+solver's optimality against.
 It evaluates the prior with ``priors.prior_penalty`` and the similarity with ``objective.mask_similarity``, the
 formulas the engine uses."""
 
@@ -39,7 +40,7 @@ def _history_name(tag: str) -> str:
 def layer_objective(q: LayerQuadratic, role: str | None, masks: Sequence[torch.Tensor], terms) -> dict[str, float]:
     """The fast objective of one layer at given masks (one per LoRA of the layer, in its tag order):
     normalised reconstruction per LoRA ("content", …, "style"), prior (summed over the prior pairs),
-    similarity (mean over pairs of LoRAs), keep and total. ``terms``: ``solver._Terms.from_config(config)``."""
+    similarity (mean over pairs of LoRAs), keep and total. ``terms``: ``boxqp.FastTerms.from_config(config)``."""
     losses = q.losses(*masks)
     scale = q.scale() or 1.0
     out = {_history_name(t): L / scale for t, L in zip(q.tags, losses)}

@@ -10,13 +10,14 @@ import torch
 from engine_toys import ToyDenoiser, single_thread, toy_references, toy_setup  # noqa: F401 - autouse fixture
 
 from duolora.adapter import attach
+from duolora.boxqp import FastTerms
 from duolora.cli import main
 from duolora.config import MergeConfig
 from duolora.mergers import build_merger
 from duolora.objective import DuoLoRAObjective
 from duolora.optimize import optimize
 from duolora.priors import component_weights
-from duolora.solver import _Terms, merge_weights_only
+from duolora.solver import merge_weights_only
 
 PAPER_STEPS = 20
 
@@ -57,7 +58,7 @@ def test_balance_zero_leaves_the_reconstruction_weights_exactly_as_they_are(lam_
     with attach(merger, model.lora_modules()) as adapter:
         weights = DuoLoRAObjective(merger, ToyDenoiser(model, adapter), toy_references(), config).weights
     assert (weights["content"], weights["style"]) == (lam_c, lam_s)
-    terms = _Terms.from_config(config)
+    terms = FastTerms.from_config(config)
     assert (terms.lam_c, terms.lam_s) == (lam_c, lam_s)
     b = 0.25
     assert MergeConfig(lambda_content=lam_c, lambda_style=lam_s, balance=b).reconstruction_weights == (

@@ -13,7 +13,7 @@ from engine_toys import ToyDenoiser, single_thread, toy_references, toy_setup  #
 from fast_oracle import layer_objective, layer_prior
 from torch import nn
 
-from duolora import engine, formats, recording, solver
+from duolora import boxqp, engine, formats, recording, solver
 from duolora.adapter import attach
 from duolora.config import MergeConfig
 from duolora.lora import LoRA, LowRank
@@ -254,7 +254,7 @@ def test_hinge_solution_is_a_minimum_of_the_full_objective() -> None:
                           LoRA({n: style.layers[n] for n in names}, source="s.safetensors"))
     config = MergeConfig(lambda_prior=0.5)
     solver.solve_weights(merger, config)
-    terms = solver._Terms.from_config(config)
+    terms = boxqp.FastTerms.from_config(config)
     roles = config.roles()
     g = torch.Generator().manual_seed(9)
     improved = 0
@@ -371,7 +371,7 @@ def test_solver_history_is_the_mean_of_the_per_layer_objective(kind: str, tiny_l
     config = MergeConfig(prior_loss_kind=kind, margin=0.3, lambda_sim=0.05, prior_preset="code_literal")
     merger = build_merger("ziprank", content, style, config)
     result = solver.solve_weights(merger, config)
-    terms = solver._Terms.from_config(config)
+    terms = boxqp.FastTerms.from_config(config)
     roles = config.roles()
     per_layer: dict[str, list[list[float]]] = {}
     for layer in merger.learned_layers():

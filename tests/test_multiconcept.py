@@ -14,9 +14,10 @@ import torch
 from engine_toys import ToyDenoiser, ToyModel, single_thread, synthetic_lora, toy_references, toy_setup  # noqa: F401 - autouse fixture
 from fast_oracle import layer_objective
 
-from duolora import engine, formats, recording, solver
+from duolora import boxqp, engine, formats, recording, solver
 from duolora.adapter import MERGED, attach
 from duolora.config import MergeConfig
+from duolora.export import kept_components
 from duolora.lora import LoRA, LowRank
 from duolora.mergers import MergerError, ZipRankMerger, build_merger, svd_refactor
 from duolora.objective import ContentReferences, DuoLoRAObjective, References
@@ -73,7 +74,7 @@ def test_two_subjects_and_a_style_merge_into_one_exact_lora(method: str, objecti
     kept_total, worst = 0, 0.0
     with torch.no_grad():
         for name, layer in merger.items():
-            kept = layer.kept_components(config.prune_threshold)
+            kept = kept_components(layer, config.prune_threshold)
             reference = torch.zeros(layer.weight_shape).reshape(layer.out_features, -1)
             for t in layer.present:
                 m = layer.mask(t).clone()
@@ -267,7 +268,7 @@ def test_two_prior_pairs_the_solution_is_a_minimum_of_the_full_objective(kind: s
              for i, lo in enumerate((content, content2, style))]
     merger = build_merger("ziprank", loras[:2], loras[2], config)
     solver.solve_weights(merger, config)
-    terms = solver._Terms.from_config(config)
+    terms = boxqp.FastTerms.from_config(config)
     g = torch.Generator().manual_seed(9)
     improved, binding = 0, 0
     for layer in merger.learned_layers():

@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 
 import duolora
 from duolora.config import MergeConfig
+from duolora.export import kept_components
 from duolora.mergers import build_merger
 
 STEPS = 3
@@ -151,7 +152,7 @@ def test_saved_file_is_the_exact_merge(run: MergeRun, tiny_layout) -> None:
     assert worst <= 1e-5
     # The prior initialisation zeroed components and 3 Adam steps moved them less than PRUNE.
     assert pruned_total > 0
-    assert set(saved.layers) == {n for n, layer in merger.items() if sum(layer.kept_components(PRUNE)) > 0}
+    assert set(saved.layers) == {n for n, layer in merger.items() if sum(kept_components(layer, PRUNE)) > 0}
 
 
 def test_merge_used_the_real_model(run: MergeRun) -> None:

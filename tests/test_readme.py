@@ -1,9 +1,11 @@
-"""The docs hold what the code declares: docs/method.md's option table is the MergeConfig (every field, with its
-real default, exactly once) and docs/nodes.md is the node reference rendered from the live nodes. The README
-itself stays short (at most 250 lines) and links both."""
+"""The docs hold what the code declares: docs/method.md's option table is exactly what devtools/nodedocs.py
+renders from MergeConfig's field metadata (every field, with its real default, exactly once) and docs/nodes.md is
+the node reference rendered from the live nodes. The README itself stays short (at most 250 lines), links both
+and holds no option table of its own."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -15,9 +17,14 @@ METHOD = REPO / "docs" / "method.md"
 NODES_DOC = REPO / "docs" / "nodes.md"
 
 
-def _method_rows() -> dict[str, str]:
+def _option_section() -> str:
+    import nodedocs
+
     text = METHOD.read_text(encoding="utf-8")
-    section = text[text.index("<!-- method:begin -->"):text.index("<!-- method:end -->")]
+    return text[text.index(nodedocs.OPTIONS_BEGIN):text.index(nodedocs.OPTIONS_END) + len(nodedocs.OPTIONS_END)]
+
+
+def _method_rows(section: str) -> dict[str, str]:
     rows: dict[str, str] = {}
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -36,8 +43,15 @@ def _as_text(value: object) -> str:
     return '""' if value == "" else str(value)
 
 
-def test_method_doc_documents_every_merge_option_with_its_default() -> None:
-    rows = _method_rows()
+def test_method_doc_option_table_is_the_one_generated_from_the_config() -> None:
+    """docs/method.md §9's table is exactly what devtools/nodedocs.py renders from the knobs' declarations (run
+    `.venv/bin/python devtools/nodedocs.py --write` after changing a knob), and that rendering documents every
+    MergeConfig field once, with its real default."""
+    import nodedocs
+
+    rendered = nodedocs.render_options()
+    assert _option_section() == rendered
+    rows = _method_rows(rendered)
     defaults = MergeConfig().to_dict()
     assert set(rows) == set(defaults), (sorted(set(defaults) - set(rows)), sorted(set(rows) - set(defaults)))
     for name, value in defaults.items():
@@ -60,6 +74,10 @@ def test_node_reference_matches_the_registered_nodes(host) -> None:
 def test_readme_is_short_and_links_what_moved_out() -> None:
     text = README.read_text(encoding="utf-8")
     assert len(text.splitlines()) <= 250
+    # The option table lives in docs/method.md alone: no README table row names a knob.
+    knobs = {f.name for f in dataclasses.fields(MergeConfig)}
+    rows = [line for line in text.splitlines() if (m := re.match(r"\|\s*`([^`]+)`", line)) and m.group(1) in knobs]
+    assert rows == [], rows
     for doc in ("docs/method.md", "docs/nodes.md", "docs/cli.md", "docs/lora-files.md", "docs/hosts.md",
                 "docs/benchmarks.md"):
         assert f"]({doc}" in text, f"the README does not link {doc}"

@@ -332,7 +332,7 @@ _CYCLE_WIDGETS = ("constyle_iterations", "cycle_scale", "lambda_cyc", "lambda_re
 
 # The fast modes' per-layer objective is engine code, not a widget: its version joins their cache key, so a
 # change of the solver re-runs them. 2: each LoRA's reconstruction seen through its own output space
-# (duolora.solver.own_output_grams); runs of version 1 (the full-output objective) are keyed without it.
+# (duolora.quadratics.own_output_grams); runs of version 1 (the full-output objective) are keyed without it.
 FAST_SOLVER_MODES = ("weights", "layerwise", "layerwise+paper")
 FAST_SOLVER_VERSION = 2
 
