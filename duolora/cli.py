@@ -210,7 +210,7 @@ def _merge(args: argparse.Namespace) -> int:
     try:
         contents, style_file = _merge_inputs(args)
         config = MergeConfig(objective="weights_only", **_knob_values(args))
-        layout = formats.merge_layout(contents[0])  # the model family: SDXL's or a DiT's, from the content file
+        layout = formats.merge_layout(*contents, style_file)  # the model family (SDXL or a DiT), from the files
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
         if dtype is None:  # auto: the (first) content file's dtype (formats.output_dtype: never float8)
             dtype = formats.output_dtype(None, formats.read_lora(contents[0], load_tensors=False).dtype)

@@ -10,6 +10,7 @@ from typing import Any, TextIO
 from .families import BASE_LAYOUTS, KNOWN_LAYOUTS
 from .formats import (
     LoRAError,
+    merge_layout,
     non_finite_error,
     non_finite_keys,
     non_finite_layers,
@@ -19,9 +20,7 @@ from .formats import (
     summary,
     validate_lora,
 )
-from .layout import Layout
 from .lora import LoRA
-from .sdxl import SDXL_LAYOUT
 
 # Exit status of ``duolora inspect``: scripts can ask "will a merge take this file?" without parsing text.
 EXIT_USABLE = 0  # described; ``duolora merge`` and the loader nodes accept it for SDXL
@@ -37,10 +36,12 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     ``for_merge``: None when ``duolora merge`` and the loader nodes accept it for SDXL, else the message
     they refuse it with (the same validate_lora check, so the three agree on every file)."""
     lora = read_lora(path, load_tensors=False)
+    layout = merge_layout(path)
+    if layout not in KNOWN_LAYOUTS:  # Flux.1's table at the file's widths: read the file as a merge reads it
+        lora = read_lora(path, load_tensors=False, layouts=(layout, *KNOWN_LAYOUTS))
     info = summary(lora)
     info["named_like"] = _named_like(lora) if lora.base == "unknown" and not info["unknown_layers"] else None
     info["non_finite_keys"] = non_finite_keys(path)
-    layout = _merge_layout(lora)
     try:
         validate_lora(lora, layout)
         refusal = None
@@ -52,13 +53,6 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         refusal = str(non_finite_error(info["file"], os.fspath(path), bad)) if bad else None
     info["for_merge"] = refusal
     return info
-
-
-def _merge_layout(lora: LoRA) -> Layout:
-    """The layout ``duolora merge`` checks this file against (``formats.merge_layout``): a diffusion
-    transformer's when the file is detected as one, else SDXL's."""
-    layout = BASE_LAYOUTS.get(lora.base)
-    return layout if layout is not None and layout.family != "sdxl" else SDXL_LAYOUT
 
 
 def _named_like(lora: LoRA) -> str | None:

@@ -68,7 +68,7 @@ def check(path: Path, out_dir: Path) -> list[str]:
             if (code == 0) != (want is None) or (want is not None and err != want):
                 problems.append(f"merge {err!r} but inspect {want!r}")
         if code == 0:
-            F.load_lora(out)  # the merged file reads back
+            F.load_lora(out, F.merge_layout(out))  # the merged file reads back (with its family's table)
     return problems
 
 

@@ -29,6 +29,18 @@ PRESET_NAMES: tuple[str, ...] = (
     *dict.fromkeys(n for f in FAMILIES.values() for n in f.presets if n != "none"), "none", "custom")
 
 
+def merge_layout(base: str, shapes: Mapping[str, tuple[int, ...]]) -> Layout:
+    """The layout a merge of a LoRA checks it against, from its detected ``base`` and its layers' weight shapes
+    (canonical name -> shape): a diffusion transformer's full-size table when detected as one; for a file whose
+    layers all carry Flux.1's names at other widths (``base`` "unknown"), Flux.1's table at those widths; else
+    SDXL's (a file for SD1.x/SD2.x or an unknown model is then refused with SDXL's messages)."""
+    layout = BASE_LAYOUTS.get(base)
+    if layout is not None and layout.family != "sdxl":
+        return layout
+    fitted = flux.fitted_layout(shapes) if base == "unknown" else None
+    return fitted if fitted is not None else sdxl.SDXL_LAYOUT
+
+
 def family_of(layout_or_base: Layout | str) -> Family:
     """The Family of a Layout or a base name ("sd1" and "sd2" belong to "sdxl"; an unknown base too)."""
     if isinstance(layout_or_base, Layout):
