@@ -229,5 +229,5 @@ def test_a_flux_lora_whose_widths_disagree_is_refused_in_one_line(tmp_path: Path
     code, _, err = run_main("merge", str(good), str(bad), "-o", str(tmp_path / "m.safetensors"))
     assert code != 0
     assert err.strip().splitlines() == [
-        "error: bad.safetensors: 1 layer does not match Flux.1: 'single_blocks.3.linear2' is (32, 200) in the file "
-        "but (32, 160) in Flux.1. This LoRA was made for a different model."]
+        ("error: bad.safetensors: 1 layer does not match Flux.1: 'single_blocks.3.linear2' is (32, 200) in the "
+         "file but (32, 160) in Flux.1. This LoRA was made for a different model.")]
