@@ -51,6 +51,7 @@ from torch import nn
 from . import formats, provenance, streaming
 from .boxqp import SOLVER_ITERATIONS
 from .config import MergeConfig
+from .families import family_of, resolve_preset
 from .lora import TEXT_ENCODER_PREFIXES, LoRA
 from .mergers import Merger, MergerError, build_merger, check_content_count, describe_lora, lora_tags
 from .objective import ContentReferences, Denoiser, References
@@ -231,6 +232,7 @@ def run_merge(
     from_files = kinds == {False}
     check_content_count(config.method, [_display(src) for src in contents])
     _check_distinct(contents, style)
+    config = _with_family_preset(config, contents, style, layout, from_files)
     export_dtype = None
     if from_files:
         headers = streaming.open_headers(contents, style, layout)
@@ -259,6 +261,17 @@ def run_merge(
     if export_dtype is not None:
         result.merged.dtype = export_dtype
     return _finish(result, output, layout, start)
+
+
+def _with_family_preset(config: MergeConfig, contents: Sequence[Source], style: Source, layout: Layout,
+                        from_files: bool) -> MergeConfig:
+    """``config`` with the prior preset the model family uses ("auto": the family's own); ValueError for another
+    family's preset or a custom prior that names blocks the family does not have. The family: the LoRAs' (in
+    memory) or ``layout``'s (files)."""
+    bases = [] if from_files else [src.base for src in (*contents, style) if src.base not in ("unknown", "", None)]
+    family = family_of(bases[0]) if bases else family_of(layout)
+    preset = resolve_preset(family, config.prior_preset, config.custom_prior, _display(contents[0]))
+    return config if preset == config.prior_preset else dataclasses.replace(config, prior_preset=preset)
 
 
 def _sources(content: Sources) -> list[Source]:
