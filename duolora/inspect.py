@@ -15,7 +15,7 @@ from .formats import (
     non_finite_keys,
     non_finite_layers,
     not_merged_lines,
-    read_lora,
+    read_lora_for_merge,
     scale_text,
     summary,
     validate_lora,
@@ -35,10 +35,8 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """summary() of a file (read header-only, so large files are fast) plus its NaN/Inf tensor keys and
     ``for_merge``: None when ``duolora merge`` and the loader nodes accept it for SDXL, else the message
     they refuse it with (the same validate_lora check, so the three agree on every file)."""
-    lora = read_lora(path, load_tensors=False)
+    lora = read_lora_for_merge(path, load_tensors=False)
     layout = merge_layout(path)
-    if layout not in KNOWN_LAYOUTS:  # Flux.1's table at the file's widths: read the file as a merge reads it
-        lora = read_lora(path, load_tensors=False, layouts=(layout, *KNOWN_LAYOUTS))
     info = summary(lora)
     info["named_like"] = _named_like(lora) if lora.base == "unknown" and not info["unknown_layers"] else None
     info["non_finite_keys"] = non_finite_keys(path)
@@ -114,8 +112,10 @@ def _notes(info: dict[str, Any]) -> list[str]:
     if info["base"] == "sdxl":
         return []
     if info["base"] in BASE_LAYOUTS and BASE_LAYOUTS[info["base"]].family != "sdxl":
+        nodes = ("so does ZipRank Merge in mode 'weights'" if BASE_LAYOUTS[info["base"]].family == "flux" else
+                 "the nodes merge SDXL and Flux.1 LoRAs")
         return [(f"note: a {info['base_label']} LoRA: duolora merge merges it weights-only with another "
-                 f"{info['base_label']} LoRA; the nodes merge SDXL LoRAs.")]
+                 f"{info['base_label']} LoRA; {nodes}.")]
     if info["base"] != "unknown":
         return [f"note: DuoLoRA merges SDXL LoRAs; this one is for {info['base_label']}."]
     spelling = info["unrecognised_spelling"]

@@ -52,7 +52,7 @@ def check(path: Path, out_dir: Path) -> list[str]:
     inspect_error = err if code == 2 else None
     verdict = inspect_file(path)["for_merge"] if inspect_error is None else None
     try:
-        lora = F.read_lora(path)  # what Load Content/Style LoRA read
+        lora = F.read_lora_for_merge(path)  # what Load Content/Style LoRA read
         F.one_line_summary(lora)
     except F.LoRAError as e:
         if inspect_error != f"error: {e}\n":

@@ -551,8 +551,8 @@ def test_inspect_summarises_hundreds_of_unknown_layers(tmp_path: Path) -> None:
         "not merged:          0",
         "NaN/Inf tensors:     0",
         "for a merge:         usable",
-        ("note: a Flux.1 LoRA: duolora merge merges it weights-only with another Flux.1 LoRA; the nodes merge SDXL "
-         "LoRAs."),
+        ("note: a Flux.1 LoRA: duolora merge merges it weights-only with another Flux.1 LoRA; so does ZipRank Merge in "
+         "mode 'weights'."),
     ]
 
 

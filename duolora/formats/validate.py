@@ -279,3 +279,11 @@ def merge_layout(path: str | os.PathLike[str], *others: str | os.PathLike[str]) 
     loras = [read_lora(p, load_tensors=False, layouts=KNOWN_LAYOUTS) for p in (path, *others)]
     shapes = {n: lr.weight_shape for lo in loras if lo.base == loras[0].base for n, lr in lo.layers.items()}
     return families.merge_layout(loras[0].base, shapes)
+
+
+def read_lora_for_merge(path: str | os.PathLike[str], *, load_tensors: bool = True) -> LoRA:
+    """``read_lora`` with the table a merge checks the file against (``merge_layout``): a Flux.1 LoRA at other
+    widths is read with Flux.1's table at its widths (its split projections placed at those widths)."""
+    layout = merge_layout(path)
+    fitted = layout not in KNOWN_LAYOUTS
+    return read_lora(path, load_tensors=load_tensors, layouts=(layout, *KNOWN_LAYOUTS) if fitted else None)
