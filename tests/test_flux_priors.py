@@ -100,3 +100,10 @@ def test_the_splitflux_preset_on_an_sdxl_merge_is_refused_in_one_line(tmp_path: 
     assert err.splitlines() == [
         ("error: prior preset 'flux_splitflux' names Flux.1 blocks, but this merge is for SDXL (sdxl_1.safetensors): "
          "choose one of auto, paper, code_literal, b_lora, none, custom")]
+
+
+def test_b_lora_is_refused_on_flux_in_one_line(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    code, err = merge(pair, tmp_path / "m.safetensors", "--method", "b_lora")
+    assert code != 0
+    assert err.splitlines() == [("error: method 'b_lora' merges SDXL's two B-LoRA blocks, which Flux.1 "
+                                 "(content.safetensors) does not have: choose ziprank or direct")]
