@@ -109,6 +109,14 @@ def _block(name: str) -> str:
     return block_of(name)
 
 
+def _label(block: str) -> str:
+    """A block's label under its bars: SDXL's short names (in4, mid, out3), Flux.1's d0 … d18 and s0 … s37."""
+    head, _, index = block.partition(".")
+    if head in ("double_blocks", "single_blocks") and index.isdigit():
+        return head[0] + index
+    return short_block(block)
+
+
 def _block_order(block: str) -> tuple[int, int, str]:
     parts = block.split(".")
     # a UNet's path (SDXL), then a transformer's (Flux.1: double-stream before single-stream blocks), then the rest
@@ -369,7 +377,7 @@ def _block_bars(d: ImageDraw.ImageDraw, box: tuple[int, int, int, int], blocks: 
         for j, (value, colour) in enumerate(zip((s.share_c, *(m.share for m in s.more), s.share_s), colours)):
             if value > 0:
                 d.rectangle([left + j * bar, y1 - (y1 - y0) * value / top, left + (j + 1) * bar - 1, y1], fill=colour)
-        d.text((left, y1 + 4), short_block(s.key), fill="black", font=small)
+        d.text((left, y1 + 4), _label(s.key), fill="black", font=small)
     d.text((x0 - 40, y0 - 6), f"{top:g}", fill="black", font=small)
     for j, (label, colour) in enumerate(zip(labels, colours)):
         d.rectangle([x1 - 150, y0 + 4 + 16 * j, x1 - 140, y0 + 14 + 16 * j], fill=colour)
