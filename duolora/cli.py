@@ -13,7 +13,8 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="duolora",
-        description="DuoLoRA: merge a content LoRA and a style LoRA for SDXL (ZipRank, layer priors, optional Constyle).",
+        description="DuoLoRA: merge a content LoRA and a style LoRA for SDXL or Flux.1 (ZipRank, layer priors, "
+                    "optional Constyle).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,8 +79,8 @@ def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
              "alone (weights-only mode) into one LoRA",
         description=(
             "Weights-only DuoLoRA merge (docs/method.md §5): choose ZipRank's rank masks layer by layer from the "
-            "LoRA files alone — no model, no reference images — with the SDXL layer priors, and write an exact "
-            "standard LoRA (kohya keys, alpha = rank) that ComfyUI's LoraLoader and other tools load. Layers are "
+            "LoRA files alone — no model, no reference images — with the layer priors of their model family, and "
+            "write an exact standard LoRA (kohya keys, alpha = rank) that ComfyUI's LoraLoader and other tools load. Layers are "
             "streamed, so memory stays near the size of the files. Give CONTENT STYLE, or several subjects with "
             "--content A --content B --style S (a multi-concept merge: every content LoRA is paired with the style "
             "LoRA by the priors). For the paper's objective through the model, use the ZipRank Merge node in "
@@ -210,7 +211,7 @@ def _merge(args: argparse.Namespace) -> int:
     try:
         contents, style_file = _merge_inputs(args)
         config = MergeConfig(objective="weights_only", **_knob_values(args))
-        layout = formats.merge_layout(contents[0])  # the model family: SDXL's or a DiT's, from the content file
+        layout = formats.merge_layout(*contents, style_file)  # the model family (SDXL or a DiT), from the files
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
         if dtype is None:  # auto: the (first) content file's dtype (formats.output_dtype: never float8)
             dtype = formats.output_dtype(None, formats.read_lora(contents[0], load_tensors=False).dtype)

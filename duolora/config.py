@@ -1,6 +1,6 @@
 """``MergeConfig``: every knob of a merge in one validated dataclass, and the vocabularies it checks.
 
-This module is a leaf of the engine (it imports only ``duolora.sdxl``), so the modules that read a
+This module is a leaf of the engine (it imports only the family tables, ``duolora.families``), so the modules that read a
 config — ``mergers``, ``priors``, ``optimize``, the fast-mode solver and ``engine`` — import it without
 importing each other.
 """
@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .sdxl import PRESET_NAMES, preset_roles
+from .families import PRESET_NAMES, preset_roles
 
 METHODS: tuple[str, ...] = ("ziprank", "ziplora_out", "ziplora_in", "direct", "b_lora")
 BASES: tuple[str, ...] = ("svd", "raw")
@@ -101,8 +101,8 @@ class MergeConfig:
         0, "Seed of paper mode's random timesteps, noise and starting masks.",
         ui="seed", cli="--seed", min=0, max=0xFFFFFFFFFFFFFFFF)
     prior_preset: str = knob(
-        "paper", "Which SDXL blocks carry the subject and which the style (paper: coarse blocks the subject, fine "
-        "blocks the style).",
+        "auto", "Which blocks carry the subject and which the style (auto: the model's own, paper on SDXL, none on "
+        "Flux.1; flux_splitflux: Flux.1's single blocks 0-9 the subject, 10-37 the style).",
         ui="prior_preset", cli="--priors", choices=PRESET_NAMES)
     custom_prior: str = knob(
         "", "Block roles for prior_preset 'custom', e.g. 'content: in7, in8, mid; style: out3' (or click the "

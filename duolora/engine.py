@@ -50,7 +50,8 @@ from torch import nn
 
 from . import formats, provenance, streaming
 from .boxqp import SOLVER_ITERATIONS
-from .config import MergeConfig
+from .config import MergeConfig, mode_of
+from .families import family_of, resolve_preset
 from .lora import TEXT_ENCODER_PREFIXES, LoRA
 from .mergers import Merger, MergerError, build_merger, check_content_count, describe_lora, lora_tags
 from .objective import ContentReferences, Denoiser, References
@@ -231,6 +232,7 @@ def run_merge(
     from_files = kinds == {False}
     check_content_count(config.method, [_display(src) for src in contents])
     _check_distinct(contents, style)
+    config = _for_family(config, contents, style, layout, from_files)
     export_dtype = None
     if from_files:
         headers = streaming.open_headers(contents, style, layout)
@@ -259,6 +261,29 @@ def run_merge(
     if export_dtype is not None:
         result.merged.dtype = export_dtype
     return _finish(result, output, layout, start)
+
+
+def _for_family(config: MergeConfig, contents: Sequence[Source], style: Source, layout: Layout,
+                from_files: bool) -> MergeConfig:
+    """``config`` as a merge on the model family runs it: with the prior preset the family uses ("auto": the
+    family's own). The family: the LoRAs' (in memory) or ``layout``'s (files).
+
+    Raises ValueError in one line for another family's preset, a custom prior that names blocks the family does
+    not have, a mode that runs the model on a family whose sampling it does not model (flow matching), and
+    B-LoRA on a family without its two SDXL blocks.
+    """
+    bases = [] if from_files else [src.base for src in (*contents, style) if src.base not in ("unknown", "", None)]
+    family = family_of(bases[0]) if bases else family_of(layout)
+    subject = _display(contents[0])
+    if config.objective != "weights_only" and family.prediction != "eps":
+        raise ValueError(f"mode '{mode_of(config.objective)}' runs the model with an ε-prediction objective, but "
+                         f"{subject} is a {family.label} LoRA (flow matching): on {family.label}, choose mode "
+                         "'weights'")
+    if config.method == "b_lora" and not family.b_lora:
+        raise ValueError(f"method 'b_lora' merges SDXL's two B-LoRA blocks, which {family.label} ({subject}) "
+                         "does not have: choose ziprank or direct")
+    preset = resolve_preset(family, config.prior_preset, config.custom_prior, subject)
+    return config if preset == config.prior_preset else dataclasses.replace(config, prior_preset=preset)
 
 
 def _sources(content: Sources) -> list[Source]:

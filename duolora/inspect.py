@@ -10,18 +10,17 @@ from typing import Any, TextIO
 from .families import BASE_LAYOUTS, KNOWN_LAYOUTS
 from .formats import (
     LoRAError,
+    merge_layout,
     non_finite_error,
     non_finite_keys,
     non_finite_layers,
     not_merged_lines,
-    read_lora,
+    read_lora_for_merge,
     scale_text,
     summary,
     validate_lora,
 )
-from .layout import Layout
 from .lora import LoRA
-from .sdxl import SDXL_LAYOUT
 
 # Exit status of ``duolora inspect``: scripts can ask "will a merge take this file?" without parsing text.
 EXIT_USABLE = 0  # described; ``duolora merge`` and the loader nodes accept it for SDXL
@@ -36,11 +35,11 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """summary() of a file (read header-only, so large files are fast) plus its NaN/Inf tensor keys and
     ``for_merge``: None when ``duolora merge`` and the loader nodes accept it for SDXL, else the message
     they refuse it with (the same validate_lora check, so the three agree on every file)."""
-    lora = read_lora(path, load_tensors=False)
+    lora = read_lora_for_merge(path, load_tensors=False)
+    layout = merge_layout(path)
     info = summary(lora)
     info["named_like"] = _named_like(lora) if lora.base == "unknown" and not info["unknown_layers"] else None
     info["non_finite_keys"] = non_finite_keys(path)
-    layout = _merge_layout(lora)
     try:
         validate_lora(lora, layout)
         refusal = None
@@ -52,13 +51,6 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         refusal = str(non_finite_error(info["file"], os.fspath(path), bad)) if bad else None
     info["for_merge"] = refusal
     return info
-
-
-def _merge_layout(lora: LoRA) -> Layout:
-    """The layout ``duolora merge`` checks this file against (``formats.merge_layout``): a diffusion
-    transformer's when the file is detected as one, else SDXL's."""
-    layout = BASE_LAYOUTS.get(lora.base)
-    return layout if layout is not None and layout.family != "sdxl" else SDXL_LAYOUT
 
 
 def _named_like(lora: LoRA) -> str | None:
@@ -120,8 +112,10 @@ def _notes(info: dict[str, Any]) -> list[str]:
     if info["base"] == "sdxl":
         return []
     if info["base"] in BASE_LAYOUTS and BASE_LAYOUTS[info["base"]].family != "sdxl":
+        nodes = ("so does ZipRank Merge in mode 'weights'" if BASE_LAYOUTS[info["base"]].family == "flux" else
+                 "the nodes merge SDXL and Flux.1 LoRAs")
         return [(f"note: a {info['base_label']} LoRA: duolora merge merges it weights-only with another "
-                 f"{info['base_label']} LoRA; the nodes merge SDXL LoRAs.")]
+                 f"{info['base_label']} LoRA; {nodes}.")]
     if info["base"] != "unknown":
         return [f"note: DuoLoRA merges SDXL LoRAs; this one is for {info['base_label']}."]
     spelling = info["unrecognised_spelling"]

@@ -109,9 +109,19 @@ def _block(name: str) -> str:
     return block_of(name)
 
 
+def _label(block: str) -> str:
+    """A block's label under its bars: SDXL's short names (in4, mid, out3), Flux.1's d0 … d18 and s0 … s37."""
+    head, _, index = block.partition(".")
+    if head in ("double_blocks", "single_blocks") and index.isdigit():
+        return head[0] + index
+    return short_block(block)
+
+
 def _block_order(block: str) -> tuple[int, int, str]:
     parts = block.split(".")
-    rank = {"input_blocks": 0, "middle_block": 1, "output_blocks": 2}.get(parts[0], 3)
+    # a UNet's path (SDXL), then a transformer's (Flux.1: double-stream before single-stream blocks), then the rest
+    rank = {"input_blocks": 0, "middle_block": 1, "output_blocks": 2, "double_blocks": 3,
+            "single_blocks": 4}.get(parts[0], 5)
     num = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() and rank != 1 else 0
     return rank, num, block
 
@@ -128,6 +138,9 @@ class MergeReport:
     # File names of the content LoRAs (several: a multi-concept merge) and of the style LoRA.
     content_names: list[str] = field(default_factory=list)
     style_name: str = ""
+    # The model family and the prior preset the merge used, as the report's first line names them (e.g. "Flux.1,
+    # prior preset none (auto)"); empty: not said.
+    model: str = ""
 
     @property
     def n_content(self) -> int:
@@ -182,8 +195,8 @@ class MergeReport:
         """A plain-text summary: totals, per prior group, per block, and the last loss values. Several content
         LoRAs: a line naming every LoRA, then each one's numbers in the order of that line."""
         scope = "learned layers" if self.has_learned else "all layers"
-        head = (f"DuoLoRA merge report - method {self.method}, {self.trainable:,} trainable mask values, "
-                f"prune threshold {self.prune_threshold:g}")
+        head = (f"DuoLoRA merge report - {self.model + ' - ' if self.model else ''}method {self.method}, "
+                f"{self.trainable:,} trainable mask values, prune threshold {self.prune_threshold:g}")
         lines = [head]
         labels = self.labels()
         if self.n_content > 1:
@@ -258,10 +271,12 @@ class MergeReport:
 
 
 def build_report(merger: Merger, history: dict[str, list[float]] | None = None,
-                 roles: dict[str, str] | None = None, prune_threshold: float | None = None) -> MergeReport:
+                 roles: dict[str, str] | None = None, prune_threshold: float | None = None,
+                 model: str = "") -> MergeReport:
     """Kept ranks of every layer of ``merger`` (as its export would keep them) and the loss history.
 
-    ``roles``: block -> "content"/"style" (default: the "paper" preset) to group layers by prior.
+    ``roles``: block -> "content"/"style" (default: the "paper" preset) to group layers by prior; ``model``: the
+    model family and prior preset, for the report's first line.
     """
     roles = preset_roles("paper") if roles is None else roles
     threshold = merger.prune_threshold if prune_threshold is None else float(prune_threshold)
@@ -284,7 +299,8 @@ def build_report(merger: Merger, history: dict[str, list[float]] | None = None,
                                     values.get(first, {}).get("share", 0.0), values.get("s", {}).get("share", 0.0),
                                     more))
     return MergeReport(merger.method, threshold, merger.trainable_parameters(), layers,
-                       {k: list(v) for k, v in (history or {}).items()}, list(merger.content_names), merger.style_name)
+                       {k: list(v) for k, v in (history or {}).items()}, list(merger.content_names), merger.style_name,
+                       model)
 
 
 # -- drawing (Pillow only) --------------------------------------------------------------------------------
@@ -361,7 +377,7 @@ def _block_bars(d: ImageDraw.ImageDraw, box: tuple[int, int, int, int], blocks: 
         for j, (value, colour) in enumerate(zip((s.share_c, *(m.share for m in s.more), s.share_s), colours)):
             if value > 0:
                 d.rectangle([left + j * bar, y1 - (y1 - y0) * value / top, left + (j + 1) * bar - 1, y1], fill=colour)
-        d.text((left, y1 + 4), short_block(s.key), fill="black", font=small)
+        d.text((left, y1 + 4), _label(s.key), fill="black", font=small)
     d.text((x0 - 40, y0 - 6), f"{top:g}", fill="black", font=small)
     for j, (label, colour) in enumerate(zip(labels, colours)):
         d.rectangle([x1 - 150, y0 + 4 + 16 * j, x1 - 140, y0 + 14 + 16 * j], fill=colour)

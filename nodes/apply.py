@@ -19,7 +19,7 @@ class ApplyMergedLoRA(io.ComfyNode):
             description="Applies the merged LoRA (or one loader's LoRA alone) exactly as the stock Load LoRA node "
                         "applies a saved file.",
             inputs=[
-                io.Model.Input("model", tooltip="The SDXL model to patch."),
+                io.Model.Input("model", tooltip="The SDXL or Flux.1 model to patch."),
                 io.Clip.Input("clip", optional=True,
                               tooltip="Optional: the CLIP to patch with the LoRA's text-encoder part, if any."),
                 io.MultiType.Input("merged_lora", types=[MergedLoRAType, SourceLoRAType],

@@ -4,6 +4,8 @@ Everything here goes through the most public entry point that does the job. Each
 ComfyUI 0.3.75, 0.8.0 and 0.33.0 (`make test` runs 0.3.75 and 0.33.0; 0.8.0 on request); where they differ the
 code asks for the capability (an attribute), never for a version:
 
+* ``BaseModel.model_config.unet_config`` (the model family: Flux.1's has ``image_model`` "flux", SDXL's none;
+  the widths of either table).
 * ``folder_paths.get_filename_list / get_full_path_or_raise / get_folder_paths / get_save_image_path``
 * ``comfy.sd.load_lora_for_models`` — the stock LoRA path (LoraLoader uses it), so ApplyMergedLoRA patches
   exactly like a saved file loaded by LoraLoader.
@@ -53,6 +55,7 @@ import torch
 
 from ..duolora import formats, sdxl
 from ..duolora.adapter import Adapter, Branch, attach, plain_weight
+from ..duolora.families import flux
 from ..duolora.klora import KLoRA, KLoRAPatch, schedule_progress
 from ..duolora.lora import TEXT_ENCODER_PREFIXES, LoRA
 from ..duolora.merge_cache import Fingerprint, MergeCache
@@ -177,18 +180,28 @@ def advanced(widget: io.Input) -> io.Input:
 # ----------------------------------------------------------------------------------------------------
 
 def model_layout(model) -> sdxl.Layout:
-    """The UNet layout of a MODEL (a ModelPatcher): SDXL's own, or the same layout at other widths."""
+    """The layout of a MODEL (a ModelPatcher), from ComfyUI's ``unet_config``: Flux.1's table at the model's widths
+    for a Flux.1 model (``image_model`` "flux"), else SDXL's UNet table at the model's widths. Another diffusion
+    transformer (``image_model`` of another family, or Flux.2) is refused in one line."""
     unet_config = model.model.model_config.unet_config
-    return sdxl.layout_for(sdxl.UNetConfig.from_comfy(unet_config))
+    image_model = unet_config.get("image_model")
+    if image_model is None:
+        return sdxl.layout_for(sdxl.UNetConfig.from_comfy(unet_config))
+    try:
+        return flux.layout_for(flux.FluxConfig.from_comfy(unet_config))
+    except ValueError as e:
+        raise ValueError(f"the DuoLoRA nodes merge LoRAs for SDXL and Flux.1 models, not for this one ({e}); "
+                         "duolora merge merges Z-Image and Qwen-Image LoRAs weights-only") from None
 
 
 def validate_for_model(lora, model) -> None:
     """Raise the engine's LoRAError when ``lora`` does not fit ``model`` (ComfyUI itself would only log
     "lora key not loaded" or a shape error and leave the weight unchanged). Text-encoder layers are
-    checked when the UNet is a standard SDXL one, whose text encoders are known."""
+    checked when the model is a full-size SDXL or Flux.1, whose text encoders are known."""
     layout = model_layout(model)
-    standard = layout.config == sdxl.SDXL
-    formats.validate_lora(lora, sdxl.SDXL_LAYOUT if standard else layout, text_encoders=standard)
+    standard = {"sdxl": sdxl.SDXL_LAYOUT, "flux": flux.FLUX_LAYOUT}.get(layout.family)
+    standard = standard if standard is not None and standard.config == layout.config else None
+    formats.validate_lora(lora, standard or layout, text_encoders=standard is not None)
 
 
 def apply_lora_state_dict(model, clip, state_dict: dict[str, torch.Tensor], strength_model: float,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..duolora import families
 from ..duolora.config import SCOPES
 from ..duolora.klora import DEFAULT_ALPHA, DEFAULT_BETA, KLoRA
 from . import comfy_bridge as bridge
@@ -55,6 +56,10 @@ class ApplyKLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, model, content_lora: SourceLoRA, style_lora: SourceLoRA, alpha: float = DEFAULT_ALPHA,
                 beta: float = DEFAULT_BETA, timeline: str = "steps", scope: str = "attention") -> io.NodeOutput:
+        family = bridge.model_layout(model).family
+        if family != "sdxl":
+            raise ValueError(f"Apply K-LoRA runs on SDXL models; on {families.FAMILIES[family].label}, merge the two "
+                             "LoRAs with ZipRank Merge in mode 'weights'")
         for src in (content_lora, style_lora):
             bridge.validate_for_model(src.lora, model)
         # The statistics need the elements of each ΔW once: computed where the model runs.

@@ -33,7 +33,7 @@ def read_cached(path: str) -> tuple[LoRA, str]:
         hit = _CACHE.get(key)
     if hit is not None:
         return hit
-    lora = formats.read_lora(path)
+    lora = formats.read_lora_for_merge(path)
     if lora.base in ("sd1", "sd2"):
         # DuoLoRA merges SDXL LoRAs; say so at the loader, before a long merge starts.
         formats.validate_lora(lora, SDXL_LAYOUT)

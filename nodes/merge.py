@@ -9,7 +9,7 @@ import time
 import torch
 
 from ..duolora import config as config_knobs
-from ..duolora import engine, formats, provenance, report
+from ..duolora import engine, families, formats, provenance, report
 from ..duolora.optimize import MergeResult
 from . import caching
 from . import comfy_bridge as bridge
@@ -91,7 +91,8 @@ class ZipRankMerge(io.ComfyNode):
             ),
             hidden=[io.Hidden.unique_id],
             inputs=[
-                io.Model.Input("model", tooltip="The SDXL checkpoint both LoRAs were trained for."),
+                io.Model.Input("model", tooltip="The SDXL or Flux.1 model both LoRAs were trained for (Flux.1: mode "
+                                                "'weights')."),
                 SourceLoRAType.Input("content_lora",
                                      tooltip="Your subject LoRA, from Load Content LoRA (several subjects: from "
                                              "Add Content LoRA)."),
@@ -140,6 +141,9 @@ class ZipRankMerge(io.ComfyNode):
         content = chain[0].lora
         for src in (*chain, style_lora):
             bridge.validate_for_model(src.lora, model)
+        # The model family, from the content LoRA file (which the model was just checked to fit).
+        family = families.family_of(content.base if content.base in families.BASE_FAMILY else layout)
+        asked_preset = config.prior_preset
         for src in chain:
             if src.sha256 is not None and src.sha256 == style_lora.sha256:
                 bridge.send_warning(cls.hidden.unique_id, engine.same_lora_warning(
@@ -173,8 +177,10 @@ class ZipRankMerge(io.ComfyNode):
         if result.cancelled:
             bridge.raise_if_interrupted()
         config, merger, merged_lora = result.config, result.merger, result.merged
+        preset = config.prior_preset + (f" ({asked_preset})" if asked_preset != config.prior_preset else "")
         rep = report.build_report(merger, result.history, roles=config.roles(),
-                                  prune_threshold=config.prune_threshold)
+                                  prune_threshold=config.prune_threshold,
+                                  model=f"{family.label} (from {chain[0].name}), prior preset {preset}")
         kept = {s.key: {"content": s.mean_kept_c, **{f"content{i + 2}": m.mean_kept for i, m in enumerate(s.more)},
                         "style": s.mean_kept_s, "layers": s.layers}
                 for s in rep.by_block()}
@@ -191,7 +197,7 @@ class ZipRankMerge(io.ComfyNode):
             # The learned and fixed masks (the merger's state_dict holds only masks, r_c + r_s values per
             # layer — one mask per LoRA): with the source files they reproduce the merge exactly.
             extra={"masks": {k: v.detach().cpu().clone() for k, v in merger.state_dict().items()},
-                   "merge_cache": cached},
+                   "merge_cache": cached, "family": family.name},
         )
         bridge.send_message("duolora.done", {"node": cls.hidden.unique_id, "kept_rank": kept})
         return io.NodeOutput(merged, stats, state_dict)

@@ -24,8 +24,8 @@ class MergeReport(io.ComfyNode):
             node_id="DuoLoRA_MergeReport",
             display_name="Merge Report",
             category="DuoLoRA",
-            description="Shows how many rank components of each LoRA the merge kept, per SDXL block and "
-                        "per prior group, and the loss curves.",
+            description="Shows how many rank components of each LoRA the merge kept, per block and per prior "
+                        "group, and the loss curves; its first line names the model family and the prior preset.",
             is_output_node=True,
             inputs=[MergeStatsType.Input("stats", tooltip="From ZipRank Merge.")],
             outputs=[

@@ -223,7 +223,7 @@ def test_help_documents_every_option_with_its_default() -> None:
         else:
             assert "(default: " in paragraph, paragraph
     flat = " ".join(text.split())
-    for default in ("ziprank", "svd", "attention", "paper", "share_hinge", "0.4", "0.1", "0.001", "300", "auto", "kohya_ldm",
+    for default in ("ziprank", "svd", "attention", "share_hinge", "0.4", "0.1", "0.001", "300", "auto", "kohya_ldm",
                     "False", "empty", "the method's, 0 for ziprank and 0.01 for ziplora"):
         assert f"(default: {default})" in flat, default
 

@@ -52,7 +52,7 @@ def check(path: Path, out_dir: Path) -> list[str]:
     inspect_error = err if code == 2 else None
     verdict = inspect_file(path)["for_merge"] if inspect_error is None else None
     try:
-        lora = F.read_lora(path)  # what Load Content/Style LoRA read
+        lora = F.read_lora_for_merge(path)  # what Load Content/Style LoRA read
         F.one_line_summary(lora)
     except F.LoRAError as e:
         if inspect_error != f"error: {e}\n":
@@ -68,7 +68,7 @@ def check(path: Path, out_dir: Path) -> list[str]:
             if (code == 0) != (want is None) or (want is not None and err != want):
                 problems.append(f"merge {err!r} but inspect {want!r}")
         if code == 0:
-            F.load_lora(out)  # the merged file reads back
+            F.load_lora(out, F.merge_layout(out))  # the merged file reads back (with its family's table)
     return problems
 
 

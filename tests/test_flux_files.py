@@ -189,3 +189,45 @@ def test_a_flux_lora_with_an_sdxl_lora_is_refused_in_one_line(files: dict[str, P
     assert code != 0
     assert len(err.strip().splitlines()) == 1
     assert err.startswith("error: sdxl.safetensors: this LoRA is for SDXL, not Flux.1"), err
+
+
+def _small_file(path: Path, shapes: dict[str, tuple[int, int]], seed: int) -> Path:
+    """A kohya file of the layers ``shapes`` (ComfyUI name -> (rows, width)) at rank 2."""
+    g = torch.Generator().manual_seed(seed)
+    t = {}
+    for name, (rows, width) in shapes.items():
+        up, down = _factors(g, rows, width)
+        t |= {f"lora_unet_{name.replace('.', '_')}.lora_down.weight": down,
+              f"lora_unet_{name.replace('.', '_')}.lora_up.weight": up}
+    return write(path, t)
+
+
+# A model built like Flux.1 at hidden size 32 (MLP 128, 12 single blocks): a small test or benchmark model.
+SMALL = {"double_blocks.0.img_attn.qkv": (96, 32), "double_blocks.1.txt_mlp.2": (32, 128),
+         "single_blocks.11.linear1": (224, 32), "single_blocks.3.linear2": (32, 160), "img_in": (32, 64)}
+
+
+def test_a_flux_lora_at_other_widths_is_read_with_the_table_at_its_widths(tmp_path: Path) -> None:
+    content = _small_file(tmp_path / "small_c.safetensors", SMALL, seed=1)
+    style = _small_file(tmp_path / "small_s.safetensors", dict(list(SMALL.items())[:3]), seed=2)
+    layout = formats.merge_layout(content, style)
+    cfg = layout.config
+    assert (layout.family, cfg.hidden_size, cfg.mlp_hidden, cfg.in_channels, cfg.depth_single_blocks) == (
+        "flux", 32, 128, 16, 38)
+    code, out, err = run_main("inspect", str(content))
+    assert code == 0, out + err
+    assert "base model:          Flux.1" in out and "for a merge:         usable" in out
+    merged = tmp_path / "merged.safetensors"
+    code, _, err = run_main("merge", str(content), str(style), "-o", str(merged), "--method", "direct")
+    assert code == 0, err
+    assert sorted(formats.load_lora(merged, formats.merge_layout(merged)).layers) == sorted(SMALL)
+
+
+def test_a_flux_lora_whose_widths_disagree_is_refused_in_one_line(tmp_path: Path) -> None:
+    bad = _small_file(tmp_path / "bad.safetensors", {**SMALL, "single_blocks.3.linear2": (32, 200)}, seed=3)
+    good = _small_file(tmp_path / "good.safetensors", SMALL, seed=4)
+    code, _, err = run_main("merge", str(good), str(bad), "-o", str(tmp_path / "m.safetensors"))
+    assert code != 0
+    assert err.strip().splitlines() == [
+        ("error: bad.safetensors: 1 layer does not match Flux.1: 'single_blocks.3.linear2' is (32, 200) in the "
+         "file but (32, 160) in Flux.1. This LoRA was made for a different model.")]

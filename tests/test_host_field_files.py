@@ -204,7 +204,7 @@ def test_loader_nodes_read_or_refuse_every_corpus_file(host, tmp_path_factory) -
                   "2": node(host, "PreviewAny", source=["1", 1])}
         try:
             summary = host.execute(prompt)["outputs"]["1"][1]
-            if summary != formats.one_line_summary(formats.read_lora(target)):
+            if summary != formats.one_line_summary(formats.read_lora_for_merge(target)):
                 failures[case] = f"summary {summary!r}"
         except comfyhost.NodeExecutionError as err:
             kind = err.exception_type.rsplit(".", 1)[-1]

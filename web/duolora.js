@@ -130,7 +130,7 @@ function decoratePriorDiagram(node) {
     if (!force && key === shownKey) return;
     shownKey = key;
     const editable = state.preset === CUSTOM && !!state.customWidget;
-    const note = state.preset === CUSTOM && !state.customWidget ? `no '${CUSTOM_WIDGET}' widget` : undefined;
+    const note = state.preset === CUSTOM && !state.customWidget ? `no '${CUSTOM_WIDGET}' widget` : state.note;
     diagram.render({ preset: state.preset, roles: state.roles, errors: state.errors, editable, note });
   };
 

@@ -62,6 +62,12 @@ export const PRESETS = {
 // END PRESETS
 
 export const CUSTOM = "custom";
+// "auto": the model family's own preset, which the merge picks from the model (SDXL: paper; Flux.1: none).
+export const AUTO = "auto";
+// Presets of other model families: the diagram draws SDXL's blocks, so it names them instead.
+const OTHER_FAMILY_PRESETS = {
+  flux_splitflux: "Flux.1: single blocks 0-9 content, 10-37 style (not drawn: SDXL's blocks shown)",
+};
 
 /**
  * Parse the `custom_prior` syntax, e.g. "content: input_blocks.7.1, middle_block.1; style: output_blocks.3.1"
@@ -128,11 +134,18 @@ export function nextRole(role) {
 }
 
 /**
- * Block -> role for a preset name, as the node will use it. `custom` reads `customSpec`.
- * @returns {{roles: Object<string, string>, errors: string[]}}
+ * Block -> role for a preset name, as the node will use it on SDXL. `custom` reads `customSpec`; `note` says what
+ * the diagram cannot show (auto's choice on other families, another family's preset).
+ * @returns {{roles: Object<string, string>, errors: string[], note?: string}}
  */
 export function presetRoles(preset, customSpec) {
   if (preset === CUSTOM) return parseCustomPrior(customSpec);
+  if (preset === AUTO) {
+    return { roles: { ...PRESETS.paper }, errors: [], note: "auto: paper on SDXL (shown), none on Flux.1" };
+  }
+  if (Object.prototype.hasOwnProperty.call(OTHER_FAMILY_PRESETS, preset)) {
+    return { roles: {}, errors: [], note: OTHER_FAMILY_PRESETS[preset] };
+  }
   if (Object.prototype.hasOwnProperty.call(PRESETS, preset)) {
     return { roles: { ...PRESETS[preset] }, errors: [] };
   }

@@ -344,6 +344,8 @@ def effective_widgets(widgets: dict[str, Any]) -> dict[str, Any]:
     cache key even when they spell irrelevant widgets differently, and changing a default only re-runs the
     rows it affects."""
     w = {k: v for k, v in widgets.items() if _NEUTRAL_WIDGETS.get(k, object()) != v}
+    if w.get("prior_preset") == "auto":  # MiniBench's model is SDXL-layout: the family's own preset is paper
+        w["prior_preset"] = "paper"
     drop: set[str] = set()
     mode, method = w.get("mode"), w.get("method")
     if method in ("direct", "b_lora"):  # nothing learned: only the export's settings matter

@@ -1,4 +1,4 @@
-"""TEST-ONLY ComfyUI node pack: a tiny seeded SDXL "checkpoint" (no downloads).
+"""TEST-ONLY ComfyUI node pack: a tiny seeded SDXL "checkpoint" and a tiny Flux.1 MODEL (no downloads).
 
 Workflow tests replace ``CheckpointLoaderSimple`` with ``TinySDXLCheckpoint`` and nothing else.
 ComfyUI loads this folder as ``custom_nodes/duolora_tiny_nodes`` (a symlink made by comfyhost.boot).
@@ -19,6 +19,7 @@ if _DEVTOOLS not in sys.path:
 
 import comfyhost
 import dynamicvram
+import tinyflux
 import tinysdxl
 
 
@@ -84,9 +85,29 @@ class TinySDXLDynamicModel(io.ComfyNode):
         return io.NodeOutput(dynamicvram.build_dynamic_tiny_model(seed, loader=loader))
 
 
+class TinyFluxModel(io.ComfyNode):
+    """MODEL of a tiny Flux.1 built from ComfyUI's own classes (``tinyflux.build_tiny_flux``)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=tinyflux.TINY_FLUX_NODE,
+            display_name="Tiny Flux.1 model (tests)",
+            category="duolora/testing",
+            description="A seeded, randomly initialised Flux.1-layout model for tests (not a real checkpoint).",
+            inputs=[io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                                 tooltip="Seed of the random weights: the same seed builds bit-identical models.")],
+            outputs=[io.Model.Output(display_name="MODEL")],
+        )
+
+    @classmethod
+    def execute(cls, seed: int) -> io.NodeOutput:
+        return io.NodeOutput(tinyflux.build_tiny_flux(seed))
+
+
 class TinyNodesExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [TinySDXLCheckpoint, TinySDXLDynamicModel]
+        return [TinySDXLCheckpoint, TinySDXLDynamicModel, TinyFluxModel]
 
 
 async def comfy_entrypoint() -> TinyNodesExtension:

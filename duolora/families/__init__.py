@@ -24,9 +24,24 @@ KNOWN_LAYOUTS: tuple[Layout, ...] = (*sdxl.STANDARD_LAYOUTS, flux.FLUX_LAYOUT, z
                                      qwen_image.QWEN_IMAGE_LAYOUT)
 BASE_LAYOUTS: dict[str, Layout] = {layout.base: layout for layout in KNOWN_LAYOUTS}
 
-# Every family's presets: SDXL's first, "none" and "custom" last (the names are unique across families).
+# "auto": the model family's own default preset (SDXL: paper; Flux.1: none), resolved when the family is known.
+AUTO = "auto"
+# Every family's presets: "auto" first, SDXL's, Flux.1's, then "none" and "custom" (the names are unique across
+# families).
 PRESET_NAMES: tuple[str, ...] = (
-    *dict.fromkeys(n for f in FAMILIES.values() for n in f.presets if n != "none"), "none", "custom")
+    AUTO, *dict.fromkeys(n for f in FAMILIES.values() for n in f.presets if n != "none"), "none", "custom")
+
+
+def merge_layout(base: str, shapes: Mapping[str, tuple[int, ...]]) -> Layout:
+    """The layout a merge of a LoRA checks it against, from its detected ``base`` and its layers' weight shapes
+    (canonical name -> shape): a diffusion transformer's full-size table when detected as one; for a file whose
+    layers all carry Flux.1's names at other widths (``base`` "unknown"), Flux.1's table at those widths; else
+    SDXL's (a file for SD1.x/SD2.x or an unknown model is then refused with SDXL's messages)."""
+    layout = BASE_LAYOUTS.get(base)
+    if layout is not None and layout.family != "sdxl":
+        return layout
+    fitted = flux.fitted_layout(shapes) if base == "unknown" else None
+    return fitted if fitted is not None else sdxl.SDXL_LAYOUT
 
 
 def family_of(layout_or_base: Layout | str) -> Family:
@@ -60,7 +75,10 @@ def parse_custom_preset(spec: str, family: Family | None = None) -> dict[str, st
 
 def preset_roles(preset: str, custom: str | Mapping[str, str] | None = None,
                  family: Family | None = None) -> dict[str, str]:
-    """Block -> role for a preset name (``custom`` takes a spec string or a dict)."""
+    """Block -> role for a preset name (``custom`` takes a spec string or a dict); "auto" is ``family``'s
+    default preset (SDXL's without a family, the engine's default model)."""
+    if preset == AUTO:
+        preset = (family or FAMILIES["sdxl"]).default_preset
     if preset == "custom":
         if isinstance(custom, Mapping):
             return dict(custom)
@@ -68,25 +86,29 @@ def preset_roles(preset: str, custom: str | Mapping[str, str] | None = None,
     for candidate in ([family] if family is not None else FAMILIES.values()):
         if preset in candidate.presets:
             return dict(candidate.presets[preset])
-    names = family.preset_names if family is not None else PRESET_NAMES
+    names = (AUTO, *family.preset_names) if family is not None else PRESET_NAMES
     raise ValueError(f"unknown layer-prior preset {preset!r}; choose one of {', '.join(names)}")
 
 
-def resolve_preset(family: Family, preset: str, custom: str = "") -> tuple[str, str | None]:
-    """(the preset a merge on ``family`` uses, a note when it is not the one asked for).
+def resolve_preset(family: Family, preset: str, custom: str = "", subject: str = "") -> str:
+    """The preset a merge on ``family`` uses: "auto" gives the family's default; a named preset must be one of
+    the family's and a custom prior must name its blocks.
 
-    Another family's named preset names blocks this model does not have: the merge uses ``family``'s default
-    preset instead and says so. A custom prior must name this family's blocks (ValueError otherwise).
+    Raises ValueError in one line that says what is wrong and which presets a merge on ``family`` takes
+    (``subject``: the file the family was read from, named in the message).
     """
+    choices = ", ".join((AUTO, *family.preset_names))
+    merge = f"this merge is for {family.label}" + (f" ({subject})" if subject else "")
+    if preset == AUTO:
+        return family.default_preset
     if preset == "custom":
         try:
             parse_custom_prior(custom, family)
         except ValueError as e:
-            raise ValueError(f"{e} (the model is {family.label})") from None
-        return preset, None
+            raise ValueError(f"{e}; {merge}") from None
+        return preset
     if preset in family.presets:
-        return preset, None
+        return preset
     owner = preset_family(preset)
     named = f"names {owner.label} blocks" if owner is not None else "is unknown"
-    return family.default_preset, (f"prior preset '{preset}' {named}; a {family.label} merge uses "
-                                   f"'{family.default_preset}'")
+    raise ValueError(f"prior preset '{preset}' {named}, but {merge}: choose one of {choices}")

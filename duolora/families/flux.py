@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,6 +202,61 @@ def layout_for(config: FluxConfig = FLUX_DEV, clip_l: tuple[int, int, int] | Non
     return Layout(base="flux", label=FAMILY.label, config=config, layers=layers, aliases=aliases, extras=extras,
                   norms=norms, norm_aliases=te_norm_aliases, bare_paths=bare, family="flux",
                   part_aliases=part_aliases)
+
+
+# Which width of a Flux layer's weight (out, in) is the hidden size: the dimension, by layer name.
+_HIDDEN_IN = re.compile(r"_attn\.qkv$|\.linear1$|\.lin$|_mlp\.0$|^final_layer\.")
+_HIDDEN_OUT = re.compile(r"_attn\.proj$|_mlp\.2$|\.linear2$|^(img_in|txt_in)$|^(time|vector|guidance)_in\.")
+_BLOCK_INDEX = re.compile(r"^(double|single)_blocks\.(\d+)\.")
+
+
+def config_for_shapes(shapes: Mapping[str, tuple[int, ...]]) -> FluxConfig | None:
+    """The Flux.1 configuration whose table has the layers of ``shapes`` (canonical name -> weight shape): the
+    widths they show (hidden size, MLP width, latent channels, text widths), at least FLUX.1-dev's block counts.
+
+    A model built like Flux.1 at other widths (a small test or benchmark model) has LoRAs of those widths; the
+    widths no layer shows keep FLUX.1-dev's. None when a name is no Flux.1 layer or no layer shows the hidden
+    size. The caller checks the layers against the table it builds, so a file whose widths disagree is refused
+    with the usual shape message.
+    """
+    unet = {n: s for n, s in shapes.items() if not n.startswith(("te1.", "te2."))}
+    if not unet or any(n not in FLUX_LAYOUT for n in shapes) or any(len(s) != 2 for s in unet.values()):
+        return None
+    hidden = next((s[1] for n, s in unet.items() if _HIDDEN_IN.search(n)), None) or \
+        next((s[0] for n, s in unet.items() if _HIDDEN_OUT.search(n)), None)
+    if hidden is None:
+        return None
+    mlp = next((s[0] for n, s in unet.items() if n.endswith("_mlp.0")), None) or \
+        next((s[1] for n, s in unet.items() if n.endswith("_mlp.2")), None) or \
+        next((s[0] - 3 * hidden for n, s in unet.items() if n.endswith(".linear1")), None) or \
+        next((s[1] - hidden for n, s in unet.items() if n.endswith(".linear2")), None) or \
+        int(hidden * FLUX_DEV.mlp_ratio)
+    p2 = FLUX_DEV.patch_size ** 2
+    depth, single = FLUX_DEV.depth, FLUX_DEV.depth_single_blocks
+    for n in unet:
+        m = _BLOCK_INDEX.match(n)
+        if m is not None and m.group(1) == "double":
+            depth = max(depth, int(m.group(2)) + 1)
+        elif m is not None:
+            single = max(single, int(m.group(2)) + 1)
+    return FluxConfig(
+        in_channels=unet["img_in"][1] // p2 if "img_in" in unet else FLUX_DEV.in_channels,
+        out_channels=unet["final_layer.linear"][0] // p2 if "final_layer.linear" in unet else FLUX_DEV.out_channels,
+        vec_in_dim=unet.get("vector_in.in_layer", (0, FLUX_DEV.vec_in_dim))[1],
+        context_in_dim=unet.get("txt_in", (0, FLUX_DEV.context_in_dim))[1],
+        hidden_size=hidden, mlp_ratio=_ratio(mlp, hidden), depth=depth, depth_single_blocks=single)
+
+
+def _ratio(mlp: int, hidden: int) -> float:
+    """An ``mlp_ratio`` that gives back ``mlp`` as ComfyUI computes the width (``int(hidden · ratio)``)."""
+    ratio = mlp / hidden
+    return ratio if int(hidden * ratio) == mlp else (mlp + 0.5) / hidden
+
+
+def fitted_layout(shapes: Mapping[str, tuple[int, ...]]) -> Layout | None:
+    """The Layout of ``config_for_shapes(shapes)`` (its text encoder: CLIP-L as in FLUX.1), or None."""
+    config = config_for_shapes(shapes)
+    return None if config is None else layout_for(config)
 
 
 # SplitFlux (arXiv 2511.15258), by prompt injection on FLUX.1: the double-stream blocks matter little, the

@@ -36,7 +36,8 @@ The submodules, each importing only those listed before it; callers use the name
 - ``scales``: each layer's scale from ``.alpha`` tensors, ``lora_adapter_metadata`` or ``adapter_config.json``.
 - ``not_lora``: the refusals naming what a file that is no low-rank LoRA is (checkpoint, LoKr, DoRA, …).
 - ``read``: ``state_dict_to_lora`` and ``read_lora``: any key style to a ``LoRA`` with canonical names.
-- ``validate``: ``validate_lora``/``load_lora``, the check against a model's layout; ``merge_layout``.
+- ``validate``: ``validate_lora``/``load_lora``, the check against a model's layout; ``merge_layout`` and
+  ``read_lora_for_merge`` (a file read with the table a merge checks it against).
 - ``write``: ``lora_to_state_dict`` in each key style, ``save_lora``/``save_state_dict`` (atomic writes).
 - ``describe``: inspect's ``summary``, ``one_line_summary``, what is not merged, ``merge_notes``.
 """
@@ -97,6 +98,7 @@ from .validate import (
     merge_layout,
     non_finite_error,
     non_finite_layers,
+    read_lora_for_merge,
     unknown_modules,
     validate_lora,
 )
@@ -120,7 +122,8 @@ __all__ = [
     "RankMismatchError", "UnknownKeyStyleError", "UnsupportedAdapterError", "WrongBaseModelError",
     "exact_scalar", "file_sha256", "load_lora", "lora_to_state_dict", "merge_layout", "merge_notes",
     "new_file_beside", "non_finite_error", "non_finite_keys", "non_finite_layers", "not_merged",
-    "not_merged_lines", "one_line_summary", "output_dtype", "peft_sidecar", "read_lora", "refuse_output_name",
+    "not_merged_lines", "one_line_summary", "output_dtype", "peft_sidecar", "read_lora", "read_lora_for_merge",
+    "refuse_output_name",
     "same_file_contents", "save_lora", "save_state_dict", "scale_note", "scale_origin", "scale_text",
     "split_key", "state_dict_to_lora", "summary", "unknown_modules", "validate_lora",
 ]

@@ -11,7 +11,8 @@ from collections.abc import Iterable
 
 from safetensors import safe_open
 
-from ..families import BASE_LABELS, BASE_LAYOUTS, KNOWN_LAYOUTS, family_of
+from .. import families
+from ..families import BASE_LABELS, KNOWN_LAYOUTS, family_of
 from ..families.sdxl import SDXL_LAYOUT
 from ..layout import Layout
 from ..lora import TEXT_ENCODER_PREFIXES, LoRA
@@ -269,10 +270,20 @@ def _base_evidence(lora: LoRA, layout: Layout) -> str:
     return "its metadata or its single-text-encoder key prefix lora_te_ say so"
 
 
-def merge_layout(path: str | os.PathLike[str]) -> Layout:
-    """The layout a merge of the LoRA file at ``path`` is checked against: its family's full-size layout when its
-    header is detected as a diffusion transformer's (Flux.1, Z-Image, Qwen-Image), else SDXL's (a file for
-    SD1.x/SD2.x or an unknown model is then refused with SDXL's messages, as the merge always did)."""
-    base = read_lora(path, load_tensors=False, layouts=KNOWN_LAYOUTS).base
-    layout = BASE_LAYOUTS.get(base)
-    return layout if layout is not None and layout.family != "sdxl" else SDXL_LAYOUT
+def merge_layout(path: str | os.PathLike[str], *others: str | os.PathLike[str]) -> Layout:
+    """The layout a merge of the LoRA file at ``path`` (with ``others``) is checked against
+    (``families.merge_layout``): its family's full-size layout when its header is detected as a diffusion
+    transformer's (Flux.1, Z-Image, Qwen-Image); Flux.1's table at the files' widths when their layers carry
+    Flux.1's names at other widths; else SDXL's (a file for SD1.x/SD2.x or an unknown model is then refused
+    with SDXL's messages, as the merge always did)."""
+    loras = [read_lora(p, load_tensors=False, layouts=KNOWN_LAYOUTS) for p in (path, *others)]
+    shapes = {n: lr.weight_shape for lo in loras if lo.base == loras[0].base for n, lr in lo.layers.items()}
+    return families.merge_layout(loras[0].base, shapes)
+
+
+def read_lora_for_merge(path: str | os.PathLike[str], *, load_tensors: bool = True) -> LoRA:
+    """``read_lora`` with the table a merge checks the file against (``merge_layout``): a Flux.1 LoRA at other
+    widths is read with Flux.1's table at its widths (its split projections placed at those widths)."""
+    layout = merge_layout(path)
+    fitted = layout not in KNOWN_LAYOUTS
+    return read_lora(path, load_tensors=load_tensors, layouts=(layout, *KNOWN_LAYOUTS) if fitted else None)

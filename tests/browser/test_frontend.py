@@ -288,12 +288,15 @@ def test_nodes_listed_under_duolora(browser_session: BrowserSession) -> None:
 def test_prior_diagram_follows_preset_and_edits_custom_prior(browser_session: BrowserSession) -> None:
     s = browser_session
     node_id = _merge_node_with_diagram(s)
-    assert _widget_value(s, node_id, "prior_preset") == "paper"
+    # "auto" (the default) is paper on SDXL: the diagram draws paper's roles
+    assert _widget_value(s, node_id, "prior_preset") == "auto"
     assert _diagram_roles(s, node_id) == _expected_roles(PRESETS["paper"])
     s.screenshot("03_prior_paper")
     for preset in ("code_literal", "b_lora", "none", "paper"):
         _set_widget(s, node_id, "prior_preset", preset)
         assert _diagram_roles(s, node_id) == _expected_roles(PRESETS[preset]), preset
+    _set_widget(s, node_id, "prior_preset", "flux_splitflux")  # Flux.1's blocks: none of SDXL's drawn with a role
+    assert set(_diagram_roles(s, node_id).values()) == {"off"}
 
     _set_widget(s, node_id, "prior_preset", "custom")
     _set_widget(s, node_id, "custom_prior", "")
