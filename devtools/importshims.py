@@ -1,4 +1,4 @@
-"""Stand-ins that let ComfyUI import in the test environments (shared/docs/HOST.md; harness only, the shipped pack
+"""Stand-ins that let ComfyUI import in the test environments (docs/hosts.md; harness only, the shipped pack
 never does this): an empty package for each audio dependency without a build for the environments' CPU torch, and
 empty modules for torchvision's C-op registrations, which do not exist beside CPU torch.
 """

@@ -2,7 +2,7 @@
 
 A LoRA is a mapping from canonical layer names to low-rank factors plus the file's metadata.
 
-Canonical names (shared/docs/ARCHITECTURE.md):
+Canonical names (every family's table in ``duolora.families`` uses them):
   * UNet layers: the LDM/ComfyUI module path without ``diffusion_model.`` and ``.weight``,
     e.g. ``input_blocks.4.1.transformer_blocks.0.attn1.to_q``.
   * Text encoders: ``te1.`` / ``te2.`` followed by the CLIP module path,

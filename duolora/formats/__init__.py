@@ -22,7 +22,7 @@ These are the styles written. Reading accepts every combination of a known prefi
 style (LDM or diffusers) and suffix (``lora_down/up``, ``lora_A/B``, ``lora.down/up``): ``duolora.sdxl``'s
 aliases; other combinations get labels such as ``unet.<ldm>.lora_down`` (OneTrainer).
 
-Inside the engine every layer has its canonical name (shared/docs/ARCHITECTURE.md) and ``up`` carries the
+Inside the engine every layer has its canonical name (``duolora.lora``) and ``up`` carries the
 scale (docs/method.md §1), so ΔW = up @ down; the scale is read where the file's writer keeps it (``.alpha``
 tensors, PEFT ``lora_adapter_metadata``: ``scales.layer_scale``). Bias/norm differences ComfyUI applies are
 ``LoRA.patches``. Files are never unpickled: only safetensors is read.
