@@ -22,6 +22,8 @@ NODES_DOC = REPO / "docs" / "nodes.md"
 BEGIN, END = "<!-- nodes:begin -->", "<!-- nodes:end -->"
 METHOD_DOC = REPO / "docs" / "method.md"
 OPTIONS_BEGIN, OPTIONS_END = "<!-- method:begin -->", "<!-- method:end -->"
+CLI_DOC = REPO / "docs" / "cli.md"
+CLI_BEGIN, CLI_END = "<!-- cli:begin -->", "<!-- cli:end -->"
 NODE_IDS = (
     "DuoLoRA_LoadContentLoRA", "DuoLoRA_AddContentLoRA", "DuoLoRA_LoadStyleLoRA", "DuoLoRA_ZipRankMerge",
     "DuoLoRA_ApplyMergedLoRA", "DuoLoRA_SaveMergedLoRA", "DuoLoRA_MergeReport", "DuoLoRA_ApplyKLoRA",
@@ -142,6 +144,36 @@ def render_options(knobs: tuple[dataclasses.Field, ...] = KNOBS) -> str:
     return "\n".join(lines)
 
 
+def render_cli_options() -> str:
+    """The option table of docs/cli.md: every option of ``duolora merge`` as its parser declares it, in the parser's
+    order (the merge knobs' options come from MergeConfig's metadata through ``duolora.cli``)."""
+    import argparse
+
+    from duolora import cli
+
+    commands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    lines = [CLI_BEGIN, "| option | default | meaning |", "|---|---|---|"]
+    for action in commands.choices["merge"]._actions:
+        if not action.option_strings or isinstance(action, argparse._HelpAction):
+            continue
+        option = ", ".join(action.option_strings)
+        if action.choices:
+            option += " {" + ",".join(str(c) for c in action.choices) + "}"
+        elif action.metavar:
+            option += f" {action.metavar}"
+        if action.required:
+            default = "(required)"
+        elif isinstance(action, argparse._StoreTrueAction):
+            default = "off"
+        elif action.default is None:
+            default = "none"
+        else:
+            default = _code(action.default)
+        lines.append("| " + " | ".join(_cell(c) for c in (f"`{option}`", default, action.help)) + " |")
+    lines.append(CLI_END)
+    return "\n".join(lines)
+
+
 def replace_section(text: str, section: str, begin: str = BEGIN, end: str = END) -> str:
     a, b = text.index(begin), text.index(end) + len(end)
     return text[:a] + section + text[b:]
@@ -160,6 +192,8 @@ def main(argv: list[str]) -> int:
         NODES_DOC.write_text(replace_section(NODES_DOC.read_text(encoding="utf-8"), section), encoding="utf-8")
         METHOD_DOC.write_text(replace_section(METHOD_DOC.read_text(encoding="utf-8"), options, OPTIONS_BEGIN,
                                               OPTIONS_END), encoding="utf-8")
+        CLI_DOC.write_text(replace_section(CLI_DOC.read_text(encoding="utf-8"), render_cli_options(), CLI_BEGIN,
+                                           CLI_END), encoding="utf-8")
     else:
         print(section)
         print()

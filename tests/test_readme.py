@@ -71,6 +71,19 @@ def test_node_reference_matches_the_registered_nodes(host) -> None:
     assert current == rendered
 
 
+def test_cli_doc_option_table_is_the_one_generated_from_the_parser() -> None:
+    """docs/cli.md's table is exactly what devtools/nodedocs.py renders from `duolora merge`'s own parser (whose
+    knob options come from MergeConfig), so it lists every option of `duolora merge --help` with its default."""
+    import nodedocs
+
+    rendered = nodedocs.render_cli_options()
+    text = (REPO / "docs" / "cli.md").read_text(encoding="utf-8")
+    assert text[text.index(nodedocs.CLI_BEGIN):text.index(nodedocs.CLI_END) + len(nodedocs.CLI_END)] == rendered
+    options = [re.match(r"\| `([^` ]+)", line).group(1) for line in rendered.splitlines()[3:-1]]
+    assert {"-o,", "--balance", "--priors", "--no-prior-loss", "--iterations", "--force"} <= set(options)
+    assert "| `--margin` | `0.4` |" in rendered and "| `-o, --output OUT` | (required) |" in rendered
+
+
 def test_readme_is_short_and_links_what_moved_out() -> None:
     text = README.read_text(encoding="utf-8")
     assert len(text.splitlines()) <= 250
