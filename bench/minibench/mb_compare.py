@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -853,20 +854,32 @@ PLAIN_SUM_RULE = (
     "mb_common.SEEDS['dev'], and written to choices.json; the test split only reports it.")
 
 
+def dev_levels(out: Path, pairs: list[Pair], rows: list[str], seeds: list[int], keys: dict[str, str], ckpt: Path,
+               classifiers: Path, loras: Path, chooser: str, what: str) -> Callable[[str, str], float]:
+    """``level(row, metric)``: the mean over the dev units of a row's per-sample metric, from the cached runs of
+    this world. Raises RuntimeError (naming ``chooser`` and ``what`` the rows are) when a row lacks a unit."""
+    world = {(pair.slug, row): world_id(ckpt, classifiers, loras, pair, row) for pair in pairs for row in rows}
+    data = collect(out, pairs, rows, seeds, keys, world)
+    want = len(pairs) * len(seeds)
+    missing = [row for row in rows if len(data.get(row, {})) < want]
+    if missing:
+        raise RuntimeError(f"{chooser}: the dev runs of {len(missing)} {what} are missing "
+                           f"({missing[0]!r} …); run the dev split first")
+
+    def level(row: str, metric: str) -> float:
+        return mb_stats.mean([mb_stats.unit_means(rec["per_sample"])[metric] for rec in data[row].values()])
+
+    return level
+
+
 def choose_plain_sum(out: Path, pairs: list[Pair], seeds: list[int], ckpt: Path, classifiers: Path,
                      loras: Path, path: Path | None = None) -> Stack:
     """Apply PLAIN_SUM_RULE to the dev runs of the grid and record the choice (with every candidate's both-hit)."""
     path = path or CHOICES_FILE
     rows = [plain_sum_row(c, s) for c, s in PLAIN_SUM_GRID]
-    world = {(pair.slug, row): world_id(ckpt, classifiers, loras, pair, row) for pair in pairs for row in rows}
-    data = collect(out, pairs, rows, seeds, {row: stack_of(row).key for row in rows}, world)
-    want = len(pairs) * len(seeds)
-    missing = [row for row in rows if len(data.get(row, {})) < want]
-    if missing:
-        raise RuntimeError(f"choose_plain_sum: the dev runs of {len(missing)} grid point(s) are missing "
-                           f"({missing[0]!r} …); run the dev split first")
-    both = {cs: mb_stats.mean([mb_stats.unit_means(rec["per_sample"])["both_hit"] for rec in data[row].values()])
-            for cs, row in zip(PLAIN_SUM_GRID, rows, strict=True)}
+    level = dev_levels(out, pairs, rows, seeds, {row: stack_of(row).key for row in rows}, ckpt, classifiers, loras,
+                       "choose_plain_sum", "grid point(s)")
+    both = {cs: level(row, "both_hit") for cs, row in zip(PLAIN_SUM_GRID, rows, strict=True)}
     best = max(both.values())
     tied = [cs for cs, v in both.items() if v >= best - 0.01]
     chosen = min(tied, key=lambda cs: (abs(cs[0] - 1) + abs(cs[1] - 1), -cs[1]))
@@ -897,21 +910,12 @@ def choose_balance(out: Path, pairs: list[Pair], seeds: list[int], ckpt: Path, c
     """Apply BALANCE_RULE to the dev runs of the balance rows and record the choice in choices.json (with every
     candidate's both-hit per mode, and the direction check's content and style hits)."""
     path = path or CHOICES_FILE
-    rows = {(mode, b): balance_row(mode, b) for mode in BALANCE_MODES for b in BALANCE_CANDIDATES}
     names = balance_rows()
-    world = {(pair.slug, row): world_id(ckpt, classifiers, loras, pair, row) for pair in pairs for row in names}
     host = mb_common.boot()
-    data = collect(out, pairs, names, seeds, {row: run_key(host, row, merge_steps) for row in names}, world)
-    want = len(pairs) * len(seeds)
-    missing = [row for row in names if len(data.get(row, {})) < want]
-    if missing:
-        raise RuntimeError(f"choose_balance: the dev runs of {len(missing)} balance row(s) are missing "
-                           f"({missing[0]!r} …); run the dev split first")
-
-    def level(row: str, metric: str) -> float:
-        return mb_stats.mean([mb_stats.unit_means(rec["per_sample"])[metric] for rec in data[row].values()])
-
-    per_mode = {(mode, b): level(row, "both_hit") for (mode, b), row in rows.items() if b in BALANCE_CANDIDATES}
+    level = dev_levels(out, pairs, names, seeds, {row: run_key(host, row, merge_steps) for row in names}, ckpt,
+                       classifiers, loras, "choose_balance", "balance row(s)")
+    per_mode = {(mode, b): level(balance_row(mode, b), "both_hit") for mode in BALANCE_MODES
+                for b in BALANCE_CANDIDATES}
     both = {b: mb_stats.mean([per_mode[(mode, b)] for mode in BALANCE_MODES]) for b in BALANCE_CANDIDATES}
     best = max(both.values())
     chosen = min((b for b, v in both.items() if v >= best - 0.02), key=abs)
